@@ -1,0 +1,22 @@
+"""viewkeeper: keep Redis caches and OpenSearch indexes exactly in sync with DynamoDB Streams.
+
+The public API is what a view module needs::
+
+    from viewkeeper import redis_view, opensearch_view, Value, HashField, SetMember, SortedSetMember
+"""
+
+from viewkeeper.projection.api import View, opensearch_view, redis_view
+from viewkeeper.projection.entries import HashField, SetMember, SortedSetMember, Value
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HashField",
+    "SetMember",
+    "SortedSetMember",
+    "Value",
+    "View",
+    "__version__",
+    "opensearch_view",
+    "redis_view",
+]

@@ -1,0 +1,128 @@
+"""The view API: ``@redis_view`` and ``@opensearch_view``.
+
+A view is a pure function from one table item (plain Python values, see
+:mod:`viewkeeper.stream.records`) to the entries that item should own in one sink. The
+decorators do not wrap the function: it stays callable as written, so a view is unit-tested
+by calling it. They attach a :class:`View` description that :func:`load_views` collects.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+__all__ = ["DocIdFunc", "View", "ViewFunc", "opensearch_view", "redis_view", "view_of"]
+
+ViewFunc = Callable[[dict[str, Any]], Any]
+DocIdFunc = Callable[[dict[str, Any]], str]
+F = TypeVar("F", bound=Callable[..., Any])
+
+_ATTR = "__viewkeeper_view__"
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,99}$")
+_INDEX_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,200}$")
+
+
+@dataclass(frozen=True)
+class View:
+    """Everything viewkeeper knows about one view."""
+
+    name: str
+    table: str
+    kind: Literal["redis", "opensearch"]
+    connection: str
+    func: ViewFunc = field(repr=False, compare=False)
+    module: str = ""
+    ttl: int | None = None
+    index: str | None = None
+    doc_id: DocIdFunc | None = field(default=None, repr=False, compare=False)
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def where(self) -> str:
+        """Where the view is defined, for error messages: ``views.orders.order_card``."""
+        return f"{self.module}.{getattr(self.func, '__qualname__', self.name)}"
+
+
+def _check_common(kind: str, func: object, name: str, table: object, connection: object,
+                  conn_word: str) -> None:
+    if not callable(func):
+        raise TypeError(f"@{kind} must decorate a function, got {func!r}")
+    if not _NAME_RE.match(name):
+        raise ValueError(
+            f"view name {name!r} is not valid; use letters, digits, '_', '-' or '.' "
+            "(at most 100 characters)"
+        )
+    if not isinstance(table, str) or not table:
+        raise ValueError(f"view {name!r}: table must be the source table's name, got {table!r}")
+    if not isinstance(connection, str) or not connection:
+        raise ValueError(
+            f"view {name!r}: {conn_word}= must name a connection declared in the config's "
+            f"'{conn_word}:' section, got {connection!r}"
+        )
+
+
+def redis_view(
+    *, table: str, redis: str, ttl: int | None = None, name: str | None = None
+) -> Callable[[F], F]:
+    """Declare a Redis view: the function yields (or returns) Value/HashField/SetMember/
+    SortedSetMember entries for one item; nothing or None means the item owns nothing.
+
+    ``ttl`` (seconds) is the default expiry of the view's ``Value`` entries.
+    """
+
+    def decorate(func: F) -> F:
+        view_name = name or getattr(func, "__name__", "")
+        _check_common("redis_view", func, view_name, table, redis, "redis")
+        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int) or ttl <= 0):
+            raise ValueError(f"view {view_name!r}: ttl {ttl!r} must be positive seconds or None")
+        view = View(name=view_name, table=table, kind="redis", connection=redis, func=func,
+                    module=getattr(func, "__module__", ""), ttl=ttl)
+        setattr(func, _ATTR, view)
+        return func
+
+    return decorate
+
+
+def opensearch_view(
+    *,
+    table: str,
+    opensearch: str,
+    index: str,
+    doc_id: DocIdFunc | None = None,
+    name: str | None = None,
+) -> Callable[[F], F]:
+    """Declare an OpenSearch view: the function returns one document body (a dict) for the
+    item, or None for "no document". ``index`` is the name readers search and get by.
+    The document id is the item key (see :func:`viewkeeper.stream.records.encode_key`)
+    unless ``doc_id`` (a function of the item) is given.
+    """
+
+    def decorate(func: F) -> F:
+        view_name = name or getattr(func, "__name__", "")
+        _check_common("opensearch_view", func, view_name, table, opensearch, "opensearch")
+        if not isinstance(index, str) or not _INDEX_RE.match(index):
+            raise ValueError(
+                f"view {view_name!r}: index {index!r} is not a valid OpenSearch index name; "
+                "use lowercase letters, digits, '_', '-' or '.'"
+            )
+        if doc_id is not None and not callable(doc_id):
+            raise TypeError(f"view {view_name!r}: doc_id must be a function of the item")
+        view = View(name=view_name, table=table, kind="opensearch", connection=opensearch,
+                    func=func, module=getattr(func, "__module__", ""), index=index,
+                    doc_id=doc_id)
+        setattr(func, _ATTR, view)
+        return func
+
+    return decorate
+
+
+def view_of(obj: object) -> View | None:
+    """The View a decorated function carries, or None."""
+    view = getattr(obj, _ATTR, None)
+    return view if isinstance(view, View) else None
+
+
+def views_in(objects: Iterable[object]) -> list[View]:
+    return [v for v in (view_of(o) for o in objects) if v is not None]

@@ -1,0 +1,134 @@
+"""What a view can own: the entry types a projection function returns.
+
+Each entry has an identity (``ident``) — what it *is*, used to diff an item's old entries
+against its new ones — and a payload — what it *holds*, written on every apply. Two items
+that yield entries with the same identity collide (a view bug, reported by the sink).
+
+Values: ``str`` and ``bytes`` are stored verbatim; anything else is JSON (Decimal as a JSON
+number, sets as sorted lists, bytes inside structures as base64).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+__all__ = ["Document", "Entry", "HashField", "RedisEntry", "SetMember", "SortedSetMember",
+           "Value"]
+
+
+def _check_key(kind: str, key: object) -> str:
+    if not isinstance(key, str) or not key:
+        raise TypeError(
+            f"{kind} key must be a non-empty str, got {key!r}; build it with an f-string"
+        )
+    return key
+
+
+def _check_ttl(ttl: object) -> int | None:
+    if ttl is None:
+        return None
+    if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl <= 0:
+        raise ValueError(f"ttl {ttl!r} must be a positive number of seconds or None")
+    return ttl
+
+
+@dataclass(frozen=True, slots=True)
+class Value:
+    """A Redis string key holding ``value`` (``SET key value [EX ttl]``)."""
+
+    key: str
+    value: Any
+    ttl: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_key("Value", self.key)
+        object.__setattr__(self, "ttl", _check_ttl(self.ttl))
+
+    @property
+    def ident(self) -> tuple[str, str, str]:
+        return ("V", self.key, "")
+
+
+@dataclass(frozen=True, slots=True)
+class HashField:
+    """One field of a Redis hash (``HSET key field value``)."""
+
+    key: str
+    field: str
+    value: Any
+
+    def __post_init__(self) -> None:
+        _check_key("HashField", self.key)
+        if not isinstance(self.field, str):
+            raise TypeError(f"HashField field must be a str, got {self.field!r}")
+
+    @property
+    def ident(self) -> tuple[str, str, str]:
+        return ("H", self.key, self.field)
+
+
+@dataclass(frozen=True, slots=True)
+class SetMember:
+    """One member of a Redis set (``SADD key member``)."""
+
+    key: str
+    member: Any
+
+    def __post_init__(self) -> None:
+        _check_key("SetMember", self.key)
+
+    @property
+    def ident(self) -> tuple[str, str, str]:
+        return ("S", self.key, member_text(self.member))
+
+
+@dataclass(frozen=True, slots=True)
+class SortedSetMember:
+    """One member of a Redis sorted set with its score (``ZADD key score member``)."""
+
+    key: str
+    member: Any
+    score: int | float | Decimal
+
+    def __post_init__(self) -> None:
+        _check_key("SortedSetMember", self.key)
+        if isinstance(self.score, bool) or not isinstance(self.score, int | float | Decimal):
+            raise TypeError(
+                f"SortedSetMember score must be a number, got {self.score!r} "
+                f"for member {self.member!r} of {self.key!r}"
+            )
+
+    @property
+    def ident(self) -> tuple[str, str, str]:
+        return ("Z", self.key, member_text(self.member))
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    """The one OpenSearch document an item owns in an ``opensearch_view``."""
+
+    doc_id: str
+    body: dict[str, Any]
+
+    @property
+    def ident(self) -> tuple[str, str, str]:
+        return ("D", self.doc_id, "")
+
+
+def member_text(member: Any) -> str:
+    """Set and sorted-set members are strings in Redis: str as is, numbers in decimal form."""
+    if isinstance(member, str):
+        return member
+    if isinstance(member, bool):
+        return "true" if member else "false"
+    if isinstance(member, int | Decimal):
+        return str(member)
+    if isinstance(member, bytes):
+        return member.decode("utf-8", "surrogateescape")
+    raise TypeError(f"set member {member!r} must be a str, int, Decimal or bytes")
+
+
+RedisEntry = Value | HashField | SetMember | SortedSetMember
+Entry = RedisEntry | Document

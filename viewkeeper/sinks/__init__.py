@@ -1,0 +1,1 @@
+"""Where entries are written: only modules here speak Redis or OpenSearch."""

@@ -1,0 +1,1 @@
+"""Where change records enter: only modules here speak DynamoDB Streams."""

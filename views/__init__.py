@@ -1,0 +1,1 @@
+"""Example view modules, used by `viewkeeper demo` and by the tests."""

@@ -1,0 +1,27 @@
+"""The orders example of DESIGN.md: a cache card, a per-customer index, a search document."""
+
+from viewkeeper import SetMember, SortedSetMember, Value, opensearch_view, redis_view
+
+
+@redis_view(table="orders", redis="cache")
+def order_card(order):  # type: ignore[no-untyped-def]
+    yield Value(f"order:{order['order_id']}", {"status": order["status"], "total": order["total"]})
+    yield SortedSetMember(
+        f"customer:{order['customer_id']}:orders",
+        member=order["order_id"],
+        score=order["created_at"],
+    )
+
+
+@redis_view(table="orders", redis="cache")
+def orders_by_status(order):  # type: ignore[no-untyped-def]
+    yield SetMember(f"orders:status:{order['status']}", order["order_id"])
+
+
+@opensearch_view(table="orders", opensearch="search", index="orders")
+def order_doc(order):  # type: ignore[no-untyped-def]
+    return {
+        "customer_id": order["customer_id"],
+        "status": order["status"],
+        "total": float(order["total"]),
+    }
