@@ -1,0 +1,123 @@
+"""The coordination store contract, for the in-memory store and for DynamoDB on moto."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from viewkeeper.coordination.dynamodb import CoordinationTableError, DynamoDBStore
+from viewkeeper.coordination.memory import MemoryStore
+from viewkeeper.coordination.model import DeadLetter, Lease, LeaseLost, LeaseState, WorkerInfo
+
+
+@pytest.fixture(params=["memory", "dynamodb"])
+def store(request: pytest.FixtureRequest) -> Iterator[Any]:
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    client = request.getfixturevalue("dynamodb")
+    s = DynamoDBStore(client, f"vk-coord-{uuid.uuid4().hex[:8]}")
+    s.ensure()
+    yield s
+    client.delete_table(TableName=s.table)
+
+
+def test_lease_is_created_once(store: Any) -> None:
+    lease = Lease("orders", "shard-1", "arn:stream", parents=("shard-0",))
+    assert store.create_lease(lease) is True
+    assert store.create_lease(lease) is False
+    (got,) = store.list_leases("orders")
+    assert got.parents == ("shard-0",) and got.owner is None and got.counter == 0
+
+
+def test_only_one_of_two_workers_takes_a_lease(store: Any) -> None:
+    store.create_lease(Lease("orders", "s1", "arn"))
+    (seen,) = store.list_leases("orders")
+    a = store.take_lease(seen, "worker-a")
+    b = store.take_lease(seen, "worker-b")  # same observed counter: must lose
+    assert a is not None and a.owner == "worker-a" and a.counter == 1
+    assert b is None
+
+
+def test_renewal_raises_the_counter_and_fails_after_a_steal(store: Any) -> None:
+    store.create_lease(Lease("orders", "s1", "arn"))
+    mine = store.take_lease(store.list_leases("orders")[0], "a")
+    renewed = store.renew_lease(mine, 1.5, False)
+    assert renewed.counter == mine.counter + 1 and renewed.lag == 1.5
+    stolen = store.take_lease(store.list_leases("orders")[0], "b")
+    assert stolen is not None
+    assert store.renew_lease(renewed, 0.0, True) is None
+
+
+def test_checkpoint_requires_ownership(store: Any) -> None:
+    store.create_lease(Lease("orders", "s1", "arn"))
+    mine = store.take_lease(store.list_leases("orders")[0], "a")
+    store.checkpoint(mine, "100000000000000000001")
+    assert store.list_leases("orders")[0].checkpoint == "100000000000000000001"
+    store.take_lease(store.list_leases("orders")[0], "b")
+    with pytest.raises(LeaseLost):
+        store.checkpoint(mine, "100000000000000000002")
+    assert store.list_leases("orders")[0].checkpoint == "100000000000000000001"
+
+
+def test_state_and_error_are_recorded_and_reset(store: Any) -> None:
+    store.create_lease(Lease("orders", "s1", "arn"))
+    mine = store.take_lease(store.list_leases("orders")[0], "a")
+    store.checkpoint(mine, None, state=LeaseState.NEEDS_REBUILD, error="trimmed")
+    got = store.list_leases("orders")[0]
+    assert got.state is LeaseState.NEEDS_REBUILD and got.error == "trimmed"
+    store.reset_lease("orders", "s1", None, LeaseState.ACTIVE)
+    got = store.list_leases("orders")[0]
+    assert got.state is LeaseState.ACTIVE and got.error is None and got.checkpoint is None
+
+
+def test_release_frees_the_lease(store: Any) -> None:
+    store.create_lease(Lease("orders", "s1", "arn"))
+    mine = store.take_lease(store.list_leases("orders")[0], "a")
+    store.release_lease(mine)
+    assert store.list_leases("orders")[0].owner is None
+
+
+def test_generations_rise_and_workers_acknowledge(store: Any) -> None:
+    assert store.generations() == {}
+    assert store.raise_generation("order_card") == 1
+    assert store.raise_generation("order_card") == 2
+    store.put_worker(WorkerInfo("w1", 123.0, {"order_card": 2}, "host", 42, 3, 100.0))
+    (w,) = store.list_workers()
+    assert w.acked == {"order_card": 2} and w.leases == 3
+    store.delete_worker("w1")
+    assert store.list_workers() == []
+
+
+def test_dead_letters_keep_the_raw_record(store: Any) -> None:
+    raw = {
+        "eventName": "INSERT",
+        "dynamodb": {"Keys": {"pk": {"S": "a\nb"}}, "SequenceNumber": "1" * 40},
+    }
+    store.put_deadletter(
+        DeadLetter("0001-x", "v", "orders", "a\nb", "1" * 40, "boom", "Traceback...", 5.0, raw)
+    )
+    (dl,) = store.list_deadletters()
+    assert dl.record == raw and dl.error == "boom" and dl.item_key == "a\nb"
+    store.delete_deadletter(dl.id)
+    assert store.list_deadletters() == []
+
+
+def test_wrong_schema_is_refused_with_a_clear_error(dynamodb: Any) -> None:
+    name = f"vk-wrong-{uuid.uuid4().hex[:8]}"
+    dynamodb.create_table(
+        TableName=name,
+        BillingMode="PAY_PER_REQUEST",
+        KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
+        AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
+    )
+    with pytest.raises(CoordinationTableError, match=r"expected pk \(S, HASH\)"):
+        DynamoDBStore(dynamodb, name).ensure()
+
+
+def test_missing_table_is_not_created_when_forbidden(dynamodb: Any) -> None:
+    with pytest.raises(CoordinationTableError, match="create_if_missing"):
+        DynamoDBStore(dynamodb, "vk-absent-x", create_if_missing=False).ensure()

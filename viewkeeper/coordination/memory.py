@@ -1,0 +1,125 @@
+"""An in-memory coordination store: same semantics as the DynamoDB one, for fast tests."""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from collections.abc import Callable
+
+from viewkeeper.coordination.model import DeadLetter, Lease, LeaseLost, LeaseState, WorkerInfo
+
+__all__ = ["MemoryStore"]
+
+
+class MemoryStore:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._lock = threading.Lock()
+        self._leases: dict[tuple[str, str], Lease] = {}
+        self._workers: dict[str, WorkerInfo] = {}
+        self._gens: dict[str, int] = {}
+        self._dead: dict[str, DeadLetter] = {}
+        self._clock = clock
+
+    def ensure(self) -> None:
+        return None
+
+    def list_leases(self, table: str) -> list[Lease]:
+        with self._lock:
+            return [copy.copy(v) for (t, _), v in sorted(self._leases.items()) if t == table]
+
+    def create_lease(self, lease: Lease) -> bool:
+        with self._lock:
+            key = (lease.table, lease.shard_id)
+            if key in self._leases:
+                return False
+            self._leases[key] = copy.copy(lease)
+            return True
+
+    def take_lease(self, lease: Lease, owner: str) -> Lease | None:
+        with self._lock:
+            cur = self._leases.get((lease.table, lease.shard_id))
+            if cur is None or cur.counter != lease.counter or cur.owner != lease.owner:
+                return None
+            cur.owner = owner
+            cur.counter += 1
+            cur.updated_at = self._clock()
+            return copy.copy(cur)
+
+    def renew_lease(self, lease: Lease, lag: float | None, caught_up: bool) -> Lease | None:
+        with self._lock:
+            cur = self._leases.get((lease.table, lease.shard_id))
+            if cur is None or cur.owner != lease.owner or cur.counter != lease.counter:
+                return None
+            cur.counter += 1
+            cur.lag = lag
+            cur.caught_up = caught_up
+            cur.updated_at = self._clock()
+            return copy.copy(cur)
+
+    def checkpoint(self, lease: Lease, sequence: str | None,
+                   state: LeaseState | None = None, error: str | None = None) -> None:
+        with self._lock:
+            cur = self._leases.get((lease.table, lease.shard_id))
+            if cur is None or cur.owner != lease.owner:
+                raise LeaseLost(f"lease on {lease.table}/{lease.shard_id} is held by "
+                                f"{cur.owner if cur else 'nobody'}")
+            if sequence is not None:
+                cur.checkpoint = sequence
+            if state is not None:
+                cur.state = state
+            cur.error = error
+            cur.updated_at = self._clock()
+
+    def release_lease(self, lease: Lease) -> None:
+        with self._lock:
+            cur = self._leases.get((lease.table, lease.shard_id))
+            if cur is not None and cur.owner == lease.owner:
+                cur.owner = None
+                cur.counter += 1
+
+    def reset_lease(self, table: str, shard_id: str, checkpoint: str | None,
+                    state: LeaseState) -> None:
+        with self._lock:
+            cur = self._leases[(table, shard_id)]
+            cur.checkpoint = checkpoint
+            cur.state = state
+            cur.error = None
+            cur.counter += 1
+
+    def delete_lease(self, table: str, shard_id: str) -> None:
+        with self._lock:
+            self._leases.pop((table, shard_id), None)
+
+    def put_worker(self, info: WorkerInfo) -> None:
+        with self._lock:
+            self._workers[info.worker_id] = copy.deepcopy(info)
+
+    def list_workers(self) -> list[WorkerInfo]:
+        with self._lock:
+            return [copy.deepcopy(w) for w in self._workers.values()]
+
+    def delete_worker(self, worker_id: str) -> None:
+        with self._lock:
+            self._workers.pop(worker_id, None)
+
+    def generations(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._gens)
+
+    def raise_generation(self, view: str) -> int:
+        with self._lock:
+            self._gens[view] = self._gens.get(view, 0) + 1
+            return self._gens[view]
+
+    def put_deadletter(self, dl: DeadLetter) -> None:
+        with self._lock:
+            self._dead[dl.id] = copy.deepcopy(dl)
+
+    def list_deadletters(self, limit: int = 1000) -> list[DeadLetter]:
+        with self._lock:
+            return [copy.deepcopy(d) for _, d in sorted(self._dead.items())][:limit]
+
+    def delete_deadletter(self, dl_id: str) -> None:
+        with self._lock:
+            self._dead.pop(dl_id, None)

@@ -1,0 +1,109 @@
+"""The records of the coordination table and the store interface both backends implement."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+__all__ = [
+    "CoordinationStore",
+    "DeadLetter",
+    "Lease",
+    "LeaseState",
+    "WorkerInfo",
+]
+
+
+class LeaseState(enum.StrEnum):
+    ACTIVE = "active"  # being read (or waiting for its parents)
+    ENDED = "ended"  # SHARD_END reached and every record applied: children may start
+    NEEDS_REBUILD = "needs_rebuild"  # trimmed data: records were lost to the stream's retention
+    HALTED = "halted"  # on_error=halt stopped it on a bad record; see the dead letters
+
+
+@dataclass(slots=True)
+class Lease:
+    """One shard of one table's stream.
+
+    ``counter`` rises on every renewal by the owner; another worker that sees it unchanged for
+    the lease duration (measured on its own clock) may take the lease, with a conditional
+    write on the counter it saw. ``checkpoint`` is the sequence number of the last record
+    every sink acknowledged (None: nothing read yet).
+    """
+
+    table: str
+    shard_id: str
+    stream_arn: str
+    parents: tuple[str, ...] = ()
+    owner: str | None = None
+    counter: int = 0
+    checkpoint: str | None = None
+    state: LeaseState = LeaseState.ACTIVE
+    lag: float | None = None
+    caught_up: bool = False
+    updated_at: float = 0.0
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class WorkerInfo:
+    """A live viewkeeper process: its heartbeat and the view generations it acknowledged."""
+
+    worker_id: str
+    heartbeat_at: float
+    acked: dict[str, int] = field(default_factory=dict)
+    host: str = ""
+    pid: int = 0
+    leases: int = 0
+    started_at: float = 0.0
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    """A record that could not be applied to one view, stored durably with its error."""
+
+    id: str
+    view: str
+    table: str
+    item_key: str
+    sequence: str
+    error: str
+    traceback: str
+    created_at: float
+    record: dict[str, Any] | None  # the raw stream record (wire form), for replay
+
+
+class LeaseLost(Exception):
+    """A conditional write showed that another worker owns the lease now."""
+
+
+class CoordinationStore(Protocol):
+    def ensure(self) -> None:
+        """Create the table when missing; check its schema."""
+
+    # leases
+    def list_leases(self, table: str) -> list[Lease]: ...
+    def create_lease(self, lease: Lease) -> bool: ...
+    def take_lease(self, lease: Lease, owner: str) -> Lease | None: ...
+    def renew_lease(self, lease: Lease, lag: float | None, caught_up: bool) -> Lease | None: ...
+    def checkpoint(self, lease: Lease, sequence: str | None,
+                   state: LeaseState | None = None, error: str | None = None) -> None:
+        """Raise LeaseLost when ``lease.owner`` no longer owns it."""
+
+    def release_lease(self, lease: Lease) -> None: ...
+    def reset_lease(self, table: str, shard_id: str, checkpoint: str | None,
+                    state: LeaseState) -> None: ...
+    def delete_lease(self, table: str, shard_id: str) -> None: ...
+
+    # workers and generations
+    def put_worker(self, info: WorkerInfo) -> None: ...
+    def list_workers(self) -> list[WorkerInfo]: ...
+    def delete_worker(self, worker_id: str) -> None: ...
+    def generations(self) -> dict[str, int]: ...
+    def raise_generation(self, view: str) -> int: ...
+
+    # dead letters
+    def put_deadletter(self, dl: DeadLetter) -> None: ...
+    def list_deadletters(self, limit: int = 1000) -> list[DeadLetter]: ...
+    def delete_deadletter(self, dl_id: str) -> None: ...

@@ -1,0 +1,1 @@
+"""Running and watching the daemon: metrics, logs, systemd notification."""

@@ -1,0 +1,81 @@
+"""Run the same view modules inside AWS Lambda, on a DynamoDB Streams event source.
+
+Configure the function with ``VIEWKEEPER_CONFIG`` (path of the usual YAML file, packaged with
+the function) and the event source mapping with ``FunctionResponseTypes:
+[ReportBatchItemFailures]``. Handler: ``viewkeeper.ops.lambda_handler.handler``.
+
+Outcomes map to Lambda's partial batch response: applied, stale and dead-lettered records are
+done (a dead letter is stored durably in the coordination table, as in the daemon). When a sink
+is unavailable — or ``worker.on_error: halt`` stops on a bad record — the handler reports the
+first record not yet done as the failure; Lambda then retries from that record, so nothing
+after it is skipped (records are in order within a shard).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from viewkeeper.pipeline import HaltShard, Pipeline
+from viewkeeper.sinks.base import SinkUnavailable
+from viewkeeper.stream.records import ChangeRecord, DecodeError, decode_record
+
+__all__ = ["handle_event", "handler", "table_of"]
+
+log = logging.getLogger("viewkeeper.lambda")
+
+_RUNTIME: tuple[Pipeline, Callable[[str], tuple[str, ...]]] | None = None
+
+
+def table_of(event_source_arn: str) -> str:
+    """``arn:aws:dynamodb:REGION:ACCOUNT:table/NAME/stream/LABEL`` → ``NAME``."""
+    try:
+        return event_source_arn.split(":table/", 1)[1].split("/stream/", 1)[0]
+    except IndexError:
+        raise ValueError(
+            f"eventSourceARN {event_source_arn!r} is not a DynamoDB stream ARN "
+            "(…:table/NAME/stream/LABEL)") from None
+
+
+def handle_event(event: Mapping[str, Any], pipeline: Pipeline,
+                 key_names_of: Callable[[str], tuple[str, ...]]) -> dict[str, Any]:
+    """Apply one Lambda event; return the ReportBatchItemFailures response."""
+    raw_records: Sequence[Mapping[str, Any]] = event.get("Records", [])
+    by_table: dict[str, list[ChangeRecord]] = {}
+    order: list[tuple[str, ChangeRecord]] = []
+    for raw in raw_records:
+        try:
+            rec = decode_record(raw)
+        except DecodeError as exc:
+            # a malformed record cannot be applied or replayed: fail it loudly so Lambda's own
+            # on-failure destination keeps it, rather than dropping it
+            seq = str(raw.get("dynamodb", {}).get("SequenceNumber", ""))
+            log.error("malformed stream record %s: %s", seq, exc)
+            return {"batchItemFailures": [{"itemIdentifier": seq}]}
+        table = table_of(str(raw.get("eventSourceARN", "")))
+        by_table.setdefault(table, []).append(rec)
+        order.append((table, rec))
+    for table, recs in by_table.items():
+        try:
+            pipeline.process(table, key_names_of(table), recs)
+        except (SinkUnavailable, HaltShard) as exc:
+            first = next(r for t, r in order if t == table)
+            log.error("batch for %s not applied (%s); Lambda will retry from %s",
+                      table, exc, first.sequence)
+            return {"batchItemFailures": [{"itemIdentifier": first.sequence}]}
+    return {"batchItemFailures": []}
+
+
+def handler(event: Mapping[str, Any], context: object) -> dict[str, Any]:
+    """The Lambda entry point; the runtime is built once per container from the config."""
+    global _RUNTIME
+    if _RUNTIME is None:
+        from viewkeeper.app import App
+
+        path = os.environ.get("VIEWKEEPER_CONFIG", "viewkeeper.yaml")
+        app = App.from_file(path)
+        _RUNTIME = (app.pipeline(), app.key_names)
+    pipeline, key_names_of = _RUNTIME
+    return handle_event(event, pipeline, key_names_of)

@@ -1,0 +1,210 @@
+"""The apply step: change records → projections → one batch per sink → outcomes.
+
+Shared by the shard worker, the Lambda handler and dead-letter replay. Every (record, view)
+pair ends in exactly one outcome, counted: ``applied``, ``stale`` (the sink held an equal or
+newer version, or a newer record of the same item in the same batch superseded it) or
+``dead_lettered`` (stored durably with its error). Nothing is dropped silently.
+
+A sink that is unavailable raises :class:`~viewkeeper.sinks.base.SinkUnavailable` out of
+:meth:`Pipeline.process`; the caller retries the whole batch and does not checkpoint
+(sinks are idempotent, so re-applying what already landed is harmless).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from viewkeeper.coordination.model import CoordinationStore, DeadLetter
+from viewkeeper.ops import metrics
+from viewkeeper.projection.api import View
+from viewkeeper.projection.project import ProjectionError, project
+from viewkeeper.projection.registry import ViewRegistry
+from viewkeeper.sinks.base import Change, Outcome, Sink
+from viewkeeper.stream.records import ChangeRecord, DecodeError, encode_key
+from viewkeeper.versions import Version
+
+__all__ = ["BatchReport", "HaltShard", "Pipeline"]
+
+log = logging.getLogger("viewkeeper.pipeline")
+
+
+class HaltShard(Exception):
+    """on_error=halt: a record could not be applied; stop the shard without checkpointing."""
+
+
+@dataclass
+class BatchReport:
+    applied: int = 0
+    stale: int = 0
+    dead_lettered: int = 0
+    collisions: int = 0
+    failed_sequences: set[str] = field(default_factory=set)
+
+    def add(self, other: BatchReport) -> None:
+        self.applied += other.applied
+        self.stale += other.stale
+        self.dead_lettered += other.dead_lettered
+        self.collisions += other.collisions
+        self.failed_sequences |= other.failed_sequences
+
+
+@dataclass
+class _Pending:
+    change: Change
+    record: ChangeRecord | None
+
+
+SinkKey = tuple[str, str]  # (kind, connection name)
+
+
+class Pipeline:
+    def __init__(
+        self,
+        registry: ViewRegistry,
+        sinks: Mapping[SinkKey, Sink],
+        store: CoordinationStore,
+        generation_of: Callable[[str], int],
+        *,
+        on_error: str = "deadletter",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.registry = registry
+        self.sinks = sinks
+        self.store = store
+        self.generation_of = generation_of
+        self.on_error = on_error
+        self.clock = clock
+
+    def sink_for(self, view: View) -> Sink:
+        return self.sinks[(view.kind, view.connection)]
+
+    # ------------------------------------------------------------------------------------
+    def process(
+        self, table: str, key_names: tuple[str, ...], records: Sequence[ChangeRecord],
+        only: Sequence[str] | None = None,
+    ) -> BatchReport:
+        """Project and apply one page of records of ``table`` to every view on it (or to the
+        views named in ``only``: dead-letter replay)."""
+        report = BatchReport()
+        per_sink: dict[SinkKey, list[_Pending]] = defaultdict(list)
+        for view in self.registry.by_table(table):
+            if only is not None and view.name not in only:
+                continue
+            generation = self.generation_of(view.name)
+            latest: dict[str, list[ChangeRecord]] = {}
+            for rec in records:
+                try:
+                    item_key = encode_key(rec.keys, key_names)
+                except DecodeError as exc:
+                    self._dead(report, view, table, "?", rec, exc)
+                    continue
+                latest.setdefault(item_key, []).append(rec)
+            for item_key, recs in latest.items():
+                pending = self._newest_projectable(report, view, table, item_key, recs,
+                                                   key_names, generation)
+                if pending is not None:
+                    per_sink[(view.kind, view.connection)].append(pending)
+        for key, pendings in per_sink.items():
+            self._apply(report, self.sinks[key], pendings, table)
+        return report
+
+    def _newest_projectable(
+        self, report: BatchReport, view: View, table: str, item_key: str,
+        recs: list[ChangeRecord], key_names: tuple[str, ...], generation: int,
+    ) -> _Pending | None:
+        """Walk an item's records newest first; the first that projects is applied, the
+        failing ones after it are dead-lettered, the older ones are superseded (stale)."""
+        for i in range(len(recs) - 1, -1, -1):
+            rec = recs[i]
+            try:
+                if rec.event == "REMOVE":
+                    entries = []
+                elif rec.new_image is None:
+                    raise ProjectionError(
+                        view, item_key, "the stream record has no NewImage; set the table's "
+                        "stream view type to NEW_IMAGE or NEW_AND_OLD_IMAGES")
+                else:
+                    entries = project(view, rec.new_image, item_key, key_names)
+            except ProjectionError as exc:
+                self._dead(report, view, table, item_key, rec, exc)
+                continue
+            superseded = i
+            report.stale += superseded
+            if superseded:
+                metrics.RECORDS.labels(view.name, "stale").inc(superseded)
+            version = Version(generation, rec.sequence)
+            return _Pending(Change(view, item_key, version, entries), rec)
+        return None
+
+    def _apply(self, report: BatchReport, sink: Sink, pendings: list[_Pending],
+               table: str) -> None:
+        results = sink.apply([p.change for p in pendings])
+        for pending, result in zip(pendings, results, strict=True):
+            view = pending.change.view
+            if result.outcome is Outcome.APPLIED:
+                report.applied += 1
+                metrics.RECORDS.labels(view.name, "applied").inc()
+            elif result.outcome is Outcome.STALE:
+                report.stale += 1
+                metrics.RECORDS.labels(view.name, "stale").inc()
+            else:
+                metrics.SINK_ERRORS.labels(sink.name, "rejected").inc()
+                self._dead(report, view, table, pending.change.item_key, pending.record,
+                           RuntimeError(result.error or "rejected by the sink"))
+            for col in result.collisions:
+                report.collisions += 1
+                metrics.COLLISIONS.labels(view.name).inc()
+                log.warning(
+                    "view %s: items %r and %r both claim entry %s; this is a bug in the view "
+                    "function (%s): make the entry key depend on the item key",
+                    view.name, pending.change.item_key, col.other_item, col.entry, view.where)
+
+    def project_item(
+        self, report: BatchReport, view: View, table: str, item: dict[str, object],
+        key_names: tuple[str, ...], version: Version,
+    ) -> Change | None:
+        """Project one scanned item (the rebuild); a failure is dead-lettered, not raised."""
+        try:
+            item_key = encode_key(item, key_names)
+            entries = project(view, item, item_key, key_names)  # type: ignore[arg-type]
+        except (ProjectionError, DecodeError) as exc:
+            self._dead(report, view, table, "?" if isinstance(exc, DecodeError)
+                       else exc.item_key, None, exc, scanned=item)
+            return None
+        return Change(view, item_key, version, entries)
+
+    def apply_changes(self, changes: Sequence[Change], table: str) -> BatchReport:
+        """Apply ready-made changes (the rebuild scan), grouped by sink."""
+        report = BatchReport()
+        per_sink: dict[SinkKey, list[_Pending]] = defaultdict(list)
+        for ch in changes:
+            per_sink[(ch.view.kind, ch.view.connection)].append(_Pending(ch, None))
+        for key, pendings in per_sink.items():
+            self._apply(report, self.sinks[key], pendings, table)
+        return report
+
+    def _dead(self, report: BatchReport, view: View, table: str, item_key: str,
+              rec: ChangeRecord | None, exc: BaseException,
+              scanned: Mapping[str, object] | None = None) -> None:
+        if self.on_error == "halt":
+            raise HaltShard(f"view {view.name}: {exc}") from exc
+        seq = rec.sequence if rec is not None else "0"
+        dl = DeadLetter(
+            id=f"{int(self.clock() * 1000):015d}-{uuid.uuid4().hex[:12]}", view=view.name,
+            table=table, item_key=item_key, sequence=seq, error=str(exc),
+            traceback="".join(traceback.format_exception(exc))[-8000:],
+            created_at=self.clock(),
+            record=dict(rec.raw) if rec is not None and rec.raw
+            else {"scanned_item": dict(scanned)} if scanned is not None else None)
+        self.store.put_deadletter(dl)
+        report.dead_lettered += 1
+        if rec is not None:
+            report.failed_sequences.add(rec.sequence)
+        metrics.RECORDS.labels(view.name, "dead_lettered").inc()
+        log.error("dead-lettered record %s of %s for view %s: %s", seq, item_key, view.name, exc)

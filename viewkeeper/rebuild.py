@@ -1,0 +1,243 @@
+"""Rebuild views from a full table scan while the stream keeps flowing (I6).
+
+The generation handshake (DESIGN.md §4):
+
+1. Raise each view's generation ``G`` in the coordination table.
+2. Wait until every live worker has acknowledged ``G``: from then on every stream record they
+   apply is stamped ``(G, sequence)``, which beats any scan write ``(G, 0)`` of the same item,
+   so a scan that read an item before a concurrent update can never overwrite that update.
+3. Scan the table in parallel segments; project each item and apply it at ``(G, 0)``.
+4. Sweep: retract whatever owner records of generations older than ``G`` still own — items
+   that no longer exist, entries that a changed projection no longer yields, strays.
+
+A rebuild that crashes is simply run again: it raises the generation once more and reaches
+the same end state. Shards marked ``needs_rebuild`` (trimmed stream data) are reset to read
+from the oldest record still in the stream when every view of their table is rebuilt.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from viewkeeper.coordination.model import CoordinationStore, LeaseState
+from viewkeeper.pipeline import BatchReport, Pipeline
+from viewkeeper.projection.api import View
+from viewkeeper.projection.registry import ViewRegistry
+from viewkeeper.sinks.base import Change, SinkUnavailable
+from viewkeeper.stream.client import StreamClient
+from viewkeeper.stream.errors import ThrottlingError
+from viewkeeper.versions import Version
+
+__all__ = ["HandshakeTimeout", "RebuildReport", "RebuildSettings", "rebuild"]
+
+log = logging.getLogger("viewkeeper.rebuild")
+
+
+class HandshakeTimeout(Exception):
+    """Live workers did not acknowledge the new generation in time."""
+
+
+@dataclass(frozen=True)
+class RebuildSettings:
+    segments: int = 4
+    batch_size: int = 500
+    max_items_per_second: float | None = None  # read-capacity guard; None = as fast as it goes
+    handshake_timeout: float = 60.0
+    worker_timeout: float = 20.0  # a worker silent this long is not live
+    progress_every: float = 1.0
+
+
+@dataclass
+class RebuildReport:
+    views: list[str]
+    generations: dict[str, int]
+    scanned: int = 0
+    applied: int = 0
+    stale: int = 0
+    dead_lettered: int = 0
+    retracted: int = 0
+    consumed_capacity: float = 0.0
+    seconds: float = 0.0
+    reset_shards: list[str] = field(default_factory=list)
+
+    @property
+    def items_per_second(self) -> float:
+        return self.scanned / self.seconds if self.seconds else 0.0
+
+    def summary(self) -> str:
+        return (f"rebuilt {', '.join(self.views)} (generation "
+                f"{', '.join(f'{v}={g}' for v, g in self.generations.items())}): "
+                f"{self.scanned} items scanned in {self.seconds:.1f}s "
+                f"({self.items_per_second:,.0f} items/s); applied {self.applied}, stale "
+                f"{self.stale}, retracted {self.retracted}, dead-lettered {self.dead_lettered}; "
+                f"consumed {self.consumed_capacity:,.1f} read capacity units")
+
+
+class _RateLimiter:
+    def __init__(self, rate: float | None) -> None:
+        self.rate = rate
+        self.lock = threading.Lock()
+        self.next_at = time.monotonic()
+
+    def take(self, n: int) -> None:
+        if not self.rate:
+            return
+        with self.lock:
+            now = time.monotonic()
+            wait = self.next_at - now
+            self.next_at = max(self.next_at, now) + n / self.rate
+        if wait > 0:
+            time.sleep(wait)
+
+
+def wait_for_acks(store: CoordinationStore, wanted: dict[str, int], settings: RebuildSettings,
+                  out: TextIO) -> None:
+    deadline = time.monotonic() + settings.handshake_timeout
+    while True:
+        horizon = time.time() - settings.worker_timeout
+        live = [w for w in store.list_workers() if w.heartbeat_at >= horizon]
+        behind = [w for w in live
+                  if any(w.acked.get(view, 0) < gen for view, gen in wanted.items())]
+        if not behind:
+            if live:
+                print(f"all {len(live)} live workers acknowledged the new generation", file=out)
+            return
+        if time.monotonic() > deadline:
+            names = ", ".join(f"{w.worker_id} (host {w.host}, pid {w.pid}, acked "
+                              f"{ {v: w.acked.get(v, 0) for v in wanted} })" for w in behind)
+            raise HandshakeTimeout(
+                f"rebuild waited {settings.handshake_timeout:.0f}s for workers to acknowledge "
+                f"generation {wanted}; not acknowledged by: {names}. Check that these "
+                "processes are healthy (or stop them), then run the rebuild again")
+        time.sleep(0.2)
+
+
+def rebuild(
+    views: Sequence[View],
+    registry: ViewRegistry,
+    client: StreamClient,
+    store: CoordinationStore,
+    pipeline_factory: Callable[[Callable[[str], int]], Pipeline],
+    settings: RebuildSettings,
+    *,
+    out: TextIO = sys.stderr,
+) -> RebuildReport:
+    """Rebuild ``views`` (all of one table, or some) from a scan of their tables."""
+    tables = sorted({v.table for v in views})
+    started = time.monotonic()
+    generations = {v.name: store.raise_generation(v.name) for v in views}
+    report = RebuildReport([v.name for v in views], generations)
+    print(f"raised generation: {generations}; waiting for live workers to acknowledge",
+          file=out)
+    wait_for_acks(store, generations, settings, out)
+    pipeline = pipeline_factory(lambda name: generations.get(name, 0))
+    for table in tables:
+        table_views = [v for v in views if v.table == table]
+        info = client.describe_table(table)
+        all_views = {v.name for v in registry.by_table(table)} <= {v.name for v in table_views}
+        for lease in store.list_leases(table):
+            if lease.state is LeaseState.NEEDS_REBUILD:
+                if all_views:
+                    store.reset_lease(table, lease.shard_id, None, LeaseState.ACTIVE)
+                    report.reset_shards.append(f"{table}/{lease.shard_id}")
+                else:
+                    print(f"shard {table}/{lease.shard_id} needs a rebuild of every view of "
+                          f"{table}; rebuild them all (viewkeeper rebuild --table {table}) to "
+                          "resume it", file=out)
+        _scan_table(table, info.key_names, getattr(info, "item_count", None), table_views,
+                    client, pipeline, settings, report, out)
+        for view in table_views:
+            retracted = pipeline.sink_for(view).sweep(view, generations[view.name], time.time())
+            report.retracted += retracted
+    report.seconds = time.monotonic() - started
+    print(report.summary(), file=out)
+    return report
+
+
+def _scan_table(table: str, key_names: tuple[str, ...], item_count: int | None,
+                views: list[View], client: StreamClient, pipeline: Pipeline,
+                settings: RebuildSettings, report: RebuildReport, out: TextIO) -> None:
+    limiter = _RateLimiter(settings.max_items_per_second)
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+    t0 = time.monotonic()
+
+    def segment(n: int) -> None:
+        start_key: dict[str, Any] | None = None
+        while True:
+            try:
+                page = client.scan(table, n, settings.segments, start_key,
+                                   settings.batch_size)
+            except ThrottlingError:
+                time.sleep(1.0)  # the client already backed off; slow the whole segment
+                continue
+            limiter.take(len(page.items))
+            batch = BatchReport()
+            changes: list[Change] = []
+            for item in page.items:
+                for view in views:
+                    ch = pipeline.project_item(batch, view, table, item, key_names,
+                                               Version(pipeline.generation_of(view.name), "0"))
+                    if ch is not None:
+                        changes.append(ch)
+            if changes:
+                batch.add(_apply_with_retry(pipeline, changes, table))
+            with lock:
+                report.scanned += len(page.items)
+                report.applied += batch.applied
+                report.stale += batch.stale
+                report.dead_lettered += batch.dead_lettered
+                report.consumed_capacity += page.consumed_capacity or 0.0
+            start_key = page.last_evaluated_key
+            if not start_key:
+                return
+
+    remaining = [settings.segments]
+    done = threading.Event()
+
+    def guarded(n: int) -> None:
+        try:
+            segment(n)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            with lock:
+                remaining[0] -= 1
+                if remaining[0] == 0:
+                    done.set()
+
+    threads = [threading.Thread(target=guarded, args=(n,), name=f"scan-{n}")
+               for n in range(settings.segments)]
+    for t in threads:
+        t.start()
+    while not done.wait(settings.progress_every):
+        elapsed = time.monotonic() - t0
+        rate = report.scanned / elapsed if elapsed else 0.0
+        eta = ""
+        if item_count and rate:
+            left = max(0, item_count - report.scanned)
+            eta = f", ~{left / rate:.0f}s left of ~{item_count} items"
+        print(f"  {table}: {report.scanned} items, {rate:,.0f} items/s{eta}, "
+              f"{report.consumed_capacity:,.1f} RCU", file=out)
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+def _apply_with_retry(pipeline: Pipeline, changes: list[Change], table: str) -> BatchReport:
+    delay = 0.2
+    for _ in range(30):
+        try:
+            return pipeline.apply_changes(changes, table)
+        except SinkUnavailable as exc:
+            log.warning("rebuild: %s; retrying in %.1fs", exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+    return pipeline.apply_changes(changes, table)

@@ -1,0 +1,214 @@
+"""The shard worker: read a page, project and apply it, then move the checkpoint.
+
+One worker runs per leased shard, in its own thread (see :mod:`viewkeeper.supervisor` for
+why threads). The loop is the whole data path of DESIGN.md §5::
+
+    GetRecords → decode → Pipeline.process (project per view, apply per sink) → checkpoint
+
+The checkpoint moves only after :meth:`Pipeline.process` returned, i.e. after every sink
+acknowledged every record of the page (I4). A sink outage makes the page retry, with
+backoff, until the sink is back or the worker is asked to stop; the checkpoint stays put.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from viewkeeper.coordination.model import CoordinationStore, Lease, LeaseLost, LeaseState
+from viewkeeper.ops import metrics
+from viewkeeper.pipeline import HaltShard, Pipeline
+from viewkeeper.sinks.base import SinkUnavailable
+from viewkeeper.stream.client import StreamClient
+from viewkeeper.stream.errors import (
+    ExpiredIteratorError,
+    ResourceNotFoundError,
+    ServiceError,
+    ThrottlingError,
+    TrimmedDataAccessError,
+)
+from viewkeeper.stream.records import ChangeRecord
+
+__all__ = ["ShardWorker", "WorkerSettings"]
+
+log = logging.getLogger("viewkeeper.worker")
+
+# A checkpoint sentinel: the shard was opened at LATEST and no record has been read yet.
+LATEST = "LATEST"
+TRIM_HORIZON = "TRIM_HORIZON"
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    batch_size: int = 1000
+    poll_interval: float = 0.25  # after an empty page
+    busy_poll_interval: float = 0.02  # after a partial page: records are flowing
+    max_backoff: float = 5.0
+    retention: float = 24 * 3600.0  # the stream's retention: older checkpoints are trimmed
+
+
+class ShardWorker:
+    """Reads one shard from its checkpoint to SHARD_END (or until stopped / lease lost)."""
+
+    def __init__(
+        self,
+        lease: Lease,
+        client: StreamClient,
+        pipeline: Pipeline,
+        store: CoordinationStore,
+        key_names: tuple[str, ...],
+        settings: WorkerSettings,
+        *,
+        stop: threading.Event,
+        on_shard_end: Callable[[Lease], None] = lambda lease: None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.lease = lease
+        self.client = client
+        self.pipeline = pipeline
+        self.store = store
+        self.key_names = key_names
+        self.settings = settings
+        self.stop = stop
+        self.on_shard_end = on_shard_end
+        self.clock = clock
+        self.last_sequence: str | None = lease.checkpoint if lease.checkpoint not in (
+            None, LATEST, TRIM_HORIZON) else None
+        self.lag: float | None = None
+        self.caught_up = False
+        self.records_read = 0
+        self.finished = False
+        self.crashed: str | None = None
+        self._labels = (lease.table, lease.shard_id)
+
+    # --- iterators ----------------------------------------------------------------------
+    def _iterator(self) -> str:
+        lease = self.lease
+        if self.last_sequence is not None:
+            return self.client.get_shard_iterator(
+                lease.stream_arn, lease.shard_id, "AFTER_SEQUENCE_NUMBER", self.last_sequence)
+        position = TRIM_HORIZON if lease.checkpoint in (None, TRIM_HORIZON) else LATEST
+        return self.client.get_shard_iterator(lease.stream_arn, lease.shard_id, position)
+
+    # --- the loop -------------------------------------------------------------------------
+    def run_guarded(self) -> None:
+        """Thread target: an unexpected exception is recorded for the supervisor, which
+        restarts the worker with backoff and reports a shard that keeps failing."""
+        try:
+            self.run()
+        except Exception as exc:
+            self.crashed = f"{type(exc).__name__}: {exc}"
+            log.exception("worker for %s/%s crashed", *self._labels)
+
+    def run(self) -> None:
+        lease = self.lease
+        if (self.last_sequence is not None and lease.updated_at
+                and self.clock() - lease.updated_at > self.settings.retention):
+            self._trimmed(f"checkpoint {self.last_sequence} was written "
+                          f"{(self.clock() - lease.updated_at) / 3600:.1f} h ago, longer than "
+                          "the stream's 24 h retention")
+            return
+        backoff = 0.1
+        try:
+            iterator = self._with_retry(self._iterator)
+            while iterator is not None and not self.stop.is_set():
+                try:
+                    page = self.client.get_records(iterator, self.settings.batch_size)
+                except ExpiredIteratorError:
+                    log.info("iterator of %s/%s expired; resuming after %s", *self._labels,
+                             self.last_sequence)
+                    iterator = self._with_retry(self._iterator)
+                    continue
+                except (ThrottlingError, ServiceError) as exc:
+                    log.warning("GetRecords on %s/%s: %s; backing off %.1fs", *self._labels,
+                                exc, backoff)
+                    self.stop.wait(backoff)
+                    backoff = min(backoff * 2, self.settings.max_backoff)
+                    continue
+                backoff = 0.1
+                records = page.records
+                if records:
+                    self._process(records)
+                    if self.stop.is_set() and self.last_sequence != records[-1].sequence:
+                        return  # stopped while a sink was down: the page will be re-read
+                self.caught_up = not records or page.next_iterator is None
+                if self.caught_up:
+                    self.lag = 0.0
+                metrics.LAG.labels(*self._labels).set(self.lag or 0.0)
+                metrics.CAUGHT_UP.labels(*self._labels).set(1 if self.caught_up else 0)
+                iterator = page.next_iterator
+                if iterator is None:
+                    self._shard_end()
+                    return
+                if len(records) >= self.settings.batch_size:
+                    continue
+                self.stop.wait(self.settings.busy_poll_interval if records
+                               else self.settings.poll_interval)
+        except TrimmedDataAccessError as exc:
+            self._trimmed(str(exc))
+        except ResourceNotFoundError as exc:
+            log.error("shard %s/%s: the stream or table is gone (%s); stopping this shard",
+                      *self._labels, exc)
+        except LeaseLost as exc:
+            log.warning("%s; stopping this shard here", exc)
+        except HaltShard as exc:
+            log.error("shard %s/%s halted (worker.on_error=halt): %s", *self._labels, exc)
+            self._set_state(LeaseState.HALTED, str(exc))
+
+    def _with_retry(self, fn: Callable[[], str]) -> str | None:
+        delay = 0.1
+        while not self.stop.is_set():
+            try:
+                return fn()
+            except (ThrottlingError, ServiceError) as exc:
+                log.warning("shard %s/%s: %s; retrying in %.1fs", *self._labels, exc, delay)
+                self.stop.wait(delay)
+                delay = min(delay * 2, self.settings.max_backoff)
+        return None
+
+    def _process(self, records: list[ChangeRecord]) -> None:
+        table = self.lease.table
+        delay = 0.2
+        while True:
+            started = time.perf_counter()
+            try:
+                self.pipeline.process(table, self.key_names, records)
+                break
+            except SinkUnavailable as exc:
+                metrics.SINK_RETRIES.labels(str(exc).split(":", 1)[0]).inc()
+                metrics.SINK_ERRORS.labels(str(exc).split(":", 1)[0], "unavailable").inc()
+                log.warning("shard %s/%s: %s; retrying the page in %.1fs (checkpoint stays at "
+                            "%s)", *self._labels, exc, delay, self.last_sequence)
+                if self.stop.wait(delay):
+                    return
+                delay = min(delay * 2, self.settings.max_backoff)
+        metrics.BATCH_SECONDS.labels(table).observe(time.perf_counter() - started)
+        last = records[-1]
+        self.store.checkpoint(self.lease, last.sequence)
+        self.last_sequence = last.sequence
+        self.records_read += len(records)
+        self.lag = max(0.0, self.clock() - last.created_at) if last.created_at else None
+
+    def _shard_end(self) -> None:
+        self.store.checkpoint(self.lease, self.last_sequence, state=LeaseState.ENDED)
+        self.finished = True
+        log.info("shard %s/%s ended after %d records", *self._labels, self.records_read)
+        self.on_shard_end(self.lease)
+
+    def _trimmed(self, why: str) -> None:
+        metrics.TRIMMED.labels(self.lease.table).inc()
+        log.error(
+            "DATA LOST TO STREAM RETENTION on %s/%s: %s. Records after checkpoint %s were "
+            "trimmed before viewkeeper read them; the shard is marked needs_rebuild and will "
+            "not be skipped silently. Run `viewkeeper rebuild` for the views of table %s.",
+            *self._labels, why, self.last_sequence, self.lease.table)
+        self._set_state(LeaseState.NEEDS_REBUILD, f"trimmed: {why}")
+
+    def _set_state(self, state: LeaseState, error: str) -> None:
+        try:
+            self.store.checkpoint(self.lease, None, state=state, error=error)
+        except LeaseLost:
+            pass

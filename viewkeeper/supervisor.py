@@ -1,0 +1,367 @@
+"""The supervisor: leases, shard discovery, balancing, and one worker thread per shard.
+
+Concurrency model: threads. A shard worker spends nearly all its time waiting on sockets
+(GetRecords, Redis, OpenSearch) or sleeping between polls, and the libraries on that path
+(urllib3, redis-py, opensearch-py) are blocking; a thread per leased shard keeps the worker a
+plain loop, and the GIL is released while it waits. An idle worker costs one sleeping thread
+(~tens of kB RSS) and a poll every ``poll_interval``; bench/ records the figures for 500 idle
+shards. CPU-bound throughput beyond one core comes from running more processes: instances
+share shards through the lease table, as KCL workers do.
+
+Leases (as KCL): each lease has an owner and a counter. The owner renews every
+``lease_duration / 3`` by raising the counter with a conditional write. Another process that
+sees a lease's counter unchanged for ``lease_duration`` (on its own clock, so no clock skew
+matters) may take it with a conditional write on the counter it saw. Balancing aims at a fair
+share (ceil(leases / live workers)); a process under its share first takes free or expired
+leases, then steals at most one lease per round from the most loaded worker, and only from one
+holding at least two more than itself, so leases do not ping-pong.
+
+A shard's children start only after the parent's lease is ENDED (all its records applied).
+A worker that reaches SHARD_END wakes the supervisor to discover the children at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from viewkeeper.coordination.model import CoordinationStore, Lease, LeaseState, WorkerInfo
+from viewkeeper.ops import metrics
+from viewkeeper.pipeline import Pipeline
+from viewkeeper.stream.client import StreamClient, TableInfo
+from viewkeeper.stream.errors import ResourceNotFoundError, StreamError
+from viewkeeper.stream.worker import LATEST, TRIM_HORIZON, ShardWorker, WorkerSettings
+
+__all__ = ["Supervisor", "SupervisorSettings", "StreamNotReadable"]
+
+log = logging.getLogger("viewkeeper.supervisor")
+
+
+class StreamNotReadable(Exception):
+    """A source table has no stream, a disabled stream, or a stream without new images."""
+
+
+@dataclass(frozen=True)
+class SupervisorSettings:
+    lease_duration: float = 10.0
+    discovery_interval: float = 10.0
+    starting_positions: Mapping[str, str] = field(default_factory=dict)  # table → LATEST|...
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+    restart_backoff: float = 1.0
+    max_restart_backoff: float = 60.0
+    shutdown_timeout: float = 30.0
+
+
+@dataclass
+class _Running:
+    worker: ShardWorker
+    thread: threading.Thread
+    stop: threading.Event
+
+
+@dataclass
+class _Seen:
+    counter: int
+    owner: str | None
+    since: float
+
+
+class Supervisor:
+    def __init__(
+        self,
+        tables: list[str],
+        client: StreamClient,
+        store: CoordinationStore,
+        pipeline_factory: Callable[[Callable[[str], int]], Pipeline],
+        settings: SupervisorSettings,
+        *,
+        worker_id: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.tables = tables
+        self.client = client
+        self.store = store
+        self.settings = settings
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.clock = clock
+        self.generations: dict[str, int] = {}
+        self.pipeline = pipeline_factory(lambda view: self.generations.get(view, 0))
+        self.table_info: dict[str, TableInfo] = {}
+        self.running: dict[tuple[str, str], _Running] = {}
+        self.held: dict[tuple[str, str], Lease] = {}
+        self.failures: dict[tuple[str, str], tuple[int, float]] = {}  # count, retry-at
+        self._seen: dict[tuple[str, str], _Seen] = {}
+        self._leases: dict[str, list[Lease]] = {}
+        self.stopping = threading.Event()
+        self._wake = threading.Event()
+        self._last_discovery = -math.inf
+        self.started_at = time.time()
+
+    # --- discovery ----------------------------------------------------------------------
+    def _describe(self, table: str) -> TableInfo:
+        info = self.client.describe_table(table)
+        if not info.stream_arn:
+            raise StreamNotReadable(
+                f"table {table!r} has no stream; enable DynamoDB Streams on it with view type "
+                "NEW_AND_OLD_IMAGES (or NEW_IMAGE)")
+        if info.stream_view_type not in ("NEW_IMAGE", "NEW_AND_OLD_IMAGES"):
+            raise StreamNotReadable(
+                f"table {table!r} streams {info.stream_view_type}; views need the new image: "
+                "set the stream view type to NEW_AND_OLD_IMAGES (or NEW_IMAGE)")
+        return info
+
+    def discover(self) -> None:
+        """Create a lease for every shard not yet in the lease table."""
+        for table in self.tables:
+            info = self._describe(table)
+            old = self.table_info.get(table)
+            if old is not None and old.stream_arn != info.stream_arn:
+                log.warning("table %s has a new stream %s (was %s): it was disabled and "
+                            "re-enabled; records in between are lost, rebuild its views",
+                            table, info.stream_arn, old.stream_arn)
+            self.table_info[table] = info
+            assert info.stream_arn is not None
+            shards = self.client.list_shards(info.stream_arn)
+            known = {lease.shard_id for lease in self.store.list_leases(table)}
+            first_sight = not known
+            position = self.settings.starting_positions.get(table, LATEST)
+            ids = {s.shard_id for s in shards}
+            for shard in shards:
+                if shard.shard_id in known:
+                    continue
+                parents = (shard.parent_shard_id,) if shard.parent_shard_id in ids else ()
+                checkpoint: str | None = None
+                state = LeaseState.ACTIVE
+                if first_sight and position == LATEST:
+                    if shard.ending_sequence is not None:
+                        state = LeaseState.ENDED  # closed before we ever looked: history
+                    elif not parents:
+                        checkpoint = LATEST
+                if self.store.create_lease(Lease(table, shard.shard_id, info.stream_arn,
+                                                 parents, checkpoint=checkpoint, state=state)):
+                    log.info("new shard %s/%s (parents %s)", table, shard.shard_id,
+                             ",".join(parents) or "none")
+        self._last_discovery = self.clock()
+
+    # --- one round ----------------------------------------------------------------------
+    def tick(self) -> None:
+        now = self.clock()
+        self.generations = self.store.generations()
+        if now - self._last_discovery >= self.settings.discovery_interval or self._wake.is_set():
+            self._wake.clear()
+            self.discover()
+        self._heartbeat()
+        live = self._live_workers()
+        for table in self.tables:
+            self._leases[table] = self.store.list_leases(table)
+        self._renew(now)
+        if not self.stopping.is_set():
+            self._acquire(now, live)
+        self._reap_and_start(now)
+        metrics.LEASES.set(len(self.held))
+
+    def _heartbeat(self) -> None:
+        self.store.put_worker(WorkerInfo(
+            worker_id=self.worker_id, heartbeat_at=time.time(), acked=dict(self.generations),
+            host=socket.gethostname(), pid=os.getpid(), leases=len(self.held),
+            started_at=self.started_at))
+
+    def _live_workers(self) -> dict[str, int]:
+        horizon = time.time() - self.settings.lease_duration * 2
+        return {w.worker_id: w.leases for w in self.store.list_workers()
+                if w.heartbeat_at >= horizon or w.worker_id == self.worker_id}
+
+    def _renew(self, now: float) -> None:
+        for key, lease in list(self.held.items()):
+            run = self.running.get(key)
+            lag = run.worker.lag if run else None
+            caught = run.worker.caught_up if run else False
+            renewed = self.store.renew_lease(lease, lag, caught)
+            if renewed is None:
+                log.warning("lost lease %s/%s to another worker", *key)
+                self._drop(key)
+            else:
+                self.held[key] = renewed
+
+    def _drop(self, key: tuple[str, str]) -> None:
+        self.held.pop(key, None)
+        run = self.running.pop(key, None)
+        if run is not None:
+            run.stop.set()
+
+    def _takeable(self, lease: Lease, by_id: Mapping[str, Lease]) -> bool:
+        if lease.state is not LeaseState.ACTIVE:
+            return False
+        return all(by_id[p].state is LeaseState.ENDED for p in lease.parents if p in by_id)
+
+    def _expired(self, key: tuple[str, str], lease: Lease, now: float) -> bool:
+        if lease.owner is None:
+            return True
+        seen = self._seen.get(key)
+        if seen is None or seen.counter != lease.counter or seen.owner != lease.owner:
+            self._seen[key] = _Seen(lease.counter, lease.owner, now)
+            return False
+        return now - seen.since >= self.settings.lease_duration
+
+    def _acquire(self, now: float, live: dict[str, int]) -> None:
+        candidates: list[Lease] = []
+        owned_by: dict[str, list[Lease]] = {}
+        total = 0
+        for table, leases in self._leases.items():
+            by_id = {lease.shard_id: lease for lease in leases}
+            for lease in leases:
+                if not self._takeable(lease, by_id):
+                    continue
+                total += 1
+                key = (table, lease.shard_id)
+                if key in self.held:
+                    continue
+                if self._expired(key, lease, now):
+                    candidates.append(lease)
+                elif lease.owner is not None:
+                    owned_by.setdefault(lease.owner, []).append(lease)
+        target = math.ceil(total / max(1, len(live)))
+        mine = len(self.held)
+        for lease in candidates:
+            if mine >= target:
+                break
+            if self._take(lease):
+                mine += 1
+        if mine < target and owned_by:
+            busiest, theirs = max(owned_by.items(), key=lambda kv: len(kv[1]))
+            if len(theirs) >= mine + 2 and len(theirs) > target:
+                victim = sorted(theirs, key=lambda lease: lease.shard_id)[-1]
+                log.info("stealing lease %s/%s from %s (%d leases, fair share %d)",
+                         victim.table, victim.shard_id, busiest, len(theirs), target)
+                self._take(victim)
+
+    def _take(self, lease: Lease) -> bool:
+        taken = self.store.take_lease(lease, self.worker_id)
+        if taken is None:
+            return False
+        log.info("took lease %s/%s (checkpoint %s)", lease.table, lease.shard_id,
+                 taken.checkpoint)
+        self.held[(lease.table, lease.shard_id)] = taken
+        return True
+
+    def _reap_and_start(self, now: float) -> None:
+        for key, run in list(self.running.items()):
+            if run.thread.is_alive():
+                continue
+            del self.running[key]
+            if run.worker.finished or key not in self.held:
+                lease = self.held.pop(key, None)
+                if lease is not None and run.worker.finished:
+                    self.store.release_lease(lease)
+                continue
+            if run.worker.crashed is not None:
+                count, _ = self.failures.get(key, (0, 0.0))
+                delay = min(self.settings.restart_backoff * 2 ** count,
+                            self.settings.max_restart_backoff)
+                self.failures[key] = (count + 1, now + delay)
+                metrics.SHARD_FAILURES.labels(key[0]).inc()
+                log.error("worker for %s/%s crashed (%d times in a row): %s; restarting in "
+                          "%.0fs", *key, count + 1, run.worker.crashed, delay)
+            else:
+                # stopped for a reason it already reported (trimmed, halted, stream gone):
+                # give the lease back so that `status` shows its state, and do not loop on it
+                lease = self.held.pop(key, None)
+                if lease is not None:
+                    self.store.release_lease(lease)
+        if self.stopping.is_set():
+            return
+        for key, lease in self.held.items():
+            if key in self.running:
+                continue
+            _, retry_at = self.failures.get(key, (0, 0.0))
+            if now < retry_at:
+                continue
+            self._start(key, lease)
+
+    def _start(self, key: tuple[str, str], lease: Lease) -> None:
+        info = self.table_info[key[0]]
+        stop = threading.Event()
+        worker = ShardWorker(lease, self.client, self.pipeline, self.store, info.key_names,
+                             self.settings.worker, stop=stop, on_shard_end=self._on_shard_end)
+        thread = threading.Thread(target=worker.run_guarded, name=f"shard-{key[1][-12:]}",
+                                  daemon=True)
+        self.running[key] = _Running(worker, thread, stop)
+        thread.start()
+
+    def _on_shard_end(self, lease: Lease) -> None:
+        self._wake.set()
+
+    # --- lifecycle ----------------------------------------------------------------------
+    def caught_up(self) -> bool:
+        """True when every readable shard is held here, read to its end, and idle."""
+        for table in self.tables:
+            leases = self._leases.get(table, [])
+            by_id = {lease.shard_id: lease for lease in leases}
+            for lease in leases:
+                if not self._takeable(lease, by_id):
+                    continue
+                run = self.running.get((table, lease.shard_id))
+                if run is None or not run.worker.caught_up:
+                    return False
+        return bool(self._leases) and not self._wake.is_set()
+
+    def summary(self) -> tuple[int, float]:
+        """(shards held, worst lag in seconds) for STATUS lines and `status`."""
+        lags = [r.worker.lag or 0.0 for r in self.running.values()]
+        return len(self.held), max(lags, default=0.0)
+
+    def run(self, *, until_caught_up: bool = False,
+            on_tick: Callable[[Supervisor], None] | None = None) -> None:
+        """Run rounds until :meth:`request_stop` (or until caught up), then drain."""
+        self.store.ensure()
+        interval = self.settings.lease_duration / 3
+        try:
+            while not self.stopping.is_set():
+                try:
+                    self.tick()
+                except (StreamError, ResourceNotFoundError) as exc:
+                    log.error("supervisor round failed: %s", exc)
+                if on_tick is not None:
+                    on_tick(self)
+                if until_caught_up and self.caught_up():
+                    break
+                self._wake.wait(min(interval, 0.2) if until_caught_up else interval)
+        finally:
+            self.shutdown()
+
+    def request_stop(self) -> None:
+        self.stopping.set()
+        self._wake.set()
+
+    def shutdown(self) -> None:
+        """Stop workers after their batch in flight, release leases, leave the worker table."""
+        self.stopping.set()
+        for run in self.running.values():
+            run.stop.set()
+        deadline = time.monotonic() + self.settings.shutdown_timeout
+        for run in self.running.values():
+            run.thread.join(max(0.0, deadline - time.monotonic()))
+        for key, lease in list(self.held.items()):
+            run = self.running.get(key)
+            if run is not None and run.thread.is_alive():
+                log.warning("worker for %s/%s did not stop in time; its lease will expire",
+                            *key)
+                continue
+            try:
+                self.store.release_lease(lease)
+            except Exception as exc:  # best effort: the lease expires anyway
+                log.warning("could not release lease %s/%s: %s", *key, exc)
+        self.held.clear()
+        self.running.clear()
+        try:
+            self.store.delete_worker(self.worker_id)
+        except Exception as exc:
+            log.warning("could not remove worker record: %s", exc)
+        metrics.LEASES.set(0)
