@@ -1,0 +1,141 @@
+"""Assembly: a validated config becomes the running parts (views, stream client, coordination
+store, sinks, pipeline, supervisor). The CLI, the Lambda handler and the tests build here, so
+each part is built one way only. Tests inject a fake stream or a memory store.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from viewkeeper.config import Config, check_view_connections, load_config
+from viewkeeper.coordination.dynamodb import DynamoDBStore
+from viewkeeper.coordination.model import CoordinationStore
+from viewkeeper.pipeline import Pipeline, SinkKey
+from viewkeeper.projection.registry import ViewRegistry, load_views
+from viewkeeper.rebuild import RebuildSettings
+from viewkeeper.sinks.base import Sink
+from viewkeeper.stream.client import HttpStreamClient, StreamClient
+from viewkeeper.stream.worker import WorkerSettings
+from viewkeeper.supervisor import Supervisor, SupervisorSettings
+
+__all__ = ["App"]
+
+log = logging.getLogger("viewkeeper.app")
+
+
+class App:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        registry: ViewRegistry | None = None,
+        client: StreamClient | None = None,
+        store: CoordinationStore | None = None,
+        sinks: Mapping[SinkKey, Sink] | None = None,
+    ) -> None:
+        self.config = config
+        self.registry = registry or load_views(
+            config.views, search_path=[config.base_dir] if config.base_dir else [])
+        self.warnings = check_view_connections(config, self.registry)
+        self._client = client
+        self._store = store
+        self._sinks = dict(sinks) if sinks is not None else None
+        self._key_names: dict[str, tuple[str, ...]] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_file(cls, path: str, **kwargs: Any) -> App:
+        return cls(load_config(path), **kwargs)
+
+    # --- parts, built on first use -----------------------------------------------------
+    def _session(self) -> Any:
+        import boto3
+
+        return boto3.Session(profile_name=self.config.aws.profile,
+                             region_name=self.config.aws.region)
+
+    @property
+    def client(self) -> StreamClient:
+        if self._client is None:
+            aws = self.config.aws
+            self._client = HttpStreamClient(aws.region, aws.endpoint_url, self._session(),
+                                            max_pool=64)
+        return self._client
+
+    @property
+    def store(self) -> CoordinationStore:
+        if self._store is None:
+            aws = self.config.aws
+            db = self._session().client("dynamodb", endpoint_url=aws.endpoint_url)
+            self._store = DynamoDBStore(db, self.config.coordination.table,
+                                        create_if_missing=self.config.coordination.create_if_missing)
+        return self._store
+
+    @property
+    def sinks(self) -> dict[SinkKey, Sink]:
+        if self._sinks is None:
+            self._sinks = self._build_sinks()
+        return self._sinks
+
+    def _build_sinks(self) -> dict[SinkKey, Sink]:
+        from viewkeeper.sinks.connect import opensearch_client, redis_client
+
+        retention = self.config.tombstones.retention_hours * 3600
+        sinks: dict[SinkKey, Sink] = {}
+        for name in sorted(self.registry.connections("redis")):
+            from viewkeeper.sinks.redis import RedisSink
+
+            rconf = self.config.redis[name]
+            sinks[("redis", name)] = RedisSink(
+                name, redis_client(rconf), key_prefix=rconf.key_prefix,
+                owner_buckets=rconf.owner_buckets, tombstone_retention=retention)
+        for name in sorted(self.registry.connections("opensearch")):
+            from viewkeeper.sinks.opensearch import OpenSearchSink
+
+            oconf = self.config.opensearch[name]
+            sinks[("opensearch", name)] = OpenSearchSink(
+                name, opensearch_client(oconf, self.config.aws),
+                index_prefix=oconf.index_prefix, tombstone_retention=retention)
+        for key, sink in sinks.items():
+            sink.prepare([v for v in self.registry if (v.kind, v.connection) == key])
+        return sinks
+
+    def key_names(self, table: str) -> tuple[str, ...]:
+        with self._lock:
+            if table not in self._key_names:
+                self._key_names[table] = self.client.describe_table(table).key_names
+            return self._key_names[table]
+
+    def pipeline(self, generation_of: Callable[[str], int] | None = None) -> Pipeline:
+        if generation_of is None:
+            gens = self.store.generations()
+            generation_of = lambda view: gens.get(view, 0)  # noqa: E731
+        return Pipeline(self.registry, self.sinks, self.store, generation_of,
+                        on_error=self.config.worker.on_error)
+
+    @property
+    def tables(self) -> list[str]:
+        return self.registry.tables
+
+    def supervisor(self, **overrides: Any) -> Supervisor:
+        w = self.config.worker
+        settings = SupervisorSettings(
+            lease_duration=w.lease_duration,
+            starting_positions={t: self.config.table(t).starting_position for t in self.tables},
+            worker=WorkerSettings(batch_size=w.batch_size, poll_interval=w.poll_interval),
+            **overrides)
+        return Supervisor(self.tables, self.client, self.store, self.pipeline, settings,
+                          worker_id=w.worker_id)
+
+    def rebuild_settings(self, **overrides: Any) -> RebuildSettings:
+        return RebuildSettings(**overrides)
+
+    def close(self) -> None:
+        for sink in (self._sinks or {}).values():
+            try:
+                sink.close()
+            except Exception as exc:  # closing is best effort
+                log.debug("closing %s: %s", sink.name, exc)
