@@ -12,9 +12,16 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 
 
-def write_config(tmp_path: Path, *, dynamodb_url: str, redis_url: str | None = None,
-                 opensearch_url: str | None = None, views: list[str],
-                 tables: dict[str, Any] | None = None, **extra: Any) -> Path:
+def write_config(
+    tmp_path: Path,
+    *,
+    dynamodb_url: str,
+    redis_url: str | None = None,
+    opensearch_url: str | None = None,
+    views: list[str],
+    tables: dict[str, Any] | None = None,
+    **extra: Any,
+) -> Path:
     """A viewkeeper.yaml for the test's services; its folder is on the view import path."""
     cfg: dict[str, Any] = {
         "aws": {"region": "us-east-1", "endpoint_url": dynamodb_url},

@@ -16,20 +16,40 @@ from tests.helpers import REPO, redis_view_keys, vk_env, write_config
 TABLE = "e2e-orders"
 
 
-def vk(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> \
-        subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "viewkeeper.cli", *args], cwd=REPO,
-                          env=env or vk_env(), capture_output=True, text=True,
-                          timeout=timeout, check=False)
+def vk(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "viewkeeper.cli", *args],
+        cwd=REPO,
+        env=env or vk_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 @pytest.fixture
-def setup(tmp_path: Path, dynamodb: Any, make_table: Any, redis_client: Any, os_client: Any,
-          os_prefix: str, dynamodb_url: str, redis_url: str, opensearch_url: str) -> Any:
+def setup(
+    tmp_path: Path,
+    dynamodb: Any,
+    make_table: Any,
+    redis_client: Any,
+    os_client: Any,
+    os_prefix: str,
+    dynamodb_url: str,
+    redis_url: str,
+    opensearch_url: str,
+) -> Any:
     make_table(dynamodb, TABLE, hash_key="order_id")
     config = write_config(
-        tmp_path, dynamodb_url=dynamodb_url, redis_url=redis_url,
-        views=["tests.views_e2e.shop"], tables={TABLE: {"starting_position": "TRIM_HORIZON"}})
+        tmp_path,
+        dynamodb_url=dynamodb_url,
+        redis_url=redis_url,
+        views=["tests.views_e2e.shop"],
+        tables={TABLE: {"starting_position": "TRIM_HORIZON"}},
+    )
     raw = config.read_text().replace(f"hosts:\n      - {opensearch_url}", "")
     import yaml
 
@@ -39,22 +59,33 @@ def setup(tmp_path: Path, dynamodb: Any, make_table: Any, redis_client: Any, os_
     return config
 
 
-def put(dynamodb: Any, order_id: str, customer: str, status: str, total: str,
-        created: int = 1) -> None:
-    dynamodb.put_item(TableName=TABLE, Item={
-        "order_id": {"S": order_id}, "customer_id": {"S": customer}, "status": {"S": status},
-        "total": {"N": total}, "created_at": {"N": str(created)}})
+def put(
+    dynamodb: Any, order_id: str, customer: str, status: str, total: str, created: int = 1
+) -> None:
+    dynamodb.put_item(
+        TableName=TABLE,
+        Item={
+            "order_id": {"S": order_id},
+            "customer_id": {"S": customer},
+            "status": {"S": status},
+            "total": {"N": total},
+            "created_at": {"N": str(created)},
+        },
+    )
 
 
 def search_docs(os_client: Any, alias: str) -> dict[str, Any]:
     os_client.indices.refresh(index=alias)
     hits = os_client.search(index=alias, body={"size": 100, "query": {"match_all": {}}})
-    return {h["_id"]: {k: v for k, v in h["_source"].items() if k in
-                       ("customer_id", "status", "total")} for h in hits["hits"]["hits"]}
+    return {
+        h["_id"]: {k: v for k, v in h["_source"].items() if k in ("customer_id", "status", "total")}
+        for h in hits["hits"]["hits"]
+    }
 
 
 def test_items_written_with_boto3_appear_in_redis_and_opensearch_and_deletes_disappear(
-        setup: Path, dynamodb: Any, redis_client: Any, os_client: Any, os_prefix: str) -> None:
+    setup: Path, dynamodb: Any, redis_client: Any, os_client: Any, os_prefix: str
+) -> None:
     put(dynamodb, "o1", "alice", "new", "10.50", 1)
     put(dynamodb, "o2", "bob", "new", "3", 2)
     put(dynamodb, "o3", "alice", "new", "7", 3)
@@ -95,12 +126,12 @@ def test_items_written_with_boto3_appear_in_redis_and_opensearch_and_deletes_dis
         "status:hidden": {"o3"},
     }, res.stderr
     assert search_docs(os_client, alias) == {
-        "o1": {"customer_id": "carol", "status": "paid", "total": 10.5}}
+        "o1": {"customer_id": "carol", "status": "paid", "total": 10.5}
+    }
     assert os_client.exists(index=alias, id="o2") is False  # GET by id hides tombstones
 
 
-def test_status_shows_each_shard_with_owner_checkpoint_and_lag(
-        setup: Path, dynamodb: Any) -> None:
+def test_status_shows_each_shard_with_owner_checkpoint_and_lag(setup: Path, dynamodb: Any) -> None:
     put(dynamodb, "o1", "alice", "new", "1")
     assert vk("run", "-c", str(setup), "--until-caught-up").returncode == 0
     res = vk("status", "-c", str(setup), "--json")
@@ -115,7 +146,8 @@ def test_status_shows_each_shard_with_owner_checkpoint_and_lag(
 
 
 def test_projection_error_is_dead_lettered_the_rest_applied_and_replayable(
-        setup: Path, dynamodb: Any, redis_client: Any) -> None:
+    setup: Path, dynamodb: Any, redis_client: Any
+) -> None:
     put(dynamodb, "o1", "alice", "new", "1")
     put(dynamodb, "o2", "bob", "boom", "2")
     put(dynamodb, "o3", "carol", "new", "3")
@@ -152,5 +184,3 @@ def test_bad_config_key_is_one_clear_line_and_exit_2(tmp_path: Path) -> None:
     assert res.returncode == 2
     (line,) = res.stderr.strip().splitlines()
     assert "workr" in line and "worker" in line
-
-

@@ -38,7 +38,8 @@ class App:
     ) -> None:
         self.config = config
         self.registry = registry or load_views(
-            config.views, search_path=[config.base_dir] if config.base_dir else [])
+            config.views, search_path=[config.base_dir] if config.base_dir else []
+        )
         self.warnings = check_view_connections(config, self.registry)
         self._client = client
         self._store = store
@@ -54,15 +55,17 @@ class App:
     def _session(self) -> Any:
         import boto3
 
-        return boto3.Session(profile_name=self.config.aws.profile,
-                             region_name=self.config.aws.region)
+        return boto3.Session(
+            profile_name=self.config.aws.profile, region_name=self.config.aws.region
+        )
 
     @property
     def client(self) -> StreamClient:
         if self._client is None:
             aws = self.config.aws
-            self._client = HttpStreamClient(aws.region, aws.endpoint_url, self._session(),
-                                            max_pool=64)
+            self._client = HttpStreamClient(
+                aws.region, aws.endpoint_url, self._session(), max_pool=64
+            )
         return self._client
 
     @property
@@ -70,8 +73,11 @@ class App:
         if self._store is None:
             aws = self.config.aws
             db = self._session().client("dynamodb", endpoint_url=aws.endpoint_url)
-            self._store = DynamoDBStore(db, self.config.coordination.table,
-                                        create_if_missing=self.config.coordination.create_if_missing)
+            self._store = DynamoDBStore(
+                db,
+                self.config.coordination.table,
+                create_if_missing=self.config.coordination.create_if_missing,
+            )
         return self._store
 
     @property
@@ -90,15 +96,22 @@ class App:
 
             rconf = self.config.redis[name]
             sinks[("redis", name)] = RedisSink(
-                name, redis_client(rconf), key_prefix=rconf.key_prefix,
-                owner_buckets=rconf.owner_buckets, tombstone_retention=retention)
+                name,
+                redis_client(rconf),
+                key_prefix=rconf.key_prefix,
+                owner_buckets=rconf.owner_buckets,
+                tombstone_retention=retention,
+            )
         for name in sorted(self.registry.connections("opensearch")):
             from viewkeeper.sinks.opensearch import OpenSearchSink
 
             oconf = self.config.opensearch[name]
             sinks[("opensearch", name)] = OpenSearchSink(
-                name, opensearch_client(oconf, self.config.aws),
-                index_prefix=oconf.index_prefix, tombstone_retention=retention)
+                name,
+                opensearch_client(oconf, self.config.aws),
+                index_prefix=oconf.index_prefix,
+                tombstone_retention=retention,
+            )
         for key, sink in sinks.items():
             sink.prepare([v for v in self.registry if (v.kind, v.connection) == key])
         return sinks
@@ -113,8 +126,13 @@ class App:
         if generation_of is None:
             gens = self.store.generations()
             generation_of = lambda view: gens.get(view, 0)  # noqa: E731
-        return Pipeline(self.registry, self.sinks, self.store, generation_of,
-                        on_error=self.config.worker.on_error)
+        return Pipeline(
+            self.registry,
+            self.sinks,
+            self.store,
+            generation_of,
+            on_error=self.config.worker.on_error,
+        )
 
     @property
     def tables(self) -> list[str]:
@@ -126,9 +144,11 @@ class App:
             lease_duration=w.lease_duration,
             starting_positions={t: self.config.table(t).starting_position for t in self.tables},
             worker=WorkerSettings(batch_size=w.batch_size, poll_interval=w.poll_interval),
-            **overrides)
-        return Supervisor(self.tables, self.client, self.store, self.pipeline, settings,
-                          worker_id=w.worker_id)
+            **overrides,
+        )
+        return Supervisor(
+            self.tables, self.client, self.store, self.pipeline, settings, worker_id=w.worker_id
+        )
 
     def rebuild_settings(self, **overrides: Any) -> RebuildSettings:
         return RebuildSettings(**overrides)

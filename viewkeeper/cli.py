@@ -1,7 +1,8 @@
 """The ``viewkeeper`` command: run, rebuild, status, check, deadletters, demo.
 
-Exit codes: 0 success, 1 a runtime failure (a service, a rebuild handshake), 2 bad input
-(config, view modules, arguments).
+Exit codes: 0 success, 1 a runtime failure (a service, a rebuild handshake), 2 bad arguments,
+78 (EX_CONFIG) a bad config file or view module — the unit file's RestartPreventExitStatus=78
+keeps systemd from restarting into the same mistake.
 """
 
 from __future__ import annotations
@@ -21,45 +22,69 @@ from viewkeeper import __version__
 
 log = logging.getLogger("viewkeeper.cli")
 
+EX_CONFIG = 78
 CONFIG_HELP = "the YAML config file (default: $VIEWKEEPER_CONFIG or ./viewkeeper.yaml)"
 
 
 def _config_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-c", "--config", default=os.environ.get("VIEWKEEPER_CONFIG",
-                                                           "viewkeeper.yaml"), help=CONFIG_HELP)
+    p.add_argument(
+        "-c",
+        "--config",
+        default=os.environ.get("VIEWKEEPER_CONFIG", "viewkeeper.yaml"),
+        help=CONFIG_HELP,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="viewkeeper",
         description="Keep Redis caches and OpenSearch indexes exactly in sync with DynamoDB "
-        "Streams, through views declared as Python functions.")
+        "Streams, through views declared as Python functions.",
+    )
     parser.add_argument("--version", action="version", version=f"viewkeeper {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("run", help="run the daemon: lease shards, apply records to the views",
-                       description="Run the daemon. SIGTERM/SIGINT drain: no new leases, the "
-                       "batch in flight is applied and checkpointed, leases are released; a "
-                       "second signal exits at once.")
+    p = sub.add_parser(
+        "run",
+        help="run the daemon: lease shards, apply records to the views",
+        description="Run the daemon. SIGTERM/SIGINT drain: no new leases, the "
+        "batch in flight is applied and checkpointed, leases are released; a "
+        "second signal exits at once.",
+    )
     _config_arg(p)
-    p.add_argument("--until-caught-up", action="store_true",
-                   help="exit 0 once every shard is read to its end (tests, batch use)")
+    p.add_argument(
+        "--until-caught-up",
+        action="store_true",
+        help="exit 0 once every shard is read to its end (tests, batch use)",
+    )
 
-    p = sub.add_parser("rebuild", help="rebuild views from a full table scan, live",
-                       description="Raise the views' generation, wait for every live worker "
-                       "to acknowledge it, scan the table in parallel segments and write every "
-                       "item, then retract what older generations still own.")
+    p = sub.add_parser(
+        "rebuild",
+        help="rebuild views from a full table scan, live",
+        description="Raise the views' generation, wait for every live worker "
+        "to acknowledge it, scan the table in parallel segments and write every "
+        "item, then retract what older generations still own.",
+    )
     p.add_argument("views", nargs="*", metavar="VIEW", help="view names to rebuild")
     _config_arg(p)
-    p.add_argument("--table", action="append", default=[],
-                   help="rebuild every view of this table (repeatable)")
+    p.add_argument(
+        "--table", action="append", default=[], help="rebuild every view of this table (repeatable)"
+    )
     p.add_argument("--all", action="store_true", help="rebuild every view")
     p.add_argument("--segments", type=int, default=4, help="parallel scan segments (default 4)")
-    p.add_argument("--max-items-per-second", type=float, default=None,
-                   help="read-capacity guard for the scan (default: unlimited)")
-    p.add_argument("--handshake-timeout", type=float, default=60.0,
-                   help="seconds to wait for workers to acknowledge (default 60)")
+    p.add_argument(
+        "--max-items-per-second",
+        type=float,
+        default=None,
+        help="read-capacity guard for the scan (default: unlimited)",
+    )
+    p.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=60.0,
+        help="seconds to wait for workers to acknowledge (default 60)",
+    )
 
     p = sub.add_parser("status", help="per shard: owner, state, lag, checkpoint")
     _config_arg(p)
@@ -67,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check", help="validate the config, import views, reach every service")
     _config_arg(p)
-    p.add_argument("--offline", action="store_true",
-                   help="only validate the config and import the views")
+    p.add_argument(
+        "--offline", action="store_true", help="only validate the config and import the views"
+    )
 
     p = sub.add_parser("deadletters", help="list or replay records that could not be applied")
     dsub = p.add_subparsers(dest="action", metavar="ACTION")
@@ -80,15 +106,23 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(d)
     d.add_argument("--id", action="append", default=None, help="replay only this id")
 
-    p = sub.add_parser("demo", help="a self-contained demo: local DynamoDB, views updating",
-                       description="Start a local DynamoDB with a stream (moto, in-process), "
-                       "fakeredis unless --redis-url is given, write, change and delete sample "
-                       "orders, and show the views following along.")
+    p = sub.add_parser(
+        "demo",
+        help="a self-contained demo: local DynamoDB, views updating",
+        description="Start a local DynamoDB with a stream (moto, in-process), "
+        "fakeredis unless --redis-url is given, write, change and delete sample "
+        "orders, and show the views following along.",
+    )
     p.add_argument("--redis-url", help="use this Redis instead of fakeredis")
-    p.add_argument("--opensearch-url", help="also keep an OpenSearch index (e.g. "
-                   "http://127.0.0.1:9200)")
-    p.add_argument("--pace", type=float, default=0.6,
-                   help="seconds between demo steps (default 0.6; 0 for tests)")
+    p.add_argument(
+        "--opensearch-url", help="also keep an OpenSearch index (e.g. http://127.0.0.1:9200)"
+    )
+    p.add_argument(
+        "--pace",
+        type=float,
+        default=0.6,
+        help="seconds between demo steps (default 0.6; 0 for tests)",
+    )
     return parser
 
 
@@ -102,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args)
     except (ConfigError, ViewLoadError) as exc:
         print(f"viewkeeper: {exc}", file=sys.stderr)
-        return 2
+        return EX_CONFIG
     except KeyboardInterrupt:
         return 130
 
@@ -136,11 +170,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         shards, worst = sup.summary()
         return f"{shards} shards, worst lag {worst:.1f}s"
 
+    draining = [False]
+
+    def status_or_drain() -> str:
+        if sup.stopping.is_set() and not draining[0]:
+            draining[0] = True
+            notifier.stopping("draining: finishing batches in flight, releasing leases")
+        return status_line()
+
     watchdog: WatchdogThread | None = None
-    interval = notifier.watchdog_interval()
-    if interval:
-        watchdog = WatchdogThread(notifier, interval, lambda: not sup.stopping.is_set(),
-                                  status_line)
+    if notifier.enabled:
+        # WATCHDOG=1 only while the supervisor loop keeps turning (or is draining, which
+        # TimeoutStopSec bounds); STATUS is refreshed even without WatchdogSec.
+        watchdog = WatchdogThread(
+            notifier, notifier.watchdog_interval() or 5.0, sup.healthy, status_or_drain
+        )
     ready = [False]
     last_purge = [time.monotonic()]
 
@@ -150,8 +194,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             notifier.ready(status_line())
             if watchdog is not None:
                 watchdog.start()
-            log.info("viewkeeper %s running as %s on tables %s", __version__, s.worker_id,
-                     ", ".join(app.tables))
+            log.info(
+                "viewkeeper %s running as %s on tables %s",
+                __version__,
+                s.worker_id,
+                ", ".join(app.tables),
+            )
         if time.monotonic() - last_purge[0] > 3600:
             last_purge[0] = time.monotonic()
             _purge_tombstones(app)
@@ -226,12 +274,15 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
         raise ViewLoadError("name the views to rebuild (VIEW ...), or --table TABLE, or --all")
     if args.segments < 1:
         raise ViewLoadError(f"--segments {args.segments}: use 1 or more segments")
-    settings = app.rebuild_settings(segments=args.segments,
-                                    max_items_per_second=args.max_items_per_second,
-                                    handshake_timeout=args.handshake_timeout)
+    settings = app.rebuild_settings(
+        segments=args.segments,
+        max_items_per_second=args.max_items_per_second,
+        handshake_timeout=args.handshake_timeout,
+    )
     try:
-        report = rebuild(views, app.registry, app.client, app.store, app.pipeline, settings,
-                         out=sys.stdout)
+        report = rebuild(
+            views, app.registry, app.client, app.store, app.pipeline, settings, out=sys.stdout
+        )
     except HandshakeTimeout as exc:
         print(f"viewkeeper: {exc}", file=sys.stderr)
         return 1
@@ -259,8 +310,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"config {args.config}: ok")
     for view in app.registry:
         target = view.index if view.kind == "opensearch" else "keys"
-        print(f"  view {view.name:<20} table {view.table:<16} {view.kind} {view.connection} "
-              f"({target}) from {view.where}")
+        print(
+            f"  view {view.name:<20} table {view.table:<16} {view.kind} {view.connection} "
+            f"({target}) from {view.where}"
+        )
     if args.offline:
         print(json.dumps(redacted(app.config), indent=2, default=str))
         return 0
@@ -269,9 +322,11 @@ def cmd_check(args: argparse.Namespace) -> int:
         try:
             info = app.client.describe_table(table)
             ok = info.stream_arn and info.stream_view_type in ("NEW_IMAGE", "NEW_AND_OLD_IMAGES")
-            print(f"  dynamodb table {table}: key {', '.join(info.key_names)}; stream "
-                  f"{info.stream_view_type or 'none'}" + ("" if ok else "  <-- needs a stream "
-                                                        "with NEW_AND_OLD_IMAGES"))
+            print(
+                f"  dynamodb table {table}: key {', '.join(info.key_names)}; stream "
+                f"{info.stream_view_type or 'none'}"
+                + ("" if ok else "  <-- needs a stream with NEW_AND_OLD_IMAGES")
+            )
             failures += not ok
         except Exception as exc:
             print(f"  dynamodb table {table}: FAILED: {exc}")
@@ -304,11 +359,12 @@ def cmd_deadletters(args: argparse.Namespace) -> int:
         else:
             print(format_deadletters(dls))
         return 0
-    report = replay(app.store, app.pipeline(), app.key_names,
-                    set(args.id) if args.id else None)
-    print(f"replayed {report.replayed}: applied {report.applied}, stale {report.stale}, "
-          f"failed again {report.failed_again}; skipped {report.skipped} (scan items: re-run "
-          "the rebuild)")
+    report = replay(app.store, app.pipeline(), app.key_names, set(args.id) if args.id else None)
+    print(
+        f"replayed {report.replayed}: applied {report.applied}, stale {report.stale}, "
+        f"failed again {report.failed_again}; skipped {report.skipped} (scan items: re-run "
+        "the rebuild)"
+    )
     app.close()
     return 0 if report.failed_again == 0 else 1
 
@@ -316,8 +372,7 @@ def cmd_deadletters(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from viewkeeper.demo import run_demo
 
-    return run_demo(redis_url=args.redis_url, opensearch_url=args.opensearch_url,
-                    pace=args.pace)
+    return run_demo(redis_url=args.redis_url, opensearch_url=args.opensearch_url, pace=args.pace)
 
 
 _COMMANDS = {

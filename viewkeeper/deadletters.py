@@ -36,14 +36,18 @@ def format_deadletters(dls: list[DeadLetter]) -> str:
     for d in dls:
         when = dt.datetime.fromtimestamp(d.created_at, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
         err = d.error.splitlines()[0] if d.error else ""
-        lines.append(f"{d.id:<29} {when:<20} {d.view:<18} {d.item_key[:20]:<20} "
-                     f"{d.sequence:<24} {err[:120]}")
+        lines.append(
+            f"{d.id:<29} {when:<20} {d.view:<18} {d.item_key[:20]:<20} {d.sequence:<24} {err[:120]}"
+        )
     return "\n".join(lines)
 
 
-def replay(store: CoordinationStore, pipeline: Pipeline,
-           key_names_of: Callable[[str], tuple[str, ...]],
-           ids: set[str] | None = None) -> ReplayReport:
+def replay(
+    store: CoordinationStore,
+    pipeline: Pipeline,
+    key_names_of: Callable[[str], tuple[str, ...]],
+    ids: set[str] | None = None,
+) -> ReplayReport:
     report = ReplayReport()
     for dl in store.list_deadletters():
         if ids is not None and dl.id not in ids:

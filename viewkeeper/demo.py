@@ -19,7 +19,14 @@ from typing import Any
 
 __all__ = ["run_demo"]
 
-BOLD, DIM, GREEN, RED, YELLOW, RESET = "\033[1m", "\033[2m", "\033[32m", "\033[31m", "\033[33m", "\033[0m"
+BOLD, DIM, GREEN, RED, YELLOW, RESET = (
+    "\033[1m",
+    "\033[2m",
+    "\033[32m",
+    "\033[31m",
+    "\033[33m",
+    "\033[0m",
+)
 
 
 def _free_port() -> int:
@@ -72,8 +79,12 @@ def _print_diff(before: dict[str, str], after: dict[str, str]) -> None:
         print(f"    {DIM}(no change){RESET}")
 
 
-def run_demo(redis_url: str | None = None, opensearch_url: str | None = None,
-             pace: float = 0.6, out: Any = None) -> int:
+def run_demo(
+    redis_url: str | None = None,
+    opensearch_url: str | None = None,
+    pace: float = 0.6,
+    out: Any = None,
+) -> int:
     import boto3
     from moto.server import ThreadedMotoServer
 
@@ -95,8 +106,11 @@ def run_demo(redis_url: str | None = None, opensearch_url: str | None = None,
     try:
         all_views = load_views(["views.orders"])
     except ViewLoadError as exc:
-        print(f"viewkeeper demo: {exc}\nRun the demo from the repository root, where "
-              "views/orders.py lives.", file=sys.stderr)
+        print(
+            f"viewkeeper demo: {exc}\nRun the demo from the repository root, where "
+            "views/orders.py lives.",
+            file=sys.stderr,
+        )
         return 2
     registry = ViewRegistry()
     for view in all_views:
@@ -115,16 +129,20 @@ def run_demo(redis_url: str | None = None, opensearch_url: str | None = None,
         print(f"\n{BOLD}{step}. {title}{RESET}")
 
     try:
-        print(f"{BOLD}viewkeeper demo{RESET}: DynamoDB (moto) on {endpoint}; Redis: "
-              f"{redis_url or 'fakeredis (in-process)'}; OpenSearch: "
-              f"{opensearch_url or 'off (give --opensearch-url)'}")
+        print(
+            f"{BOLD}viewkeeper demo{RESET}: DynamoDB (moto) on {endpoint}; Redis: "
+            f"{redis_url or 'fakeredis (in-process)'}; OpenSearch: "
+            f"{opensearch_url or 'off (give --opensearch-url)'}"
+        )
         print(f"views from views/orders.py: {', '.join(v.name for v in registry)}")
         db = boto3.client("dynamodb", endpoint_url=endpoint, region_name="us-east-1")
         db.create_table(
-            TableName="orders", BillingMode="PAY_PER_REQUEST",
+            TableName="orders",
+            BillingMode="PAY_PER_REQUEST",
             KeySchema=[{"AttributeName": "order_id", "KeyType": "HASH"}],
             AttributeDefinitions=[{"AttributeName": "order_id", "AttributeType": "S"}],
-            StreamSpecification={"StreamEnabled": True, "StreamViewType": "NEW_AND_OLD_IMAGES"})
+            StreamSpecification={"StreamEnabled": True, "StreamViewType": "NEW_AND_OLD_IMAGES"},
+        )
         raw: dict[str, Any] = {
             "aws": {"region": "us-east-1", "endpoint_url": endpoint},
             "tables": {"orders": {"starting_position": "TRIM_HORIZON"}},
@@ -175,22 +193,41 @@ def run_demo(redis_url: str | None = None, opensearch_url: str | None = None,
             time.sleep(pace)
 
         def put(order_id: str, customer: str, status: str, total: str, ts: int) -> None:
-            db.put_item(TableName="orders", Item={
-                "order_id": {"S": order_id}, "customer_id": {"S": customer},
-                "status": {"S": status}, "total": {"N": total}, "created_at": {"N": str(ts)}})
+            db.put_item(
+                TableName="orders",
+                Item={
+                    "order_id": {"S": order_id},
+                    "customer_id": {"S": customer},
+                    "status": {"S": status},
+                    "total": {"N": total},
+                    "created_at": {"N": str(ts)},
+                },
+            )
 
-        act("Alice orders a lamp: put_item o-1001", lambda: put("o-1001", "alice", "new",
-                                                                "42.50", 1700000001))
-        act("Bob orders two books: put_item o-1002", lambda: put("o-1002", "bob", "new",
-                                                                 "19.99", 1700000002))
-        act("Alice orders tea: put_item o-1003", lambda: put("o-1003", "alice", "new", "7.25",
-                                                             1700000003))
-        act("o-1001 is paid: its status set moves (no invalidation code in the view)",
-            lambda: put("o-1001", "alice", "paid", "42.50", 1700000001))
-        act("o-1002 is reassigned to Carol: Bob's index entry is retracted",
-            lambda: put("o-1002", "carol", "new", "19.99", 1700000002))
-        act("Alice cancels her tea: delete_item o-1003 retracts everything it owned",
-            lambda: db.delete_item(TableName="orders", Key={"order_id": {"S": "o-1003"}}))
+        act(
+            "Alice orders a lamp: put_item o-1001",
+            lambda: put("o-1001", "alice", "new", "42.50", 1700000001),
+        )
+        act(
+            "Bob orders two books: put_item o-1002",
+            lambda: put("o-1002", "bob", "new", "19.99", 1700000002),
+        )
+        act(
+            "Alice orders tea: put_item o-1003",
+            lambda: put("o-1003", "alice", "new", "7.25", 1700000003),
+        )
+        act(
+            "o-1001 is paid: its status set moves (no invalidation code in the view)",
+            lambda: put("o-1001", "alice", "paid", "42.50", 1700000001),
+        )
+        act(
+            "o-1002 is reassigned to Carol: Bob's index entry is retracted",
+            lambda: put("o-1002", "carol", "new", "19.99", 1700000002),
+        )
+        act(
+            "Alice cancels her tea: delete_item o-1003 retracts everything it owned",
+            lambda: db.delete_item(TableName="orders", Key={"order_id": {"S": "o-1003"}}),
+        )
 
         say("A crash replays the stream from the start: every record again, nothing changes")
         before = _redis_snapshot(rclient)
@@ -203,29 +240,35 @@ def run_demo(redis_url: str | None = None, opensearch_url: str | None = None,
         sup2 = app.supervisor()
         sup2.run(until_caught_up=True)
         _print_diff(before, _redis_snapshot(rclient))
-        from viewkeeper.ops import metrics
+        from prometheus_client import REGISTRY
 
         def count(outcome: str) -> int:
             total = 0.0
             for v in registry:
-                total += metrics.REGISTRY.get_sample_value(
-                    "viewkeeper_records_total", {"view": v.name, "outcome": outcome}) or 0.0
+                total += (
+                    REGISTRY.get_sample_value(
+                        "viewkeeper_records_total", {"view": v.name, "outcome": outcome}
+                    )
+                    or 0.0
+                )
             return int(total)
 
-        print(f"    {DIM}records across views: applied {count('applied')}, stale (replays "
-              f"discarded by version) {count('stale')}, dead-lettered "
-              f"{count('dead_lettered')}{RESET}")
+        print(
+            f"    {DIM}records across views: applied {count('applied')}, stale (replays "
+            f"discarded by version) {count('stale')}, dead-lettered "
+            f"{count('dead_lettered')}{RESET}"
+        )
         if opensearch_url:
             say(f"OpenSearch index 'orders' at {opensearch_url}")
             osink = app.sinks[("opensearch", "search")]
             view = registry.get("order_doc")
             for doc_id, body in sorted(osink.live_documents(view).items()):  # type: ignore[attr-defined]
                 print(f"    {doc_id}: {body}")
-        print(f"\n{BOLD}Done.{RESET} The view code is 15 lines in views/orders.py; try "
-              "`viewkeeper --help`.")
+        print(
+            f"\n{BOLD}Done.{RESET} The view code is 15 lines in views/orders.py; try "
+            "`viewkeeper --help`."
+        )
         app.close()
         return 0
     finally:
         moto.stop()
-
-

@@ -86,7 +86,10 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------------
     def process(
-        self, table: str, key_names: tuple[str, ...], records: Sequence[ChangeRecord],
+        self,
+        table: str,
+        key_names: tuple[str, ...],
+        records: Sequence[ChangeRecord],
         only: Sequence[str] | None = None,
     ) -> BatchReport:
         """Project and apply one page of records of ``table`` to every view on it (or to the
@@ -106,8 +109,9 @@ class Pipeline:
                     continue
                 latest.setdefault(item_key, []).append(rec)
             for item_key, recs in latest.items():
-                pending = self._newest_projectable(report, view, table, item_key, recs,
-                                                   key_names, generation)
+                pending = self._newest_projectable(
+                    report, view, table, item_key, recs, key_names, generation
+                )
                 if pending is not None:
                     per_sink[(view.kind, view.connection)].append(pending)
         for key, pendings in per_sink.items():
@@ -115,8 +119,14 @@ class Pipeline:
         return report
 
     def _newest_projectable(
-        self, report: BatchReport, view: View, table: str, item_key: str,
-        recs: list[ChangeRecord], key_names: tuple[str, ...], generation: int,
+        self,
+        report: BatchReport,
+        view: View,
+        table: str,
+        item_key: str,
+        recs: list[ChangeRecord],
+        key_names: tuple[str, ...],
+        generation: int,
     ) -> _Pending | None:
         """Walk an item's records newest first; the first that projects is applied, the
         failing ones after it are dead-lettered, the older ones are superseded (stale)."""
@@ -127,8 +137,11 @@ class Pipeline:
                     entries = []
                 elif rec.new_image is None:
                     raise ProjectionError(
-                        view, item_key, "the stream record has no NewImage; set the table's "
-                        "stream view type to NEW_IMAGE or NEW_AND_OLD_IMAGES")
+                        view,
+                        item_key,
+                        "the stream record has no NewImage; set the table's "
+                        "stream view type to NEW_IMAGE or NEW_AND_OLD_IMAGES",
+                    )
                 else:
                     entries = project(view, rec.new_image, item_key, key_names)
             except ProjectionError as exc:
@@ -142,8 +155,7 @@ class Pipeline:
             return _Pending(Change(view, item_key, version, entries), rec)
         return None
 
-    def _apply(self, report: BatchReport, sink: Sink, pendings: list[_Pending],
-               table: str) -> None:
+    def _apply(self, report: BatchReport, sink: Sink, pendings: list[_Pending], table: str) -> None:
         results = sink.apply([p.change for p in pendings])
         for pending, result in zip(pendings, results, strict=True):
             view = pending.change.view
@@ -155,27 +167,50 @@ class Pipeline:
                 metrics.RECORDS.labels(view.name, "stale").inc()
             else:
                 metrics.SINK_ERRORS.labels(sink.name, "rejected").inc()
-                self._dead(report, view, table, pending.change.item_key, pending.record,
-                           RuntimeError(result.error or "rejected by the sink"))
+                self._dead(
+                    report,
+                    view,
+                    table,
+                    pending.change.item_key,
+                    pending.record,
+                    RuntimeError(result.error or "rejected by the sink"),
+                )
             for col in result.collisions:
                 report.collisions += 1
                 metrics.COLLISIONS.labels(view.name).inc()
                 log.warning(
                     "view %s: items %r and %r both claim entry %s; this is a bug in the view "
                     "function (%s): make the entry key depend on the item key",
-                    view.name, pending.change.item_key, col.other_item, col.entry, view.where)
+                    view.name,
+                    pending.change.item_key,
+                    col.other_item,
+                    col.entry,
+                    view.where,
+                )
 
     def project_item(
-        self, report: BatchReport, view: View, table: str, item: dict[str, object],
-        key_names: tuple[str, ...], version: Version,
+        self,
+        report: BatchReport,
+        view: View,
+        table: str,
+        item: dict[str, object],
+        key_names: tuple[str, ...],
+        version: Version,
     ) -> Change | None:
         """Project one scanned item (the rebuild); a failure is dead-lettered, not raised."""
         try:
             item_key = encode_key(item, key_names)
-            entries = project(view, item, item_key, key_names)  # type: ignore[arg-type]
+            entries = project(view, dict(item), item_key, key_names)
         except (ProjectionError, DecodeError) as exc:
-            self._dead(report, view, table, "?" if isinstance(exc, DecodeError)
-                       else exc.item_key, None, exc, scanned=item)
+            self._dead(
+                report,
+                view,
+                table,
+                "?" if isinstance(exc, DecodeError) else exc.item_key,
+                None,
+                exc,
+                scanned=item,
+            )
             return None
         return Change(view, item_key, version, entries)
 
@@ -189,19 +224,34 @@ class Pipeline:
             self._apply(report, self.sinks[key], pendings, table)
         return report
 
-    def _dead(self, report: BatchReport, view: View, table: str, item_key: str,
-              rec: ChangeRecord | None, exc: BaseException,
-              scanned: Mapping[str, object] | None = None) -> None:
+    def _dead(
+        self,
+        report: BatchReport,
+        view: View,
+        table: str,
+        item_key: str,
+        rec: ChangeRecord | None,
+        exc: BaseException,
+        scanned: Mapping[str, object] | None = None,
+    ) -> None:
         if self.on_error == "halt":
             raise HaltShard(f"view {view.name}: {exc}") from exc
         seq = rec.sequence if rec is not None else "0"
         dl = DeadLetter(
-            id=f"{int(self.clock() * 1000):015d}-{uuid.uuid4().hex[:12]}", view=view.name,
-            table=table, item_key=item_key, sequence=seq, error=str(exc),
+            id=f"{int(self.clock() * 1000):015d}-{uuid.uuid4().hex[:12]}",
+            view=view.name,
+            table=table,
+            item_key=item_key,
+            sequence=seq,
+            error=str(exc),
             traceback="".join(traceback.format_exception(exc))[-8000:],
             created_at=self.clock(),
-            record=dict(rec.raw) if rec is not None and rec.raw
-            else {"scanned_item": dict(scanned)} if scanned is not None else None)
+            record=dict(rec.raw)
+            if rec is not None and rec.raw
+            else {"scanned_item": dict(scanned)}
+            if scanned is not None
+            else None,
+        )
         self.store.put_deadletter(dl)
         report.dead_lettered += 1
         if rec is not None:

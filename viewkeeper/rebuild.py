@@ -71,12 +71,14 @@ class RebuildReport:
         return self.scanned / self.seconds if self.seconds else 0.0
 
     def summary(self) -> str:
-        return (f"rebuilt {', '.join(self.views)} (generation "
-                f"{', '.join(f'{v}={g}' for v, g in self.generations.items())}): "
-                f"{self.scanned} items scanned in {self.seconds:.1f}s "
-                f"({self.items_per_second:,.0f} items/s); applied {self.applied}, stale "
-                f"{self.stale}, retracted {self.retracted}, dead-lettered {self.dead_lettered}; "
-                f"consumed {self.consumed_capacity:,.1f} read capacity units")
+        return (
+            f"rebuilt {', '.join(self.views)} (generation "
+            f"{', '.join(f'{v}={g}' for v, g in self.generations.items())}): "
+            f"{self.scanned} items scanned in {self.seconds:.1f}s "
+            f"({self.items_per_second:,.0f} items/s); applied {self.applied}, stale "
+            f"{self.stale}, retracted {self.retracted}, dead-lettered {self.dead_lettered}; "
+            f"consumed {self.consumed_capacity:,.1f} read capacity units"
+        )
 
 
 class _RateLimiter:
@@ -96,25 +98,31 @@ class _RateLimiter:
             time.sleep(wait)
 
 
-def wait_for_acks(store: CoordinationStore, wanted: dict[str, int], settings: RebuildSettings,
-                  out: TextIO) -> None:
+def wait_for_acks(
+    store: CoordinationStore, wanted: dict[str, int], settings: RebuildSettings, out: TextIO
+) -> None:
     deadline = time.monotonic() + settings.handshake_timeout
     while True:
         horizon = time.time() - settings.worker_timeout
         live = [w for w in store.list_workers() if w.heartbeat_at >= horizon]
-        behind = [w for w in live
-                  if any(w.acked.get(view, 0) < gen for view, gen in wanted.items())]
+        behind = [
+            w for w in live if any(w.acked.get(view, 0) < gen for view, gen in wanted.items())
+        ]
         if not behind:
             if live:
                 print(f"all {len(live)} live workers acknowledged the new generation", file=out)
             return
         if time.monotonic() > deadline:
-            names = ", ".join(f"{w.worker_id} (host {w.host}, pid {w.pid}, acked "
-                              f"{ {v: w.acked.get(v, 0) for v in wanted} })" for w in behind)
+            names = ", ".join(
+                f"{w.worker_id} (host {w.host}, pid {w.pid}, acked "
+                f"{ {v: w.acked.get(v, 0) for v in wanted} })"
+                for w in behind
+            )
             raise HandshakeTimeout(
                 f"rebuild waited {settings.handshake_timeout:.0f}s for workers to acknowledge "
                 f"generation {wanted}; not acknowledged by: {names}. Check that these "
-                "processes are healthy (or stop them), then run the rebuild again")
+                "processes are healthy (or stop them), then run the rebuild again"
+            )
         time.sleep(0.2)
 
 
@@ -131,10 +139,10 @@ def rebuild(
     """Rebuild ``views`` (all of one table, or some) from a scan of their tables."""
     tables = sorted({v.table for v in views})
     started = time.monotonic()
+    store.ensure()
     generations = {v.name: store.raise_generation(v.name) for v in views}
     report = RebuildReport([v.name for v in views], generations)
-    print(f"raised generation: {generations}; waiting for live workers to acknowledge",
-          file=out)
+    print(f"raised generation: {generations}; waiting for live workers to acknowledge", file=out)
     wait_for_acks(store, generations, settings, out)
     pipeline = pipeline_factory(lambda name: generations.get(name, 0))
     for table in tables:
@@ -147,11 +155,23 @@ def rebuild(
                     store.reset_lease(table, lease.shard_id, None, LeaseState.ACTIVE)
                     report.reset_shards.append(f"{table}/{lease.shard_id}")
                 else:
-                    print(f"shard {table}/{lease.shard_id} needs a rebuild of every view of "
-                          f"{table}; rebuild them all (viewkeeper rebuild --table {table}) to "
-                          "resume it", file=out)
-        _scan_table(table, info.key_names, getattr(info, "item_count", None), table_views,
-                    client, pipeline, settings, report, out)
+                    print(
+                        f"shard {table}/{lease.shard_id} needs a rebuild of every view of "
+                        f"{table}; rebuild them all (viewkeeper rebuild --table {table}) to "
+                        "resume it",
+                        file=out,
+                    )
+        _scan_table(
+            table,
+            info.key_names,
+            getattr(info, "item_count", None),
+            table_views,
+            client,
+            pipeline,
+            settings,
+            report,
+            out,
+        )
         for view in table_views:
             retracted = pipeline.sink_for(view).sweep(view, generations[view.name], time.time())
             report.retracted += retracted
@@ -160,9 +180,17 @@ def rebuild(
     return report
 
 
-def _scan_table(table: str, key_names: tuple[str, ...], item_count: int | None,
-                views: list[View], client: StreamClient, pipeline: Pipeline,
-                settings: RebuildSettings, report: RebuildReport, out: TextIO) -> None:
+def _scan_table(
+    table: str,
+    key_names: tuple[str, ...],
+    item_count: int | None,
+    views: list[View],
+    client: StreamClient,
+    pipeline: Pipeline,
+    settings: RebuildSettings,
+    report: RebuildReport,
+    out: TextIO,
+) -> None:
     limiter = _RateLimiter(settings.max_items_per_second)
     lock = threading.Lock()
     errors: list[BaseException] = []
@@ -172,8 +200,7 @@ def _scan_table(table: str, key_names: tuple[str, ...], item_count: int | None,
         start_key: dict[str, Any] | None = None
         while True:
             try:
-                page = client.scan(table, n, settings.segments, start_key,
-                                   settings.batch_size)
+                page = client.scan(table, n, settings.segments, start_key, settings.batch_size)
             except ThrottlingError:
                 time.sleep(1.0)  # the client already backed off; slow the whole segment
                 continue
@@ -182,8 +209,14 @@ def _scan_table(table: str, key_names: tuple[str, ...], item_count: int | None,
             changes: list[Change] = []
             for item in page.items:
                 for view in views:
-                    ch = pipeline.project_item(batch, view, table, item, key_names,
-                                               Version(pipeline.generation_of(view.name), "0"))
+                    ch = pipeline.project_item(
+                        batch,
+                        view,
+                        table,
+                        item,
+                        key_names,
+                        Version(pipeline.generation_of(view.name), "0"),
+                    )
                     if ch is not None:
                         changes.append(ch)
             if changes:
@@ -212,8 +245,10 @@ def _scan_table(table: str, key_names: tuple[str, ...], item_count: int | None,
                 if remaining[0] == 0:
                     done.set()
 
-    threads = [threading.Thread(target=guarded, args=(n,), name=f"scan-{n}")
-               for n in range(settings.segments)]
+    threads = [
+        threading.Thread(target=guarded, args=(n,), name=f"scan-{n}")
+        for n in range(settings.segments)
+    ]
     for t in threads:
         t.start()
     while not done.wait(settings.progress_every):
@@ -223,8 +258,11 @@ def _scan_table(table: str, key_names: tuple[str, ...], item_count: int | None,
         if item_count and rate:
             left = max(0, item_count - report.scanned)
             eta = f", ~{left / rate:.0f}s left of ~{item_count} items"
-        print(f"  {table}: {report.scanned} items, {rate:,.0f} items/s{eta}, "
-              f"{report.consumed_capacity:,.1f} RCU", file=out)
+        print(
+            f"  {table}: {report.scanned} items, {rate:,.0f} items/s{eta}, "
+            f"{report.consumed_capacity:,.1f} RCU",
+            file=out,
+        )
     for t in threads:
         t.join()
     if errors:

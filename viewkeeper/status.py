@@ -11,7 +11,9 @@ from viewkeeper.coordination.model import CoordinationStore, LeaseState
 __all__ = ["collect", "format_table"]
 
 
-def collect(store: CoordinationStore, tables: list[str], now: float | None = None) -> dict[str, Any]:
+def collect(
+    store: CoordinationStore, tables: list[str], now: float | None = None
+) -> dict[str, Any]:
     now = time.time() if now is None else now
     workers = store.list_workers()
     shards: list[dict[str, Any]] = []
@@ -24,8 +26,7 @@ def collect(store: CoordinationStore, tables: list[str], now: float | None = Non
             shards.append(row)
     return {
         "generated_at": now,
-        "workers": [asdict(w) | {"heartbeat_age": round(now - w.heartbeat_at, 1)}
-                    for w in workers],
+        "workers": [asdict(w) | {"heartbeat_age": round(now - w.heartbeat_at, 1)} for w in workers],
         "generations": store.generations(),
         "shards": shards,
         "dead_letters": len(store.list_deadletters(limit=10000)),
@@ -49,23 +50,34 @@ def format_table(data: dict[str, Any]) -> str:
         if len(cp) > 24:
             cp = "…" + cp[-23:]
         state = s["state"] + ("!" if s.get("error") else "")
-        lines.append(f"{s['table'][:16]:<16} {s['shard_id'][-38:]:<38} "
-                     f"{(s['owner'] or '-')[:28]:<28} {state:<14} {_lag(s):>8}  {cp}")
+        lines.append(
+            f"{s['table'][:16]:<16} {s['shard_id'][-38:]:<38} "
+            f"{(s['owner'] or '-')[:28]:<28} {state:<14} {_lag(s):>8}  {cp}"
+        )
         if s.get("error"):
             lines.append(f"{'':<16} ↳ {s['error'][:200]}")
     active = [s for s in data["shards"] if s["state"] == LeaseState.ACTIVE.value]
     worst = max((s["lag"] or 0.0 for s in active), default=0.0)
     lines.append("")
-    lines.append(f"{len(data['shards'])} shards ({len(active)} active), "
-                 f"{len(data['workers'])} workers, worst lag {worst:.1f}s, "
-                 f"{data['dead_letters']} dead letters")
+    lines.append(
+        f"{len(data['shards'])} shards ({len(active)} active), "
+        f"{len(data['workers'])} workers, worst lag {worst:.1f}s, "
+        f"{data['dead_letters']} dead letters"
+    )
     for w in data["workers"]:
-        lines.append(f"  worker {w['worker_id']} on {w['host']} pid {w['pid']}: {w['leases']} "
-                     f"leases, heartbeat {w['heartbeat_age']:.0f}s ago, generations "
-                     f"{w['acked'] or '{}'}")
-    problems = [s for s in data["shards"] if s["state"] in (LeaseState.NEEDS_REBUILD.value,
-                                                           LeaseState.HALTED.value)]
+        lines.append(
+            f"  worker {w['worker_id']} on {w['host']} pid {w['pid']}: {w['leases']} "
+            f"leases, heartbeat {w['heartbeat_age']:.0f}s ago, generations "
+            f"{w['acked'] or '{}'}"
+        )
+    problems = [
+        s
+        for s in data["shards"]
+        if s["state"] in (LeaseState.NEEDS_REBUILD.value, LeaseState.HALTED.value)
+    ]
     for s in problems:
-        lines.append(f"ATTENTION {s['table']}/{s['shard_id']} is {s['state']}: run "
-                     f"`viewkeeper rebuild --table {s['table']}` (or see `deadletters list`)")
+        lines.append(
+            f"ATTENTION {s['table']}/{s['shard_id']} is {s['state']}: run "
+            f"`viewkeeper rebuild --table {s['table']}` (or see `deadletters list`)"
+        )
     return "\n".join(lines)

@@ -37,9 +37,9 @@ from viewkeeper.ops import metrics
 from viewkeeper.pipeline import Pipeline
 from viewkeeper.stream.client import StreamClient, TableInfo
 from viewkeeper.stream.errors import ResourceNotFoundError, StreamError
-from viewkeeper.stream.worker import LATEST, TRIM_HORIZON, ShardWorker, WorkerSettings
+from viewkeeper.stream.worker import LATEST, ShardWorker, WorkerSettings
 
-__all__ = ["Supervisor", "SupervisorSettings", "StreamNotReadable"]
+__all__ = ["StreamNotReadable", "Supervisor", "SupervisorSettings"]
 
 log = logging.getLogger("viewkeeper.supervisor")
 
@@ -102,6 +102,7 @@ class Supervisor:
         self.stopping = threading.Event()
         self._wake = threading.Event()
         self._last_discovery = -math.inf
+        self._last_tick = clock()
         self.started_at = time.time()
 
     # --- discovery ----------------------------------------------------------------------
@@ -110,11 +111,13 @@ class Supervisor:
         if not info.stream_arn:
             raise StreamNotReadable(
                 f"table {table!r} has no stream; enable DynamoDB Streams on it with view type "
-                "NEW_AND_OLD_IMAGES (or NEW_IMAGE)")
+                "NEW_AND_OLD_IMAGES (or NEW_IMAGE)"
+            )
         if info.stream_view_type not in ("NEW_IMAGE", "NEW_AND_OLD_IMAGES"):
             raise StreamNotReadable(
                 f"table {table!r} streams {info.stream_view_type}; views need the new image: "
-                "set the stream view type to NEW_AND_OLD_IMAGES (or NEW_IMAGE)")
+                "set the stream view type to NEW_AND_OLD_IMAGES (or NEW_IMAGE)"
+            )
         return info
 
     def discover(self) -> None:
@@ -123,9 +126,13 @@ class Supervisor:
             info = self._describe(table)
             old = self.table_info.get(table)
             if old is not None and old.stream_arn != info.stream_arn:
-                log.warning("table %s has a new stream %s (was %s): it was disabled and "
-                            "re-enabled; records in between are lost, rebuild its views",
-                            table, info.stream_arn, old.stream_arn)
+                log.warning(
+                    "table %s has a new stream %s (was %s): it was disabled and "
+                    "re-enabled; records in between are lost, rebuild its views",
+                    table,
+                    info.stream_arn,
+                    old.stream_arn,
+                )
             self.table_info[table] = info
             assert info.stream_arn is not None
             shards = self.client.list_shards(info.stream_arn)
@@ -144,15 +151,28 @@ class Supervisor:
                         state = LeaseState.ENDED  # closed before we ever looked: history
                     elif not parents:
                         checkpoint = LATEST
-                if self.store.create_lease(Lease(table, shard.shard_id, info.stream_arn,
-                                                 parents, checkpoint=checkpoint, state=state)):
-                    log.info("new shard %s/%s (parents %s)", table, shard.shard_id,
-                             ",".join(parents) or "none")
+                if self.store.create_lease(
+                    Lease(
+                        table,
+                        shard.shard_id,
+                        info.stream_arn,
+                        parents,
+                        checkpoint=checkpoint,
+                        state=state,
+                    )
+                ):
+                    log.info(
+                        "new shard %s/%s (parents %s)",
+                        table,
+                        shard.shard_id,
+                        ",".join(parents) or "none",
+                    )
         self._last_discovery = self.clock()
 
     # --- one round ----------------------------------------------------------------------
     def tick(self) -> None:
         now = self.clock()
+        self._last_tick = now
         self.generations = self.store.generations()
         if now - self._last_discovery >= self.settings.discovery_interval or self._wake.is_set():
             self._wake.clear()
@@ -168,15 +188,25 @@ class Supervisor:
         metrics.LEASES.set(len(self.held))
 
     def _heartbeat(self) -> None:
-        self.store.put_worker(WorkerInfo(
-            worker_id=self.worker_id, heartbeat_at=time.time(), acked=dict(self.generations),
-            host=socket.gethostname(), pid=os.getpid(), leases=len(self.held),
-            started_at=self.started_at))
+        self.store.put_worker(
+            WorkerInfo(
+                worker_id=self.worker_id,
+                heartbeat_at=time.time(),
+                acked=dict(self.generations),
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                leases=len(self.held),
+                started_at=self.started_at,
+            )
+        )
 
     def _live_workers(self) -> dict[str, int]:
         horizon = time.time() - self.settings.lease_duration * 2
-        return {w.worker_id: w.leases for w in self.store.list_workers()
-                if w.heartbeat_at >= horizon or w.worker_id == self.worker_id}
+        return {
+            w.worker_id: w.leases
+            for w in self.store.list_workers()
+            if w.heartbeat_at >= horizon or w.worker_id == self.worker_id
+        }
 
     def _renew(self, now: float) -> None:
         for key, lease in list(self.held.items()):
@@ -238,16 +268,21 @@ class Supervisor:
             busiest, theirs = max(owned_by.items(), key=lambda kv: len(kv[1]))
             if len(theirs) >= mine + 2 and len(theirs) > target:
                 victim = sorted(theirs, key=lambda lease: lease.shard_id)[-1]
-                log.info("stealing lease %s/%s from %s (%d leases, fair share %d)",
-                         victim.table, victim.shard_id, busiest, len(theirs), target)
+                log.info(
+                    "stealing lease %s/%s from %s (%d leases, fair share %d)",
+                    victim.table,
+                    victim.shard_id,
+                    busiest,
+                    len(theirs),
+                    target,
+                )
                 self._take(victim)
 
     def _take(self, lease: Lease) -> bool:
         taken = self.store.take_lease(lease, self.worker_id)
         if taken is None:
             return False
-        log.info("took lease %s/%s (checkpoint %s)", lease.table, lease.shard_id,
-                 taken.checkpoint)
+        log.info("took lease %s/%s (checkpoint %s)", lease.table, lease.shard_id, taken.checkpoint)
         self.held[(lease.table, lease.shard_id)] = taken
         return True
 
@@ -263,12 +298,18 @@ class Supervisor:
                 continue
             if run.worker.crashed is not None:
                 count, _ = self.failures.get(key, (0, 0.0))
-                delay = min(self.settings.restart_backoff * 2 ** count,
-                            self.settings.max_restart_backoff)
+                delay = min(
+                    self.settings.restart_backoff * 2**count, self.settings.max_restart_backoff
+                )
                 self.failures[key] = (count + 1, now + delay)
                 metrics.SHARD_FAILURES.labels(key[0]).inc()
-                log.error("worker for %s/%s crashed (%d times in a row): %s; restarting in "
-                          "%.0fs", *key, count + 1, run.worker.crashed, delay)
+                log.error(
+                    "worker for %s/%s crashed (%d times in a row): %s; restarting in %.0fs",
+                    *key,
+                    count + 1,
+                    run.worker.crashed,
+                    delay,
+                )
             else:
                 # stopped for a reason it already reported (trimmed, halted, stream gone):
                 # give the lease back so that `status` shows its state, and do not loop on it
@@ -288,10 +329,19 @@ class Supervisor:
     def _start(self, key: tuple[str, str], lease: Lease) -> None:
         info = self.table_info[key[0]]
         stop = threading.Event()
-        worker = ShardWorker(lease, self.client, self.pipeline, self.store, info.key_names,
-                             self.settings.worker, stop=stop, on_shard_end=self._on_shard_end)
-        thread = threading.Thread(target=worker.run_guarded, name=f"shard-{key[1][-12:]}",
-                                  daemon=True)
+        worker = ShardWorker(
+            lease,
+            self.client,
+            self.pipeline,
+            self.store,
+            info.key_names,
+            self.settings.worker,
+            stop=stop,
+            on_shard_end=self._on_shard_end,
+        )
+        thread = threading.Thread(
+            target=worker.run_guarded, name=f"shard-{key[1][-12:]}", daemon=True
+        )
         self.running[key] = _Running(worker, thread, stop)
         thread.start()
 
@@ -312,13 +362,20 @@ class Supervisor:
                     return False
         return bool(self._leases) and not self._wake.is_set()
 
+    def healthy(self) -> bool:
+        """For the systemd watchdog: the supervisor loop turned recently (or is draining)."""
+        if self.stopping.is_set():
+            return True
+        return self.clock() - self._last_tick < self.settings.lease_duration * 2
+
     def summary(self) -> tuple[int, float]:
         """(shards held, worst lag in seconds) for STATUS lines and `status`."""
         lags = [r.worker.lag or 0.0 for r in self.running.values()]
         return len(self.held), max(lags, default=0.0)
 
-    def run(self, *, until_caught_up: bool = False,
-            on_tick: Callable[[Supervisor], None] | None = None) -> None:
+    def run(
+        self, *, until_caught_up: bool = False, on_tick: Callable[[Supervisor], None] | None = None
+    ) -> None:
         """Run rounds until :meth:`request_stop` (or until caught up), then drain."""
         self.store.ensure()
         interval = self.settings.lease_duration / 3
@@ -349,10 +406,9 @@ class Supervisor:
         for run in self.running.values():
             run.thread.join(max(0.0, deadline - time.monotonic()))
         for key, lease in list(self.held.items()):
-            run = self.running.get(key)
-            if run is not None and run.thread.is_alive():
-                log.warning("worker for %s/%s did not stop in time; its lease will expire",
-                            *key)
+            still = self.running.get(key)
+            if still is not None and still.thread.is_alive():
+                log.warning("worker for %s/%s did not stop in time; its lease will expire", *key)
                 continue
             try:
                 self.store.release_lease(lease)

@@ -12,8 +12,11 @@ def order_card(order):  # type: ignore[no-untyped-def]
     if order.get("status") == "boom" and os.environ.get("VK_TEST_BOOM") == "1":
         raise RuntimeError("this order cannot be shown")
     yield Value(f"order:{order['order_id']}", {"status": order["status"], "total": order["total"]})
-    yield SortedSetMember(f"customer:{order['customer_id']}:orders", member=order["order_id"],
-                          score=order["created_at"])
+    yield SortedSetMember(
+        f"customer:{order['customer_id']}:orders",
+        member=order["order_id"],
+        score=order["created_at"],
+    )
     yield HashField(f"customer:{order['customer_id']}:totals", order["order_id"], order["total"])
 
 
@@ -26,5 +29,8 @@ def by_status(order):  # type: ignore[no-untyped-def]
 def order_doc(order):  # type: ignore[no-untyped-def]
     if order.get("status") == "hidden":
         return None
-    return {"customer_id": order["customer_id"], "status": order["status"],
-            "total": float(order["total"])}
+    return {
+        "customer_id": order["customer_id"],
+        "status": order["status"],
+        "total": float(order["total"]),
+    }

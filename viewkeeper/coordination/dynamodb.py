@@ -24,8 +24,10 @@ from viewkeeper.coordination.model import DeadLetter, Lease, LeaseLost, LeaseSta
 
 __all__ = ["CoordinationTableError", "DynamoDBStore"]
 
-_KEY_SCHEMA = [{"AttributeName": "pk", "KeyType": "HASH"},
-               {"AttributeName": "sk", "KeyType": "RANGE"}]
+_KEY_SCHEMA = [
+    {"AttributeName": "pk", "KeyType": "HASH"},
+    {"AttributeName": "sk", "KeyType": "RANGE"},
+]
 
 
 class CoordinationTableError(Exception):
@@ -60,25 +62,36 @@ class DynamoDBStore:
             if not self._create:
                 raise CoordinationTableError(
                     f"coordination table {self.table!r} does not exist; create it (pk S hash, "
-                    "sk S range) or set coordination.create_if_missing: true") from None
+                    "sk S range) or set coordination.create_if_missing: true"
+                ) from None
             self._db.create_table(
-                TableName=self.table, KeySchema=_KEY_SCHEMA, BillingMode="PAY_PER_REQUEST",
-                AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"},
-                                      {"AttributeName": "sk", "AttributeType": "S"}])
+                TableName=self.table,
+                KeySchema=_KEY_SCHEMA,
+                BillingMode="PAY_PER_REQUEST",
+                AttributeDefinitions=[
+                    {"AttributeName": "pk", "AttributeType": "S"},
+                    {"AttributeName": "sk", "AttributeType": "S"},
+                ],
+            )
             self._db.get_waiter("table_exists").wait(
-                TableName=self.table, WaiterConfig={"Delay": 1, "MaxAttempts": 60})
+                TableName=self.table, WaiterConfig={"Delay": 1, "MaxAttempts": 60}
+            )
             return
         schema = sorted((k["AttributeName"], k["KeyType"]) for k in desc["KeySchema"])
         if schema != [("pk", "HASH"), ("sk", "RANGE")]:
             raise CoordinationTableError(
                 f"coordination table {self.table!r} has key schema {schema}, expected pk (S, "
-                "HASH) and sk (S, RANGE); point coordination.table at a table of its own")
+                "HASH) and sk (S, RANGE); point coordination.table at a table of its own"
+            )
 
     def _query(self, pk: str) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = []
         kwargs: dict[str, Any] = {
-            "TableName": self.table, "KeyConditionExpression": "pk = :pk",
-            "ExpressionAttributeValues": {":pk": _s(pk)}, "ConsistentRead": True}
+            "TableName": self.table,
+            "KeyConditionExpression": "pk = :pk",
+            "ExpressionAttributeValues": {":pk": _s(pk)},
+            "ConsistentRead": True,
+        }
         while True:
             page = self._db.query(**kwargs)
             items.extend(page.get("Items", []))
@@ -86,11 +99,21 @@ class DynamoDBStore:
                 return items
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
-    def _update(self, pk: str, sk: str, expr: str, values: dict[str, Any],
-                cond: str | None = None, names: dict[str, str] | None = None) -> dict[str, Any]:
+    def _update(
+        self,
+        pk: str,
+        sk: str,
+        expr: str,
+        values: dict[str, Any],
+        cond: str | None = None,
+        names: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
-            "TableName": self.table, "Key": {"pk": _s(pk), "sk": _s(sk)},
-            "UpdateExpression": expr, "ReturnValues": "ALL_NEW"}
+            "TableName": self.table,
+            "Key": {"pk": _s(pk), "sk": _s(sk)},
+            "UpdateExpression": expr,
+            "ReturnValues": "ALL_NEW",
+        }
         if values:
             kwargs["ExpressionAttributeValues"] = values
         if cond:
@@ -108,27 +131,39 @@ class DynamoDBStore:
 
         lag = item.get("lag", {}).get("N")
         return Lease(
-            table=item["pk"]["S"].partition("#")[2], shard_id=item["sk"]["S"],
+            table=item["pk"]["S"].partition("#")[2],
+            shard_id=item["sk"]["S"],
             stream_arn=item["stream_arn"]["S"],
             parents=tuple(p["S"] for p in item.get("parents", {}).get("L", [])),
-            owner=opt("owner"), counter=int(item.get("counter", {"N": "0"})["N"]),
-            checkpoint=opt("checkpoint"), state=LeaseState(item.get("state", {"S": "active"})["S"]),
+            owner=opt("owner"),
+            counter=int(item.get("counter", {"N": "0"})["N"]),
+            checkpoint=opt("checkpoint"),
+            state=LeaseState(item.get("state", {"S": "active"})["S"]),
             lag=float(lag) if lag is not None else None,
             caught_up=bool(item.get("caught_up", {}).get("BOOL", False)),
-            updated_at=float(item.get("updated_at", {"N": "0"})["N"]), error=opt("error"))
+            updated_at=float(item.get("updated_at", {"N": "0"})["N"]),
+            error=opt("error"),
+        )
 
     def list_leases(self, table: str) -> list[Lease]:
         return [self._lease(i) for i in self._query(f"lease#{table}")]
 
     def create_lease(self, lease: Lease) -> bool:
-        item = {"pk": _s(f"lease#{lease.table}"), "sk": _s(lease.shard_id),
-                "stream_arn": _s(lease.stream_arn), "parents": {"L": [_s(p) for p in lease.parents]},
-                "counter": _n(0), "state": _s(lease.state.value), "updated_at": _n(time.time())}
+        item = {
+            "pk": _s(f"lease#{lease.table}"),
+            "sk": _s(lease.shard_id),
+            "stream_arn": _s(lease.stream_arn),
+            "parents": {"L": [_s(p) for p in lease.parents]},
+            "counter": _n(0),
+            "state": _s(lease.state.value),
+            "updated_at": _n(time.time()),
+        }
         if lease.checkpoint is not None:
             item["checkpoint"] = _s(lease.checkpoint)
         try:
-            self._db.put_item(TableName=self.table, Item=item,
-                              ConditionExpression="attribute_not_exists(pk)")
+            self._db.put_item(
+                TableName=self.table, Item=item, ConditionExpression="attribute_not_exists(pk)"
+            )
             return True
         except ClientError as exc:
             if _conditional_failed(exc):
@@ -142,13 +177,22 @@ class DynamoDBStore:
         return "#o = :me"
 
     def take_lease(self, lease: Lease, owner: str) -> Lease | None:
-        values: dict[str, Any] = {":new": _s(owner), ":c": _n(lease.counter), ":one": _n(1),
-                                  ":t": _n(time.time())}
+        values: dict[str, Any] = {
+            ":new": _s(owner),
+            ":c": _n(lease.counter),
+            ":one": _n(1),
+            ":t": _n(time.time()),
+        }
         cond = f"#c = :c AND {self._owner_cond(lease, values)}"
         try:
-            item = self._update(f"lease#{lease.table}", lease.shard_id,
-                                "SET #o = :new, updated_at = :t ADD #c :one", values, cond,
-                                {"#o": "owner", "#c": "counter"})
+            item = self._update(
+                f"lease#{lease.table}",
+                lease.shard_id,
+                "SET #o = :new, updated_at = :t ADD #c :one",
+                values,
+                cond,
+                {"#o": "owner", "#c": "counter"},
+            )
         except ClientError as exc:
             if _conditional_failed(exc):
                 return None
@@ -156,22 +200,36 @@ class DynamoDBStore:
         return self._lease(item)
 
     def renew_lease(self, lease: Lease, lag: float | None, caught_up: bool) -> Lease | None:
-        values: dict[str, Any] = {":c": _n(lease.counter), ":one": _n(1), ":t": _n(time.time()),
-                                  ":lag": _n(lag) if lag is not None else {"NULL": True},
-                                  ":cu": {"BOOL": caught_up}}
+        values: dict[str, Any] = {
+            ":c": _n(lease.counter),
+            ":one": _n(1),
+            ":t": _n(time.time()),
+            ":lag": _n(lag) if lag is not None else {"NULL": True},
+            ":cu": {"BOOL": caught_up},
+        }
         cond = f"#c = :c AND {self._owner_cond(lease, values)}"
         try:
-            item = self._update(f"lease#{lease.table}", lease.shard_id,
-                                "SET updated_at = :t, #lag = :lag, caught_up = :cu ADD #c :one",
-                                values, cond, {"#o": "owner", "#c": "counter", "#lag": "lag"})
+            item = self._update(
+                f"lease#{lease.table}",
+                lease.shard_id,
+                "SET updated_at = :t, #lag = :lag, caught_up = :cu ADD #c :one",
+                values,
+                cond,
+                {"#o": "owner", "#c": "counter", "#lag": "lag"},
+            )
         except ClientError as exc:
             if _conditional_failed(exc):
                 return None
             raise
         return self._lease(item)
 
-    def checkpoint(self, lease: Lease, sequence: str | None,
-                   state: LeaseState | None = None, error: str | None = None) -> None:
+    def checkpoint(
+        self,
+        lease: Lease,
+        sequence: str | None,
+        state: LeaseState | None = None,
+        error: str | None = None,
+    ) -> None:
         values: dict[str, Any] = {":t": _n(time.time())}
         sets = ["updated_at = :t"]
         if sequence is not None:
@@ -196,50 +254,79 @@ class DynamoDBStore:
             self._update(f"lease#{lease.table}", lease.shard_id, expr, values, cond, names)
         except ClientError as exc:
             if _conditional_failed(exc):
-                raise LeaseLost(f"lease on {lease.table}/{lease.shard_id} is no longer held by "
-                                f"{lease.owner}") from None
+                raise LeaseLost(
+                    f"lease on {lease.table}/{lease.shard_id} is no longer held by {lease.owner}"
+                ) from None
             raise
 
     def release_lease(self, lease: Lease) -> None:
         values: dict[str, Any] = {":one": _n(1)}
         cond = self._owner_cond(lease, values)
         try:
-            self._update(f"lease#{lease.table}", lease.shard_id, "REMOVE #o ADD #c :one",
-                         values, cond, {"#o": "owner", "#c": "counter"})
+            self._update(
+                f"lease#{lease.table}",
+                lease.shard_id,
+                "REMOVE #o ADD #c :one",
+                values,
+                cond,
+                {"#o": "owner", "#c": "counter"},
+            )
         except ClientError as exc:
             if not _conditional_failed(exc):
                 raise
 
-    def reset_lease(self, table: str, shard_id: str, checkpoint: str | None,
-                    state: LeaseState) -> None:
+    def reset_lease(
+        self, table: str, shard_id: str, checkpoint: str | None, state: LeaseState
+    ) -> None:
         values: dict[str, Any] = {":st": _s(state.value), ":one": _n(1)}
         expr = "SET #st = :st"
         if checkpoint is not None:
             expr += ", checkpoint = :cp"
             values[":cp"] = _s(checkpoint)
         expr += " REMOVE #e" + ("" if checkpoint is not None else ", checkpoint") + " ADD #c :one"
-        self._update(f"lease#{table}", shard_id, expr, values, "attribute_exists(pk)",
-                     {"#st": "state", "#e": "error", "#c": "counter"})
+        self._update(
+            f"lease#{table}",
+            shard_id,
+            expr,
+            values,
+            "attribute_exists(pk)",
+            {"#st": "state", "#e": "error", "#c": "counter"},
+        )
 
     def delete_lease(self, table: str, shard_id: str) -> None:
-        self._db.delete_item(TableName=self.table,
-                             Key={"pk": _s(f"lease#{table}"), "sk": _s(shard_id)})
+        self._db.delete_item(
+            TableName=self.table, Key={"pk": _s(f"lease#{table}"), "sk": _s(shard_id)}
+        )
 
     # --- workers and generations ----------------------------------------------------------
     def put_worker(self, info: WorkerInfo) -> None:
-        self._db.put_item(TableName=self.table, Item={
-            "pk": _s("worker"), "sk": _s(info.worker_id), "heartbeat_at": _n(info.heartbeat_at),
-            "acked": {"M": {k: _n(v) for k, v in info.acked.items()}}, "host": _s(info.host),
-            "pid": _n(info.pid), "leases": _n(info.leases), "started_at": _n(info.started_at)})
+        self._db.put_item(
+            TableName=self.table,
+            Item={
+                "pk": _s("worker"),
+                "sk": _s(info.worker_id),
+                "heartbeat_at": _n(info.heartbeat_at),
+                "acked": {"M": {k: _n(v) for k, v in info.acked.items()}},
+                "host": _s(info.host),
+                "pid": _n(info.pid),
+                "leases": _n(info.leases),
+                "started_at": _n(info.started_at),
+            },
+        )
 
     def list_workers(self) -> list[WorkerInfo]:
-        return [WorkerInfo(
-            worker_id=i["sk"]["S"], heartbeat_at=float(i["heartbeat_at"]["N"]),
-            acked={k: int(v["N"]) for k, v in i.get("acked", {}).get("M", {}).items()},
-            host=i.get("host", {}).get("S", ""), pid=int(i.get("pid", {"N": "0"})["N"]),
-            leases=int(i.get("leases", {"N": "0"})["N"]),
-            started_at=float(i.get("started_at", {"N": "0"})["N"]),
-        ) for i in self._query("worker")]
+        return [
+            WorkerInfo(
+                worker_id=i["sk"]["S"],
+                heartbeat_at=float(i["heartbeat_at"]["N"]),
+                acked={k: int(v["N"]) for k, v in i.get("acked", {}).get("M", {}).items()},
+                host=i.get("host", {}).get("S", ""),
+                pid=int(i.get("pid", {"N": "0"})["N"]),
+                leases=int(i.get("leases", {"N": "0"})["N"]),
+                started_at=float(i.get("started_at", {"N": "0"})["N"]),
+            )
+            for i in self._query("worker")
+        ]
 
     def delete_worker(self, worker_id: str) -> None:
         self._db.delete_item(TableName=self.table, Key={"pk": _s("worker"), "sk": _s(worker_id)})
@@ -254,14 +341,23 @@ class DynamoDBStore:
     # --- dead letters -----------------------------------------------------------------------
     def put_deadletter(self, dl: DeadLetter) -> None:
         item: dict[str, Any] = {
-            "pk": _s("deadletter"), "sk": _s(dl.id), "view": _s(dl.view), "table": _s(dl.table),
-            "item_key": _s(dl.item_key), "sequence": _s(dl.sequence), "error": _s(dl.error[:4000]),
-            "traceback": _s(dl.traceback[-8000:] or "-"), "created_at": _n(dl.created_at)}
+            "pk": _s("deadletter"),
+            "sk": _s(dl.id),
+            "view": _s(dl.view),
+            "table": _s(dl.table),
+            "item_key": _s(dl.item_key),
+            "sequence": _s(dl.sequence),
+            "error": _s(dl.error[:4000]),
+            "traceback": _s(dl.traceback[-8000:] or "-"),
+            "created_at": _n(dl.created_at),
+        }
         if dl.record is not None:
             blob = zlib.compress(orjson.dumps(dl.record, default=str))
             if len(blob) > 350_000:
-                item["record_note"] = _s(f"raw record of {len(blob)} compressed bytes too large "
-                                         "to keep; replay re-reads the item")
+                item["record_note"] = _s(
+                    f"raw record of {len(blob)} compressed bytes too large "
+                    "to keep; replay re-reads the item"
+                )
             else:
                 item["record"] = {"B": blob}
         self._db.put_item(TableName=self.table, Item=item)
@@ -270,13 +366,20 @@ class DynamoDBStore:
         out = []
         for i in self._query("deadletter")[:limit]:
             blob = i.get("record", {}).get("B")
-            out.append(DeadLetter(
-                id=i["sk"]["S"], view=i["view"]["S"], table=i["table"]["S"],
-                item_key=i["item_key"]["S"], sequence=i["sequence"]["S"], error=i["error"]["S"],
-                traceback=i["traceback"]["S"], created_at=float(i["created_at"]["N"]),
-                record=orjson.loads(zlib.decompress(blob)) if blob else None))
+            out.append(
+                DeadLetter(
+                    id=i["sk"]["S"],
+                    view=i["view"]["S"],
+                    table=i["table"]["S"],
+                    item_key=i["item_key"]["S"],
+                    sequence=i["sequence"]["S"],
+                    error=i["error"]["S"],
+                    traceback=i["traceback"]["S"],
+                    created_at=float(i["created_at"]["N"]),
+                    record=orjson.loads(zlib.decompress(blob)) if blob else None,
+                )
+            )
         return out
 
     def delete_deadletter(self, dl_id: str) -> None:
-        self._db.delete_item(TableName=self.table,
-                             Key={"pk": _s("deadletter"), "sk": _s(dl_id)})
+        self._db.delete_item(TableName=self.table, Key={"pk": _s("deadletter"), "sk": _s(dl_id)})

@@ -57,13 +57,20 @@ class MemoryStore:
             cur.updated_at = self._clock()
             return copy.copy(cur)
 
-    def checkpoint(self, lease: Lease, sequence: str | None,
-                   state: LeaseState | None = None, error: str | None = None) -> None:
+    def checkpoint(
+        self,
+        lease: Lease,
+        sequence: str | None,
+        state: LeaseState | None = None,
+        error: str | None = None,
+    ) -> None:
         with self._lock:
             cur = self._leases.get((lease.table, lease.shard_id))
             if cur is None or cur.owner != lease.owner:
-                raise LeaseLost(f"lease on {lease.table}/{lease.shard_id} is held by "
-                                f"{cur.owner if cur else 'nobody'}")
+                raise LeaseLost(
+                    f"lease on {lease.table}/{lease.shard_id} is held by "
+                    f"{cur.owner if cur else 'nobody'}"
+                )
             if sequence is not None:
                 cur.checkpoint = sequence
             if state is not None:
@@ -78,8 +85,9 @@ class MemoryStore:
                 cur.owner = None
                 cur.counter += 1
 
-    def reset_lease(self, table: str, shard_id: str, checkpoint: str | None,
-                    state: LeaseState) -> None:
+    def reset_lease(
+        self, table: str, shard_id: str, checkpoint: str | None, state: LeaseState
+    ) -> None:
         with self._lock:
             cur = self._leases[(table, shard_id)]
             cur.checkpoint = checkpoint

@@ -87,13 +87,19 @@ class CoordinationStore(Protocol):
     def create_lease(self, lease: Lease) -> bool: ...
     def take_lease(self, lease: Lease, owner: str) -> Lease | None: ...
     def renew_lease(self, lease: Lease, lag: float | None, caught_up: bool) -> Lease | None: ...
-    def checkpoint(self, lease: Lease, sequence: str | None,
-                   state: LeaseState | None = None, error: str | None = None) -> None:
+    def checkpoint(
+        self,
+        lease: Lease,
+        sequence: str | None,
+        state: LeaseState | None = None,
+        error: str | None = None,
+    ) -> None:
         """Raise LeaseLost when ``lease.owner`` no longer owns it."""
 
     def release_lease(self, lease: Lease) -> None: ...
-    def reset_lease(self, table: str, shard_id: str, checkpoint: str | None,
-                    state: LeaseState) -> None: ...
+    def reset_lease(
+        self, table: str, shard_id: str, checkpoint: str | None, state: LeaseState
+    ) -> None: ...
     def delete_lease(self, table: str, shard_id: str) -> None: ...
 
     # workers and generations

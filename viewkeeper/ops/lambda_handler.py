@@ -36,11 +36,13 @@ def table_of(event_source_arn: str) -> str:
     except IndexError:
         raise ValueError(
             f"eventSourceARN {event_source_arn!r} is not a DynamoDB stream ARN "
-            "(…:table/NAME/stream/LABEL)") from None
+            "(…:table/NAME/stream/LABEL)"
+        ) from None
 
 
-def handle_event(event: Mapping[str, Any], pipeline: Pipeline,
-                 key_names_of: Callable[[str], tuple[str, ...]]) -> dict[str, Any]:
+def handle_event(
+    event: Mapping[str, Any], pipeline: Pipeline, key_names_of: Callable[[str], tuple[str, ...]]
+) -> dict[str, Any]:
     """Apply one Lambda event; return the ReportBatchItemFailures response."""
     raw_records: Sequence[Mapping[str, Any]] = event.get("Records", [])
     by_table: dict[str, list[ChangeRecord]] = {}
@@ -62,8 +64,12 @@ def handle_event(event: Mapping[str, Any], pipeline: Pipeline,
             pipeline.process(table, key_names_of(table), recs)
         except (SinkUnavailable, HaltShard) as exc:
             first = next(r for t, r in order if t == table)
-            log.error("batch for %s not applied (%s); Lambda will retry from %s",
-                      table, exc, first.sequence)
+            log.error(
+                "batch for %s not applied (%s); Lambda will retry from %s",
+                table,
+                exc,
+                first.sequence,
+            )
             return {"batchItemFailures": [{"itemIdentifier": first.sequence}]}
     return {"batchItemFailures": []}
 

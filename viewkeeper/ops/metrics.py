@@ -32,15 +32,19 @@ LAG = Gauge(
     ["table", "shard"],
 )
 CAUGHT_UP = Gauge(
-    "viewkeeper_shard_caught_up", "1 when the last read of the shard returned no more records.",
+    "viewkeeper_shard_caught_up",
+    "1 when the last read of the shard returned no more records.",
     ["table", "shard"],
 )
 BATCH_SECONDS = Histogram(
-    "viewkeeper_batch_duration_seconds", "Time to project and apply one page of records.",
-    ["table"], buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    "viewkeeper_batch_duration_seconds",
+    "Time to project and apply one page of records.",
+    ["table"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 SINK_ERRORS = Counter(
-    "viewkeeper_sink_errors_total", "Sink failures by sink and kind (unavailable, rejected).",
+    "viewkeeper_sink_errors_total",
+    "Sink failures by sink and kind (unavailable, rejected).",
     ["sink", "kind"],
 )
 SINK_RETRIES = Counter(
@@ -52,10 +56,12 @@ COLLISIONS = Counter(
 )
 TRIMMED = Counter(
     "viewkeeper_trimmed_shards_total",
-    "Shards whose unread records were trimmed by the stream: a rebuild is needed.", ["table"],
+    "Shards whose unread records were trimmed by the stream: a rebuild is needed.",
+    ["table"],
 )
 SHARD_FAILURES = Counter(
-    "viewkeeper_shard_failures_total", "Shard workers that crashed and were restarted.",
+    "viewkeeper_shard_failures_total",
+    "Shard workers that crashed and were restarted.",
     ["table"],
 )
 

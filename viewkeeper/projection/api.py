@@ -45,8 +45,9 @@ class View:
         return f"{self.module}.{getattr(self.func, '__qualname__', self.name)}"
 
 
-def _check_common(kind: str, func: object, name: str, table: object, connection: object,
-                  conn_word: str) -> None:
+def _check_common(
+    kind: str, func: object, name: str, table: object, connection: object, conn_word: str
+) -> None:
     if not callable(func):
         raise TypeError(f"@{kind} must decorate a function, got {func!r}")
     if not _NAME_RE.match(name):
@@ -73,12 +74,19 @@ def redis_view(
     """
 
     def decorate(func: F) -> F:
-        view_name = name or getattr(func, "__name__", "")
+        view_name: str = name or str(getattr(func, "__name__", ""))
         _check_common("redis_view", func, view_name, table, redis, "redis")
         if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int) or ttl <= 0):
             raise ValueError(f"view {view_name!r}: ttl {ttl!r} must be positive seconds or None")
-        view = View(name=view_name, table=table, kind="redis", connection=redis, func=func,
-                    module=getattr(func, "__module__", ""), ttl=ttl)
+        view = View(
+            name=view_name,
+            table=table,
+            kind="redis",
+            connection=redis,
+            func=func,
+            module=getattr(func, "__module__", ""),
+            ttl=ttl,
+        )
         setattr(func, _ATTR, view)
         return func
 
@@ -100,7 +108,7 @@ def opensearch_view(
     """
 
     def decorate(func: F) -> F:
-        view_name = name or getattr(func, "__name__", "")
+        view_name: str = name or str(getattr(func, "__name__", ""))
         _check_common("opensearch_view", func, view_name, table, opensearch, "opensearch")
         if not isinstance(index, str) or not _INDEX_RE.match(index):
             raise ValueError(
@@ -109,9 +117,16 @@ def opensearch_view(
             )
         if doc_id is not None and not callable(doc_id):
             raise TypeError(f"view {view_name!r}: doc_id must be a function of the item")
-        view = View(name=view_name, table=table, kind="opensearch", connection=opensearch,
-                    func=func, module=getattr(func, "__module__", ""), index=index,
-                    doc_id=doc_id)
+        view = View(
+            name=view_name,
+            table=table,
+            kind="opensearch",
+            connection=opensearch,
+            func=func,
+            module=getattr(func, "__module__", ""),
+            index=index,
+            doc_id=doc_id,
+        )
         setattr(func, _ATTR, view)
         return func
 

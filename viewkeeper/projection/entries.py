@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-__all__ = ["Document", "Entry", "HashField", "RedisEntry", "SetMember", "SortedSetMember",
-           "Value"]
+__all__ = ["Document", "Entry", "HashField", "RedisEntry", "SetMember", "SortedSetMember", "Value"]
 
 
 def _check_key(kind: str, key: object) -> str:

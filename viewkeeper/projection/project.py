@@ -58,16 +58,20 @@ def _redis_entries(view: View, item_key: str, result: Any) -> list[Entry]:
     items: Iterable[Any] = (result,) if isinstance(result, _REDIS_TYPES) else result
     if isinstance(items, str | bytes | Mapping) or not isinstance(items, Iterable):
         raise ProjectionError(
-            view, item_key,
+            view,
+            item_key,
             f"returned {type(result).__name__}; a redis_view yields Value, HashField, "
-            "SetMember or SortedSetMember entries (or nothing)")
+            "SetMember or SortedSetMember entries (or nothing)",
+        )
     entries: list[Entry] = []
     for entry in items:
         if not isinstance(entry, _REDIS_TYPES):
             raise ProjectionError(
-                view, item_key,
+                view,
+                item_key,
                 f"yielded {entry!r}; a redis_view yields Value, HashField, SetMember or "
-                "SortedSetMember")
+                "SortedSetMember",
+            )
         if view.ttl is not None and isinstance(entry, Value) and entry.ttl is None:
             entry = Value(entry.key, entry.value, view.ttl)
         entries.append(entry)
@@ -81,19 +85,24 @@ def _document(
         return []
     if not isinstance(result, Mapping):
         raise ProjectionError(
-            view, item_key,
+            view,
+            item_key,
             f"returned {type(result).__name__}; an opensearch_view returns one document "
-            "(a dict) or None")
+            "(a dict) or None",
+        )
     bad = [k for k in result if not isinstance(k, str) or not k or k.startswith("_")]
     if bad:
         raise ProjectionError(
-            view, item_key,
+            view,
+            item_key,
             f"document field names {bad!r} are not allowed; use non-empty names that do not "
-            "start with '_' (reserved for OpenSearch and viewkeeper)")
+            "start with '_' (reserved for OpenSearch and viewkeeper)",
+        )
     doc_id = item_key if view.doc_id is None else view.doc_id(item)
     if not isinstance(doc_id, str) or not doc_id or len(doc_id.encode()) > 512:
         raise ProjectionError(
-            view, item_key, f"doc_id {doc_id!r} must be a non-empty str of at most 512 bytes")
+            view, item_key, f"doc_id {doc_id!r} must be a non-empty str of at most 512 bytes"
+        )
     del key_names
     return [Document(doc_id, dict(result))]
 

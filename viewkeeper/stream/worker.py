@@ -12,6 +12,7 @@ backoff, until the sink is back or the worker is asked to stop; the checkpoint s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -75,8 +76,9 @@ class ShardWorker:
         self.stop = stop
         self.on_shard_end = on_shard_end
         self.clock = clock
-        self.last_sequence: str | None = lease.checkpoint if lease.checkpoint not in (
-            None, LATEST, TRIM_HORIZON) else None
+        self.last_sequence: str | None = (
+            lease.checkpoint if lease.checkpoint not in (None, LATEST, TRIM_HORIZON) else None
+        )
         self.lag: float | None = None
         self.caught_up = False
         self.records_read = 0
@@ -89,7 +91,8 @@ class ShardWorker:
         lease = self.lease
         if self.last_sequence is not None:
             return self.client.get_shard_iterator(
-                lease.stream_arn, lease.shard_id, "AFTER_SEQUENCE_NUMBER", self.last_sequence)
+                lease.stream_arn, lease.shard_id, "AFTER_SEQUENCE_NUMBER", self.last_sequence
+            )
         position = TRIM_HORIZON if lease.checkpoint in (None, TRIM_HORIZON) else LATEST
         return self.client.get_shard_iterator(lease.stream_arn, lease.shard_id, position)
 
@@ -105,11 +108,16 @@ class ShardWorker:
 
     def run(self) -> None:
         lease = self.lease
-        if (self.last_sequence is not None and lease.updated_at
-                and self.clock() - lease.updated_at > self.settings.retention):
-            self._trimmed(f"checkpoint {self.last_sequence} was written "
-                          f"{(self.clock() - lease.updated_at) / 3600:.1f} h ago, longer than "
-                          "the stream's 24 h retention")
+        if (
+            self.last_sequence is not None
+            and lease.updated_at
+            and self.clock() - lease.updated_at > self.settings.retention
+        ):
+            self._trimmed(
+                f"checkpoint {self.last_sequence} was written "
+                f"{(self.clock() - lease.updated_at) / 3600:.1f} h ago, longer than "
+                "the stream's 24 h retention"
+            )
             return
         backoff = 0.1
         try:
@@ -118,13 +126,17 @@ class ShardWorker:
                 try:
                     page = self.client.get_records(iterator, self.settings.batch_size)
                 except ExpiredIteratorError:
-                    log.info("iterator of %s/%s expired; resuming after %s", *self._labels,
-                             self.last_sequence)
+                    log.info(
+                        "iterator of %s/%s expired; resuming after %s",
+                        *self._labels,
+                        self.last_sequence,
+                    )
                     iterator = self._with_retry(self._iterator)
                     continue
                 except (ThrottlingError, ServiceError) as exc:
-                    log.warning("GetRecords on %s/%s: %s; backing off %.1fs", *self._labels,
-                                exc, backoff)
+                    log.warning(
+                        "GetRecords on %s/%s: %s; backing off %.1fs", *self._labels, exc, backoff
+                    )
                     self.stop.wait(backoff)
                     backoff = min(backoff * 2, self.settings.max_backoff)
                     continue
@@ -145,13 +157,17 @@ class ShardWorker:
                     return
                 if len(records) >= self.settings.batch_size:
                     continue
-                self.stop.wait(self.settings.busy_poll_interval if records
-                               else self.settings.poll_interval)
+                self.stop.wait(
+                    self.settings.busy_poll_interval if records else self.settings.poll_interval
+                )
         except TrimmedDataAccessError as exc:
             self._trimmed(str(exc))
         except ResourceNotFoundError as exc:
-            log.error("shard %s/%s: the stream or table is gone (%s); stopping this shard",
-                      *self._labels, exc)
+            log.error(
+                "shard %s/%s: the stream or table is gone (%s); stopping this shard",
+                *self._labels,
+                exc,
+            )
         except LeaseLost as exc:
             log.warning("%s; stopping this shard here", exc)
         except HaltShard as exc:
@@ -180,8 +196,13 @@ class ShardWorker:
             except SinkUnavailable as exc:
                 metrics.SINK_RETRIES.labels(str(exc).split(":", 1)[0]).inc()
                 metrics.SINK_ERRORS.labels(str(exc).split(":", 1)[0], "unavailable").inc()
-                log.warning("shard %s/%s: %s; retrying the page in %.1fs (checkpoint stays at "
-                            "%s)", *self._labels, exc, delay, self.last_sequence)
+                log.warning(
+                    "shard %s/%s: %s; retrying the page in %.1fs (checkpoint stays at %s)",
+                    *self._labels,
+                    exc,
+                    delay,
+                    self.last_sequence,
+                )
                 if self.stop.wait(delay):
                     return
                 delay = min(delay * 2, self.settings.max_backoff)
@@ -204,11 +225,13 @@ class ShardWorker:
             "DATA LOST TO STREAM RETENTION on %s/%s: %s. Records after checkpoint %s were "
             "trimmed before viewkeeper read them; the shard is marked needs_rebuild and will "
             "not be skipped silently. Run `viewkeeper rebuild` for the views of table %s.",
-            *self._labels, why, self.last_sequence, self.lease.table)
+            *self._labels,
+            why,
+            self.last_sequence,
+            self.lease.table,
+        )
         self._set_state(LeaseState.NEEDS_REBUILD, f"trimmed: {why}")
 
     def _set_state(self, state: LeaseState, error: str) -> None:
-        try:
+        with contextlib.suppress(LeaseLost):
             self.store.checkpoint(self.lease, None, state=state, error=error)
-        except LeaseLost:
-            pass
