@@ -177,10 +177,10 @@ def test_check_reaches_every_service(setup: Path) -> None:
     assert "redis cache: ok" in res.stdout and "opensearch search: ok" in res.stdout
 
 
-def test_bad_config_key_is_one_clear_line_and_exit_2(tmp_path: Path) -> None:
+def test_bad_config_key_is_one_clear_line_and_exit_78(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text("aws: {region: us-east-1}\nviews: [views.orders]\nworkr: {}\n")
     res = vk("check", "-c", str(path))
-    assert res.returncode == 2
+    assert res.returncode == 78  # EX_CONFIG: systemd does not restart into a bad config
     (line,) = res.stderr.strip().splitlines()
     assert "workr" in line and "worker" in line
