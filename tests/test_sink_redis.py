@@ -1,0 +1,578 @@
+"""The Redis sink's guarantees, on the real redis-server (and the fast ones on fakeredis too)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from typing import Any
+
+import fakeredis
+import pytest
+import redis
+
+from viewkeeper import HashField, SetMember, SortedSetMember, Value, redis_view
+from viewkeeper.projection.api import View, view_of
+from viewkeeper.projection.entries import Entry
+from viewkeeper.projection.project import project
+from viewkeeper.sinks.base import Change, Outcome, Result, SinkUnavailable
+from viewkeeper.sinks.encoding import redis_value
+from viewkeeper.sinks.redis import RedisSink, pack_version
+from viewkeeper.versions import Version
+
+SEQ = 10**20  # 21 digits, like DynamoDB's
+
+
+@redis_view(table="orders", redis="cache")
+def card(order: dict[str, Any]) -> Iterator[Entry]:
+    yield Value(f"order:{order['id']}", {"status": order["status"]})
+    yield SortedSetMember(f"customer:{order['customer']}:orders", order["id"], order["score"])
+    if order["status"] != "void":
+        yield SetMember(f"status:{order['status']}", order["id"])
+    yield HashField(f"totals:{order['customer']}", order["id"], str(order["score"]))
+
+
+@redis_view(table="orders", redis="cache", name="card_copy")
+def card_copy(order: dict[str, Any]) -> Iterator[Entry]:
+    yield Value(f"order:{order['id']}", "copy")  # the same key as `card`: a view bug
+
+
+@redis_view(table="orders", redis="cache", ttl=30)
+def short_lived(order: dict[str, Any]) -> Iterator[Entry]:
+    yield Value(f"session:{order['id']}", order["status"])
+
+
+def _view(func: object) -> View:
+    view = view_of(func)
+    assert view is not None
+    return view
+
+
+CARD, COPY, SHORT = _view(card), _view(card_copy), _view(short_lived)
+
+
+def order(
+    oid: str, customer: str = "c1", status: str = "new", score: float = 1.0
+) -> dict[str, Any]:
+    return {"id": oid, "customer": customer, "status": status, "score": score}
+
+
+def change(
+    view: View, item: str, seq: int | str, state: dict[str, Any] | None, gen: int = 0
+) -> Change:
+    entries = [] if state is None else project(view, state, item, ("id",))
+    return Change(view, item, Version(gen, str(seq)), entries)
+
+
+def entries(*items: Entry) -> list[Entry]:
+    return list(items)
+
+
+@pytest.fixture(params=["redis", "fakeredis"])
+def client(request: pytest.FixtureRequest) -> redis.Redis:
+    if request.param == "redis":
+        real: redis.Redis = request.getfixturevalue("redis_client")
+        return real
+    return fakeredis.FakeRedis(server=fakeredis.FakeServer())
+
+
+@pytest.fixture
+def sink(client: redis.Redis) -> Iterator[RedisSink]:
+    s = RedisSink("cache", client, retry_seconds=2)
+    s.prepare([CARD, COPY, SHORT])
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def real_sink(redis_client: redis.Redis) -> RedisSink:
+    s = RedisSink("cache", redis_client, retry_seconds=2)
+    s.prepare([CARD, COPY, SHORT])
+    return s
+
+
+def outcomes(results: list[Result]) -> list[str]:
+    return [r.outcome.value for r in results]
+
+
+def data_keys(client: redis.Redis) -> list[bytes]:
+    return sorted(k for k in client.scan_iter() if not k.startswith(b"vk:"))
+
+
+# ---- apply, update, delete ----------------------------------------------------------------
+
+
+def test_each_entry_type_is_written_updated_and_deleted(sink: RedisSink, client: Any) -> None:
+    assert outcomes(sink.apply([change(CARD, "o1", SEQ + 1, order("o1", score=2))])) == ["applied"]
+    assert client.get("order:o1") == b'{"status":"new"}'
+    assert client.zrange("customer:c1:orders", 0, -1, withscores=True) == [(b"o1", 2.0)]
+    assert client.smembers("status:new") == {b"o1"}
+    assert client.hgetall("totals:c1") == {b"o1": b"2"}
+
+    sink.apply([change(CARD, "o1", SEQ + 2, order("o1", status="paid", score=3.5))])
+    assert client.get("order:o1") == b'{"status":"paid"}'
+    assert client.zscore("customer:c1:orders", "o1") == 3.5
+    assert client.smembers("status:paid") == {b"o1"} and not client.exists("status:new")
+    assert client.hget("totals:c1", "o1") == b"3.5"
+
+    assert outcomes(sink.apply([change(CARD, "o1", SEQ + 3, None)])) == ["applied"]
+    assert data_keys(client) == []
+    assert sink.owned_entries(CARD, "o1") == []  # a tombstone
+    assert not any(k.startswith(b"vk:c:") for k in client.scan_iter())  # claims released
+
+
+def test_moved_keys_retract_old_entries_in_the_same_apply(sink: RedisSink, client: Any) -> None:
+    sink.apply(
+        [
+            change(CARD, "o1", SEQ + 1, order("o1", "c1")),
+            change(CARD, "o2", SEQ + 1, order("o2", "c1")),
+        ]
+    )
+    sink.apply([change(CARD, "o1", SEQ + 2, order("o1", "c2", status="void"))])
+    assert client.zrange("customer:c1:orders", 0, -1) == [b"o2"]
+    assert client.zrange("customer:c2:orders", 0, -1) == [b"o1"]
+    assert client.smembers("status:new") == {b"o2"}
+    assert client.hgetall("totals:c1") == {b"o2": b"1.0"}
+    assert client.hgetall("totals:c2") == {b"o1": b"1.0"}
+    assert sorted(sink.owned_entries(CARD, "o1") or []) == [
+        ("H", "totals:c2", "o1"),
+        ("V", "order:o1", ""),
+        ("Z", "customer:c2:orders", "o1"),
+    ]
+
+
+def test_empty_projection_retracts_everything_and_keeps_a_tombstone(
+    sink: RedisSink, client: Any
+) -> None:
+    sink.apply([change(CARD, "o1", SEQ + 1, order("o1"))])
+    sink.apply([Change(CARD, "o1", Version(0, str(SEQ + 2)), [])])
+    assert data_keys(client) == []
+    (rec,) = sink.iter_owner_records(CARD)
+    assert rec.tombstone and rec.entries == () and rec.version == Version(0, str(SEQ + 2))
+
+
+def test_a_deleted_item_comes_back_with_a_newer_version(sink: RedisSink, client: Any) -> None:
+    sink.apply([change(CARD, "o1", SEQ + 1, order("o1")), change(CARD, "o1", SEQ + 2, None)])
+    assert outcomes(sink.apply([change(CARD, "o1", SEQ + 3, order("o1", "c9"))])) == ["applied"]
+    assert client.zrange("customer:c9:orders", 0, -1) == [b"o1"]
+
+
+# ---- versions -------------------------------------------------------------------------------
+
+
+def test_stale_update_is_ignored(sink: RedisSink, client: Any) -> None:
+    sink.apply([change(CARD, "o1", SEQ + 5, order("o1", status="paid"))])
+    assert outcomes(sink.apply([change(CARD, "o1", SEQ + 4, order("o1", "c7"))])) == ["stale"]
+    assert client.get("order:o1") == b'{"status":"paid"}'
+    assert not client.exists("customer:c7:orders")
+
+
+def test_stale_update_after_delete_does_not_resurrect(sink: RedisSink, client: Any) -> None:
+    sink.apply([change(CARD, "o1", SEQ + 1, order("o1"))])
+    sink.apply([change(CARD, "o1", SEQ + 3, None)])
+    assert outcomes(sink.apply([change(CARD, "o1", SEQ + 2, order("o1", "c2"))])) == ["stale"]
+    assert data_keys(client) == []
+
+
+@pytest.mark.parametrize(
+    ("older", "newer"),
+    [
+        ("9" * 21, "1" + "0" * 21),  # 21 nines < 22 digits
+        ("9" * 39, "1" + "0" * 39),  # 39 digits < 40 digits
+        ("1" + "0" * 39, "1" + "0" * 38 + "1"),  # 40 digits, last digit decides
+        ("9" * 21, "1" * 40),
+        ("12345678901234567890123456789012345678", "12345678901234567890123456789012345679"),
+        ("0", "1"),  # a rebuild write (sequence 0) loses to any stream record
+    ],
+)
+def test_long_sequence_numbers_compare_as_integers(
+    sink: RedisSink, client: Any, older: str, newer: str
+) -> None:
+    assert Version(0, older) < Version(0, newer)
+    assert pack_version(Version(0, older)) < pack_version(Version(0, newer))
+    sink.apply([change(CARD, "o1", older, order("o1", status="old"))])
+    assert outcomes(sink.apply([change(CARD, "o1", newer, order("o1", status="new"))])) == [
+        "applied"
+    ]
+    assert outcomes(sink.apply([change(CARD, "o1", older, order("o1", status="old"))])) == ["stale"]
+    assert client.get("order:o1") == b'{"status":"new"}'
+
+
+def test_generation_beats_sequence(sink: RedisSink, client: Any) -> None:
+    sink.apply([change(CARD, "o1", "9" * 40, order("o1", status="stream"), gen=0)])
+    assert outcomes(sink.apply([change(CARD, "o1", 0, order("o1", status="scan"), gen=1)])) == [
+        "applied"
+    ]
+    assert outcomes(sink.apply([change(CARD, "o1", "9" * 40, order("o1"), gen=0)])) == ["stale"]
+    assert outcomes(sink.apply([change(CARD, "o1", 5, order("o1", status="x"), gen=1)])) == [
+        "applied"
+    ]
+    assert client.get("order:o1") == b'{"status":"x"}'
+
+
+def test_duplicate_delivery_is_idempotent(sink: RedisSink, client: Any) -> None:
+    batch = [change(CARD, "o1", SEQ + 1, order("o1")), change(CARD, "o2", SEQ + 1, order("o2"))]
+    assert outcomes(sink.apply(batch + batch)) == ["applied", "applied", "stale", "stale"]
+    before = {k: client.dump(k) for k in client.scan_iter()}
+    assert outcomes(sink.apply(batch)) == ["stale", "stale"]
+    assert {k: client.dump(k) for k in client.scan_iter()} == before
+
+
+# ---- collisions -------------------------------------------------------------------------------
+
+
+def test_collision_is_reported_and_losers_retraction_keeps_the_winners_entry(
+    sink: RedisSink, client: Any
+) -> None:
+    a = Change(CARD, "item-a", Version(0, "1"), entries(Value("shared:key", "from a")))
+    b = Change(CARD, "item-b", Version(0, "1"), entries(Value("shared:key", "from b")))
+    assert sink.apply([a])[0].collisions == []
+    (result,) = sink.apply([b])
+    assert result.outcome is Outcome.APPLIED
+    assert [(c.entry, c.other_item) for c in result.collisions] == [
+        ("Value 'shared:key'", "item-a")
+    ]
+    assert client.get("shared:key") == b"from b"  # last writer wins
+    sink.apply([Change(CARD, "item-a", Version(0, "2"), [])])  # the loser goes away
+    assert client.get("shared:key") == b"from b"
+    sink.apply([Change(CARD, "item-b", Version(0, "2"), [])])
+    assert not client.exists("shared:key")
+
+
+def test_collision_across_views_names_the_other_view(sink: RedisSink, client: Any) -> None:
+    sink.apply([change(CARD, "o1", 1, order("o1"))])
+    (result,) = sink.apply([change(COPY, "o1", 1, order("o1"))])
+    assert [c.other_item for c in result.collisions] == ["o1 (view card)"]
+    assert client.get("order:o1") == b"copy"
+
+
+def test_collision_report_works_when_the_item_key_is_not_in_the_entry(
+    sink: RedisSink, client: Any
+) -> None:
+    long_item = "L" * 300  # too long for the compact claim form
+    sink.apply([Change(CARD, long_item, Version(0, "1"), entries(SetMember("s", "m")))])
+    (result,) = sink.apply([Change(CARD, "x", Version(0, "1"), entries(SetMember("s", "m")))])
+    assert [(c.entry, c.other_item) for c in result.collisions] == [
+        ("SetMember 's' member 'm'", long_item)
+    ]
+
+
+# ---- entry options and rejections -----------------------------------------------------------
+
+
+def test_ttl_is_set_on_value_entries(sink: RedisSink, client: Any) -> None:
+    sink.apply(
+        [
+            change(SHORT, "o1", 1, order("o1")),
+            Change(CARD, "o2", Version(0, "1"), entries(Value("v:o2", "x", ttl=100))),
+        ]
+    )
+    assert 0 < client.ttl("session:o1") <= 30
+    assert 0 < client.ttl("v:o2") <= 100
+    sink.apply([Change(CARD, "o2", Version(0, "2"), entries(Value("v:o2", "y")))])
+    assert client.ttl("v:o2") == -1  # an entry without ttl does not keep the old one
+
+
+def test_wrong_type_fails_only_that_item_and_writes_nothing_of_it(
+    sink: RedisSink, client: Any
+) -> None:
+    client.hset("order:o2", "someone", "else")
+    results = sink.apply(
+        [
+            change(CARD, "o1", 1, order("o1")),
+            change(CARD, "o2", 1, order("o2")),
+            change(CARD, "o3", 1, order("o3")),
+        ]
+    )
+    assert outcomes(results) == ["applied", "error", "applied"]
+    message = results[1].error or ""
+    for part in ("'order:o2'", "holds a hash", "view card", "string Value", "'o2'", "rename"):
+        assert part in message
+    assert client.zrange("customer:c1:orders", 0, -1) == [b"o1", b"o3"]  # no o2 member
+    assert client.hgetall("order:o2") == {b"someone": b"else"}
+    assert sink.owned_entries(CARD, "o2") is None  # no owner record either
+
+
+def test_an_item_may_change_the_type_of_a_key_it_alone_owns(sink: RedisSink, client: Any) -> None:
+    sink.apply([Change(CARD, "i", Version(0, "1"), entries(SetMember("k", "m")))])
+    (result,) = sink.apply([Change(CARD, "i", Version(0, "2"), entries(Value("k", "v")))])
+    assert result.outcome is Outcome.APPLIED and client.get("k") == b"v"
+    client.sadd("k2", "foreign")
+    sink.apply([Change(CARD, "i", Version(0, "3"), entries(SetMember("k2", "m")))])
+    (result,) = sink.apply([Change(CARD, "i", Version(0, "4"), entries(Value("k2", "v")))])
+    assert result.outcome is Outcome.ERROR  # "foreign" would stay: the key keeps its type
+    assert client.smembers("k2") == {b"foreign", b"m"}
+
+
+@pytest.mark.parametrize(
+    ("bad", "words"),
+    [
+        (entries(Value("vk:c:1", "x")), "bookkeeping prefix"),
+        (entries(Value("k", "x"), SetMember("k", "m")), "a key has one type"),
+        (entries(SortedSetMember("z", "m", float("nan"))), "is not a number"),
+        (entries(SortedSetMember("z", "m", 10**400)), "is not a number"),
+        (entries(Value("k", object())), "cannot encode"),
+    ],
+)
+def test_invalid_entries_are_errors_of_their_item_only(
+    sink: RedisSink, client: Any, bad: list[Entry], words: str
+) -> None:
+    results = sink.apply(
+        [Change(CARD, "bad", Version(0, "1"), bad), change(CARD, "o1", 1, order("o1"))]
+    )
+    assert outcomes(results) == ["error", "applied"]
+    assert words in (results[0].error or "") and "item 'bad'" in (results[0].error or "")
+    assert sink.owned_entries(CARD, "bad") is None and not client.exists("z")
+
+
+def test_scores_keep_their_value(sink: RedisSink, client: Any) -> None:
+    from decimal import Decimal
+
+    es = entries(
+        SortedSetMember("z", "int", 2**53 + 1),
+        SortedSetMember("z", "float", 0.1),
+        SortedSetMember("z", "dec", Decimal("12.50")),
+        SortedSetMember("z", "inf", float("-inf")),
+        SortedSetMember("z", "neg", -3),
+    )
+    assert outcomes(sink.apply([Change(CARD, "i", Version(0, "1"), es)])) == ["applied"]
+    assert dict(client.zrange("z", 0, -1, withscores=True)) == {
+        b"int": float(2**53 + 1),
+        b"float": 0.1,
+        b"dec": 12.5,
+        b"inf": float("-inf"),
+        b"neg": -3.0,
+    }
+
+
+HOSTILE = [
+    "'; redis.call('FLUSHALL') --",
+    "]]\n[[",
+    '"\\"\r\n\x00',
+    "\udcfe\udcfd\udcff",  # raw bytes 0xFE 0xFD 0xFF (the packing's own marker values)
+    "ключ 🔑",
+    "x" * 300,
+]
+
+
+@pytest.mark.parametrize("item", ["item-1", *HOSTILE])
+def test_hostile_contents_are_stored_verbatim(sink: RedisSink, client: Any, item: str) -> None:
+    blob = bytes(range(256)) * 4096  # one megabyte of every byte value
+    es: list[Entry] = [
+        Value(f"v:{item}", blob),
+        Value(f"w:{item}", "'\"]]--\n"),
+        HashField(f"h:{item}", f"f{item}" * 300, blob),  # a 4-byte length in the record
+        SetMember(f"s{item}", item),
+        SortedSetMember("z" + item * 2, f"{item}\x00", 1.5),
+    ]
+    es += [SetMember("s:hostile", h) for h in HOSTILE]
+    assert outcomes(sink.apply([Change(CARD, item, Version(0, "1"), es)])) == ["applied"]
+    raw = item.encode("utf-8", "surrogateescape")
+    assert client.get(b"v:" + raw) == blob
+    assert client.get(b"w:" + raw) == b"'\"]]--\n"
+    assert client.hget(b"h:" + raw, (b"f" + raw) * 300) == blob
+    assert client.smembers(b"s" + raw) == {raw}
+    assert client.zscore(b"z" + raw * 2, raw + b"\x00") == 1.5
+    assert client.smembers("s:hostile") == {h.encode("utf-8", "surrogateescape") for h in HOSTILE}
+    assert sorted(sink.owned_entries(CARD, item) or []) == sorted(e.ident for e in es)
+    # moving every entry retracts every old one, read back from the packed owner record
+    assert outcomes(sink.apply([Change(CARD, item, Version(0, "2"), [Value("other", "x")])])) == [
+        "applied"
+    ]
+    assert data_keys(client) == [b"other"]
+    assert sum(client.hlen(k) for k in client.scan_iter(b"vk:c:*")) == 1  # claims released
+
+
+def test_many_changes_keep_their_order_across_slices(sink: RedisSink, client: Any) -> None:
+    changes = [change(CARD, f"o{i}", 10, order(f"o{i}")) for i in range(1234)]
+    changes[700] = Change(CARD, "bad", Version(0, "1"), entries(Value("vk:x", 1)))
+    sink.apply(changes[:100])
+    results = sink.apply(changes)
+    assert outcomes(results) == ["stale"] * 100 + ["applied"] * 600 + ["error"] + ["applied"] * 533
+    assert client.zcard("customer:c1:orders") == 1233
+
+
+# ---- rebuild and retention ---------------------------------------------------------------------
+
+
+def test_sweep_retracts_older_generations_and_leaves_newer_ones(
+    sink: RedisSink, client: Any
+) -> None:
+    sink.apply([change(CARD, x, SEQ, order(x, "c1")) for x in ("kept", "gone", "streamed")])
+    sink.apply([change(CARD, "future", 1, order("future", "c1"), gen=2)])
+    sink.apply([change(CARD, "dead", SEQ, None)])  # a tombstone: nothing to retract
+    # the rebuild (generation 1) rewrites the items that still exist; one arrives by stream
+    sink.apply(
+        [
+            change(CARD, "kept", 0, order("kept", "c1"), gen=1),
+            change(CARD, "streamed", SEQ + 1, order("streamed", "c1"), gen=1),
+        ]
+    )
+    assert sink.sweep(CARD, 1, time.time()) == 1
+    assert client.zrange("customer:c1:orders", 0, -1) == [b"future", b"kept", b"streamed"]
+    assert not client.exists("order:gone") and sink.owned_entries(CARD, "gone") == []
+    assert sink.sweep(CARD, 1, time.time()) == 0
+
+
+def test_purge_removes_old_tombstones_only(client: Any) -> None:
+    now = [1_000_000.0]
+    sink = RedisSink("cache", client, clock=lambda: now[0], tombstone_retention=3600)
+    sink.apply(
+        [
+            change(CARD, "old", 1, order("old")),
+            change(CARD, "young", 1, order("young")),
+            change(CARD, "alive", 1, order("alive")),
+        ]
+    )
+    sink.apply([change(CARD, "old", 2, None)])
+    now[0] += 1000
+    sink.apply([change(CARD, "young", 2, None)])
+    assert sink.purge_tombstones(CARD, older_than=now[0] - 500) == 1
+    assert sink.owned_entries(CARD, "old") is None
+    assert sink.owned_entries(CARD, "young") == []
+    assert sink.owned_entries(CARD, "alive") is not None
+    now[0] += 3600 + 1  # the default: older than the retention
+    assert sink.purge_tombstones(CARD) == 1
+    assert [r.item_key for r in sink.iter_owner_records(CARD)] == ["alive"]
+
+
+# ---- the connection ------------------------------------------------------------------------------
+
+
+def test_noscript_is_recovered_after_script_flush(sink: RedisSink, client: Any) -> None:
+    sink.apply([change(CARD, "o1", 1, order("o1"))])
+    client.script_flush()
+    results = sink.apply([change(CARD, f"o{i}", 2, order(f"o{i}", "c2")) for i in range(120)])
+    assert outcomes(results) == ["applied"] * 120
+    client.script_flush()
+    sink.apply([change(CARD, "o1", 3, None)])
+    assert sink.purge_tombstones(CARD, older_than=time.time() + 10) == 1  # its own script too
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_connection_refused_raises_sink_unavailable_without_the_password() -> None:
+    port = _closed_port()
+    sink = RedisSink.from_url("cache", f"redis://:s3cret-pw@127.0.0.1:{port}/0", retry_seconds=0.3)
+    started = time.monotonic()
+    with pytest.raises(SinkUnavailable) as caught:
+        sink.apply([change(CARD, "o1", 1, order("o1"))])
+    assert time.monotonic() - started < 3
+    text = "".join(traceback.format_exception(caught.value)) + repr(sink)
+    assert f"127.0.0.1:{port}" in str(caught.value) and "'cache'" in str(caught.value)
+    assert "s3cret" not in text
+    with pytest.raises(SinkUnavailable):
+        sink.ping()
+
+
+def test_wrong_password_is_reported_without_it(redis_url: str) -> None:
+    from tests.testbed import RedisServer
+
+    with RedisServer() as server:
+        admin = redis.Redis.from_url(server.url)
+        admin.config_set("requirepass", "right-pw")
+        admin.close()
+        url = server.url.replace("redis://", "redis://:wrong-pw@")
+        sink = RedisSink.from_url("cache", url, retry_seconds=0.3)
+        with pytest.raises(SinkUnavailable) as caught:
+            sink.ping()
+        assert "authentication" in str(caught.value) and "wrong-pw" not in str(caught.value)
+        good = RedisSink.from_url("cache", server.url.replace("redis://", "redis://:right-pw@"))
+        good.ping()
+        assert outcomes(good.apply([change(CARD, "o1", 1, order("o1"))])) == ["applied"]
+        good.close()
+
+
+def test_a_redis_restart_is_survived(redis_url: str) -> None:
+    from tests.testbed import RedisServer
+
+    with RedisServer() as server:
+        sink = RedisSink.from_url("cache", server.url, retry_seconds=15)
+        sink.prepare([CARD])
+        sink.apply([change(CARD, "o1", 1, order("o1"))])
+        server.stop()
+        box: list[Any] = []
+        worker = threading.Thread(
+            target=lambda: box.append(sink.apply([change(CARD, "o1", 2, order("o1", "c2"))]))
+        )
+        worker.start()
+        time.sleep(0.5)  # the apply is now retrying against a closed port
+        server.start()  # empty: no scripts, no data
+        worker.join(20)
+        assert outcomes(box[0]) == ["applied"]
+        client = redis.Redis.from_url(server.url)
+        assert client.zrange("customer:c2:orders", 0, -1) == [b"o1"]
+        sink.close()
+        client.close()
+
+
+def test_owner_buckets_cannot_change_under_existing_data(
+    real_sink: RedisSink, redis_client: Any
+) -> None:
+    from viewkeeper.sinks.base import SinkError
+
+    real_sink.apply([change(CARD, "o1", 1, order("o1"))])
+    other = RedisSink("cache", redis_client, owner_buckets=16)
+    with pytest.raises(SinkError, match="owner_buckets: 4096"):
+        other.prepare([CARD])
+
+
+def test_decode_responses_clients_are_refused(redis_url: str) -> None:
+    with pytest.raises(ValueError, match="decode_responses=False"):
+        RedisSink("cache", redis.Redis.from_url(redis_url, decode_responses=True))
+
+
+def test_claims_live_where_python_computes_them(real_sink: RedisSink, redis_client: Any) -> None:
+    """The script finds a retracted entry's claim by recomputing its bucket: both must agree."""
+    real_sink.apply([change(CARD, f"o{i}", 1, order(f"o{i}", f"c{i % 7}")) for i in range(200)])
+    claims = sum(redis_client.hlen(k) for k in redis_client.scan_iter(b"vk:c:*"))
+    assert claims == 200 * 4
+    real_sink.apply([change(CARD, f"o{i}", 2, None) for i in range(200)])
+    assert list(redis_client.scan_iter(b"vk:c:*")) == []
+    assert data_keys(redis_client) == []
+
+
+def test_value_bytes_are_the_documented_encoding(real_sink: RedisSink, redis_client: Any) -> None:
+    value = {"n": 1, "s": {"b", "a"}}
+    real_sink.apply([Change(CARD, "i", Version(0, "1"), entries(Value("k", value)))])
+    assert redis_client.get("k") == redis_value(value) == b'{"n":1,"s":["a","b"]}'
+
+
+def test_buckets_past_listpack_size_are_read_completely(client: Any) -> None:
+    sink = RedisSink("small", client, key_prefix="vk2:", owner_buckets=2)
+    sink.apply([change(CARD, f"o{i}", 1, order(f"o{i}")) for i in range(300)])
+    if not isinstance(client, fakeredis.FakeRedis):  # fakeredis has no OBJECT
+        assert client.object("encoding", "vk2:card:o:0") == b"hashtable"
+    assert len(list(sink.iter_owner_records(CARD))) == 300
+    sink.apply([change(CARD, f"o{i}", 2, None) for i in range(150)])
+    assert sink.sweep(CARD, 1, time.time()) == 150
+    assert sink.purge_tombstones(CARD, older_than=time.time() + 10) == 300
+    assert sorted(client.scan_iter()) == [b"vk2:meta", b"vk2:views"]
+
+
+def test_a_connection_lost_mid_batch_resends_what_got_no_reply(
+    sink: RedisSink, client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import viewkeeper.sinks.redis as module
+
+    real_read, reads = module._read, [0]
+
+    def flaky_read(conn: Any, calls: Any, replies: Any) -> None:
+        reads[0] += 1
+        if reads[0] == 4:  # two slices were read, more were sent: the connection dies
+            raise redis.ConnectionError("connection reset (injected)")
+        real_read(conn, calls, replies)
+
+    monkeypatch.setattr(module, "_read", flaky_read)
+    results = sink.apply([change(CARD, f"o{i}", 1, order(f"o{i}")) for i in range(400)])
+    assert set(outcomes(results)) <= {"applied", "stale"} and reads[0] > 4
+    assert outcomes(results)[:100] == ["applied"] * 100  # replies read before the loss
+    # the rest: applied by the resend, or stale when the first send landed and only its
+    # reply was lost (both mean "the sink holds this version")
+    assert client.zcard("customer:c1:orders") == 400

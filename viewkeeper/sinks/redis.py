@@ -1,0 +1,631 @@
+"""The Redis sink: one Lua script applies one change atomically; many run per round trip.
+
+Key layout (public, read by checkers; ``vk:`` is ``key_prefix``, which views may not write)::
+
+    vk:{view}:o:{bucket}  hash  owner records of a view: field = item key (UTF-8),
+                                bucket = crc32(item key) % owner_buckets
+    vk:c:{bucket}         hash  claims of the connection, shared by its views: field = entry
+                                identity, value = view id + item key,
+                                bucket = int(identity, big-endian) % 2147483629 % owner_buckets
+    vk:views              hash  view name -> short id; "#<id>" -> name; "#" = last id given
+    vk:meta               hash  owner_buckets (changing it would strand every owner record)
+
+``L(n)`` is one byte when ``n < 253``, else byte 253 and four bytes big-endian.
+
+- Entry identity: ``V key`` | ``H L(key) key field`` | ``S L(key) key member`` |
+  ``Z L(key) key member``: unambiguous for any bytes, and the claim field as it is.
+- Packed version: ``L(g) g L(s) s`` with ``g``, ``s`` the generation and the sequence number
+  as minimal big-endian integers. Bytewise order is version order (generation, then the
+  sequence as an integer), the same order as ``versions.py``; a 28-digit sequence takes 12
+  bytes instead of 28 — bookkeeping memory is the budget here (~100 bytes per item).
+- Owner record: packed version, then per entry ``type S(key)`` plus ``S(field or member)``
+  for H/S/Z; or, for a tombstone (an item owning nothing), ``~`` and the deletion time in
+  epoch seconds. ``S(x)`` is ``L(len) x``, or byte 254 ``L(len) prefix L(len) suffix`` when
+  ``x`` contains the item key (entry keys are usually built from it: store it once).
+- Claim value: view id, then ``=`` plus the offset and length of the item key inside the
+  identity (one byte each), or ``:`` plus the item key when it does not appear there.
+
+Hashes stay listpack-encoded (compact) while they hold at most 128 fields of at most 64 bytes
+(``hash-max-listpack-*``): size ``owner_buckets`` at about items / 50. Use a ``noeviction``
+or ``volatile-*`` maxmemory policy: an evicted owner record cannot be rebuilt from Redis.
+Standalone Redis only: retracted entries' keys come from stored owner records (see the script).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from decimal import Decimal
+from functools import partial
+from importlib import resources
+from typing import Any, TypeVar
+
+import redis
+from redis.backoff import NoBackoff
+from redis.exceptions import (
+    AuthenticationError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    TryAgainError,
+)
+from redis.retry import Retry
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_random_exponential
+
+from viewkeeper.projection.api import View
+from viewkeeper.projection.entries import HashField, SetMember, SortedSetMember, Value, member_text
+from viewkeeper.sinks.base import Change, Collision, Outcome, Result, SinkError, SinkUnavailable
+from viewkeeper.sinks.encoding import EncodeError, redis_value
+from viewkeeper.versions import Version
+
+__all__ = ["OwnerRecord", "RedisSink", "pack_version", "unpack_version"]
+
+log = logging.getLogger("viewkeeper.sinks.redis")
+T = TypeVar("T")
+Ident = tuple[str, str, str]
+
+_M = 2147483629
+_KIND = {
+    "V": "string Value",
+    "H": "hash HashField",
+    "S": "set SetMember",
+    "Z": "sorted-set SortedSetMember",
+}
+_TRANSIENT_PREFIXES = ("BUSY", "LOADING", "MASTERDOWN", "CLUSTERDOWN")
+_SLICE = 50  # commands per send while the previous slice runs
+
+
+def _load(name: str) -> bytes:
+    return resources.files("viewkeeper.sinks").joinpath(name).read_bytes()
+
+
+def _b(text: str) -> bytes:
+    """Text as Redis bytes; ``surrogateescape`` round-trips bytes members (see member_text)."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass")
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _L(n: int) -> bytes:
+    return bytes((n,)) if n < 253 else b"\xfd" + n.to_bytes(4, "big")
+
+
+def _len_at(raw: bytes, p: int) -> tuple[int, int]:
+    n = raw[p]
+    return (n, p + 1) if n < 253 else (int.from_bytes(raw[p + 1 : p + 5], "big"), p + 5)
+
+
+def pack_version(version: Version) -> bytes:
+    """The stored form of a version; bytewise order equals version order."""
+    g, s = version.generation, int(version.sequence)
+    gb, sb = g.to_bytes((g.bit_length() + 7) // 8, "big"), s.to_bytes((s.bit_length() + 7) // 8)
+    return bytes((len(gb),)) + gb + bytes((len(sb),)) + sb
+
+
+def unpack_version(raw: bytes) -> tuple[Version, int]:
+    """The version at the start of an owner record, and where the rest of the record starts."""
+    lg = raw[0]
+    ls = raw[1 + lg]
+    end = 2 + lg + ls
+    return Version(int.from_bytes(raw[1 : 1 + lg]), str(int.from_bytes(raw[2 + lg : end]))), end
+
+
+@dataclass(frozen=True, slots=True)
+class OwnerRecord:
+    """What the sink remembers about one item of one view."""
+
+    item_key: str
+    version: Version
+    entries: tuple[Ident, ...]  # the entries' ``ident`` (see entries.py)
+    deleted_at: int | None  # epoch seconds when this is a tombstone
+
+    @property
+    def tombstone(self) -> bool:
+        return self.deleted_at is not None
+
+
+def _parse_record(item: bytes, raw: bytes) -> OwnerRecord:
+    version, p = unpack_version(raw)
+    if raw[p : p + 1] == b"~":
+        return OwnerRecord(_text(item), version, (), int(raw[p + 1 :]))
+
+    def string() -> bytes:
+        nonlocal p
+        if raw[p] == 254:
+            n, p = _len_at(raw, p + 1)
+            pre = raw[p : p + n]
+            n, p = _len_at(raw, p + n)
+            p += n
+            return pre + item + raw[p - n : p]
+        n, p = _len_at(raw, p)
+        p += n
+        return raw[p - n : p]
+
+    entries: list[Ident] = []
+    while p < len(raw):
+        t = chr(raw[p])
+        p += 1
+        key = string()
+        entries.append((t, _text(key), "" if t == "V" else _text(string())))
+    return OwnerRecord(_text(item), version, tuple(entries), None)
+
+
+class _Reject(Exception):
+    """This change alone cannot be applied (reported as an ERROR result)."""
+
+
+def _score(entry: SortedSetMember) -> bytes:
+    """Score text Redis parses to the same double; checked here, since a ZADD failing inside
+    the script would leave the change half-written."""
+    s = entry.score
+    try:
+        f = float(s)
+    except (OverflowError, ValueError):
+        f = math.nan
+    if math.isnan(f) or (
+        math.isinf(f)
+        and not isinstance(s, float)
+        and not (isinstance(s, Decimal) and s.is_infinite())
+    ):
+        raise _Reject(
+            f"score {s!r} of member {entry.member!r} in {entry.key!r} is not a "
+            "number a Redis sorted set can hold (a finite double or +/-inf)"
+        )
+    return str(s).encode() if isinstance(s, int) else repr(f).encode()
+
+
+def _entry_args(e: object) -> tuple[bytes, bytes, bytes, bytes, bytes]:
+    """(type, key, identity, a, b) of one entry, as the script takes them."""
+    if isinstance(e, Value):
+        k = _b(e.key)
+        return b"V", k, b"V" + k, redis_value(e.value), b"" if e.ttl is None else b"%d" % e.ttl
+    if isinstance(e, HashField):
+        k, f = _b(e.key), _b(e.field)
+        return b"H", k, b"H" + _L(len(k)) + k + f, f, redis_value(e.value)
+    if isinstance(e, SetMember | SortedSetMember):
+        k, m = _b(e.key), _b(member_text(e.member))
+        if isinstance(e, SetMember):
+            return b"S", k, b"S" + _L(len(k)) + k + m, m, b""
+        return b"Z", k, b"Z" + _L(len(k)) + k + m, m, _score(e)
+    raise _Reject(
+        f"{type(e).__name__} is not a Redis entry; a redis_view yields Value, "
+        "HashField, SetMember or SortedSetMember"
+    )
+
+
+def _describe(t: str, key: bytes, sub: bytes) -> str:
+    kind = _KIND[t].split()[1]
+    what = {"H": "field", "S": "member", "Z": "member"}.get(t)
+    return f"{kind} {_text(key)!r}" + (f" {what} {_text(sub)!r}" if what else "")
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, AuthenticationError):
+        return False
+    return isinstance(
+        exc,
+        redis.ConnectionError
+        | redis.TimeoutError
+        | OutOfMemoryError
+        | ReadOnlyError
+        | TryAgainError,
+    ) or (isinstance(exc, redis.ResponseError) and str(exc).startswith(_TRANSIENT_PREFIXES))
+
+
+@dataclass(slots=True)
+class _Call:
+    index: int  # of the change in the batch
+    resp: bytes  # the EVALSHA command, encoded
+    entries: list[tuple[str, bytes, bytes, bytes]]  # type, key, identity, field/member
+
+
+def _resp(args: list[bytes]) -> bytes:
+    """One command in RESP (redis-py's general packer takes twice as long)."""
+    return b"*%d\r\n" % len(args) + b"".join([b"$%d\r\n%b\r\n" % (len(a), a) for a in args])
+
+
+def _read(conn: Any, calls: list[_Call], replies: dict[int, Any]) -> None:
+    for c in calls:
+        try:
+            replies[c.index] = conn.read_response()
+        except redis.ResponseError as exc:  # this command's error, e.g. NOSCRIPT
+            replies[c.index] = exc
+
+
+def _again(reply: Any) -> bool:
+    """Whether a reply means "send it again": none yet, NOSCRIPT or a transient error."""
+    return (
+        reply is None
+        or isinstance(reply, NoScriptError)
+        or (isinstance(reply, Exception) and _is_transient(reply))
+    )
+
+
+class RedisSink:
+    """A ``redis:`` connection of the config, serving all its views (the ``Sink`` protocol)."""
+
+    def __init__(
+        self,
+        name: str,
+        client: redis.Redis | None = None,
+        *,
+        url: str | None = None,
+        key_prefix: str = "vk:",
+        owner_buckets: int = 4096,
+        tombstone_retention: float = 48 * 3600,
+        clock: Callable[[], float] = time.time,
+        retry_seconds: float = 5.0,
+        batch_size: int = 500,
+    ) -> None:
+        if client is None:
+            if url is None:
+                raise ValueError(f"redis sink {name!r}: give a client or a url")
+            # Our own retry loop (tenacity, bounded) replaces redis-py's built-in retries.
+            client = redis.Redis.from_url(
+                url, socket_connect_timeout=2.0, socket_timeout=10.0, retry=Retry(NoBackoff(), 0)
+            )
+            self._owns_client = True
+        else:
+            self._owns_client = False
+        kw = client.connection_pool.connection_kwargs
+        if kw.get("decode_responses"):
+            raise ValueError(
+                f"redis sink {name!r}: the client must use decode_responses=False; "
+                "owner records are binary"
+            )
+        if owner_buckets < 1 or not key_prefix:
+            raise ValueError(
+                f"redis sink {name!r}: owner_buckets must be >= 1 and key_prefix non-empty"
+            )
+        self.name = name
+        self.where = kw.get("path") or f"{kw.get('host', 'localhost')}:{kw.get('port', 6379)}"
+        self.key_prefix = key_prefix
+        self.owner_buckets = owner_buckets
+        self.tombstone_retention = tombstone_retention
+        self.retry_seconds = retry_seconds
+        self.batch_size = batch_size
+        # Any: redis-py's annotations assume str replies; this client returns bytes.
+        self._client: Any = client
+        self._clock = clock
+        self._secret = str(kw.get("password") or "")
+        self._prefix = _b(key_prefix)
+        self._claims = self._prefix + b"c:"
+        self._nbuckets = b"%d" % owner_buckets
+        self._registry = self._prefix + b"views"
+        self._apply_src = _load("redis_apply.lua")
+        self._apply_sha = hashlib.sha1(self._apply_src).hexdigest().encode()
+        self._purge = client.register_script(_load("redis_purge.lua"))
+        self._views = client.register_script(_load("redis_views.lua"))
+        self._view_ids: dict[str, bytes] = {}
+        self._view_names: dict[bytes, str] = {}
+        self._ready = False
+
+    @classmethod
+    def from_url(cls, name: str, url: str, **options: Any) -> RedisSink:
+        """A sink from ``redis://[:password@]host:port/db`` or ``rediss://`` (TLS)."""
+        return cls(name, url=url, **options)
+
+    def __repr__(self) -> str:
+        return f"RedisSink({self.name!r}, {self.where})"
+
+    # -- the Sink protocol -----------------------------------------------------------------
+    def prepare(self, views: Sequence[View]) -> None:
+        """Load the scripts, check the bucket count and register the views' ids."""
+        self._ensure_ready()
+        for view in views:
+            self._view_id(view.name)
+        try:
+            policy = self._client.config_get("maxmemory-policy").get(b"maxmemory-policy", b"")
+        except redis.ResponseError:  # CONFIG is often disabled on managed Redis
+            return
+        if policy.startswith(b"allkeys-"):
+            log.warning(
+                "redis sink %s (%s): maxmemory-policy %s may evict owner records; use "
+                "noeviction or volatile-*",
+                self.name,
+                self.where,
+                policy.decode(),
+            )
+
+    def apply(self, changes: Sequence[Change]) -> list[Result]:
+        """One Result per change, in order; raises SinkUnavailable after ``retry_seconds``."""
+        return self._apply(changes, self._clock())
+
+    def sweep(self, view: View, generation: int, now: float) -> int:
+        """Retract and tombstone items whose record is older than ``generation`` (rebuild)."""
+        retracted, batch = 0, []
+        for rec in self.iter_owner_records(view):
+            if rec.version.generation < generation and rec.entries:
+                batch.append(Change(view, rec.item_key, Version(generation, "0"), []))
+            if len(batch) >= self.batch_size:
+                retracted += self._count_applied(self._apply(batch, now))
+                batch = []
+        return retracted + self._count_applied(self._apply(batch, now))
+
+    def purge_tombstones(self, view: View | str, older_than: float | None = None) -> int:
+        """Forget tombstones deleted before ``older_than`` (default: now - retention)."""
+        cutoff = int(self._clock() - self.tombstone_retention if older_than is None else older_than)
+        per_bucket: dict[bytes, list[bytes]] = {}
+        for rec in self.iter_owner_records(view):
+            if rec.deleted_at is not None and rec.deleted_at < cutoff:
+                item = _b(rec.item_key)
+                per_bucket.setdefault(self._owner_key(view, item), []).append(item)
+        purged = 0
+        for key, items in per_bucket.items():
+
+            def purge(k: bytes = key, i: list[bytes] = items) -> int:
+                return int(self._purge(keys=[k], args=[cutoff, *i]))
+
+            purged += self._with_retry(purge)
+        return purged
+
+    def ping(self) -> None:
+        self._with_retry(self._client.ping)
+
+    def close(self) -> None:
+        if self._owns_client:
+            self._client.close()
+
+    # -- helpers for tests and checkers --------------------------------------------------------
+    def owned_entries(self, view: View | str, item_key: str) -> list[Ident] | None:
+        """The identities the item owns (``[]`` for a tombstone), or None without a record."""
+        item = _b(item_key)
+        raw = self._with_retry(lambda: self._client.hget(self._owner_key(view, item), item))
+        return None if raw is None else list(_parse_record(item, raw).entries)
+
+    def iter_owner_records(self, view: View | str) -> Iterator[OwnerRecord]:
+        """Every owner record of the view (tombstones included), bucket by bucket."""
+        step = 256
+        for first in range(0, self.owner_buckets, step):
+            keys = [
+                self._bucket_key(view, b)
+                for b in range(first, min(first + step, self.owner_buckets))
+            ]
+
+            def scan(keys: list[bytes] = keys) -> list[Any]:
+                pipe = self._client.pipeline(transaction=False)
+                for key in keys:
+                    pipe.hscan(key, 0, count=1000)
+                return list(pipe.execute())
+
+            for key, (cursor, fields) in zip(keys, self._with_retry(scan), strict=True):
+                if cursor:  # a bucket past listpack size: scan it to the end
+                    fields = self._with_retry(partial(self._hscan_all, key))
+                for item, raw in fields.items():
+                    yield _parse_record(item, raw)
+
+    # -- internals -------------------------------------------------------------------------
+    def _bucket_key(self, view: View | str, bucket: int) -> bytes:
+        name = view if isinstance(view, str) else view.name
+        return self._prefix + _b(name) + b":o:%d" % bucket
+
+    def _owner_key(self, view: View | str, item: bytes) -> bytes:
+        return self._bucket_key(view, zlib.crc32(item) % self.owner_buckets)
+
+    def _hscan_all(self, key: bytes) -> dict[bytes, bytes]:
+        return dict(self._client.hscan_iter(key, count=1000))
+
+    @staticmethod
+    def _count_applied(results: list[Result]) -> int:
+        return sum(r.outcome is Outcome.APPLIED for r in results)
+
+    def _ensure_ready(self) -> None:
+        if self._ready:
+            return
+        meta = self._prefix + b"meta"
+
+        def check() -> Any:
+            pipe = self._client.pipeline(transaction=False)
+            pipe.script_load(self._apply_src)
+            pipe.hsetnx(meta, "owner_buckets", self.owner_buckets)
+            pipe.hget(meta, "owner_buckets")
+            return pipe.execute()[2]
+
+        stored = self._with_retry(check)
+        if int(stored) != self.owner_buckets:
+            raise SinkError(
+                f"redis sink {self.name!r} ({self.where}): owner_buckets is {self.owner_buckets} "
+                f"but the data under {self.key_prefix!r} was written with {int(stored)}; set "
+                f"owner_buckets: {int(stored)} (changing it needs an empty prefix and a rebuild)"
+            )
+        self._ready = True
+
+    def _view_id(self, name: str) -> bytes:
+        vid = self._view_ids.get(name)
+        if vid is None:
+            vid = bytes(self._with_retry(lambda: self._views(keys=[self._registry], args=[name])))
+            self._view_ids[name], self._view_names[vid] = vid, name
+        return vid
+
+    def _view_name(self, vid: bytes) -> str:
+        if vid not in self._view_names:
+            raw = self._with_retry(lambda: self._client.hget(self._registry, b"#" + vid))
+            self._view_names[vid] = _text(raw) if raw else f"#{_text(vid)}"
+        return self._view_names[vid]
+
+    def _apply(self, changes: Sequence[Change], now: float) -> list[Result]:
+        """Send the changes in slices on one connection, reading a slice's replies only after
+        sending the next, so Redis runs one slice while we encode the next. Whatever did not
+        get a reply (connection lost, NOSCRIPT, BUSY...) is sent again by :meth:`_resend`."""
+        self._ensure_ready()
+        results: list[Result | None] = [None] * len(changes)
+        calls: list[_Call] = []
+        replies: dict[int, Any] = {}
+
+        def prepare(lo: int, hi: int) -> list[_Call]:
+            out = []
+            for i in range(lo, hi):
+                try:
+                    out.append(self._call_for(i, changes[i], int(now)))
+                except (_Reject, EncodeError, TypeError, ValueError) as exc:
+                    results[i] = Result(Outcome.ERROR, self._where(changes[i]) + str(exc))
+            calls.extend(out)
+            return out
+
+        done = 0
+        try:
+            with self._connection() as conn:
+                waiting: list[_Call] = []
+                for lo in range(0, len(changes), _SLICE):
+                    done = min(lo + _SLICE, len(changes))
+                    sent = prepare(lo, done)
+                    if sent:  # a health check would read a pending reply: only when none is
+                        conn.send_packed_command(
+                            [b"".join(c.resp for c in sent)], check_health=not waiting
+                        )
+                    _read(conn, waiting, replies)
+                    waiting = sent
+                _read(conn, waiting, replies)
+        except Exception as exc:
+            if not _is_transient(exc):
+                raise
+        prepare(done, len(changes))
+        if any(_again(replies.get(c.index)) for c in calls):
+            self._with_retry(partial(self._resend, calls, replies))
+        for c in calls:
+            results[c.index] = self._result(changes[c.index], c, replies[c.index])
+        return [r for r in results if r is not None]
+
+    def _resend(self, calls: list[_Call], replies: dict[int, Any]) -> None:
+        for _ in range(3):
+            todo = [c for c in calls if _again(replies.get(c.index))]
+            if not todo:
+                return
+            if any(isinstance(replies.get(c.index), NoScriptError) for c in todo):
+                self._client.script_load(self._apply_src)  # after a restart or SCRIPT FLUSH
+            with self._connection() as conn:
+                conn.send_packed_command([b"".join(c.resp for c in todo)])
+                _read(conn, todo, replies)
+            for c in todo:
+                reply = replies[c.index]
+                if isinstance(reply, Exception) and _is_transient(reply):
+                    raise reply
+        raise redis.ConnectionError("NOSCRIPT right after SCRIPT LOAD: is a proxy in the way?")
+
+    @contextmanager
+    def _connection(self) -> Iterator[Any]:
+        pool = self._client.connection_pool
+        conn = pool.get_connection()
+        try:
+            yield conn
+        except BaseException:
+            conn.disconnect()  # unread replies would be read as the next command's
+            raise
+        finally:
+            pool.release(conn)
+
+    @staticmethod
+    def _where(change: Change) -> str:
+        return f"view {change.view.name}, item {change.item_key!r}: "
+
+    def _call_for(self, index: int, change: Change, now: int) -> _Call:
+        item = _b(change.item_key)
+        per_ident: dict[bytes, tuple[bytes, bytes, bytes, bytes]] = {}
+        types: dict[bytes, bytes] = {}
+        for entry in change.entries:
+            t, key, ident, a, b = _entry_args(entry)
+            if key.startswith(self._prefix):
+                raise _Reject(
+                    f"entry key {_text(key)!r} is inside viewkeeper's bookkeeping "
+                    f"prefix {self.key_prefix!r}; use another key in the view"
+                )
+            if types.setdefault(key, t) != t:
+                raise _Reject(
+                    f"the view yields both a {_KIND[types[key].decode()]} and a "
+                    f"{_KIND[t.decode()]} at key {_text(key)!r}; a key has one type"
+                )
+            per_ident[ident] = (t, key, a, b)
+        keys = [self._owner_key(change.view, item)]
+        args = [
+            item,
+            self._view_id(change.view.name),
+            pack_version(change.version),
+            b"%d" % now,
+            self._claims,
+            self._nbuckets,
+        ]
+        entries = []
+        for ident, (t, key, a, b) in per_ident.items():
+            keys += (key, self._claims + b"%d" % (int.from_bytes(ident) % _M % self.owner_buckets))
+            args += (t, ident, a, b)
+            entries.append((t.decode(), key, ident, a))
+        command = [b"EVALSHA", self._apply_sha, b"%d" % len(keys), *keys, *args]
+        return _Call(index, _resp(command), entries)
+
+    def _result(self, change: Change, call: _Call, reply: Any) -> Result:
+        if isinstance(reply, Exception):
+            return Result(
+                Outcome.ERROR,
+                self._where(change) + f"Redis rejected the change: {self._scrub(str(reply))}",
+            )
+        code = int(reply[0])
+        if code == 0:
+            return Result(Outcome.STALE)
+        if code == -1:
+            t, key, _, _ = call.entries[int(reply[1]) - 1]
+            return Result(
+                Outcome.ERROR,
+                (
+                    f"key {_text(key)!r} holds a {_text(reply[2])}, view {change.view.name} writes "
+                    f"a {_KIND[t]} there (item {change.item_key!r}); delete or rename that key, or "
+                    "change the view so that each Redis key keeps one type"
+                ),
+            )
+        collisions = []
+        for j in range(1, len(reply), 2):
+            t, key, ident, sub = call.entries[int(reply[j]) - 1]
+            other_view, other_item = self._claim_owner(ident, reply[j + 1])
+            if other_view != change.view.name:
+                other_item = f"{other_item} (view {other_view})"
+            collisions.append(Collision(_describe(t, key, sub), other_item))
+        return Result(Outcome.APPLIED, collisions=collisions)
+
+    def _claim_owner(self, ident: bytes, claim: bytes) -> tuple[str, str]:
+        i = 0
+        while i < len(claim) and claim[i : i + 1].isdigit():
+            i += 1
+        if claim[i : i + 1] == b"=":
+            item = ident[claim[i + 1] : claim[i + 1] + claim[i + 2]]
+        else:
+            item = claim[i + 1 :]
+        return self._view_name(claim[:i]), _text(item)
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self._secret, "***") if self._secret else text
+
+    def _with_retry(self, fn: Callable[[], T]) -> T:
+        """Run ``fn``, retrying transient failures with backoff for ``retry_seconds``."""
+        try:
+            for attempt in Retrying(
+                stop=stop_after_delay(self.retry_seconds),
+                reraise=True,
+                wait=wait_random_exponential(multiplier=0.05, max=1.0),
+                retry=retry_if_exception(_is_transient),
+            ):
+                with attempt:
+                    return fn()
+        except AuthenticationError as exc:
+            raise SinkUnavailable(
+                f"redis sink {self.name!r} at {self.where}: authentication "
+                f"failed ({self._scrub(str(exc))}); check the URL's "
+                "password or the credential file"
+            ) from None
+        except Exception as exc:
+            if not _is_transient(exc):
+                raise
+            raise SinkUnavailable(
+                f"redis sink {self.name!r} at {self.where} is unavailable after retrying for "
+                f"{self.retry_seconds:g}s: {type(exc).__name__}: {self._scrub(str(exc))}"
+            ) from None
+        raise AssertionError("unreachable")
