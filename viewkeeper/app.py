@@ -87,6 +87,9 @@ class App:
         return self._sinks
 
     def _build_sinks(self) -> dict[SinkKey, Sink]:
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
         from viewkeeper.sinks.connect import opensearch_client, redis_client
 
         retention = self.config.tombstones.retention_hours * 3600
@@ -97,7 +100,9 @@ class App:
             rconf = self.config.redis[name]
             sinks[("redis", name)] = RedisSink(
                 name,
-                redis_client(rconf),
+                # the sink retries within its own time budget; redis-py's retries would
+                # stretch it
+                redis_client(rconf, retry=Retry(NoBackoff(), 0)),
                 key_prefix=rconf.key_prefix,
                 owner_buckets=rconf.owner_buckets,
                 tombstone_retention=retention,
