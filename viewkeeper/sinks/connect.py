@@ -120,6 +120,8 @@ def opensearch_client(conn: OpenSearchConnection, aws: AwsConfig, **overrides: A
         "max_retries": conn.max_retries,
         "retry_on_timeout": True,
         "http_compress": conn.http_compress,
+        # one connection per shard worker thread that may send a bulk at the same time
+        "pool_maxsize": 32,
     }
     if conn.ca_certs is not None:
         kwargs["ca_certs"] = conn.ca_certs
