@@ -1,7 +1,7 @@
 """Change records and the DynamoDB JSON decoder.
 
 Where a record enters viewkeeper: the raw ``Records`` of a GetRecords page (or of a Lambda
-event) become :class:`ChangeRecord` objects here, and nowhere else.
+event, or of boto3's parsed form) become :class:`ChangeRecord` objects here, and nowhere else.
 
 Number policy: an ``N`` value becomes an ``int`` when it is integral as written (no ``.``,
 ``e`` or ``E``), otherwise a :class:`decimal.Decimal` — never a float, so no precision is lost.
@@ -10,15 +10,23 @@ events; raw bytes when the record came through boto3). ``SS``/``BS`` become ``se
 ``list``, ``M`` a ``dict``, ``NULL`` ``None``, ``BOOL`` ``bool``.
 
 The new image is decoded eagerly (every view needs it); the old image is kept raw and decoded
-only when :attr:`ChangeRecord.old_image` is read.
+only when :attr:`ChangeRecord.old_image` is read (no view reads it on the hot path).
+
+Speed matters here: this decoder runs on every attribute of every record, and with
+``orjson.loads`` it replaces botocore's response parser, which costs ~100 µs per record
+(DESIGN.md §8; ``bench/decode.py`` measures both). Hence :func:`_image`, a hand-inlined loop
+for the common types (S, N, M, BOOL, NULL) that calls out only for the rarer ones, and
+strict-but-cheap validation: a malformed value is rejected with a message naming the
+attribute path, at no cost for well-formed input.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import datetime as _dt
-from collections.abc import Iterable, Mapping
-from decimal import Decimal
+from collections.abc import Callable, Iterable, Mapping
+from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 
 __all__ = [
@@ -29,104 +37,278 @@ __all__ = [
     "decode_record",
     "decode_records",
     "decode_value",
+    "encode_image",
     "encode_key",
+    "encode_value",
 ]
 
 EventName = Literal["INSERT", "MODIFY", "REMOVE"]
 _EVENTS = frozenset(("INSERT", "MODIFY", "REMOVE"))
+_TYPES = "S, N, B, SS, NS, BS, M, L, NULL, BOOL"
 
 
 class DecodeError(ValueError):
-    """A change record or attribute value that is not valid DynamoDB JSON."""
+    """A change record or attribute value that is not valid DynamoDB JSON.
+
+    ``path`` locates the bad value inside an image (``("address", "lines", 2, "qty")``,
+    shown as ``address.lines[2].qty``); ``reason`` is the message without it.
+    """
+
+    def __init__(self, reason: str, path: tuple[str | int, ...] = ()) -> None:
+        self.reason = reason
+        self.path = path
+        super().__init__(f"{_path_text(path)}: {reason}" if path else reason)
+
+    def within(self, *outer: str | int) -> DecodeError:
+        """The same error, located inside ``outer`` (an attribute name or a list index)."""
+        return DecodeError(self.reason, (*outer, *self.path))
 
 
+def _path_text(path: tuple[str | int, ...]) -> str:
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text
+
+
+# --- scalar decoders -----------------------------------------------------------------------
 def _number(text: Any) -> int | Decimal:
-    if not isinstance(text, str):
-        if isinstance(text, int | Decimal) and not isinstance(text, bool):
-            return text
-        raise DecodeError(f"N value {text!r} is not a string of digits")
-    try:
+    """``N`` text → int when integral as written, else Decimal (see the module docstring).
+
+    DynamoDB only ever sends its canonical syntax; Python's parsers are slightly laxer
+    (``"+1"``, ``"1_0"``, surrounding spaces) and those harmless variants are accepted, but
+    anything that is not a finite number, or not ASCII, is refused.
+    """
+    if type(text) is str and text.isascii():
         if "." in text or "e" in text or "E" in text:
-            value = Decimal(text)
-            if not value.is_finite():
-                raise DecodeError(f"N value {text!r} is not a finite number")
-            return value
-        return int(text)
-    except (ValueError, ArithmeticError) as exc:
-        raise DecodeError(f"N value {text!r} is not a number") from exc
+            try:
+                value = Decimal(text)
+            except InvalidOperation:
+                raise DecodeError(f"N value {text[:60]!r} is not a number") from None
+            if value.is_finite():
+                return value
+            raise DecodeError(f"N value {text[:60]!r} is not a finite number")
+        try:
+            return int(text)
+        except ValueError:
+            raise DecodeError(f"N value {text[:60]!r} is not a number") from None
+    if isinstance(text, int | Decimal) and not isinstance(text, bool):
+        if isinstance(text, Decimal) and not text.is_finite():
+            raise DecodeError(f"N value {text!r} is not a finite number")
+        return text  # already a number (a hand-built record)
+    raise DecodeError(f"N value {text!r:.60} is not a string of digits")
 
 
 def _binary(value: Any) -> bytes:
-    if isinstance(value, bytes | bytearray):
-        return bytes(value)
-    if isinstance(value, str):
+    if type(value) is str:
         try:
-            return base64.b64decode(value, validate=True)
-        except (ValueError, TypeError) as exc:
+            return binascii.a2b_base64(value, strict_mode=True)
+        except (ValueError, binascii.Error) as exc:
             raise DecodeError(f"B value {value[:40]!r} is not valid base64") from exc
+    if isinstance(value, bytes | bytearray):
+        return bytes(value)  # boto3's parsed form has already decoded the base64
     raise DecodeError(f"B value of type {type(value).__name__} is neither bytes nor base64 text")
 
 
+def _list_of(tag: str, value: Any) -> list[Any] | tuple[Any, ...]:
+    if type(value) is list or type(value) is tuple:
+        return value
+    raise DecodeError(f"{tag} value {value!r:.60} is not a list")
+
+
+def _string_set(value: Any) -> set[str]:
+    items = _list_of("SS", value)
+    for v in items:
+        if type(v) is not str:
+            raise DecodeError(f"SS member {v!r:.60} is not a string")
+    return set(items)
+
+
+def _number_set(value: Any) -> set[int | Decimal]:
+    return {_number(v) for v in _list_of("NS", value)}
+
+
+def _binary_set(value: Any) -> set[bytes]:
+    return {_binary(v) for v in _list_of("BS", value)}
+
+
+def _string(value: Any) -> str:
+    if type(value) is str:
+        return value
+    raise DecodeError(f"S value {value!r:.60} is not a string")
+
+
+def _bool(value: Any) -> bool:
+    if value is True or value is False:
+        return value
+    raise DecodeError(f"BOOL value {value!r:.60} is not true or false")
+
+
+def _null(value: Any) -> None:
+    return None
+
+
+def _map(value: Any) -> dict[str, Any]:
+    if type(value) is dict:
+        return _image(value)
+    if isinstance(value, Mapping):
+        return _image(dict(value))
+    raise DecodeError(f"M value {value!r:.60} is not a map")
+
+
+def _list(value: Any) -> list[Any]:
+    items = _list_of("L", value)
+    try:
+        return [_value(v) for v in items]
+    except DecodeError:
+        for i, v in enumerate(items):  # find the culprit's index for the message
+            try:
+                _value(v)
+            except DecodeError as exc:
+                raise exc.within(i) from None
+        raise  # pragma: no cover - the loop above re-raises
+
+
+_DECODERS: dict[str, Callable[[Any], Any]] = {
+    "S": _string,
+    "N": _number,
+    "M": _map,
+    "L": _list,
+    "BOOL": _bool,
+    "NULL": _null,
+    "SS": _string_set,
+    "NS": _number_set,
+    "B": _binary,
+    "BS": _binary_set,
+}
+
+
+def _bad_value(av: Any) -> DecodeError:
+    if isinstance(av, Mapping) and len(av) == 1:
+        (tag,) = av
+        return DecodeError(f"unknown DynamoDB attribute type {tag!r}; expected one of {_TYPES}")
+    return DecodeError(
+        f"attribute value {av!r:.80} must be a map with exactly one type key ({_TYPES})"
+    )
+
+
+def _value(av: Any) -> Any:
+    """One attribute value (a list element); S, N and M inline, like :func:`_image`."""
+    try:
+        (tag,) = av
+        value = av[tag]
+    except (ValueError, TypeError, KeyError):
+        raise _bad_value(av) from None
+    if tag == "S" and type(value) is str:
+        return value
+    if tag == "N" and type(value) is str and value.isdigit() and value.isascii():
+        return int(value)
+    if tag == "M" and type(value) is dict:
+        return _image(value)
+    decoder = _DECODERS.get(tag)
+    if decoder is None:
+        raise _bad_value(av)
+    return decoder(value)
+
+
+def _image(image: dict[str, Any]) -> dict[str, Any]:
+    """The hot loop: one image (or M value) → plain dict. Inlines the common tags; the rest go
+    through :data:`_DECODERS`. Errors are re-raised with the attribute's name prepended."""
+    out: dict[str, Any] = {}
+    name = ""
+    try:
+        for name, av in image.items():
+            (tag,) = av
+            value = av[tag]
+            if tag == "S":
+                if type(value) is not str:
+                    raise DecodeError(f"S value {value!r:.60} is not a string")
+                out[name] = value
+            elif tag == "N":
+                if type(value) is str and value.isascii():
+                    if value.isdigit():
+                        out[name] = int(value)
+                    elif "." in value:  # cannot be NaN/Infinity; a bad one raises below
+                        out[name] = Decimal(value)
+                    else:
+                        out[name] = _number(value)
+                else:
+                    out[name] = _number(value)
+            elif tag == "M":
+                out[name] = _image(value) if type(value) is dict else _map(value)
+            elif tag == "BOOL":
+                if value is not True and value is not False:
+                    raise DecodeError(f"BOOL value {value!r:.60} is not true or false")
+                out[name] = value
+            elif tag == "NULL":
+                out[name] = None
+            else:
+                decoder = _DECODERS.get(tag)
+                if decoder is None:
+                    raise _bad_value(av)
+                out[name] = decoder(value)
+    except DecodeError as exc:
+        raise exc.within(name) from None
+    except (ValueError, TypeError, KeyError, AttributeError, ArithmeticError):
+        # the fast path only detects that something is wrong; say what, precisely
+        if not isinstance(image, Mapping):
+            raise DecodeError(f"image {image!r:.80} is not a map of attribute values") from None
+        av = image.get(name)
+        try:
+            _value(av)
+        except DecodeError as exc:
+            raise exc.within(name) from None
+        raise _bad_value(av).within(name) from None  # pragma: no cover - _value raised
+    return out
+
+
+# --- the public decoder --------------------------------------------------------------------
 def decode_value(av: Mapping[str, Any]) -> Any:
     """Decode one DynamoDB attribute value (``{"S": "x"}``) to a plain Python value."""
-    try:
-        ((tag, value),) = av.items()
-    except (ValueError, AttributeError):
-        raise DecodeError(
-            f"attribute value {av!r} must be a map with exactly one type key (S, N, M, ...)"
-        ) from None
-    if tag == "S":
-        if not isinstance(value, str):
-            raise DecodeError(f"S value {value!r} is not a string")
-        return value
-    if tag == "N":
-        return _number(value)
-    if tag == "M":
-        return {k: decode_value(v) for k, v in value.items()}
-    if tag == "L":
-        return [decode_value(v) for v in value]
-    if tag == "BOOL":
-        if not isinstance(value, bool):
-            raise DecodeError(f"BOOL value {value!r} is not true or false")
-        return value
-    if tag == "NULL":
-        return None
-    if tag == "SS":
-        return set(value)
-    if tag == "NS":
-        return {_number(v) for v in value}
-    if tag == "B":
-        return _binary(value)
-    if tag == "BS":
-        return {_binary(v) for v in value}
-    raise DecodeError(
-        f"unknown DynamoDB attribute type {tag!r}; expected one of S, N, B, SS, NS, BS, M, L, "
-        "NULL, BOOL"
-    )
+    return _value(av)
 
 
 def decode_image(image: Mapping[str, Any]) -> dict[str, Any]:
     """Decode a whole item image (``Keys``, ``NewImage``, ``OldImage`` or a Scan item)."""
-    return {name: decode_value(av) for name, av in image.items()}
+    if type(image) is dict:
+        return _image(image)
+    if isinstance(image, Mapping):
+        return _image(dict(image))
+    raise DecodeError(f"image {image!r:.80} is not a map of attribute values")
 
 
 def _epoch(value: Any) -> float:
-    if isinstance(value, int | float):
+    if isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, _dt.datetime):
-        return value.timestamp()
+        return value.timestamp()  # boto3's parsed form
     if isinstance(value, Decimal):
-        return float(value)
+        return float(value)  # a Lambda event read through a Decimal-preserving JSON parser
     if value is None:
         return 0.0
     raise DecodeError(f"ApproximateCreationDateTime {value!r} is neither epoch seconds nor a date")
 
 
 class ChangeRecord:
-    """One stream record, decoded. ``keys`` and ``new_image`` are plain Python values."""
+    """One stream record, decoded. ``keys`` and ``new_image`` are plain Python values.
 
-    __slots__ = ("_old_image", "_old_raw", "created_at", "event", "keys", "new_image",
-                 "raw", "sequence", "size_bytes")
+    ``sequence`` is the decimal SequenceNumber text (21 to 40 digits: compare as integers or
+    zero-padded, never as text of unequal length); ``created_at`` is
+    ApproximateCreationDateTime in epoch seconds (0.0 when absent); ``raw`` is the record as
+    it came in, kept for dead-lettering and replay.
+    """
+
+    __slots__ = (
+        "_old_image",
+        "_old_raw",
+        "created_at",
+        "event",
+        "keys",
+        "new_image",
+        "raw",
+        "sequence",
+        "size_bytes",
+    )
 
     def __init__(
         self,
@@ -153,7 +335,10 @@ class ChangeRecord:
     def old_image(self) -> dict[str, Any] | None:
         """The item before the change, decoded on first use (None when the stream has none)."""
         if self._old_image is None and self._old_raw is not None:
-            self._old_image = decode_image(self._old_raw)
+            try:
+                self._old_image = decode_image(self._old_raw)
+            except DecodeError as exc:
+                raise _in_record(self.sequence, exc.within("OldImage")) from None
         return self._old_image
 
     def __repr__(self) -> str:
@@ -161,37 +346,139 @@ class ChangeRecord:
 
 
 def decode_record(rec: Mapping[str, Any]) -> ChangeRecord:
-    """Decode one record of a GetRecords page, a Lambda event, or boto3's parsed form."""
+    """Decode one record of a GetRecords page, a Lambda event, or boto3's parsed form.
+
+    Raises :class:`DecodeError` naming the record (its sequence number, else its eventID) and
+    what is wrong, with the attribute path for a bad value
+    (``record 1100…09: NewImage.address.zip: unknown DynamoDB attribute type 'X'``).
+    """
     try:
         event = rec["eventName"]
         body = rec["dynamodb"]
         sequence = body["SequenceNumber"]
         raw_keys = body["Keys"]
-    except (KeyError, TypeError) as exc:
-        raise DecodeError(
-            f"change record lacks {exc}; expected eventName and dynamodb.{{Keys, SequenceNumber}}"
-        ) from None
+    except (KeyError, TypeError, IndexError):
+        raise _malformed(rec) from None
+    if type(sequence) is not str or not sequence.isdigit() or not sequence.isascii():
+        raise DecodeError(f"{_which(rec)}: SequenceNumber {sequence!r:.60} is not a decimal string")
     if event not in _EVENTS:
-        raise DecodeError(f"eventName {event!r} is not INSERT, MODIFY or REMOVE")
-    if not isinstance(sequence, str) or not sequence.isdigit():
-        raise DecodeError(f"SequenceNumber {sequence!r} is not a decimal string")
-    new_raw = body.get("NewImage")
-    return ChangeRecord(
-        event=event,
-        sequence=sequence,
-        keys=decode_image(raw_keys),
-        new_image=decode_image(new_raw) if new_raw is not None else None,
-        old_raw=body.get("OldImage"),
-        created_at=_epoch(body.get("ApproximateCreationDateTime")),
-        size_bytes=int(body.get("SizeBytes", 0)),
-        raw=rec,
-    )
+        raise DecodeError(
+            f"record {sequence}: eventName {event!r:.40} is not INSERT, MODIFY or REMOVE"
+        )
+    created = body.get("ApproximateCreationDateTime")
+    size = body.get("SizeBytes", 0)
+    part = "Keys"
+    try:
+        if type(created) is not float:
+            created = _epoch(created)
+        if type(size) is not int:
+            size = _size(size)
+        keys = _image(raw_keys) if type(raw_keys) is dict else decode_image(raw_keys)
+        part = "NewImage"
+        new_raw = body.get("NewImage")
+        if new_raw is None:
+            new_image = None
+        else:
+            new_image = _image(new_raw) if type(new_raw) is dict else decode_image(new_raw)
+    except DecodeError as exc:
+        # Keys and NewImage errors are located in their image; envelope errors are not
+        in_image = exc.path or exc.reason.startswith("image ")
+        raise _in_record(sequence, exc.within(part) if in_image else exc) from None
+    return ChangeRecord(event, sequence, keys, new_image, body.get("OldImage"), created, size, rec)
+
+
+def _size(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise DecodeError(f"SizeBytes {value!r:.40} is not a number") from None
+
+
+def _which(rec: Any) -> str:
+    """How to name a record in a message: its sequence number, else its eventID."""
+    body = rec.get("dynamodb") if isinstance(rec, Mapping) else None
+    seq = body.get("SequenceNumber") if isinstance(body, Mapping) else None
+    if isinstance(seq, str) and seq:
+        return f"record {seq:.50}"
+    event_id = rec.get("eventID") if isinstance(rec, Mapping) else None
+    return f"record with eventID {event_id!r:.50}" if event_id else "change record"
+
+
+def _malformed(rec: Any) -> DecodeError:
+    """The message for a record whose envelope is incomplete: what is missing, and where."""
+    shape = "expected {eventName, dynamodb: {Keys, SequenceNumber, NewImage, ...}}"
+    if not isinstance(rec, Mapping):
+        return DecodeError(f"change record {rec!r:.80} is not a map; {shape}")
+    body = rec.get("dynamodb")
+    if not isinstance(body, Mapping):
+        what = "lacks dynamodb" if "dynamodb" not in rec else f"has dynamodb = {body!r:.60}"
+        return DecodeError(f"{_which(rec)} {what}; {shape}")
+    missing = [name for name in ("eventName",) if name not in rec]
+    missing += [f"dynamodb.{name}" for name in ("SequenceNumber", "Keys") if name not in body]
+    return DecodeError(f"{_which(rec)} lacks {', '.join(missing) or 'a field'}; {shape}")
+
+
+def _in_record(sequence: str, exc: DecodeError) -> DecodeError:
+    located = DecodeError(f"record {sequence}: {exc}")
+    located.path = exc.path
+    located.reason = exc.reason
+    return located
 
 
 def decode_records(records: Iterable[Mapping[str, Any]]) -> list[ChangeRecord]:
+    """Decode a page of records, in order (the first malformed one raises DecodeError)."""
     return [decode_record(r) for r in records]
 
 
+# --- encoding (the fake stream, scan start keys) -------------------------------------------
+def encode_value(value: Any) -> dict[str, Any]:
+    """A plain Python value → DynamoDB JSON in wire form (B as base64 text).
+
+    The inverse of :func:`decode_value` for the types it produces: str, int, Decimal, bytes,
+    bool, None, list/tuple, dict, and non-empty sets of one kind (str, numbers or bytes).
+    A float is refused, as boto3 does: its decimal expansion is ambiguous.
+    """
+    if type(value) is str:
+        return {"S": value}
+    if value is True or value is False:
+        return {"BOOL": value}
+    if value is None:
+        return {"NULL": True}
+    if isinstance(value, int | Decimal):
+        return {"N": _number_text(value)}
+    if isinstance(value, bytes | bytearray):
+        return {"B": base64.b64encode(value).decode("ascii")}
+    if isinstance(value, Mapping):
+        return {"M": {str(k): encode_value(v) for k, v in value.items()}}
+    if isinstance(value, list | tuple):
+        return {"L": [encode_value(v) for v in value]}
+    if isinstance(value, set | frozenset):
+        if not value:
+            raise DecodeError("an empty set cannot be stored in DynamoDB")
+        if all(type(v) is str for v in value):
+            return {"SS": sorted(value)}
+        if all(isinstance(v, int | Decimal) and not isinstance(v, bool) for v in value):
+            return {"NS": sorted(_number_text(v) for v in value)}
+        if all(isinstance(v, bytes | bytearray) for v in value):
+            return {"BS": sorted(base64.b64encode(v).decode("ascii") for v in value)}
+        raise DecodeError(f"set {value!r:.80} mixes types; DynamoDB sets are SS, NS or BS")
+    if isinstance(value, float):
+        raise DecodeError(f"float {value!r} is not supported; use int or Decimal")
+    raise DecodeError(f"cannot encode {type(value).__name__} {value!r:.60} as DynamoDB JSON")
+
+
+def encode_image(item: Mapping[str, Any]) -> dict[str, Any]:
+    """A plain item → an image in DynamoDB JSON wire form."""
+    return {name: encode_value(v) for name, v in item.items()}
+
+
+def _number_text(value: int | Decimal) -> str:
+    if isinstance(value, Decimal) and not value.is_finite():
+        raise DecodeError(f"N value {value} is not a finite number")
+    return str(value)
+
+
+# --- item keys -----------------------------------------------------------------------------
 def _key_part(value: Any) -> str:
     if isinstance(value, str):
         return value.replace("\\", "\\\\").replace("|", "\\|")
