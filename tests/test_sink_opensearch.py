@@ -1,0 +1,845 @@
+"""The OpenSearch sink's guarantees, checked against the real OpenSearch node of the test bed.
+
+Pure parts (naming, NDJSON, host scrubbing) are checked without a server at the top.
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import orjson
+import pytest
+from opensearchpy import OpenSearch
+
+from viewkeeper.projection.api import View, opensearch_view, view_of
+from viewkeeper.projection.entries import Document, Value
+from viewkeeper.sinks.base import Change, Outcome, Result, SinkError, SinkUnavailable
+from viewkeeper.sinks.opensearch import (
+    LIVE_SUFFIX,
+    OWNERS_SUFFIX,
+    OpenSearchSink,
+    ViewIndexes,
+    _host_text,
+    _Plan,
+    make_client,
+    script_source,
+)
+from viewkeeper.versions import Version, compare_encoded
+
+needs_os = pytest.mark.opensearch
+
+
+@opensearch_view(table="orders", opensearch="search", index="orders")
+def orders(item: dict[str, Any]) -> dict[str, Any]:
+    return item
+
+
+@opensearch_view(
+    table="cards", opensearch="search", index="cards", doc_id=lambda item: str(item["card"])
+)
+def cards(item: dict[str, Any]) -> dict[str, Any]:
+    return item
+
+
+def _view(func: object) -> View:
+    view = view_of(func)
+    assert view is not None
+    return view
+
+
+ORDERS = _view(orders)
+CARDS = _view(cards)
+
+
+def up(
+    view: View,
+    item: str,
+    seq: str | int,
+    body: dict[str, Any],
+    gen: int = 1,
+    doc_id: str | None = None,
+) -> Change:
+    """An upsert of ``item`` at version (gen, seq) with ``body``."""
+    if doc_id is None:
+        doc_id = str(body["card"]) if view.doc_id is not None else item
+    return Change(view, item, Version(gen, str(seq)), [Document(doc_id, body)])
+
+
+def rm(view: View, item: str, seq: str | int, gen: int = 1) -> Change:
+    """The item owns nothing at version (gen, seq): removed."""
+    return Change(view, item, Version(gen, str(seq)), [])
+
+
+def outcomes(results: list[Result]) -> list[str]:
+    return [r.outcome.value for r in results]
+
+
+class Clock:
+    def __init__(self, now: float = 1_700_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def make_sink(
+    os_client: OpenSearch, os_prefix: str, clock: Clock
+) -> Iterator[Callable[..., OpenSearchSink]]:
+    made: list[OpenSearchSink] = []
+
+    def factory(**kwargs: Any) -> OpenSearchSink:
+        kwargs.setdefault("index_prefix", os_prefix)
+        kwargs.setdefault("index_settings", {"number_of_replicas": 0})
+        kwargs.setdefault("clock", clock)
+        client = kwargs.pop("client", os_client)
+        sink = OpenSearchSink("search", client, **kwargs)
+        made.append(sink)
+        return sink
+
+    yield factory
+    for sink in made:
+        sink.close()
+
+
+@pytest.fixture
+def sink(make_sink: Callable[..., OpenSearchSink]) -> OpenSearchSink:
+    s = make_sink()
+    s.prepare([ORDERS, CARDS])
+    return s
+
+
+def get_doc(client: OpenSearch, index: str, doc_id: str) -> dict[str, Any] | None:
+    """GET by id, as a reader does (through the alias); None when not found."""
+    found = client.transport.perform_request(
+        "GET", f"/{index}/_doc/{doc_id}", params={"ignore": 404}
+    )
+    return found["_source"] if found.get("found") else None
+
+
+def search_ids(client: OpenSearch, index: str) -> set[str]:
+    client.transport.perform_request("POST", f"/{index}/_refresh")
+    found = client.search(index=index, body={"size": 1000, "query": {"match_all": {}}})
+    return {hit["_id"] for hit in found["hits"]["hits"]}
+
+
+# ----------------------------------------------------------------------------------------
+# pure parts
+
+
+def test_names_put_live_documents_behind_an_alias_and_owner_records_beside_it() -> None:
+    names = ViewIndexes.of(ORDERS, "t-1-")
+    assert names == ViewIndexes(
+        "t-1-orders", "t-1-orders" + LIVE_SUFFIX, "t-1-orders" + OWNERS_SUFFIX
+    )
+    assert not names.owners.startswith(names.live)
+
+
+def test_host_descriptions_never_carry_credentials() -> None:
+    assert _host_text("https://admin:s3cret@search.example:9200") == ("https://search.example:9200")
+    assert _host_text({"host": "h", "port": 9201, "use_ssl": True}) == "https://h:9201"
+    assert "s3cret" not in _host_text("admin:s3cret@h:9200")
+
+
+def test_script_compares_like_versions_py_without_doubles_or_longs_for_sequences() -> None:
+    src = script_source()
+    assert "Long.parseLong" in src and "length()" in src and "compareTo" in src
+    assert "Double" not in src and "parseDouble" not in src
+
+
+def test_bulk_lines_are_valid_ndjson() -> None:
+    sink = OpenSearchSink("search", OpenSearch(hosts=["http://127.0.0.1:9"]), index_prefix="p-")
+    plan = _Plan(
+        up(ORDERS, "o|1", 7, {"total": 1.5}), ViewIndexes.of(ORDERS, "p-"), None, False, "1:7"
+    )
+    op = sink._del_op(plan, "del", 'we"ird\\id', "1:7")
+    action, payload, tail = op.lines.split(b"\n")
+    assert tail == b""
+    assert orjson.loads(action) == {
+        "update": {"_index": "p-orders", "retry_on_conflict": 5, "_id": 'we"ird\\id'}
+    }
+    assert orjson.loads(payload)["script"]["params"] == {"op": "del", "v": "1:7", "item": "o|1"}
+
+
+# ----------------------------------------------------------------------------------------
+# setup
+
+
+@needs_os
+def test_prepare_creates_live_index_behind_the_alias_and_a_hidden_owner_index(
+    sink: OpenSearchSink, os_client: OpenSearch, make_sink: Callable[..., OpenSearchSink]
+) -> None:
+    names = sink.indexes(ORDERS)
+    aliases = os_client.transport.perform_request("GET", f"/_alias/{names.alias}")
+    assert list(aliases) == [names.live]
+    assert os_client.indices.exists(index=names.owners)
+    owner_aliases = os_client.transport.perform_request("GET", f"/{names.owners}/_alias")
+    assert owner_aliases[names.owners]["aliases"] == {}
+    # idempotent, also from a second daemon
+    make_sink().prepare([ORDERS, CARDS])
+    sink.prepare([ORDERS])
+
+
+@needs_os
+def test_prepare_refuses_a_concrete_index_named_like_the_view_and_says_how_to_fix(
+    make_sink: Callable[..., OpenSearchSink], os_client: OpenSearch, os_prefix: str
+) -> None:
+    os_client.indices.create(index=f"{os_prefix}orders")
+    with pytest.raises(SinkError) as err:
+        make_sink().prepare([ORDERS])
+    text = str(err.value)
+    assert f"{os_prefix}orders" in text and "concrete index" in text
+    assert f"{os_prefix}orders{LIVE_SUFFIX}" in text and "reindex" in text
+
+
+@needs_os
+def test_two_views_cannot_share_one_index(make_sink: Callable[..., OpenSearchSink]) -> None:
+    @opensearch_view(table="x", opensearch="search", index="orders")
+    def other(item: dict[str, Any]) -> dict[str, Any]:
+        return item
+
+    with pytest.raises(SinkError, match="both use index"):
+        make_sink().prepare([ORDERS, _view(other)])
+
+
+# ----------------------------------------------------------------------------------------
+# apply
+
+
+@needs_os
+def test_upsert_update_and_delete_are_what_readers_see_by_id_and_by_search(
+    sink: OpenSearchSink, os_client: OpenSearch
+) -> None:
+    alias = sink.indexes(ORDERS).alias
+    assert outcomes(
+        sink.apply(
+            [
+                up(ORDERS, "o-1", 10, {"status": "new", "total": 5}),
+                up(ORDERS, "o-2", 11, {"status": "new", "total": 7}),
+            ]
+        )
+    ) == ["applied", "applied"]
+    doc = get_doc(os_client, alias, "o-1")
+    assert doc is not None and doc["status"] == "new"
+    assert doc["_vk"] == {"v": "1:10", "g": 1, "item": "o-1"}
+
+    assert outcomes(sink.apply([up(ORDERS, "o-1", 12, {"status": "paid"})])) == ["applied"]
+    assert get_doc(os_client, alias, "o-1") == {
+        "status": "paid",
+        "_vk": {"v": "1:12", "g": 1, "item": "o-1"},
+    }  # replaced, not merged
+
+    assert outcomes(sink.apply([rm(ORDERS, "o-1", 13)])) == ["applied"]
+    assert get_doc(os_client, alias, "o-1") is None
+    assert search_ids(os_client, alias) == {"o-2"}
+    assert sink.live_documents(ORDERS) == {"o-2": {"status": "new", "total": 7}}
+    assert sink.tombstones(ORDERS) == {"o-1": "1:13"}
+
+
+@needs_os
+def test_stale_update_is_stale_and_leaves_the_body_unchanged(
+    sink: OpenSearchSink, os_client: OpenSearch
+) -> None:
+    alias = sink.indexes(ORDERS).alias
+    sink.apply([up(ORDERS, "o-1", 20, {"status": "paid"})])
+    assert outcomes(sink.apply([up(ORDERS, "o-1", 19, {"status": "new"})])) == ["stale"]
+    assert outcomes(sink.apply([up(ORDERS, "o-1", 20, {"status": "paid"})])) == ["stale"]
+    doc = get_doc(os_client, alias, "o-1")
+    assert doc is not None and doc["status"] == "paid" and doc["_vk"]["v"] == "1:20"
+
+
+@needs_os
+def test_replaying_a_delete_is_stale_and_a_stale_delete_keeps_the_newer_document(
+    sink: OpenSearchSink,
+) -> None:
+    assert outcomes(sink.apply([rm(ORDERS, "gone", 5)])) == ["applied"]
+    assert outcomes(sink.apply([rm(ORDERS, "gone", 5)])) == ["stale"]
+    sink.apply([up(ORDERS, "back", 30, {"n": 1})])
+    assert outcomes(sink.apply([rm(ORDERS, "back", 29)])) == ["stale"]
+    assert sink.live_documents(ORDERS) == {"back": {"n": 1}}
+
+
+@needs_os
+def test_stale_update_after_delete_does_not_resurrect_even_after_gc_deletes_expired(
+    sink: OpenSearchSink, os_client: OpenSearch
+) -> None:
+    """I3 without index.gc_deletes: the live index forgets deletes after 1 s here."""
+    names = sink.indexes(ORDERS)
+    os_client.indices.put_settings(index=names.live, body={"index": {"gc_deletes": "1s"}})
+    settings = os_client.indices.get_settings(index=names.live)
+    assert settings[names.live]["settings"]["index"]["gc_deletes"] == "1s"
+
+    sink.apply([up(ORDERS, "o-1", 10, {"status": "new"})])
+    sink.apply([rm(ORDERS, "o-1", 20)])
+    time.sleep(2.5)
+    os_client.indices.refresh(index=names.live)  # deletes are pruned on refresh after 1 s
+
+    assert outcomes(sink.apply([up(ORDERS, "o-1", 15, {"status": "stale"})])) == ["stale"]
+    assert outcomes(sink.apply([up(ORDERS, "o-1", 15, {"status": "stale"}, gen=0)])) == [
+        "stale"
+    ]  # an older generation too
+    assert get_doc(os_client, names.alias, "o-1") is None
+    assert sink.live_documents(ORDERS) == {}
+    # a newer change does bring it back
+    assert outcomes(sink.apply([up(ORDERS, "o-1", 21, {"status": "again"})])) == ["applied"]
+    assert sink.live_documents(ORDERS) == {"o-1": {"status": "again"}}
+
+
+@needs_os
+def test_search_and_get_through_the_alias_never_show_tombstones(
+    sink: OpenSearchSink, os_client: OpenSearch
+) -> None:
+    alias = sink.indexes(ORDERS).alias
+    sink.apply([up(ORDERS, f"o-{i}", 10, {"i": i}) for i in range(6)])
+    sink.apply(
+        [rm(ORDERS, f"o-{i}", 11) for i in range(0, 6, 2)] + [rm(ORDERS, "never-existed", 3)]
+    )
+    assert search_ids(os_client, alias) == {"o-1", "o-3", "o-5"}
+    for gone in ("o-0", "o-2", "o-4", "never-existed"):
+        assert get_doc(os_client, alias, gone) is None
+    count = os_client.count(index=alias)["count"]
+    assert count == 3
+    assert set(sink.tombstones(ORDERS)) == {"o-0", "o-2", "o-4", "never-existed"}
+
+
+SEQ_CASES = [
+    # (stored, incoming): 21 and 40 digits; text order and number order disagree; neighbours
+    # that a double cannot tell apart; equal.
+    ("9" * 21, "1" + "0" * 39),
+    ("1" + "0" * 39, "9" * 21),
+    ("2" + "0" * 20, "1" + "0" * 39),
+    ("4" * 39 + "1", "4" * 39 + "2"),
+    ("4" * 39 + "2", "4" * 39 + "1"),
+    ("12345678901234567890123", "12345678901234567890123"),
+    ("100000000000000000001", "100000000000000000000"),
+    ("99999999999999999999", "100000000000000000000"),
+]
+
+
+@needs_os
+def test_sequence_numbers_of_21_to_40_digits_compare_as_integers(sink: OpenSearchSink) -> None:
+    first = [up(ORDERS, f"s-{i}", a, {"seq": a}) for i, (a, _) in enumerate(SEQ_CASES)]
+    assert set(outcomes(sink.apply(first))) == {"applied"}
+    second = [up(ORDERS, f"s-{i}", b, {"seq": b}) for i, (_, b) in enumerate(SEQ_CASES)]
+    expected = ["applied" if int(b) > int(a) else "stale" for a, b in SEQ_CASES]
+    assert outcomes(sink.apply(second)) == expected
+    docs = sink.live_documents(ORDERS)
+    for i, (a, b) in enumerate(SEQ_CASES):
+        assert docs[f"s-{i}"] == {"seq": max(a, b, key=int)}
+
+
+@needs_os
+def test_generation_beats_sequence(sink: OpenSearchSink) -> None:
+    sink.apply([up(ORDERS, "g", "9" * 40, {"from": "stream"}, gen=1)])
+    assert outcomes(sink.apply([up(ORDERS, "g", 0, {"from": "scan"}, gen=2)])) == ["applied"]
+    assert outcomes(sink.apply([up(ORDERS, "g", "9" * 40, {"from": "late"}, gen=1)])) == ["stale"]
+    assert outcomes(sink.apply([up(ORDERS, "g", 1, {"from": "stream"}, gen=2)])) == ["applied"]
+    sink.apply([up(ORDERS, "h", 5, {"n": 1}, gen=10)])
+    assert outcomes(sink.apply([up(ORDERS, "h", 5, {"n": 2}, gen=9)])) == ["stale"]  # 10 > 9
+    assert sink.live_documents(ORDERS) == {"g": {"from": "stream"}, "h": {"n": 1}}
+
+
+@needs_os
+def test_painless_ordering_matches_versions_py_on_many_pairs(sink: OpenSearchSink) -> None:
+    seqs = [
+        "0",
+        "1",
+        "9",
+        "10",
+        "99999999999999999999",
+        "100000000000000000000",
+        "9" * 21,
+        "1" + "0" * 21,
+        "5" * 40,
+        "5" * 39 + "6",
+        "9" * 40,
+    ]
+    versions = [f"{g}:{s}" for g in (0, 1, 12) for s in seqs]
+    pairs = list(itertools.product(versions, repeat=2))
+    first = [
+        up(ORDERS, f"p{i}", Version.decode(a).sequence, {"v": a}, gen=Version.decode(a).generation)
+        for i, (a, _) in enumerate(pairs)
+    ]
+    second = [
+        up(ORDERS, f"p{i}", Version.decode(b).sequence, {"v": b}, gen=Version.decode(b).generation)
+        for i, (_, b) in enumerate(pairs)
+    ]
+    sink.apply(first)
+    got = outcomes(sink.apply(second))
+    want = ["applied" if compare_encoded(b, a) > 0 else "stale" for a, b in pairs]
+    assert got == want
+
+
+@needs_os
+def test_cached_fast_path_is_used_and_falls_back_when_another_daemon_wrote_the_document(
+    make_sink: Callable[..., OpenSearchSink],
+) -> None:
+    a, b = make_sink(), make_sink()
+    a.prepare([ORDERS])
+    a._new_share = 0.0  # no create attempts: first puts go through the script
+    a.apply([up(ORDERS, "o-1", 10, {"by": "a"}), up(ORDERS, "o-2", 10, {"by": "a"})])
+    assert a.stats["put_script"] == 2
+    assert outcomes(a.apply([up(ORDERS, "o-1", 11, {"by": "a"})])) == ["applied"]
+    assert a.stats["put_cas"] == 1 and a.stats["fallback"] == 0
+    # another daemon writes o-1 and o-2; a's cached seq_no is now stale
+    b.apply([up(ORDERS, "o-1", 20, {"by": "b"}), up(ORDERS, "o-2", 5, {"by": "b"})])
+    assert outcomes(
+        a.apply([up(ORDERS, "o-1", 15, {"by": "a"}), up(ORDERS, "o-2", 12, {"by": "a"})])
+    ) == ["stale", "applied"]
+    assert a.stats["fallback"] == 1  # o-1: 409, resent as the script, which said noop
+    assert a.live_documents(ORDERS) == {"o-1": {"by": "b"}, "o-2": {"by": "a"}}
+
+
+@needs_os
+def test_create_fast_path_on_an_existing_document_falls_back_to_the_versioned_script(
+    make_sink: Callable[..., OpenSearchSink],
+) -> None:
+    a, b = make_sink(), make_sink()
+    b.prepare([ORDERS])
+    b.apply([up(ORDERS, "o-1", 9, {"by": "b"})])
+    a._new_share = 1.0
+    assert outcomes(
+        a.apply([up(ORDERS, "o-1", 5, {"by": "a"}), up(ORDERS, "o-2", 5, {"by": "a"})])
+    ) == ["stale", "applied"]
+    assert a.stats["put_create"] == 1 and a.stats["fallback"] == 1
+    assert a.live_documents(ORDERS) == {"o-1": {"by": "b"}, "o-2": {"by": "a"}}
+
+
+@needs_os
+def test_cached_write_after_another_daemons_delete_does_not_resurrect(
+    make_sink: Callable[..., OpenSearchSink], os_client: OpenSearch
+) -> None:
+    a, b = make_sink(), make_sink()
+    a.prepare([ORDERS])
+    a.apply([up(ORDERS, "o-1", 10, {"by": "a"})])  # a caches o-1
+    b.apply([rm(ORDERS, "o-1", 20)])
+    assert outcomes(a.apply([up(ORDERS, "o-1", 15, {"by": "a"})])) == ["stale"]
+    assert a.stats["fallback"] == 1 and a.stats["post_check_fix"] == 1
+    assert get_doc(os_client, a.indexes(ORDERS).alias, "o-1") is None
+    assert outcomes(a.apply([up(ORDERS, "o-1", 21, {"by": "a"})])) == ["applied"]
+
+
+@needs_os
+def test_many_small_requests_in_concurrent_segments_keep_every_answer_in_place(
+    make_sink: Callable[..., OpenSearchSink],
+) -> None:
+    sink = make_sink(max_bulk_bytes=2_000, min_split=2, bulk_concurrency=3)
+    first = sink.apply([up(ORDERS, f"o-{i}", 10, {"i": i}) for i in range(300)])
+    assert {r.outcome for r in first} == {Outcome.APPLIED}
+    mixed = sink.apply(
+        [
+            up(ORDERS, f"o-{i}", 10 + i % 3 - 1, {"i": -i}) if i % 2 else rm(ORDERS, f"o-{i}", 11)
+            for i in range(300)
+        ]
+    )
+    want = ["applied" if i % 2 == 0 or i % 3 == 2 else "stale" for i in range(300)]
+    assert outcomes(mixed) == want
+    docs = sink.live_documents(ORDERS)
+    assert docs == {f"o-{i}": {"i": -i if i % 3 == 2 else i} for i in range(1, 300, 2)}
+
+
+@needs_os
+def test_hand_built_documents_with_another_id_or_a_vk_field_are_handled(
+    sink: OpenSearchSink, os_client: OpenSearch
+) -> None:
+    """Changes not made by project(): a default-id view given another document id is
+    tracked by owner records, and a body's own ``_vk`` key never doubles the metadata."""
+    assert outcomes(
+        sink.apply(
+            [
+                up(ORDERS, "item", 1, {"n": 1}, doc_id="other-id"),
+                up(ORDERS, "vk", 1, {"_vk": "mine", "n": 2}),
+            ]
+        )
+    ) == ["applied", "applied"]
+    doc = get_doc(os_client, sink.indexes(ORDERS).alias, "vk")
+    assert doc is not None and doc["_vk"]["item"] == "vk"
+    assert sink.live_documents(ORDERS) == {"other-id": {"n": 1}, "vk": {"n": 2}}
+    assert outcomes(sink.apply([rm(ORDERS, "item", 2), rm(ORDERS, "vk", 2)])) == [
+        "applied",
+        "applied",
+    ]
+    assert sink.live_documents(ORDERS) == {}
+
+
+def _drive_by_hand(
+    sink: OpenSearchSink, upsert: Change, delete: Change, order: tuple[str, ...]
+) -> None:
+    """Run the steps of two applies interleaved as ``order`` says (white-box).
+
+    Upsert: U1 = live phase (the versioned put), U2 = post-check (mget owner records and
+    fix). Delete: W1 = owner phase (the tombstone), W2 = live phase (the versioned delete).
+    """
+    u = [sink._plan(upsert)]
+    w = [sink._plan(delete)]
+    sink._owner_phase(u)  # nothing to do for a default-id upsert
+    checks: list[tuple[_Plan, str]] = []
+    for step in order:
+        if step == "U1":
+            checks = sink._live_phase(u)
+        elif step == "U2":
+            sink._post_check(checks)
+        elif step == "W1":
+            sink._owner_phase(w)
+        else:
+            sink._live_phase(w)
+
+
+INTERLEAVINGS = sorted(
+    {
+        order
+        for order in itertools.permutations(("U1", "U2", "W1", "W2"))
+        if order.index("U1") < order.index("U2") and order.index("W1") < order.index("W2")
+    }
+)
+
+
+@needs_os
+@pytest.mark.parametrize("order", INTERLEAVINGS, ids=["-".join(o) for o in INTERLEAVINGS])
+def test_stale_upsert_racing_a_delete_ends_deleted_in_every_interleaving(
+    sink: OpenSearchSink, os_client: OpenSearch, order: tuple[str, ...]
+) -> None:
+    """E.g. the rebuild scan read the item just before the stream deleted it."""
+    alias = sink.indexes(ORDERS).alias
+    sink.apply([up(ORDERS, "o-1", 10, {"status": "old"})])
+    _drive_by_hand(
+        sink, up(ORDERS, "o-1", 0, {"status": "scan"}, gen=2), rm(ORDERS, "o-1", 5, gen=3), order
+    )
+    assert get_doc(os_client, alias, "o-1") is None
+    assert sink.live_documents(ORDERS) == {}
+    # and the other way round: a newer upsert racing an older delete survives it
+    sink.apply([up(ORDERS, "o-2", 10, {"status": "old"})])
+    _drive_by_hand(
+        sink, up(ORDERS, "o-2", 30, {"status": "new"}, gen=3), rm(ORDERS, "o-2", 20, gen=3), order
+    )
+    assert sink.live_documents(ORDERS) == {"o-2": {"status": "new"}}
+
+
+@needs_os
+def test_stale_upsert_and_delete_in_one_batch_end_deleted(sink: OpenSearchSink) -> None:
+    sink.apply([up(ORDERS, "a", 1, {"n": 1}), up(ORDERS, "b", 1, {"n": 1})])
+    results = sink.apply(
+        [
+            rm(ORDERS, "a", 20),
+            up(ORDERS, "a", 15, {"n": 2}),
+            up(ORDERS, "b", 15, {"n": 2}),
+            rm(ORDERS, "b", 20),
+        ]
+    )
+    assert outcomes(results) == ["applied", "stale", "applied", "applied"]
+    assert sink.live_documents(ORDERS) == {}
+
+
+@needs_os
+def test_collision_of_two_items_on_one_custom_doc_id_is_reported_with_both_keys(
+    sink: OpenSearchSink,
+) -> None:
+    r1 = sink.apply([up(CARDS, "item-1", 10, {"card": "c-7", "who": 1})])
+    assert r1[0].collisions == []
+    r2 = sink.apply([up(CARDS, "item-2", 11, {"card": "c-7", "who": 2})])
+    assert r2[0].outcome is Outcome.APPLIED
+    assert [(c.entry, c.other_item) for c in r2[0].collisions] == [("cards/c-7", "item-1")]
+    r3 = sink.apply([up(CARDS, "item-3", 9, {"card": "c-7", "who": 3})])  # older: loses
+    assert r3[0].outcome is Outcome.STALE
+    assert [(c.entry, c.other_item) for c in r3[0].collisions] == [("cards/c-7", "item-2")]
+    # the same item again is no collision
+    assert sink.apply([up(CARDS, "item-2", 12, {"card": "c-7", "who": 2})])[0].collisions == []
+    # items leaving do not take item-2's document with them
+    assert outcomes(sink.apply([rm(CARDS, "item-1", 13), rm(CARDS, "item-3", 13)])) == [
+        "stale",
+        "stale",
+    ]
+    assert sink.live_documents(CARDS) == {"c-7": {"card": "c-7", "who": 2}}
+
+
+@needs_os
+def test_custom_doc_id_moves_and_removals_leave_no_orphans(sink: OpenSearchSink) -> None:
+    sink.apply([up(CARDS, "i", 10, {"card": "a"}), up(CARDS, "j", 10, {"card": "x"})])
+    assert outcomes(sink.apply([up(CARDS, "i", 11, {"card": "b"})])) == ["applied"]
+    assert sink.live_documents(CARDS) == {"b": {"card": "b"}, "x": {"card": "x"}}
+    assert outcomes(sink.apply([up(CARDS, "i", 10, {"card": "a"})])) == ["stale"]  # replay
+    assert outcomes(sink.apply([rm(CARDS, "i", 12), rm(CARDS, "j", 12)])) == ["applied", "applied"]
+    assert sink.live_documents(CARDS) == {}
+    assert outcomes(sink.apply([up(CARDS, "i", 11, {"card": "b"})])) == ["stale"]
+    assert sink.live_documents(CARDS) == {}
+
+
+@needs_os
+def test_mapping_rejection_is_an_error_for_that_change_only(
+    sink: OpenSearchSink, os_client: OpenSearch
+) -> None:
+    sink.apply([up(ORDERS, "o-0", 1, {"total": 5})])  # maps total as long
+    results = sink.apply(
+        [
+            up(ORDERS, "o-1", 2, {"total": 6}),
+            up(ORDERS, "o-2", 2, {"total": {"amount": 7}}),
+            up(ORDERS, "o-3", 2, {"total": 8}),
+            Change(ORDERS, "o-4", Version(1, "2"), [Value("k", 1)]),
+        ]
+    )
+    assert outcomes(results) == ["applied", "error", "applied", "error"]
+    error = results[1].error or ""
+    assert "'orders'" in error and "'o-2'" in error and "mapper_parsing_exception" in error
+    assert "total" in error
+    assert "Document" in (results[3].error or "")
+    assert set(sink.live_documents(ORDERS)) == {"o-0", "o-1", "o-3"}
+
+
+@needs_os
+def test_item_conflicts_beyond_retry_on_conflict_are_retried_until_applied(
+    make_sink: Callable[..., OpenSearchSink],
+) -> None:
+    """Two writers hammer one document with retry_on_conflict=0: 409s are retried here."""
+    a = make_sink(retry_on_conflict=0, unavailable_after=30.0)
+    b = make_sink(retry_on_conflict=0, unavailable_after=30.0)
+    a.prepare([ORDERS])
+    errors: list[BaseException] = []
+
+    def writer(sink: OpenSearchSink, parity: int) -> None:
+        try:
+            for n in range(parity, 120, 2):
+                [res] = sink.apply([up(ORDERS, "hot", 1000 + n, {"n": n})])
+                assert res.outcome in (Outcome.APPLIED, Outcome.STALE)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(s, p)) for s, p in ((a, 0), (b, 1))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert a.live_documents(ORDERS) == {"hot": {"n": 119}}
+
+
+@needs_os
+def test_missing_stored_script_is_stored_again(sink: OpenSearchSink, os_client: OpenSearch) -> None:
+    os_client.transport.perform_request("DELETE", f"/_scripts/{sink.script_id}")
+    assert outcomes(sink.apply([up(ORDERS, "o-1", 1, {"n": 1})])) == ["applied"]
+
+
+@needs_os
+def test_a_document_over_http_max_content_length_fails_alone(opensearch_url: str) -> None:
+    """A node of its own with ``http.max_content_length: 1mb``: OpenSearch refuses the whole
+    request (413); the sink halves it until the one document fails alone as ERROR."""
+    from tests.testbed import OpenSearchNode
+
+    node = OpenSearchNode()
+    (node.home / "config").mkdir(parents=True, exist_ok=True)
+    (node.home / "config" / "opensearch.yml").write_text("http.max_content_length: 1mb\n")
+    with node:
+        sink = OpenSearchSink("search", hosts=[node.url], index_settings={"number_of_replicas": 0})
+        try:
+            small = [up(ORDERS, f"o-{i}", 1, {"blob": "y" * 50_000}) for i in range(30)]
+            big = up(ORDERS, "big", 1, {"blob": "x" * (2 * 2**20)})
+            results = sink.apply([*small[:15], big, *small[15:]])
+            assert outcomes(results) == ["applied"] * 15 + ["error"] + ["applied"] * 15
+            error = results[15].error or ""
+            assert "'big'" in error and "max_content_length" in error and "HTTP 413" in error
+            assert len(sink.live_documents(ORDERS)) == 30
+        finally:
+            sink.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def test_unreachable_host_raises_sink_unavailable_naming_sink_and_host_not_password() -> None:
+    port = _free_port()
+    sink = OpenSearchSink(
+        "search", hosts=[f"http://admin:s3cret@127.0.0.1:{port}"], unavailable_after=0.6
+    )
+    started = time.monotonic()
+    with pytest.raises(SinkUnavailable) as err:
+        sink.apply([up(ORDERS, "o-1", 1, {"n": 1})])
+    elapsed = time.monotonic() - started
+    text = str(err.value)
+    assert "'search'" in text and f"127.0.0.1:{port}" in text
+    assert "s3cret" not in text and "admin" not in text
+    assert elapsed < 5
+    with pytest.raises(SinkUnavailable):
+        sink.ping()
+    sink.close()
+
+
+@needs_os
+def test_ping_reaches_the_node(sink: OpenSearchSink) -> None:
+    sink.ping()
+
+
+@needs_os
+def test_purge_removes_only_tombstones_older_than_the_cutoff(
+    sink: OpenSearchSink, clock: Clock
+) -> None:
+    clock.now = 1_000.0
+    sink.apply([rm(ORDERS, "old", 1), up(CARDS, "card-holder", 1, {"card": "c"})])
+    clock.now = 5_000.0
+    sink.apply([rm(ORDERS, "new", 1), rm(CARDS, "gone", 1)])
+    assert sink.purge_tombstones(ORDERS, older_than=3_000.0) == 1
+    assert sink.tombstones(ORDERS) == {"new": "1:1"}
+    # owner records of live documents (custom doc_id) are never purged
+    assert sink.purge_tombstones(CARDS, older_than=10_000.0) == 1
+    assert outcomes(sink.apply([rm(CARDS, "card-holder", 2)])) == ["applied"]
+    assert sink.live_documents(CARDS) == {}
+    clock.now = 5_000.0 + sink.tombstone_retention + 1
+    assert sink.purge_expired([ORDERS, CARDS]) == 2
+
+
+@needs_os
+def test_sweep_removes_only_documents_of_older_generations(sink: OpenSearchSink) -> None:
+    sink.apply([up(ORDERS, k, 100, {"k": k}, gen=1) for k in ("a", "b", "c", "d")])
+    # rebuild to generation 2: the scan writes a and b; the stream updates c meanwhile
+    sink.apply(
+        [
+            up(ORDERS, "a", 0, {"k": "a2"}, gen=2),
+            up(ORDERS, "b", 0, {"k": "b2"}, gen=2),
+            up(ORDERS, "c", 101, {"k": "c2"}, gen=2),
+        ]
+    )
+    assert sink.sweep(ORDERS, 2, now=0.0) == 1
+    assert sink.live_documents(ORDERS) == {"a": {"k": "a2"}, "b": {"k": "b2"}, "c": {"k": "c2"}}
+    assert sink.sweep(ORDERS, 2, now=0.0) == 0
+
+
+@needs_os
+def test_sweep_also_removes_documents_viewkeeper_did_not_write(
+    sink: OpenSearchSink, os_client: OpenSearch
+) -> None:
+    """Drift: someone indexed straight into the alias; a rebuild's sweep repairs it."""
+    alias = sink.indexes(ORDERS).alias
+    sink.apply([up(ORDERS, "a", 0, {"k": "a"}, gen=2)])
+    os_client.index(index=alias, id="stray", body={"k": "x"}, refresh=True)
+    os_client.index(index=alias, id="a2", body={"k": "y", "_vk": {"note": "no g"}}, refresh=True)
+    assert sink.sweep(ORDERS, 2, now=0.0) == 2
+    assert sink.live_documents(ORDERS) == {"a": {"k": "a"}}
+
+
+@needs_os
+def test_sweep_of_a_custom_id_view_forgets_the_swept_owner_records(
+    sink: OpenSearchSink,
+) -> None:
+    sink.apply([up(CARDS, "i", 1, {"card": "x"}), up(CARDS, "j", 1, {"card": "y"})])
+    sink.apply([up(CARDS, "i", 0, {"card": "x"}, gen=2)])
+    assert sink.sweep(CARDS, 2, now=0.0) == 1
+    assert sink.live_documents(CARDS) == {"x": {"card": "x"}}
+
+
+@needs_os
+def test_a_deleted_alias_is_reported_unavailable_then_recreated(
+    sink: OpenSearchSink, os_client: OpenSearch
+) -> None:
+    names = sink.indexes(ORDERS)
+    os_client.indices.delete(index=names.live)
+    with pytest.raises(SinkUnavailable, match="rebuild"):
+        sink.apply([up(ORDERS, "o-1", 1, {"n": 1})])
+    assert outcomes(sink.apply([up(ORDERS, "o-1", 1, {"n": 1})])) == ["applied"]
+    assert sink.live_documents(ORDERS) == {"o-1": {"n": 1}}
+
+
+@needs_os
+def test_bulk_throughput_report(
+    make_sink: Callable[..., OpenSearchSink],
+    opensearch_url: str,
+    os_prefix: str,
+    record_property: Callable[[str, object], None],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Not a guarantee: docs/s of 1000-document batches, the sink vs a raw ``_bulk`` index of
+    the same documents (``_vk`` included) on the same node through the same client, and what
+    a tombstone pre-check mget would cost. Printed and recorded as junit properties. Creates
+    are new documents; updates rewrite documents already refreshed into segments, the first
+    round through the script (nothing cached), later rounds through the cached fast path.
+    The assertion only catches a collapse such as a round trip per document."""
+    os_client = make_client([opensearch_url], timeout=60)
+    sink = make_sink(client=os_client)
+    sink.prepare([ORDERS])
+    raw_index = f"{os_prefix}raw"
+    os_client.indices.create(index=raw_index, body={"settings": {"number_of_replicas": 0}})
+    n, batch = 5000, 1000
+
+    def body(i: int, r: int) -> dict[str, Any]:
+        return {
+            "customer_id": f"c{i % 100}",
+            "status": "open",
+            "total": i * 1.5,
+            "r": r,
+            "tags": ["a", "b"],
+            "note": "x" * 50,
+        }
+
+    def raw(ids: list[int], r: int) -> None:
+        head = b'{"index":{"_index":' + orjson.dumps(raw_index) + b',"_id":"%d"}}\n'
+        for start in range(0, n, batch):
+            lines = [
+                head % i
+                + orjson.dumps(
+                    {**body(i, r), "_vk": {"v": f"1:{r}{i:020d}", "g": 1, "item": str(i)}}
+                )
+                + b"\n"
+                for i in ids[start : start + batch]
+            ]
+            resp = os_client.transport.perform_request(
+                "POST",
+                "/_bulk",
+                body=b"".join(lines),
+                headers={"content-type": "application/x-ndjson"},
+            )
+            assert not resp["errors"]
+
+    def through_sink(ids: list[int], r: int) -> None:
+        for start in range(0, n, batch):
+            results = sink.apply(
+                [up(ORDERS, str(i), f"{r}{i:020d}", body(i, r)) for i in ids[start : start + batch]]
+            )
+            assert {x.outcome for x in results} == {Outcome.APPLIED}
+
+    def rate(fn: Callable[[list[int], int], None], ids: list[int], r: int) -> float:
+        started = time.perf_counter()
+        fn(ids, r)
+        return n / (time.perf_counter() - started)
+
+    rates: dict[str, list[float]] = {}
+    for r in range(1, 5):
+        fresh = list(range(r * 10**6, r * 10**6 + n))
+        for label, fn in (("raw", raw), ("sink", through_sink)):
+            rates.setdefault(f"create {label}", []).append(rate(fn, fresh, r))
+        # updates of documents already refreshed into segments (the slower, common case)
+        os_client.indices.refresh(index=f"{raw_index},{sink.indexes(ORDERS).alias}")
+        for label, fn in (("raw", raw), ("sink", through_sink)):
+            rates.setdefault(f"update {label}", []).append(rate(fn, fresh, r + 10))
+    owners = sink.indexes(ORDERS).owners
+    started = time.perf_counter()
+    for start in range(0, n, batch):
+        sink._mget(owners, [str(i) for i in range(start, start + batch)])
+    mget_ms = (time.perf_counter() - started) * 1000 / (n / batch)
+
+    def best(key: str) -> float:
+        return max(rates[key])
+
+    report = {key: round(best(key)) for key in rates}
+    ratios = {
+        kind: round(best(f"{kind} sink") / best(f"{kind} raw"), 2) for kind in ("create", "update")
+    }
+    with capsys.disabled():
+        print(
+            f"\nOpenSearch bulk docs/s (best of 4, {batch}-doc batches): {report}; "
+            f"sink/raw {ratios}; a pre-check mget of {batch} ids: {mget_ms:.1f} ms"
+        )
+    record_property("opensearch_bulk_docs_per_s", report)
+    record_property("opensearch_sink_vs_raw", ratios)
+    os_client.close()
+    assert min(ratios.values()) > 0.15
