@@ -348,11 +348,6 @@ def test_a_joining_worker_steals_one_lease_per_round_up_to_its_share(
     assert ring.steals(balanced_at) == [], "ping-pong: leases moved once balanced"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: _acquire steals only from a worker holding MORE than ceil(n/w); with 10 "
-    "shards a third worker stops at 4/4/2 (13 shards: 5/5/3) - see the report",
-)
 @pytest.mark.parametrize("shards", [10, 13])
 def test_a_third_worker_gets_a_fair_share_of_an_uneven_count(
     ring_factory: Callable[..., Ring], shards: int
@@ -370,12 +365,6 @@ def test_a_third_worker_gets_a_fair_share_of_an_uneven_count(
     assert_no_ping_pong(ring.store.takes)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: tick() lists the leases, then renews its own, then steals with the counters "
-    "it listed: when the victim renews meanwhile (the thief's renewals are slow) every steal "
-    "fails and the joiner never gets its share - see the report",
-)
 def test_a_steal_is_not_starved_by_the_thiefs_own_slow_renewals(
     ring_factory: Callable[..., Ring],
 ) -> None:
@@ -438,12 +427,6 @@ def test_the_leases_of_a_dead_worker_are_taken_after_they_expire_and_not_before(
     assert ring.counts() == {"a": 6, "b": 6}  # and stable
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a dead worker still counts as live for 2 x lease_duration (heartbeat "
-    "horizon), so survivors at their old fair share leave its expired leases alone: "
-    "failover takes 2L instead of L - see the report",
-)
 def test_the_leases_of_a_dead_worker_are_taken_within_one_lease_duration(
     ring_factory: Callable[..., Ring],
 ) -> None:
@@ -556,11 +539,6 @@ def max_record_seq(fake: FakeStream, table: str = "fk") -> int:
     return max(int(r.sequence) for records in shard_records(fake, table).values() for r in records)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Supervisor.failures is never reset after a worker recovers, so a later "
-    "unrelated crash says 'N+1 times in a row' and waits the escalated backoff",
-)
 def test_the_crash_count_starts_again_after_the_worker_recovered(
     ring_factory: Callable[..., Ring], caplog: pytest.LogCaptureFixture
 ) -> None:

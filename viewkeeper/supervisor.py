@@ -98,6 +98,7 @@ class Supervisor:
         self.held: dict[tuple[str, str], Lease] = {}
         self.failures: dict[tuple[str, str], tuple[int, float]] = {}  # count, retry-at
         self._seen: dict[tuple[str, str], _Seen] = {}
+        self._renewed_at: dict[tuple[str, str], float] = {}  # on self.clock
         self._leases: dict[str, list[Lease]] = {}
         self.stopping = threading.Event()
         self._wake = threading.Event()
@@ -179,9 +180,9 @@ class Supervisor:
             self.discover()
         self._heartbeat()
         live = self._live_workers()
+        self._renew(now)  # first: the snapshot below must be fresh when _acquire takes from it
         for table in self.tables:
             self._leases[table] = self.store.list_leases(table)
-        self._renew(now)
         if not self.stopping.is_set():
             self._acquire(now, live)
         self._reap_and_start(now)
@@ -219,9 +220,12 @@ class Supervisor:
                 self._drop(key)
             else:
                 self.held[key] = renewed
+                self._renewed_at[key] = now
 
     def _drop(self, key: tuple[str, str]) -> None:
         self.held.pop(key, None)
+        self.failures.pop(key, None)
+        self._renewed_at.pop(key, None)
         run = self.running.pop(key, None)
         if run is not None:
             run.stop.set()
@@ -243,6 +247,7 @@ class Supervisor:
     def _acquire(self, now: float, live: dict[str, int]) -> None:
         candidates: list[Lease] = []
         owned_by: dict[str, list[Lease]] = {}
+        expired_owners: set[str] = set()
         total = 0
         for table, leases in self._leases.items():
             by_id = {lease.shard_id: lease for lease in leases}
@@ -255,9 +260,13 @@ class Supervisor:
                     continue
                 if self._expired(key, lease, now):
                     candidates.append(lease)
+                    if lease.owner is not None:
+                        expired_owners.add(lease.owner)
                 elif lease.owner is not None:
                     owned_by.setdefault(lease.owner, []).append(lease)
-        target = math.ceil(total / max(1, len(live)))
+        # a worker whose every lease has expired is gone, whatever its last heartbeat says
+        dead = expired_owners - owned_by.keys() - {self.worker_id}
+        target = math.ceil(total / max(1, len(live.keys() - dead)))
         mine = len(self.held)
         for lease in candidates:
             if mine >= target:
@@ -266,7 +275,7 @@ class Supervisor:
                 mine += 1
         if mine < target and owned_by:
             busiest, theirs = max(owned_by.items(), key=lambda kv: len(kv[1]))
-            if len(theirs) >= mine + 2 and len(theirs) > target:
+            if len(theirs) >= mine + 2:
                 victim = sorted(theirs, key=lambda lease: lease.shard_id)[-1]
                 log.info(
                     "stealing lease %s/%s from %s (%d leases, fair share %d)",
@@ -284,11 +293,20 @@ class Supervisor:
             return False
         log.info("took lease %s/%s (checkpoint %s)", lease.table, lease.shard_id, taken.checkpoint)
         self.held[(lease.table, lease.shard_id)] = taken
+        self._renewed_at[(lease.table, lease.shard_id)] = self.clock()
         return True
+
+    def lease_valid(self, key: tuple[str, str]) -> bool:
+        """True while this process renewed ``key`` within lease_duration (on its own clock):
+        past that, another process may have taken it, so its worker must not apply."""
+        at = self._renewed_at.get(key)
+        return at is not None and self.clock() - at < self.settings.lease_duration
 
     def _reap_and_start(self, now: float) -> None:
         for key, run in list(self.running.items()):
             if run.thread.is_alive():
+                if run.worker.records_read or run.worker.caught_up:
+                    self.failures.pop(key, None)  # it works again: a later crash starts over
                 continue
             del self.running[key]
             if run.worker.finished or key not in self.held:
