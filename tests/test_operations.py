@@ -243,9 +243,51 @@ def test_lambda_reports_the_first_record_when_a_sink_is_down() -> None:
     assert result == {"batchItemFailures": [{"itemIdentifier": seqs[0]}]}
 
 
-def test_lambda_fails_a_malformed_record_instead_of_dropping_it() -> None:
+def test_lambda_dead_letters_a_malformed_record_instead_of_dropping_it(
+    redis_client: redis.Redis,
+) -> None:
+    """A malformed record is dead-lettered (raw record, error, sequence) like in the daemon,
+    and the rest of the batch is applied: nothing dropped, nothing retried forever."""
+    store = MemoryStore()
+    pipe = lambda_pipeline(redis_client, store)
+    no_keys = lambda_record("3" * 22, "o1", "new")
+    del no_keys["dynamodb"]["Keys"]
+    unknown_type = lambda_record("3" * 21 + "4", "o2", "new")
+    unknown_type["dynamodb"]["NewImage"]["x"] = {"X": "1"}
+    no_sequence = lambda_record("3" * 21 + "5", "o3", "new")
+    del no_sequence["dynamodb"]["SequenceNumber"]
+    event = {
+        "Records": [
+            lambda_record("3" * 21 + "1", "o0", "new"),
+            no_keys,
+            unknown_type,
+            no_sequence,
+            lambda_record("3" * 21 + "6", "o4", "paid"),
+        ]
+    }
+    assert handle_event(event, pipe, lambda t: ("order_id",)) == {"batchItemFailures": []}
+    keys = redis_view_keys(redis_client)
+    assert set(keys) == {"order:o0", "order:o4"}
+    letters = {d.sequence: d for d in store.list_deadletters()}
+    assert set(letters) == {"3" * 22, "3" * 21 + "4", "0"}  # "0": it has no sequence
+    assert "Keys" in letters["3" * 22].error and letters["3" * 22].item_key == "?"
+    assert "'X'" in letters["3" * 21 + "4"].error and letters["3" * 21 + "4"].item_key == "o2"
+    assert "SequenceNumber" in letters["0"].error
+    for dl, raw in zip(
+        (letters["3" * 22], letters["3" * 21 + "4"], letters["0"]),
+        (no_keys, unknown_type, no_sequence),
+        strict=True,
+    ):
+        assert (dl.view, dl.table) == ("card", TABLE)
+        assert dl.record == raw  # kept for inspection and replay
+
+
+def test_lambda_fails_the_batch_on_a_malformed_record_of_no_known_table() -> None:
+    """When no record of the event says which table it is from, a malformed record cannot be
+    dead-lettered per view: the batch fails from its first record, so Lambda keeps it."""
     pipe = lambda_pipeline(redis.Redis(port=free_port()), MemoryStore())
     bad = lambda_record("3" * 22, "o1", "new")
     del bad["dynamodb"]["Keys"]
+    del bad["eventSourceARN"]
     result = handle_event({"Records": [bad]}, pipe, lambda t: ("order_id",))
     assert result == {"batchItemFailures": [{"itemIdentifier": "3" * 22}]}

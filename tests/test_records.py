@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from viewkeeper.stream.records import (
+    NO_SEQUENCE,
     ChangeRecord,
     DecodeError,
     decode_image,
@@ -323,6 +324,121 @@ def test_hand_built_change_record_and_numbers_already_decoded() -> None:
     assert rec.old_image is None and rec.raw is None
     assert decode_value({"N": 5}) == 5
     assert decode_value({"N": Decimal("1.5")}) == Decimal("1.5")
+
+
+# --- a page with malformed records (decode_records) -----------------------------------------
+def test_decode_records_marks_a_malformed_record_invalid_instead_of_failing_the_page() -> None:
+    unknown = wire_record(sequence="1" + "0" * 19 + "2")
+    unknown["dynamodb"]["NewImage"]["x"] = {"X": "1"}
+    no_keys = wire_record(sequence="1" + "0" * 19 + "3")
+    del no_keys["dynamodb"]["Keys"]
+    bad_event = wire_record(event="UPSERT", sequence="1" + "0" * 19 + "4")
+    no_seq = wire_record()
+    del no_seq["dynamodb"]["SequenceNumber"]
+    bad_seq = wire_record(sequence="12ab")
+    unhashable_event = wire_record()
+    unhashable_event["eventName"] = ["INSERT"]  # must be a DecodeError, not a TypeError
+    page: list[Any] = [
+        wire_record(),
+        unknown,
+        no_keys,
+        bad_event,
+        no_seq,
+        bad_seq,
+        unhashable_event,
+        "not a record",
+        None,
+        wire_record(event="INSERT"),
+    ]
+    decoded = decode_records(orjson.loads(orjson.dumps(page)))
+    assert len(decoded) == len(page)  # one per record, in order
+    first, *bad, last = decoded
+    assert first.invalid is None and last.invalid is None and last.event == "INSERT"
+    assert all(r.invalid for r in bad), bad
+    assert [r.sequence for r in bad] == [
+        "1" + "0" * 19 + "2",
+        "1" + "0" * 19 + "3",
+        "1" + "0" * 19 + "4",
+        NO_SEQUENCE,  # none: cannot be ordered
+        NO_SEQUENCE,  # not a decimal string
+        SEQ21,
+        NO_SEQUENCE,
+        NO_SEQUENCE,
+    ]
+    by_seq = {r.sequence: r for r in bad}
+    assert "NewImage.x" in str(by_seq["1" + "0" * 19 + "2"].invalid)
+    assert "'X'" in str(by_seq["1" + "0" * 19 + "2"].invalid)
+    assert "Keys" in str(by_seq["1" + "0" * 19 + "3"].invalid)
+    assert "UPSERT" in str(by_seq["1" + "0" * 19 + "4"].invalid)
+    assert "eventName ['INSERT']" in str(bad[5].invalid)
+    # what the dead letter needs: the raw record, and the keys when they decode
+    assert [r.raw for r in bad[:6]] == page[1:7]
+    assert bad[0].keys == {"pk": "o-1", "sk": 7} and bad[1].keys == {}
+    assert bad[6].raw == {"malformed": "not a record"} and bad[7].raw == {"malformed": None}
+    assert bad[0].new_image is None and bad[0].old_image is None
+    assert bad[0].created_at == 1_767_225_600.25 and bad[6].created_at == 0.0
+    assert "invalid" in repr(bad[0])
+
+
+def test_decode_records_turns_an_unexpected_decoder_error_into_an_invalid_record(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bug in the decoder (an exception other than DecodeError) must not stall a shard
+    either: the record is marked invalid, naming the exception, and dead-lettered."""
+    import viewkeeper.stream.records as records
+
+    real = records.decode_record
+
+    def flaky(rec: Any) -> ChangeRecord:
+        if rec["dynamodb"]["SequenceNumber"] == SEQ40:
+            raise RecursionError("maximum recursion depth exceeded")
+        return real(rec)
+
+    monkeypatch.setattr(records, "decode_record", flaky)
+    ok, boom = decode_records([wire_record(), wire_record(sequence=SEQ40)])
+    assert ok.invalid is None
+    assert boom.sequence == SEQ40 and boom.invalid is not None
+    assert f"record {SEQ40}" in boom.invalid and "RecursionError" in boom.invalid
+
+
+_scalars = st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats()
+_json = st.recursive(
+    _scalars | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner),
+    max_leaves=10,
+)
+_paths = st.sampled_from(
+    [
+        ("eventName",),
+        ("dynamodb",),
+        ("dynamodb", "Keys"),
+        ("dynamodb", "SequenceNumber"),
+        ("dynamodb", "ApproximateCreationDateTime"),
+        ("dynamodb", "SizeBytes"),
+        ("dynamodb", "NewImage"),
+        ("dynamodb", "NewImage", "total"),
+        ("dynamodb", "NewImage", "nested", "M", "l"),
+        ("dynamodb", "Keys", "sk"),
+    ]
+)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(path=_paths, value=_json)
+def test_decode_records_never_raises_on_a_damaged_record(path: tuple[str, ...], value: Any) -> None:
+    """Whatever JSON replaces a part of a record, the page decodes: the record is either
+    valid or marked invalid with a message; the records around it are untouched."""
+    rec: Any = wire_record()
+    target = rec
+    for part in path[:-1]:
+        target = target[part]
+    target[path[-1]] = value
+    page = orjson.loads(orjson.dumps([wire_record(), rec, wire_record()]))
+    before, got, after = decode_records(page)
+    assert before.invalid is None and after.invalid is None
+    if got.invalid is not None:
+        assert got.invalid.strip() and got.raw == page[1]
+        assert got.sequence in (SEQ21, NO_SEQUENCE)
 
 
 # --- encode_key --------------------------------------------------------------------------------

@@ -8,8 +8,9 @@ import random
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
+import orjson
 import pytest
 from prometheus_client import REGISTRY
 
@@ -290,6 +291,62 @@ def test_a_projection_that_raises_is_dead_lettered_and_the_counts_add_up(
     (dl,) = bed.store.list_deadletters()
     assert dl.item_key == "k4" and "v = -1" in dl.error
     assert redis_view_keys(bed.redis)["fk:k4"] == "4"
+
+
+def corrupt(fake: FakeStream, shard_id: str, index: int, mutate: Any) -> dict[str, Any]:
+    """Replace the ``index``-th record stored in a shard of the fake by ``mutate`` of it (the
+    fake only ever writes well-formed records; this is what a new DynamoDB attribute type, or
+    a damaged record, looks like to the worker). Returns the corrupted record."""
+    _, shard = fake._shard(fake.stream_arn("fk"), shard_id)
+    seq, when, blob = shard.records[index]
+    record = orjson.loads(blob)
+    mutate(record)
+    shard.records[index] = (seq, when, orjson.dumps(record))
+    return cast(dict[str, Any], record)
+
+
+def test_a_malformed_record_is_dead_lettered_and_the_shard_goes_on(bed: Bed) -> None:
+    """I5 through the supervisor and the fake stream: one record with an unknown attribute
+    type and one without a SequenceNumber (the last of the shard) do not stall the shard.
+    Both are dead-lettered with their raw record and error, every other record is applied,
+    and the checkpoint moves to the last record that has a sequence number."""
+    for i in range(10):
+        bed.put(f"k{i}", i)
+    (shard_id,) = bed.fake.open_shards("fk")
+    unknown = corrupt(
+        bed.fake, shard_id, 4, lambda r: r["dynamodb"]["NewImage"].update(x={"X": "1"})
+    )
+    no_seq = corrupt(bed.fake, shard_id, 9, lambda r: r["dynamodb"].pop("SequenceNumber"))
+    last_with_sequence = bed.fake.get_records(
+        bed.fake.get_shard_iterator(bed.fake.stream_arn("fk"), shard_id, "TRIM_HORIZON")
+    ).records[8]
+    failures = REGISTRY.get_sample_value("viewkeeper_shard_failures_total", {"table": "fk"}) or 0
+
+    bed.supervisor()
+    good = {k: v for k, v in bed.fake.contents("fk").items() if k not in ("k4", "k9")}
+    deadline = time.monotonic() + 10
+    while (
+        redis_view_keys(bed.redis) != expected(good)
+        or bed.store.list_leases("fk")[0].checkpoint != last_with_sequence.sequence
+    ):
+        assert time.monotonic() < deadline, (
+            redis_view_keys(bed.redis),
+            bed.store.list_leases("fk"),
+        )
+        time.sleep(0.02)
+
+    letters = {d.sequence: d for d in bed.store.list_deadletters()}
+    assert set(letters) == {unknown["dynamodb"]["SequenceNumber"], "0"}
+    bad_type = letters[unknown["dynamodb"]["SequenceNumber"]]
+    assert bad_type.item_key == "k4" and "NewImage.x" in bad_type.error and "'X'" in bad_type.error
+    assert bad_type.record == unknown
+    assert "SequenceNumber" in letters["0"].error and letters["0"].record == no_seq
+    assert letters["0"].item_key == "k9"
+    (lease,) = bed.store.list_leases("fk")
+    assert lease.state is not LeaseState.HALTED and lease.error is None
+    assert (
+        REGISTRY.get_sample_value("viewkeeper_shard_failures_total", {"table": "fk"}) or 0
+    ) == failures  # no crash, no restart on the same page
 
 
 def test_latest_is_the_default_for_a_table_seen_the_first_time(bed: Bed) -> None:

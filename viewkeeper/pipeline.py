@@ -5,6 +5,11 @@ pair ends in exactly one outcome, counted: ``applied``, ``stale`` (the sink held
 newer version, or a newer record of the same item in the same batch superseded it) or
 ``dead_lettered`` (stored durably with its error). Nothing is dropped silently.
 
+A malformed record (one that :func:`~viewkeeper.stream.records.decode_records` marked
+``invalid``) is dead-lettered once for every view on its table, with its raw record, its
+decode error and its sequence (``"0"`` when it has none), and counted ``dead_lettered`` for
+each view, so ``applied + stale + dead_lettered == records x views`` holds for every page.
+
 A sink that is unavailable raises :class:`~viewkeeper.sinks.base.SinkUnavailable` out of
 :meth:`Pipeline.process`; the caller retries the whole batch and does not checkpoint
 (sinks are idempotent, so re-applying what already landed is harmless).
@@ -96,9 +101,16 @@ class Pipeline:
         views named in ``only``: dead-letter replay)."""
         report = BatchReport()
         per_sink: dict[SinkKey, list[_Pending]] = defaultdict(list)
+        invalid = [r for r in records if r.invalid is not None]
+        invalid_keys: list[str] = []
+        if invalid:  # malformed records (decode_records): dead-lettered for every view
+            records = [r for r in records if r.invalid is None]
+            invalid_keys = [self._key_or_unknown(r, key_names) for r in invalid]
         for view in self.registry.by_table(table):
             if only is not None and view.name not in only:
                 continue
+            for rec, item_key in zip(invalid, invalid_keys, strict=True):
+                self._dead(report, view, table, item_key, rec, DecodeError(str(rec.invalid)))
             generation = self.generation_of(view.name)
             latest: dict[str, list[ChangeRecord]] = {}
             for rec in records:
@@ -117,6 +129,14 @@ class Pipeline:
         for key, pendings in per_sink.items():
             self._apply(report, self.sinks[key], pendings, table)
         return report
+
+    @staticmethod
+    def _key_or_unknown(rec: ChangeRecord, key_names: tuple[str, ...]) -> str:
+        """The item key of a malformed record for its dead letter, when its Keys decoded."""
+        try:
+            return encode_key(rec.keys, key_names) if rec.keys else "?"
+        except DecodeError:
+            return "?"
 
     def _newest_projectable(
         self,

@@ -5,7 +5,8 @@ the function) and the event source mapping with ``FunctionResponseTypes:
 [ReportBatchItemFailures]``. Handler: ``viewkeeper.ops.lambda_handler.handler``.
 
 Outcomes map to Lambda's partial batch response: applied, stale and dead-lettered records are
-done (a dead letter is stored durably in the coordination table, as in the daemon). When a sink
+done (a dead letter is stored durably in the coordination table, as in the daemon; a malformed
+record is dead-lettered too, with its raw record and its decode error). When a sink
 is unavailable — or ``worker.on_error: halt`` stops on a bad record — the handler reports the
 first record not yet done as the failure; Lambda then retries from that record, so nothing
 after it is skipped (records are in order within a shard).
@@ -20,7 +21,7 @@ from typing import Any
 
 from viewkeeper.pipeline import HaltShard, Pipeline
 from viewkeeper.sinks.base import SinkUnavailable
-from viewkeeper.stream.records import ChangeRecord, DecodeError, decode_record
+from viewkeeper.stream.records import ChangeRecord, decode_records
 
 __all__ = ["handle_event", "handler", "table_of"]
 
@@ -40,23 +41,41 @@ def table_of(event_source_arn: str) -> str:
         ) from None
 
 
+def _table_or_none(raw: Any) -> str | None:
+    arn = raw.get("eventSourceARN") if isinstance(raw, Mapping) else None
+    try:
+        return table_of(arn) if isinstance(arn, str) else None
+    except ValueError:
+        return None
+
+
 def handle_event(
     event: Mapping[str, Any], pipeline: Pipeline, key_names_of: Callable[[str], tuple[str, ...]]
 ) -> dict[str, Any]:
-    """Apply one Lambda event; return the ReportBatchItemFailures response."""
+    """Apply one Lambda event; return the ReportBatchItemFailures response.
+
+    A malformed record is dead-lettered for every view of its table, with its raw record and
+    its error (sequence ``"0"`` when it has none), like in the daemon: the batch goes on.
+    Its table is read from its eventSourceARN, else taken from the other records (an event
+    source mapping reads one stream). Only when no record of the event names a table is the
+    batch failed from its first record, so that Lambda's retries and on-failure destination
+    keep it — never dropped.
+    """
     raw_records: Sequence[Mapping[str, Any]] = event.get("Records", [])
+    records = decode_records(raw_records)
+    tables = [_table_or_none(raw) for raw in raw_records]
+    batch_table = next((t for t in tables if t is not None), None)
     by_table: dict[str, list[ChangeRecord]] = {}
     order: list[tuple[str, ChangeRecord]] = []
-    for raw in raw_records:
-        try:
-            rec = decode_record(raw)
-        except DecodeError as exc:
-            # a malformed record cannot be applied or replayed: fail it loudly so Lambda's own
-            # on-failure destination keeps it, rather than dropping it
-            seq = str(raw.get("dynamodb", {}).get("SequenceNumber", ""))
-            log.error("malformed stream record %s: %s", seq, exc)
-            return {"batchItemFailures": [{"itemIdentifier": seq}]}
-        table = table_of(str(raw.get("eventSourceARN", "")))
+    for raw, rec, table in zip(raw_records, records, tables, strict=True):
+        if rec.invalid is not None:
+            log.error("malformed stream record %s: %s", rec.sequence, rec.invalid)
+            table = table or batch_table
+            if table is None:
+                log.error("no record of the event names its table; failing the whole batch")
+                return {"batchItemFailures": [{"itemIdentifier": records[0].sequence}]}
+        elif table is None:
+            table = table_of(str(raw.get("eventSourceARN", "")))  # raises, naming the ARN
         by_table.setdefault(table, []).append(rec)
         order.append((table, rec))
     for table, recs in by_table.items():

@@ -139,7 +139,8 @@ class StreamPage:
 class RecordsPage:
     """One GetRecords page. ``next_iterator`` None means SHARD_END: the shard is closed and
     every record has been returned. ``millis_behind`` is always None for DynamoDB Streams
-    (it has no lag figure; use now - ``created_at`` of the last record)."""
+    (it has no lag figure; use now - ``created_at`` of the last record). ``records`` holds
+    one entry per record of the response, malformed ones included (marked ``invalid``)."""
 
     records: list[ChangeRecord]
     next_iterator: str | None
@@ -167,8 +168,9 @@ class StreamClient(Protocol):
 
     Implementations are thread-safe: the supervisor calls one client from every worker
     thread. Every method raises only :class:`~viewkeeper.stream.errors.StreamError`
-    subclasses for service failures (and :class:`~viewkeeper.stream.records.DecodeError` for a
-    record that is not valid DynamoDB JSON).
+    subclasses for service failures. A stream record that is not valid DynamoDB JSON does not
+    raise: :meth:`get_records` returns it in its place, marked
+    :attr:`~viewkeeper.stream.records.ChangeRecord.invalid`, for the pipeline to dead-letter.
     """
 
     def describe_table(self, table: str) -> TableInfo:
@@ -322,7 +324,8 @@ def parse_records(body: bytes | Mapping[str, Any], *, pause_gc: bool = True) -> 
 
     This is the hot path measured by ``bench/decode.py``: ``orjson.loads`` and the
     hand-written decoder of :mod:`viewkeeper.stream.records`, nothing else, under
-    :func:`gc_paused` unless ``pause_gc`` is False.
+    :func:`gc_paused` unless ``pause_gc`` is False. A malformed record does not fail the
+    page: it comes back marked ``invalid`` (:func:`decode_records`).
     """
     with gc_paused() if pause_gc else nullcontext():
         data = orjson.loads(body) if isinstance(body, bytes | bytearray | memoryview) else body

@@ -18,6 +18,11 @@ Speed matters here: this decoder runs on every attribute of every record, and wi
 for the common types (S, N, M, BOOL, NULL) that calls out only for the rarer ones, and
 strict-but-cheap validation: a malformed value is rejected with a message naming the
 attribute path, at no cost for well-formed input.
+
+A malformed record never fails a whole page: :func:`decode_records` returns it in its place
+as a :class:`ChangeRecord` whose :attr:`~ChangeRecord.invalid` holds the error, so the
+pipeline dead-letters it and the shard goes on (DESIGN.md §4 I5). :func:`decode_record`, for
+one record, still raises :class:`DecodeError`.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 
 __all__ = [
+    "NO_SEQUENCE",
     "ChangeRecord",
     "DecodeError",
     "EventName",
@@ -40,11 +46,17 @@ __all__ = [
     "encode_image",
     "encode_key",
     "encode_value",
+    "invalid_record",
 ]
 
 EventName = Literal["INSERT", "MODIFY", "REMOVE"]
-_EVENTS = frozenset(("INSERT", "MODIFY", "REMOVE"))
+_EVENTS: dict[str, EventName] = {"INSERT": "INSERT", "MODIFY": "MODIFY", "REMOVE": "REMOVE"}
 _TYPES = "S, N, B, SS, NS, BS, M, L, NULL, BOOL"
+
+#: The sequence of an invalid record that has no usable SequenceNumber (none, or not a
+#: decimal string). It cannot be ordered or checkpointed: it is dead-lettered under "0" (its
+#: raw record is kept) and the checkpoint stays at the last record that has a sequence.
+NO_SEQUENCE = "0"
 
 
 class DecodeError(ValueError):
@@ -197,7 +209,7 @@ def _value(av: Any) -> Any:
     try:
         (tag,) = av
         value = av[tag]
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, LookupError):  # LookupError: [x] gives an IndexError
         raise _bad_value(av) from None
     if tag == "S" and type(value) is str:
         return value
@@ -249,7 +261,7 @@ def _image(image: dict[str, Any]) -> dict[str, Any]:
                 out[name] = decoder(value)
     except DecodeError as exc:
         raise exc.within(name) from None
-    except (ValueError, TypeError, KeyError, AttributeError, ArithmeticError):
+    except (ValueError, TypeError, LookupError, AttributeError, ArithmeticError):
         # the fast path only detects that something is wrong; say what, precisely
         if not isinstance(image, Mapping):
             raise DecodeError(f"image {image!r:.80} is not a map of attribute values") from None
@@ -296,6 +308,13 @@ class ChangeRecord:
     zero-padded, never as text of unequal length); ``created_at`` is
     ApproximateCreationDateTime in epoch seconds (0.0 when absent); ``raw`` is the record as
     it came in, kept for dead-lettering and replay.
+
+    ``invalid`` is None for a decoded record. For a malformed record of a page (see
+    :func:`decode_records`) it is the error message, and the record is only a carrier for
+    dead-lettering: ``raw`` is the record as it came (wrapped as ``{"malformed": value}`` when
+    it is not even a map), ``sequence`` its SequenceNumber when that is a decimal string, else
+    :data:`NO_SEQUENCE`; ``keys`` are its Keys when they decode, else empty; ``new_image`` is
+    None and ``event`` is meaningless.
     """
 
     __slots__ = (
@@ -303,6 +322,7 @@ class ChangeRecord:
         "_old_raw",
         "created_at",
         "event",
+        "invalid",
         "keys",
         "new_image",
         "raw",
@@ -320,6 +340,7 @@ class ChangeRecord:
         created_at: float,
         size_bytes: int,
         raw: Mapping[str, Any] | None,
+        invalid: str | None = None,
     ) -> None:
         self.event: EventName = event
         self.sequence = sequence
@@ -330,6 +351,7 @@ class ChangeRecord:
         self.created_at = created_at
         self.size_bytes = size_bytes
         self.raw = raw
+        self.invalid = invalid
 
     @property
     def old_image(self) -> dict[str, Any] | None:
@@ -342,6 +364,8 @@ class ChangeRecord:
         return self._old_image
 
     def __repr__(self) -> str:
+        if self.invalid is not None:
+            return f"ChangeRecord(invalid seq={self.sequence}: {self.invalid})"
         return f"ChangeRecord({self.event} {self.keys!r} seq={self.sequence})"
 
 
@@ -361,7 +385,8 @@ def decode_record(rec: Mapping[str, Any]) -> ChangeRecord:
         raise _malformed(rec) from None
     if type(sequence) is not str or not sequence.isdigit() or not sequence.isascii():
         raise DecodeError(f"{_which(rec)}: SequenceNumber {sequence!r:.60} is not a decimal string")
-    if event not in _EVENTS:
+    name = _EVENTS.get(event) if type(event) is str else None  # (unhashable: no TypeError)
+    if name is None:
         raise DecodeError(
             f"record {sequence}: eventName {event!r:.40} is not INSERT, MODIFY or REMOVE"
         )
@@ -384,13 +409,13 @@ def decode_record(rec: Mapping[str, Any]) -> ChangeRecord:
         # Keys and NewImage errors are located in their image; envelope errors are not
         in_image = exc.path or exc.reason.startswith("image ")
         raise _in_record(sequence, exc.within(part) if in_image else exc) from None
-    return ChangeRecord(event, sequence, keys, new_image, body.get("OldImage"), created, size, rec)
+    return ChangeRecord(name, sequence, keys, new_image, body.get("OldImage"), created, size, rec)
 
 
 def _size(value: Any) -> int:
     try:
         return int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise DecodeError(f"SizeBytes {value!r:.40} is not a number") from None
 
 
@@ -426,8 +451,57 @@ def _in_record(sequence: str, exc: DecodeError) -> DecodeError:
 
 
 def decode_records(records: Iterable[Mapping[str, Any]]) -> list[ChangeRecord]:
-    """Decode a page of records, in order (the first malformed one raises DecodeError)."""
-    return [decode_record(r) for r in records]
+    """Decode a page of records, in order, one :class:`ChangeRecord` per record.
+
+    Never raises for a malformed record: it is returned in its place marked
+    :attr:`~ChangeRecord.invalid` (see :func:`invalid_record`), so that one bad record cannot
+    stall a shard; the pipeline dead-letters it. (A ``try`` costs nothing when nothing is
+    raised, so the well-formed path is as fast as before.)
+    """
+    out: list[ChangeRecord] = []
+    append = out.append
+    for rec in records:
+        try:
+            append(decode_record(rec))
+        except DecodeError as exc:
+            append(invalid_record(rec, str(exc)))
+        except Exception as exc:  # a decoder bug must not stall the shard either
+            error = f"{_which(rec)}: cannot be decoded ({type(exc).__name__}: {exc})"
+            append(invalid_record(rec, error[:2000]))
+    return out
+
+
+def invalid_record(rec: Any, error: str) -> ChangeRecord:
+    """The stand-in for a malformed record: carries ``error``, the raw record and whatever
+    of its sequence, keys and creation time can be read (see :class:`ChangeRecord`)."""
+    body = rec.get("dynamodb") if isinstance(rec, Mapping) else None
+    if not isinstance(body, Mapping):
+        body = {}
+    sequence = body.get("SequenceNumber")
+    if type(sequence) is not str or not sequence.isdigit() or not sequence.isascii():
+        sequence = NO_SEQUENCE
+    try:
+        keys = decode_image(body["Keys"])
+    except Exception:
+        keys = {}
+    try:
+        created = _epoch(body.get("ApproximateCreationDateTime"))
+    except Exception:
+        created = 0.0
+    event = rec.get("eventName") if isinstance(rec, Mapping) else None
+    name = _EVENTS.get(event, "MODIFY") if type(event) is str else "MODIFY"  # never applied
+    raw = rec if isinstance(rec, Mapping) else {"malformed": rec}
+    return ChangeRecord(
+        name,
+        sequence,
+        keys,
+        None,
+        None,
+        created,
+        0,
+        raw,
+        invalid=error,
+    )
 
 
 # --- encoding (the fake stream, scan start keys) -------------------------------------------

@@ -8,6 +8,8 @@ why threads). The loop is the whole data path of DESIGN.md §5::
 The checkpoint moves only after :meth:`Pipeline.process` returned, i.e. after every sink
 acknowledged every record of the page (I4). A sink outage makes the page retry, with
 backoff, until the sink is back or the worker is asked to stop; the checkpoint stays put.
+A malformed record is no reason to stop: the pipeline dead-letters it and the page goes on
+(I5), so one bad record cannot stall the shard.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from viewkeeper.stream.errors import (
     ThrottlingError,
     TrimmedDataAccessError,
 )
-from viewkeeper.stream.records import ChangeRecord
+from viewkeeper.stream.records import NO_SEQUENCE, ChangeRecord
 
 __all__ = ["ShardWorker", "WorkerSettings"]
 
@@ -142,10 +144,8 @@ class ShardWorker:
                     continue
                 backoff = 0.1
                 records = page.records
-                if records:
-                    self._process(records)
-                    if self.stop.is_set() and self.last_sequence != records[-1].sequence:
-                        return  # stopped while a sink was down: the page will be re-read
+                if records and not self._process(records):
+                    return  # stopped while a sink was down: the page will be re-read
                 self.caught_up = not records or page.next_iterator is None
                 if self.caught_up:
                     self.lag = 0.0
@@ -185,7 +185,14 @@ class ShardWorker:
                 delay = min(delay * 2, self.settings.max_backoff)
         return None
 
-    def _process(self, records: list[ChangeRecord]) -> None:
+    def _process(self, records: list[ChangeRecord]) -> bool:
+        """Apply a page and checkpoint it; False when stopped before the sinks took it.
+
+        The checkpoint is the page's last sequence number. A malformed record is
+        dead-lettered by the pipeline like any record that cannot be applied, and the page
+        goes on; one without a usable SequenceNumber (:data:`NO_SEQUENCE`) cannot be ordered,
+        so the checkpoint is the last record of the page that has one (or stays where it is
+        when none has: the next page moves it)."""
         table = self.lease.table
         delay = 0.2
         while True:
@@ -204,14 +211,25 @@ class ShardWorker:
                     self.last_sequence,
                 )
                 if self.stop.wait(delay):
-                    return
+                    return False
                 delay = min(delay * 2, self.settings.max_backoff)
         metrics.BATCH_SECONDS.labels(table).observe(time.perf_counter() - started)
+        self.records_read += len(records)
         last = records[-1]
+        if last.sequence == NO_SEQUENCE:
+            last = next((r for r in reversed(records) if r.sequence != NO_SEQUENCE), last)
+            if last.sequence == NO_SEQUENCE:
+                log.warning(
+                    "shard %s/%s: no record of the page has a sequence number; "
+                    "checkpoint stays at %s",
+                    *self._labels,
+                    self.last_sequence,
+                )
+                return True
         self.store.checkpoint(self.lease, last.sequence)
         self.last_sequence = last.sequence
-        self.records_read += len(records)
         self.lag = max(0.0, self.clock() - last.created_at) if last.created_at else None
+        return True
 
     def _shard_end(self) -> None:
         self.store.checkpoint(self.lease, self.last_sequence, state=LeaseState.ENDED)
