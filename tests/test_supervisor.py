@@ -441,12 +441,6 @@ def test_the_leases_of_a_dead_worker_are_taken_within_one_lease_duration(
     assert max(taken.values()) - killed_at <= dur + 2 * dur / 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a shard worker applies pages whatever its supervisor's last renewal: when "
-    "the supervisor's loop stalls past lease_duration, another process takes the lease and "
-    "both apply the shard - see the report",
-)
 def test_a_stalled_supervisors_workers_stop_applying_when_its_lease_expires(
     ring_factory: Callable[..., Ring],
 ) -> None:

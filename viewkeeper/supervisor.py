@@ -356,6 +356,7 @@ class Supervisor:
             self.settings.worker,
             stop=stop,
             on_shard_end=self._on_shard_end,
+            lease_valid=lambda: self.lease_valid(key),
         )
         thread = threading.Thread(
             target=worker.run_guarded, name=f"shard-{key[1][-12:]}", daemon=True

@@ -68,6 +68,7 @@ class ShardWorker:
         stop: threading.Event,
         on_shard_end: Callable[[Lease], None] = lambda lease: None,
         clock: Callable[[], float] = time.time,
+        lease_valid: Callable[[], bool] = lambda: True,
     ) -> None:
         self.lease = lease
         self.client = client
@@ -77,6 +78,7 @@ class ShardWorker:
         self.settings = settings
         self.stop = stop
         self.on_shard_end = on_shard_end
+        self.lease_valid = lease_valid
         self.clock = clock
         self.last_sequence: str | None = (
             lease.checkpoint if lease.checkpoint not in (None, LATEST, TRIM_HORIZON) else None
@@ -144,6 +146,8 @@ class ShardWorker:
                     continue
                 backoff = 0.1
                 records = page.records
+                if records and not self._wait_lease_valid():
+                    return  # stopped while the lease was in doubt: the page will be re-read
                 if records and not self._process(records):
                     return  # stopped while a sink was down: the page will be re-read
                 self.caught_up = not records or page.next_iterator is None
@@ -173,6 +177,18 @@ class ShardWorker:
         except HaltShard as exc:
             log.error("shard %s/%s halted (worker.on_error=halt): %s", *self._labels, exc)
             self._set_state(LeaseState.HALTED, str(exc))
+
+    def _wait_lease_valid(self) -> bool:
+        """Apply only while the supervisor renewed the lease within lease_duration: one that
+        stalled may have lost it to another process without knowing yet. Wait for the next
+        renewal (or for the stop that follows a lost lease)."""
+        if self.lease_valid():
+            return True
+        log.warning("shard %s/%s: lease not renewed in time; holding the page", *self._labels)
+        while not self.stop.wait(0.05):
+            if self.lease_valid():
+                return True
+        return False
 
     def _with_retry(self, fn: Callable[[], str]) -> str | None:
         delay = 0.1
