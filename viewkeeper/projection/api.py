@@ -9,11 +9,22 @@ by calling it. They attach a :class:`View` description that :func:`load_views` c
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from types import CodeType
+from typing import Any, Literal, NoReturn, TypeVar, overload
 
-__all__ = ["DocIdFunc", "View", "ViewFunc", "opensearch_view", "redis_view", "view_of"]
+__all__ = [
+    "Declaration",
+    "DocIdFunc",
+    "View",
+    "ViewFunc",
+    "declarations",
+    "opensearch_view",
+    "redis_view",
+    "view_of",
+]
 
 ViewFunc = Callable[[dict[str, Any]], Any]
 DocIdFunc = Callable[[dict[str, Any]], str]
@@ -64,14 +75,119 @@ def _check_common(
         )
 
 
+# --- what each module declared ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Declaration:
+    """One application of ``@redis_view``/``@opensearch_view``: the view and where it is."""
+
+    view: View
+    line: int  # the first line of the decorated function (its first decorator)
+    file: str
+
+
+@dataclass
+class _Declared:
+    execution: CodeType | None  # the module body that ran the decorators (one per import)
+    by_key: dict[tuple[str, int, str], Declaration]
+
+
+# Every view declared, per module (``View.module``), in declaration order. A module imported
+# again (``importlib.reload``, or after leaving ``sys.modules``) runs a new module body: its
+# declarations replace those of the earlier run, so nothing is counted twice.
+_DECLARED: dict[str, _Declared] = {}
+
+
+def _module_body(module: str) -> CodeType | None:
+    """The code object of ``module``'s body when it is running (the decorators of a module
+    run while it is imported), else None (a view declared later, from a function)."""
+    try:
+        frame = sys._getframe(2)
+    except (AttributeError, ValueError):  # not CPython
+        return None
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "<module>" and frame.f_globals.get("__name__") == module:
+            return code
+        frame = frame.f_back  # type: ignore[assignment]
+    return None
+
+
+def _record(view: View, func: object) -> None:
+    code = getattr(func, "__code__", None)
+    line = code.co_firstlineno if isinstance(code, CodeType) else 0
+    file = code.co_filename if isinstance(code, CodeType) else ""
+    execution = _module_body(view.module)
+    declared = _DECLARED.get(view.module)
+    if declared is None or (execution is not None and declared.execution is not execution):
+        declared = _DECLARED[view.module] = _Declared(execution, {})
+    qualname = str(getattr(func, "__qualname__", view.name))
+    # the same function declared as the same view again (a factory called twice) replaces
+    declared.by_key[(qualname, line, view.name)] = Declaration(view, line, file)
+
+
+def declarations(module: str) -> list[Declaration]:
+    """The views the decorators declared in ``module`` (its latest import), in order,
+    including the ones no module attribute holds any more (a second ``def`` of the same
+    name replaces the first)."""
+    declared = _DECLARED.get(module)
+    return [] if declared is None else list(declared.by_key.values())
+
+
+# --- the decorators ----------------------------------------------------------------------
+
+_MISSING: Any = object()
+
+
+def _misused(kind: str, func: object, needs: str, **given: object) -> TypeError | None:
+    """The error for ``@kind`` without arguments (``func`` is then the decorated function)
+    or without a required keyword argument; raised by the decorator itself, so that the
+    traceback ends at the user's line."""
+    if func is not None:
+        name = getattr(func, "__name__", None)
+        on = f" on {name}()" if isinstance(name, str) else ""
+        return TypeError(
+            f"@{kind} is used without its arguments{on}; write @{kind}({needs}) (the "
+            "parentheses and the keyword arguments are required)"
+        )
+    missing = [k + "=" for k, v in given.items() if v is _MISSING]
+    if missing:
+        return TypeError(f"{kind}() is missing {', '.join(missing)}; write @{kind}({needs})")
+    return None
+
+
+_REDIS_NEEDS = "table=..., redis=..."
+_OPENSEARCH_NEEDS = "table=..., opensearch=..., index=..."
+
+
+@overload
 def redis_view(
     *, table: str, redis: str, ttl: int | None = None, name: str | None = None
+) -> Callable[[F], F]: ...
+
+
+@overload
+def redis_view(func: Callable[..., Any], /) -> NoReturn: ...
+
+
+def redis_view(
+    func: object = None,
+    /,
+    *,
+    table: str = _MISSING,
+    redis: str = _MISSING,
+    ttl: int | None = None,
+    name: str | None = None,
 ) -> Callable[[F], F]:
     """Declare a Redis view: the function yields (or returns) Value/HashField/SetMember/
     SortedSetMember entries for one item; nothing or None means the item owns nothing.
 
     ``ttl`` (seconds) is the default expiry of the view's ``Value`` entries.
     """
+    misused = _misused("redis_view", func, _REDIS_NEEDS, table=table, redis=redis)
+    if misused is not None:
+        raise misused
 
     def decorate(func: F) -> F:
         view_name: str = name or str(getattr(func, "__name__", ""))
@@ -88,16 +204,34 @@ def redis_view(
             ttl=ttl,
         )
         setattr(func, _ATTR, view)
+        _record(view, func)
         return func
 
     return decorate
 
 
+@overload
 def opensearch_view(
     *,
     table: str,
     opensearch: str,
     index: str,
+    doc_id: DocIdFunc | None = None,
+    name: str | None = None,
+) -> Callable[[F], F]: ...
+
+
+@overload
+def opensearch_view(func: Callable[..., Any], /) -> NoReturn: ...
+
+
+def opensearch_view(
+    func: object = None,
+    /,
+    *,
+    table: str = _MISSING,
+    opensearch: str = _MISSING,
+    index: str = _MISSING,
     doc_id: DocIdFunc | None = None,
     name: str | None = None,
 ) -> Callable[[F], F]:
@@ -106,6 +240,11 @@ def opensearch_view(
     The document id is the item key (see :func:`viewkeeper.stream.records.encode_key`)
     unless ``doc_id`` (a function of the item) is given.
     """
+    misused = _misused(
+        "opensearch_view", func, _OPENSEARCH_NEEDS, table=table, opensearch=opensearch, index=index
+    )
+    if misused is not None:
+        raise misused
 
     def decorate(func: F) -> F:
         view_name: str = name or str(getattr(func, "__name__", ""))
@@ -128,6 +267,7 @@ def opensearch_view(
             doc_id=doc_id,
         )
         setattr(func, _ATTR, view)
+        _record(view, func)
         return func
 
     return decorate

@@ -19,16 +19,39 @@ from viewkeeper.projection.entries import (
 )
 from viewkeeper.stream.records import encode_key
 
-__all__ = ["ProjectionError", "project"]
+__all__ = ["ProjectionError", "project", "shown"]
 
 _REDIS_TYPES = (Value, HashField, SetMember, SortedSetMember)
 
 
+_SHOWN = 100  # characters of an item key or id shown in a message
+_EXC_SHOWN = 1000  # characters of the message of an exception the view raised
+_MAX_ID_BYTES = 512  # OpenSearch's limit on a document _id
+
+
+def shown(value: object) -> str:
+    """``value`` for an error message: its repr, cut after about :data:`_SHOWN` characters
+    (an item key may be 2 KB, a value megabytes)."""
+    if isinstance(value, str):
+        if len(value) <= _SHOWN:
+            return repr(value)
+        return f"{value[:_SHOWN]!r}… ({len(value)} characters)"
+    try:
+        text = repr(value)
+    except Exception as exc:  # a broken __repr__ must not hide the real error
+        return f"<{type(value).__name__} object, repr failed: {type(exc).__name__}>"
+    return text if len(text) <= _SHOWN else text[:_SHOWN] + "…"
+
+
 class ProjectionError(Exception):
-    """The view function raised, or gave back something that is not an entry."""
+    """The view function raised, or gave back something that is not an entry.
+
+    The message shows at most the first 100 characters of the item key; ``item_key`` holds
+    all of it.
+    """
 
     def __init__(self, view: View, item_key: str, message: str) -> None:
-        super().__init__(f"view {view.name!r} ({view.where}) on item {item_key!r}: {message}")
+        super().__init__(f"view {view.name!r} ({view.where}) on item {shown(item_key)}: {message}")
         self.view = view
         self.item_key = item_key
 
@@ -49,7 +72,10 @@ def project(
     except ProjectionError:
         raise
     except Exception as exc:
-        raise ProjectionError(view, item_key, f"raised {type(exc).__name__}: {exc}") from exc
+        text = str(exc)
+        if len(text) > _EXC_SHOWN:  # the dead letter keeps the traceback
+            text = text[:_EXC_SHOWN] + f"… ({len(text)} characters)"
+        raise ProjectionError(view, item_key, f"raised {type(exc).__name__}: {text}") from exc
 
 
 def _redis_entries(view: View, item_key: str, result: Any) -> list[Entry]:
@@ -69,7 +95,7 @@ def _redis_entries(view: View, item_key: str, result: Any) -> list[Entry]:
             raise ProjectionError(
                 view,
                 item_key,
-                f"yielded {entry!r}; a redis_view yields Value, HashField, SetMember or "
+                f"yielded {shown(entry)}; a redis_view yields Value, HashField, SetMember or "
                 "SortedSetMember",
             )
         if view.ttl is not None and isinstance(entry, Value) and entry.ttl is None:
@@ -95,16 +121,52 @@ def _document(
         raise ProjectionError(
             view,
             item_key,
-            f"document field names {bad!r} are not allowed; use non-empty names that do not "
+            f"document field names {shown(bad)} are not allowed; use non-empty names that do not "
             "start with '_' (reserved for OpenSearch and viewkeeper)",
         )
-    doc_id = item_key if view.doc_id is None else view.doc_id(item)
-    if not isinstance(doc_id, str) or not doc_id or len(doc_id.encode()) > 512:
-        raise ProjectionError(
-            view, item_key, f"doc_id {doc_id!r} must be a non-empty str of at most 512 bytes"
-        )
+    if view.doc_id is None:
+        doc_id = item_key
+        size = _id_size(view, item_key, doc_id)
+        if size > _MAX_ID_BYTES:
+            raise ProjectionError(
+                view,
+                item_key,
+                f"item key of {size} bytes exceeds OpenSearch's {_MAX_ID_BYTES}-byte _id "
+                "(the document id is the item key by default); give the view doc_id= (a "
+                "function of the item returning a shorter unique id, e.g. a hash of the key)",
+            )
+    else:
+        doc_id = view.doc_id(item)
+        if not isinstance(doc_id, str) or not doc_id:
+            raise ProjectionError(
+                view,
+                item_key,
+                f"doc_id= returned {shown(doc_id)}; "
+                f"it must return a non-empty str of at most {_MAX_ID_BYTES} bytes",
+            )
+        size = _id_size(view, item_key, doc_id)
+        if size > _MAX_ID_BYTES:
+            raise ProjectionError(
+                view,
+                item_key,
+                f"doc_id= returned {shown(doc_id)}, {size} bytes: more than OpenSearch's "
+                f"{_MAX_ID_BYTES}-byte _id; return a shorter id (e.g. a hash of it)",
+            )
     del key_names
     return [Document(doc_id, dict(result))]
+
+
+def _id_size(view: View, item_key: str, doc_id: str) -> int:
+    """The size of a document id in UTF-8 bytes."""
+    try:
+        return len(doc_id.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise ProjectionError(
+            view,
+            item_key,
+            f"document id {shown(doc_id)} holds a lone surrogate at position {exc.start}, which "
+            "is not valid UTF-8; give the view a doc_id= that returns valid text",
+        ) from None
 
 
 def item_key_of(keys: Mapping[str, Any], key_names: tuple[str, ...]) -> str:

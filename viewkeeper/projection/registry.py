@@ -8,7 +8,7 @@ import traceback
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from viewkeeper.projection.api import View, view_of
+from viewkeeper.projection.api import Declaration, View, declarations, view_of
 
 __all__ = ["ViewLoadError", "ViewRegistry", "load_views"]
 
@@ -79,6 +79,7 @@ def load_views(modules: Sequence[str], *, search_path: Iterable[str] = ()) -> Vi
         except Exception as exc:
             tb = traceback.format_exc(limit=-3)
             raise ViewLoadError(f"views: importing {name!r} failed: {exc!r}\n{tb}") from exc
+        _check_declared_once(name, declarations(module.__name__))
         found = 0
         for attr in vars(module).values():
             view = view_of(attr)
@@ -91,3 +92,42 @@ def load_views(modules: Sequence[str], *, search_path: Iterable[str] = ()) -> Vi
                 "@redis_view or @opensearch_view"
             )
     return registry
+
+
+def _check_declared_once(module: str, declared: Sequence[Declaration]) -> None:
+    """Refuse a module that declares one view name twice, or one function twice: the second
+    ``def card`` rebinds the module attribute and the first view would be lost silently."""
+    by_name: dict[str, list[Declaration]] = {}
+    by_function: dict[str, list[Declaration]] = {}
+    for d in declared:
+        by_name.setdefault(d.view.name, []).append(d)
+        qualname = str(getattr(d.view.func, "__qualname__", d.view.name))
+        if "<locals>" not in qualname:  # a factory may make many views of one inner function
+            by_function.setdefault(qualname, []).append(d)
+    for view_name, same in by_name.items():
+        if len(same) < 2:
+            continue
+        first, second = same[0], same[1]
+        if first.view.where == second.view.where:
+            raise ViewLoadError(
+                f"views: module {module!r} declares the view {view_name!r} twice, at line "
+                f"{first.line} and at line {second.line} of {first.file or module}; the second "
+                f"definition of {first.view.where} replaces the first, whose view would be lost "
+                "silently: rename one of the functions (a view is named after its function "
+                "unless name= is given)"
+            )
+        raise ViewLoadError(
+            f"two views are named {view_name!r}: {first.view.where} (line {first.line}) and "
+            f"{second.view.where} (line {second.line}); rename one function or pass name= to "
+            "its decorator"
+        )
+    for qualname, same in by_function.items():
+        if len(same) < 2:
+            continue
+        first, second = same[0], same[1]
+        raise ViewLoadError(
+            f"views: module {module!r} defines the function {qualname!r} twice, at line "
+            f"{first.line} (view {first.view.name!r}) and at line {second.line} (view "
+            f"{second.view.name!r}) of {first.file or module}; the second definition "
+            "replaces the first, whose view would be lost silently: rename one of the functions"
+        )
