@@ -1,28 +1,38 @@
 """The ``viewkeeper`` command: run, rebuild, status, check, deadletters, demo.
 
 Exit codes: 0 success, 1 a runtime failure (a service, a rebuild handshake), 2 bad arguments,
-78 (EX_CONFIG) a bad config file or view module — the unit file's RestartPreventExitStatus=78
-keeps systemd from restarting into the same mistake.
+78 (EX_CONFIG) a bad config file or view module, or a coordination table that cannot be used
+as configured — the unit file's RestartPreventExitStatus=78 keeps systemd from restarting into
+the same mistake.
+
+Failures are reported as one line on stderr, ``viewkeeper: <what> at <host:port>: <why>;
+<fix>``, never as a traceback (the traceback is logged at DEBUG level, so
+``logging.level: DEBUG`` shows it) and never with a secret in it.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import logging
 import os
 import signal
+import socket
+import ssl
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from viewkeeper import __version__
 
 log = logging.getLogger("viewkeeper.cli")
 
 EX_CONFIG = 78
+EX_FAILURE = 1
 CONFIG_HELP = "the YAML config file (default: $VIEWKEEPER_CONFIG or ./viewkeeper.yaml)"
 
 
@@ -48,9 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "run",
         help="run the daemon: lease shards, apply records to the views",
-        description="Run the daemon. SIGTERM/SIGINT drain: no new leases, the "
-        "batch in flight is applied and checkpointed, leases are released; a "
-        "second signal exits at once.",
+        description="Run the daemon. Start-up is fail-fast: the metrics port, the "
+        "coordination table, the source tables' streams and every Redis and OpenSearch the "
+        "views use are checked first, and the first that cannot be used ends the process "
+        "with one line naming it and the fix: exit 1 for a service that cannot be reached "
+        "(under systemd, Restart=on-failure starts it again), 78 for a config or "
+        "coordination table that cannot work. It does not wait silently. Once running, a "
+        "service outage makes the batch retry, with the checkpoint held, until the service "
+        "is back. SIGTERM/SIGINT drain: no new leases, the batch in flight is applied and "
+        "checkpointed, leases are "
+        "released; a second signal exits at once.",
     )
     _config_arg(p)
     p.add_argument(
@@ -139,6 +156,174 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EX_CONFIG
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        explained = explain_failure(exc)
+        if explained is None:
+            raise  # a bug: the traceback is what is needed
+        message, code = explained
+        log.debug("%s", message, exc_info=True)  # the traceback, at DEBUG level only
+        print(f"viewkeeper: {message}", file=sys.stderr)
+        return code
+
+
+# --- failures: one line each --------------------------------------------------------------
+class Failure(Exception):
+    """A failure the CLI has already put into words (one line, with the fix)."""
+
+    def __init__(self, message: str, code: int = EX_FAILURE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# Where DynamoDB is, for messages (set by _app once the config is loaded).
+_dynamodb_where = "DynamoDB"
+
+_SERVICE_FIX = "check that the service is running and that the config points at it"
+_AWS_CREDENTIALS_FIX = (
+    "check the AWS credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, aws.profile or the "
+    "instance role) and that their IAM policy allows viewkeeper's DynamoDB actions"
+)
+
+
+def _one_line(text: str) -> str:
+    from viewkeeper.ops.logs import redact
+
+    return redact(" ".join(str(text).split()))
+
+
+def explain_failure(exc: BaseException) -> tuple[str, int] | None:
+    """``(one line, exit code)`` for a runtime failure the operator can act on, or None for
+    anything else (a bug, which keeps its traceback)."""
+    from botocore import exceptions as boto
+
+    from viewkeeper.coordination.dynamodb import CoordinationTableError
+    from viewkeeper.sinks.base import SinkError, SinkUnavailable
+    from viewkeeper.stream.errors import StreamError
+    from viewkeeper.supervisor import StreamNotReadable
+
+    if isinstance(exc, Failure):
+        return _one_line(str(exc)), exc.code
+    if isinstance(exc, CoordinationTableError):
+        return _one_line(str(exc)), EX_CONFIG if exc.configuration else EX_FAILURE
+    if isinstance(exc, SinkUnavailable):
+        return _one_line(sink_failure_text(exc)), EX_FAILURE
+    if isinstance(exc, SinkError):
+        return _one_line(str(exc)), EX_FAILURE
+    if isinstance(exc, StreamNotReadable):
+        return _one_line(str(exc)), EX_FAILURE
+    if isinstance(exc, StreamError):
+        return _one_line(_stream_failure_text(exc)), EX_FAILURE
+    if isinstance(exc, boto.ClientError | boto.BotoCoreError):
+        message, code = _botocore_failure_text(exc)
+        return _one_line(message), code
+    if isinstance(exc, OSError):
+        return _one_line(_os_failure_text(exc)), EX_FAILURE
+    return None
+
+
+def sink_failure_text(exc: BaseException) -> str:
+    """A sink's failure with the fix: its message names the sink and host:port."""
+    text = str(exc)
+    lowered = text.lower()
+    if "authentication failed" in lowered:
+        return text  # carries its own fix
+    if "certificate verify failed" in lowered or "certificate_verify_failed" in lowered:
+        return (
+            f"{text}; the server's TLS certificate is not trusted: set ssl_ca_file (Redis) "
+            "or ca_certs (OpenSearch) to the CA that signed it"
+        )
+    return f"{text.rstrip('. ')}; {_SERVICE_FIX}"
+
+
+def _stream_failure_text(exc: BaseException) -> str:
+    from viewkeeper.stream import errors
+
+    where = _dynamodb_where
+    if isinstance(exc, errors.ConnectionFailedError):
+        return f"{where} cannot be reached: {exc}; {_SERVICE_FIX} (aws.endpoint_url, aws.region)"
+    if isinstance(exc, errors.AccessDeniedError):
+        return f"{where}: {exc}; {_AWS_CREDENTIALS_FIX}"
+    if isinstance(exc, errors.ResourceNotFoundError):
+        return (
+            f"{where}: {exc}; create the table, or fix the views' table= or aws.region / "
+            "aws.endpoint_url"
+        )
+    if isinstance(exc, errors.ThrottlingError | errors.ServiceError):
+        return f"{where}: {exc}; a temporary failure of the service: start again later"
+    return f"{where}: {exc}"
+
+
+def _botocore_failure_text(exc: BaseException) -> tuple[str, int]:
+    from botocore import exceptions as boto
+
+    where = _dynamodb_where
+    if isinstance(exc, boto.ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", "error"))
+        text = f"{where}: {exc.operation_name} failed: {code}: {error.get('Message', '')}"
+        if code in (
+            "AccessDeniedException",
+            "UnrecognizedClientException",
+            "InvalidSignatureException",
+            "ExpiredTokenException",
+            "MissingAuthenticationTokenException",
+        ):
+            return f"{text}; {_AWS_CREDENTIALS_FIX}", EX_FAILURE
+        if code == "ResourceNotFoundException":
+            return f"{text}; check coordination.table and aws.region", EX_FAILURE
+        if code == "ResourceInUseException":
+            return (
+                f"{text}; the coordination table is being created or changed (another "
+                "viewkeeper starting at the same time?): start again in a few seconds",
+                EX_FAILURE,
+            )
+        return f"{text}; start again later (logging.level: DEBUG shows the details)", EX_FAILURE
+    if isinstance(exc, boto.NoCredentialsError | boto.PartialCredentialsError):
+        return f"{where}: no usable AWS credentials ({exc}); {_AWS_CREDENTIALS_FIX}", EX_FAILURE
+    if isinstance(exc, boto.ProfileNotFound):
+        return f"aws.profile: {exc}; fix aws.profile or add the profile to ~/.aws", EX_CONFIG
+    if isinstance(exc, boto.NoRegionError):
+        return f"{where}: {exc}; set aws.region", EX_CONFIG
+    kwargs = getattr(exc, "kwargs", None) or {}
+    url = kwargs.get("endpoint_url")
+    if url:
+        where = f"DynamoDB at {_host_port(str(url))}"
+    if isinstance(exc, boto.ConnectionError | boto.HTTPClientError):
+        return (
+            f"{where} cannot be reached ({exc}); {_SERVICE_FIX} (aws.endpoint_url, aws.region)",
+            EX_FAILURE,
+        )
+    return f"{where}: {exc}", EX_FAILURE
+
+
+def _os_failure_text(exc: OSError) -> str:
+    reason = exc.strerror or str(exc) or "no details"
+    if exc.filename is not None:
+        return f"{exc.filename}: {type(exc).__name__}: {reason}"
+    return f"{type(exc).__name__}: {reason}"
+
+
+def _host_port(url: str) -> str:
+    """``host:port`` of an http(s) URL (80/443 when it names none); never user or password."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return "<invalid URL>"
+    host = parts.hostname or "<no host>"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _certificate_error(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate verification failure behind ``exc`` (redis-py wraps it), if any."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 # --- commands ---------------------------------------------------------------------------
@@ -148,72 +333,171 @@ def _app(args: argparse.Namespace) -> Any:
 
     app = App.from_file(args.config)
     setup_logging(app.config.logging.format, app.config.logging.level)
+    global _dynamodb_where
+    aws = app.config.aws
+    _dynamodb_where = (
+        f"DynamoDB at {_host_port(aws.endpoint_url)}"
+        if aws.endpoint_url
+        else f"DynamoDB ({aws.region})"
+    )
     for warning in app.warnings:
         log.warning("%s", warning)
     return app
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from viewkeeper.ops import metrics
+    """The daemon.
+
+    Start-up is fail-fast: the metrics endpoint, the coordination table and every Redis and
+    OpenSearch the views use are checked before the first lease is taken, and the first
+    one that cannot be used ends the process with one line naming it (exit 1, so systemd's
+    Restart=on-failure tries again; 78 for a config or coordination table that cannot work).
+    Waiting silently instead would look healthy while applying nothing. Once running, a
+    service outage is retried batch by batch with the checkpoint held.
+    """
     from viewkeeper.ops.sdnotify import Notifier, WatchdogThread
 
     app = _app(args)
-    sup = app.supervisor()
-    mconf = app.config.metrics
-    if mconf.port is not None:
-        metrics.serve(mconf.port, mconf.host)
-        log.info("metrics on http://%s:%d/metrics", mconf.host, mconf.port)
-    notifier = Notifier()
-    signals = _install_signals(sup.request_stop)
-
-    def status_line() -> str:
-        shards, worst = sup.summary()
-        return f"{shards} shards, worst lag {worst:.1f}s"
-
-    draining = [False]
-
-    def status_or_drain() -> str:
-        if sup.stopping.is_set() and not draining[0]:
-            draining[0] = True
-            notifier.stopping("draining: finishing batches in flight, releasing leases")
-        return status_line()
-
-    watchdog: WatchdogThread | None = None
-    if notifier.enabled:
-        # WATCHDOG=1 only while the supervisor loop keeps turning (or is draining, which
-        # TimeoutStopSec bounds); STATUS is refreshed even without WatchdogSec.
-        watchdog = WatchdogThread(
-            notifier, notifier.watchdog_interval() or 5.0, sup.healthy, status_or_drain
-        )
-    ready = [False]
-    last_purge = [time.monotonic()]
-
-    def on_tick(s: Any) -> None:
-        if not ready[0]:
-            ready[0] = True
-            notifier.ready(status_line())
-            if watchdog is not None:
-                watchdog.start()
-            log.info(
-                "viewkeeper %s running as %s on tables %s",
-                __version__,
-                s.worker_id,
-                ", ".join(app.tables),
-            )
-        if time.monotonic() - last_purge[0] > 3600:
-            last_purge[0] = time.monotonic()
-            _purge_tombstones(app)
-
     try:
-        sup.run(until_caught_up=args.until_caught_up, on_tick=on_tick)
+        mconf = app.config.metrics
+        if mconf.port is not None:
+            serve_metrics(mconf.host, mconf.port)
+            log.info("metrics on http://%s:%d/metrics", mconf.host, mconf.port)
+        _preflight(app)
+        sup = app.supervisor()
+        notifier = Notifier()
+        signals = _install_signals(sup.request_stop)
+
+        def status_line() -> str:
+            shards, worst = sup.summary()
+            return f"{shards} shards, worst lag {worst:.1f}s"
+
+        draining = [False]
+
+        def status_or_drain() -> str:
+            if sup.stopping.is_set() and not draining[0]:
+                draining[0] = True
+                notifier.stopping("draining: finishing batches in flight, releasing leases")
+            return status_line()
+
+        watchdog: WatchdogThread | None = None
+        if notifier.enabled:
+            # WATCHDOG=1 only while the supervisor loop keeps turning (or is draining, which
+            # TimeoutStopSec bounds); STATUS is refreshed even without WatchdogSec.
+            watchdog = WatchdogThread(
+                notifier, notifier.watchdog_interval() or 5.0, sup.healthy, status_or_drain
+            )
+        ready = [False]
+        last_purge = [time.monotonic()]
+
+        def on_tick(s: Any) -> None:
+            if not ready[0]:
+                ready[0] = True
+                notifier.ready(status_line())
+                if watchdog is not None:
+                    watchdog.start()
+                log.info(
+                    "viewkeeper %s running as %s on tables %s",
+                    __version__,
+                    s.worker_id,
+                    ", ".join(app.tables),
+                )
+            if time.monotonic() - last_purge[0] > 3600:
+                last_purge[0] = time.monotonic()
+                _purge_tombstones(app)
+
+        try:
+            sup.run(until_caught_up=args.until_caught_up, on_tick=on_tick)
+        finally:
+            notifier.stopping("draining")
+            if watchdog is not None:
+                watchdog.stop()
+            signals.restore()
     finally:
-        notifier.stopping("draining")
-        if watchdog is not None:
-            watchdog.stop()
-        signals.restore()
         app.close()
     log.info("stopped cleanly")
     return 0
+
+
+def serve_metrics(host: str, port: int) -> None:
+    """Start the Prometheus endpoint, or raise Failure naming host:port and the fix."""
+    from viewkeeper.ops import metrics
+
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        metrics.serve(port, host)
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        if isinstance(exc, socket.gaierror):
+            fix = "set metrics.host to an address of this machine, like 127.0.0.1"
+        elif exc.errno == errno.EADDRINUSE:
+            fix = (
+                "another process listens there (a viewkeeper still stopping?): stop it, "
+                "choose another metrics.port, or set metrics.port: null to turn metrics off"
+            )
+        elif exc.errno == errno.EACCES:
+            fix = "ports below 1024 need privileges: use a higher metrics.port, like 9464"
+        elif exc.errno == errno.EADDRNOTAVAIL:
+            fix = "metrics.host is not an address of this machine: use 127.0.0.1 or 0.0.0.0"
+        else:
+            fix = "check metrics.host and metrics.port"
+        raise Failure(f"metrics endpoint: cannot listen on {where} ({reason}); {fix}") from exc
+
+
+def _preflight(app: Any) -> None:
+    """Everything `run` needs before its first lease, checked in order; the first failure
+    raises (one line, see :func:`explain_failure`)."""
+    from viewkeeper.supervisor import StreamNotReadable
+
+    app.store.ensure()
+    for table in app.tables:
+        info = app.client.describe_table(table)  # a missing table: ResourceNotFoundError
+        if not info.stream_arn or info.stream_view_type not in ("NEW_IMAGE", "NEW_AND_OLD_IMAGES"):
+            raise StreamNotReadable(
+                f"table {table!r} streams {info.stream_view_type or 'nothing'}; views need "
+                "the new image: enable DynamoDB Streams on it with view type "
+                "NEW_AND_OLD_IMAGES (or NEW_IMAGE)"
+            )
+    for name in sorted(app.registry.connections("redis")):
+        probe_redis_tls(name, app.config.redis[name])
+    app.sinks  # noqa: B018 - builds, connects and prepares every sink
+
+
+def probe_redis_tls(name: str, conn: Any) -> None:
+    """One quick connection to a ``rediss://`` Redis: a certificate that does not verify is
+    permanent (retrying cannot fix it), so it is reported at once with the fix, as Failure.
+    Anything else is left to the sink, which retries what may be temporary."""
+    if not conn.tls:
+        return
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    from viewkeeper.sinks.connect import describe_target, redis_client
+
+    client = redis_client(conn, retry=Retry(NoBackoff(), 0))
+    try:
+        client.ping()
+    except Exception as exc:
+        cert = _certificate_error(exc)
+        if cert is None:
+            return
+        reason = cert.verify_message or cert.reason or "unknown reason"
+        if "mismatch" in str(reason).lower():
+            fix = (
+                f"connect with the name the certificate was issued for, or set "
+                f"redis.{name}.ssl_check_hostname: false"
+            )
+        else:
+            fix = (
+                f"set redis.{name}.ssl_ca_file to the CA certificate that signed the "
+                "server's certificate"
+            )
+        raise Failure(
+            f"redis {name} at {describe_target(conn.url)}: TLS certificate verify failed: "
+            f"{reason}; {fix}"
+        ) from exc
+    finally:
+        client.close()
 
 
 def _purge_tombstones(app: Any) -> None:
@@ -291,10 +575,18 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     return 0 if report.dead_lettered == 0 else 1
 
 
+def _check_store(app: Any) -> None:
+    """Validate the coordination table without creating it (read-only commands)."""
+    check: Callable[[], None] | None = getattr(app.store, "check", None)
+    if check is not None:
+        check()
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from viewkeeper.status import collect, format_table
 
     app = _app(args)
+    _check_store(app)
     data = collect(app.store, app.tables)
     if args.json:
         print(json.dumps(data, indent=2, default=str))
@@ -329,29 +621,88 @@ def cmd_check(args: argparse.Namespace) -> int:
             )
             failures += not ok
         except Exception as exc:
-            print(f"  dynamodb table {table}: FAILED: {exc}")
+            print(f"  dynamodb table {table}: FAILED: {_failure_line(exc)}")
             failures += 1
     try:
         app.store.ensure()
         print(f"  coordination table {app.config.coordination.table}: ok")
     except Exception as exc:
-        print(f"  coordination table {app.config.coordination.table}: FAILED: {exc}")
+        print(f"  coordination table {app.config.coordination.table}: FAILED: {_failure_line(exc)}")
         failures += 1
-    try:
-        for (kind, name), sink in app.sinks.items():
-            sink.ping()
-            print(f"  {kind} {name}: ok")
-    except Exception as exc:
-        print(f"  sink: FAILED: {exc}")
-        failures += 1
+    # Each connection on its own: one that is down must not hide the state of the others.
+    for kind in ("redis", "opensearch"):
+        for name in sorted(app.registry.connections(kind)):
+            try:
+                where = _check_connection(app, kind, name)
+                print(f"  {kind} {name}: ok ({where})")
+            except Exception as exc:
+                print(f"  {kind} {name}: FAILED: {_failure_line(exc)}")
+                failures += 1
     print("all checks passed" if not failures else f"{failures} check(s) failed")
     return 0 if not failures else 1
+
+
+def _failure_line(exc: BaseException) -> str:
+    explained = explain_failure(exc)
+    if explained is not None:
+        return explained[0]
+    log.debug("check failed", exc_info=True)
+    return _one_line(f"{type(exc).__name__}: {exc}")
+
+
+def _check_connection(app: Any, kind: str, name: str) -> str:
+    """Build one connection's sink on its own, reach it and prepare its views; return
+    where it is. (App.sinks builds every sink at once: the first failure would stop it.)"""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    from viewkeeper.sinks.base import Sink
+    from viewkeeper.sinks.connect import describe_target, opensearch_client, redis_client
+
+    retention = app.config.tombstones.retention_hours * 3600
+    views = [v for v in app.registry if (v.kind, v.connection) == (kind, name)]
+    sink: Sink
+    client: Any
+    if kind == "redis":
+        from viewkeeper.sinks.redis import RedisSink
+
+        rconf = app.config.redis[name]
+        where = describe_target(rconf.url)
+        probe_redis_tls(name, rconf)
+        client = redis_client(rconf, retry=Retry(NoBackoff(), 0))
+        sink = RedisSink(
+            name,
+            client,
+            key_prefix=rconf.key_prefix,
+            owner_buckets=rconf.owner_buckets,
+            tombstone_retention=retention,
+        )
+    else:
+        from viewkeeper.sinks.opensearch import OpenSearchSink
+
+        oconf = app.config.opensearch[name]
+        where = ", ".join(describe_target(h) for h in oconf.hosts)
+        client = opensearch_client(oconf, app.config.aws)
+        sink = OpenSearchSink(
+            name, client, index_prefix=oconf.index_prefix, tombstone_retention=retention
+        )
+    try:
+        sink.ping()
+        sink.prepare(views)
+    finally:
+        try:
+            sink.close()
+            client.close()
+        except Exception as exc:  # closing is best effort
+            log.debug("closing %s %s: %s", kind, name, exc)
+    return where
 
 
 def cmd_deadletters(args: argparse.Namespace) -> int:
     from viewkeeper.deadletters import format_deadletters, replay
 
     app = _app(args)
+    _check_store(app)
     if args.action == "list":
         dls = app.store.list_deadletters()
         if args.json:
@@ -359,13 +710,15 @@ def cmd_deadletters(args: argparse.Namespace) -> int:
         else:
             print(format_deadletters(dls))
         return 0
-    report = replay(app.store, app.pipeline(), app.key_names, set(args.id) if args.id else None)
+    try:
+        report = replay(app.store, app.pipeline(), app.key_names, set(args.id) if args.id else None)
+    finally:
+        app.close()
     print(
         f"replayed {report.replayed}: applied {report.applied}, stale {report.stale}, "
         f"failed again {report.failed_again}; skipped {report.skipped} (scan items: re-run "
         "the rebuild)"
     )
-    app.close()
     return 0 if report.failed_again == 0 else 1
 
 

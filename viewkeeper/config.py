@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -29,7 +30,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
 
-from viewkeeper.ops.logs import mask_url, redact, register_secret
+from viewkeeper.ops.logs import redact, register_secret
 from viewkeeper.projection.registry import ViewRegistry
 
 __all__ = [
@@ -67,6 +68,13 @@ _MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _REGION_RE = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 _INDEX_PREFIX_RE = re.compile(r"^([a-z0-9][a-z0-9_.-]*)?$")
 _CREDENTIAL_RE = re.compile(r"^[A-Za-z0-9_.@-]+$")
+_HOSTNAME_RE = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
+)
+# A user name shown in front of a masked password (anything else is masked with it).
+_PLAIN_USER_RE = re.compile(r"^[A-Za-z0-9._~-]{0,64}$")
+_QUERY_SECRET_RE = re.compile(r"(?i)((?:^|[?&;])(?:password|passwd|pwd|secret|token|auth)=)[^&;#]*")
 _SECRET_KEYS = ("password_env", "password_file", "password_credential")
 
 
@@ -369,7 +377,33 @@ def _show(value: Any) -> str:
         return "a mapping"
     if isinstance(value, list):
         return "a list"
+    if isinstance(value, str) and "://" in value:
+        return _show_url(value)
     text = redact(repr(value))
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _masked_url(raw: str) -> str:
+    """``raw`` with everything between ``://`` (or the start) and the *last* ``@`` masked,
+    and ``password=``-like query values masked.
+
+    Works on the raw text, not on urllib's parse: a password holding ``/ # ? "`` or a space
+    is split by urllib into host, path, query or fragment, so masking the parsed userinfo
+    would show part of it. A plain user name in front of ``:`` stays visible.
+    """
+    scheme_end = raw.find("://")
+    start = scheme_end + 3 if scheme_end >= 0 else 0
+    at = raw.rfind("@")
+    if at >= start:
+        user, colon, _ = raw[start:at].partition(":")
+        keep = f"{user}:" if colon and _PLAIN_USER_RE.fullmatch(user) else ""
+        raw = f"{raw[:start]}{keep}***{raw[at:]}"
+    return _QUERY_SECRET_RE.sub(r"\1***", raw)
+
+
+def _show_url(raw: str) -> str:
+    """A URL for an error message (see :func:`_masked_url`), quoted, at most 80 chars."""
+    text = redact(repr(_masked_url(raw)))
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -667,23 +701,80 @@ def _parse(
     )
 
 
-def _check_url(ctx: _Ctx, path: _Path, raw: Any, schemes: tuple[str, ...], example: str) -> str:
-    """A URL with one of ``schemes`` and a host (error messages mask any password)."""
+# What to do about a password a URL cannot carry as written, per section.
+_PASSWORD_FIX = (
+    "percent-encode special characters in the password ('/' as %2F, '#' as %23, '?' as "
+    "%3F, '@' as %40, a space as %20) or use password_env"
+)
+_OPENSEARCH_CREDENTIALS_FIX = (
+    "remove the credentials from the URL and use auth: {type: basic, username: ..., "
+    "password_env: ...}"
+)
+_AWS_CREDENTIALS_FIX = (
+    "remove the credentials from the URL; AWS credentials come from the environment, "
+    "aws.profile or an instance role"
+)
+
+
+def _check_url(
+    ctx: _Ctx,
+    path: _Path,
+    raw: Any,
+    schemes: tuple[str, ...],
+    example: str,
+    credentials_fix: str = _PASSWORD_FIX,
+) -> str:
+    """A URL with one of ``schemes`` and a host.
+
+    Error messages never show a password, whatever its characters: the URL is shown with
+    everything before its last ``@`` masked (:func:`_show_url`), and urllib's own exception
+    text (which can quote part of a password, "Port could not be cast to integer value as
+    '...'") is never included.
+    """
     if not isinstance(raw, str):
         raise ctx.error(path, f"{_show(raw)} is {_kind(raw)}, not a URL", f"use {example}")
+    shown = _show_url(raw)
+    scheme_end = raw.find("://")
+    start = scheme_end + 3 if scheme_end >= 0 else 0
+    at = raw.rfind("@")
+    userinfo = raw[start:at] if at >= start else ""
+    split_password = (
+        "its user or password part (before the last '@') holds a character a URL does not "
+        "allow there ('/', '#', '?' or '@')"
+    )
     try:
         parts = urlsplit(raw)
         parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError as exc:
+    except ValueError:
+        if any(c in userinfo for c in "/#?@[]"):
+            raise ctx.error(
+                path, f"{shown} is not a valid URL: {split_password}", credentials_fix
+            ) from None
         raise ctx.error(
-            path, f"{_show(raw)} is not a valid URL ({exc})", f"use {example}"
+            path, f"{shown} is not a valid URL ({_url_trouble(raw, start, at)})", f"use {example}"
         ) from None
+    if scheme_end >= 0 and at >= start + len(parts.netloc):
+        # the last '@' landed in the path, query or fragment: a password with '/', '#', '?'
+        raise ctx.error(path, f"{shown} is not a valid URL: {split_password}", credentials_fix)
     if parts.scheme not in schemes:
         wanted = " or ".join(x + "://" for x in schemes)
-        raise ctx.error(path, f"{_show(raw)} does not start with {wanted}", f"use {example}")
+        raise ctx.error(path, f"{shown} does not start with {wanted}", f"use {example}")
     if parts.scheme != "unix" and not parts.hostname:
-        raise ctx.error(path, f"{_show(raw)} has no host", f"use {example}")
+        raise ctx.error(path, f"{shown} has no host", f"use {example}")
     return raw
+
+
+def _url_trouble(raw: str, start: int, at: int) -> str:
+    """Why urllib refused ``raw``, in words that quote nothing before its last ``@``."""
+    hostport = re.split(r"[/?#]", raw[max(start, at + 1) :], maxsplit=1)[0]
+    if hostport.startswith("[") or hostport.count(":") > 1:
+        return "an IPv6 address goes in brackets, like [::1]:6379"
+    port = hostport.rpartition(":")[2] if ":" in hostport else ""
+    if port.isdigit():
+        return f"port {port} is out of range 1-65535"
+    if port:
+        return "the port is not a number"
+    return "it cannot be parsed"
 
 
 def _aws(s: _Section) -> AwsConfig:
@@ -707,11 +798,12 @@ def _aws(s: _Section) -> AwsConfig:
             s.data["endpoint_url"],
             ("http", "https"),
             "endpoint_url: http://127.0.0.1:8000",
+            _AWS_CREDENTIALS_FIX,
         )
         if "@" in urlsplit(endpoint).netloc:
             raise s.ctx.error(
                 path,
-                f"{_show(endpoint)} carries credentials",
+                f"{_show_url(endpoint)} carries credentials",
                 "remove them; AWS credentials come from the environment, "
                 "aws.profile or an instance role",
             )
@@ -812,19 +904,19 @@ def _redis(s: _Section) -> RedisConnection:
     if parts.scheme == "unix" and not parts.path.startswith("/"):
         raise s.ctx.error(
             path,
-            f"{_show(raw)} has no socket path",
+            f"{_show_url(raw)} has no socket path",
             "write it like unix:///run/redis/redis.sock?db=0",
         )
     if parts.scheme != "unix" and db and not db.isdigit():
         raise s.ctx.error(
             path,
-            f"{_show(raw)} names database {db!r}",
+            f"{_show_url(raw)} names database {db!r}",
             "the path is a database number, like redis://host:6379/0",
         )
     if "password" in parse_qs(parts.query):
         raise s.ctx.error(
             path,
-            f"{_show(raw)} carries a password in its query",
+            f"{_show_url(raw)} carries a password in its query",
             "put it in the URL's user part or use password_env, password_file "
             "or password_credential",
         )
@@ -842,7 +934,7 @@ def _redis(s: _Section) -> RedisConnection:
     if tls_keys and parts.scheme != "rediss":
         raise s.ctx.error(
             (*s.path, tls_keys[0]),
-            f"is set but the URL {mask_url(raw)!r} is not TLS",
+            f"is set but the URL {_show_url(raw)} is not TLS",
             "use a rediss:// URL, or remove the ssl_* keys",
         )
     cert_reqs = s.choice(
@@ -892,18 +984,21 @@ def _opensearch(s: _Section, aws: AwsConfig) -> OpenSearchConnection:
         raise s.ctx.error(path, "is missing", f"add {example}")
     if isinstance(raw, str):
         raise s.ctx.error(
-            path, f"{_show(raw)} is a string, not a list", f"write it as hosts: [{mask_url(raw)!r}]"
+            path,
+            f"{_show_url(raw)} is a string, not a list",
+            f"write it as hosts: [{_show_url(raw)}]",
         )
     if not isinstance(raw, list) or not raw:
         raise s.ctx.error(path, f"{_show(raw)} is not a non-empty list", f"use {example}")
     hosts = tuple(
-        _check_url(s.ctx, (*path, i), h, ("http", "https"), example) for i, h in enumerate(raw)
+        _check_url(s.ctx, (*path, i), h, ("http", "https"), example, _OPENSEARCH_CREDENTIALS_FIX)
+        for i, h in enumerate(raw)
     )
     for i, host in enumerate(hosts):
         if "@" in urlsplit(host).netloc:
             raise s.ctx.error(
                 (*path, i),
-                f"{_show(host)} carries credentials",
+                f"{_show_url(host)} carries credentials",
                 "remove them and use auth: {type: basic, username: ..., password_credential: ...}",
             )
     verify = s.flag("verify_certs", True)
@@ -1019,7 +1114,24 @@ def _tombstones(s: _Section) -> TombstoneConfig:
 def _metrics(s: _Section) -> MetricsConfig:
     disabled = "port" in s.data and s.data["port"] is None
     port = None if disabled else s.integer("port", 9464, 1, 65535)
-    return MetricsConfig(port=port, host=s.text("host", "127.0.0.1", example="127.0.0.1"))
+    host = s.text("host", "127.0.0.1", example="127.0.0.1")
+    if not _is_host(host):
+        raise s.ctx.error(
+            (*s.path, "host"),
+            f"{_show(host)} is not an IP address or a host name",
+            "use 127.0.0.1 (the default: this machine only), 0.0.0.0 (every address), another "
+            "IP address of this machine or a host name, like host: 127.0.0.1",
+        )
+    return MetricsConfig(port=port, host=host)
+
+
+def _is_host(text: str) -> bool:
+    """An IPv4/IPv6 address (no brackets) or a DNS host name."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return bool(_HOSTNAME_RE.fullmatch(text))
+    return True
 
 
 def _logging(s: _Section) -> LoggingConfig:

@@ -31,7 +31,16 @@ _KEY_SCHEMA = [
 
 
 class CoordinationTableError(Exception):
-    """The coordination table is missing (and may not be created) or has the wrong schema."""
+    """The coordination table is missing (and may not be created) or has the wrong schema.
+
+    The message is one line naming the table and the fix. ``configuration`` is True when the
+    fix is in the config or the table itself (wrong schema, missing while creation is off):
+    the CLI exits 78 then, so systemd does not restart into the same mistake.
+    """
+
+    def __init__(self, message: str, *, configuration: bool = True) -> None:
+        super().__init__(message)
+        self.configuration = configuration
 
 
 def _s(v: str) -> dict[str, Any]:
@@ -54,16 +63,11 @@ class DynamoDBStore:
 
     # --- table -------------------------------------------------------------------------
     def ensure(self) -> None:
-        try:
-            desc = self._db.describe_table(TableName=self.table)["Table"]
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") != "ResourceNotFoundException":
-                raise
+        """Check the table; create it when it is missing and creation is allowed."""
+        desc = self._describe()
+        if desc is None:
             if not self._create:
-                raise CoordinationTableError(
-                    f"coordination table {self.table!r} does not exist; create it (pk S hash, "
-                    "sk S range) or set coordination.create_if_missing: true"
-                ) from None
+                raise CoordinationTableError(self._missing()) from None
             self._db.create_table(
                 TableName=self.table,
                 KeySchema=_KEY_SCHEMA,
@@ -77,11 +81,55 @@ class DynamoDBStore:
                 TableName=self.table, WaiterConfig={"Delay": 1, "MaxAttempts": 60}
             )
             return
-        schema = sorted((k["AttributeName"], k["KeyType"]) for k in desc["KeySchema"])
-        if schema != [("pk", "HASH"), ("sk", "RANGE")]:
+        self._check_schema(desc)
+
+    def check(self) -> None:
+        """Check the table without creating it (``status``, ``deadletters``): raise
+        CoordinationTableError naming the table and the fix when it is missing or has the
+        wrong key schema. Connection and credential failures raise botocore's errors."""
+        desc = self._describe()
+        if desc is None:
+            if not self._create:
+                raise CoordinationTableError(self._missing())
             raise CoordinationTableError(
-                f"coordination table {self.table!r} has key schema {schema}, expected pk (S, "
-                "HASH) and sk (S, RANGE); point coordination.table at a table of its own"
+                f"coordination table {self.table!r} does not exist; run `viewkeeper run` or "
+                "`viewkeeper check` once with this config to create it (create_if_missing "
+                "is on), or create it with keys pk (S, HASH) and sk (S, RANGE); check "
+                "coordination.table and aws.region if it should exist",
+                configuration=False,
+            )
+        self._check_schema(desc)
+
+    def _describe(self) -> dict[str, Any] | None:
+        """The table's description, or None when it does not exist."""
+        try:
+            return dict(self._db.describe_table(TableName=self.table)["Table"])
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "ResourceNotFoundException":
+                raise
+            return None
+
+    def _missing(self) -> str:
+        return (
+            f"coordination table {self.table!r} does not exist and "
+            "coordination.create_if_missing is false; create it (keys pk S hash, sk S range) "
+            "or set coordination.create_if_missing: true"
+        )
+
+    def _check_schema(self, desc: dict[str, Any]) -> None:
+        schema = sorted((k["AttributeName"], k["KeyType"]) for k in desc.get("KeySchema", []))
+        types = {
+            a["AttributeName"]: a["AttributeType"] for a in desc.get("AttributeDefinitions", [])
+        }
+        if schema != [("pk", "HASH"), ("sk", "RANGE")] or any(
+            types.get(k, "S") != "S" for k in ("pk", "sk")
+        ):
+            shown = ", ".join(f"{name} ({types.get(name, '?')}, {kind})" for name, kind in schema)
+            raise CoordinationTableError(
+                f"coordination table {self.table!r} has key schema {shown or 'none'}, "
+                "expected pk (S, HASH) and sk (S, RANGE); it is not a viewkeeper coordination "
+                "table: point coordination.table at a table of its own (viewkeeper creates "
+                "it when coordination.create_if_missing is true)"
             )
 
     def _query(self, pk: str) -> list[dict[str, Any]]:

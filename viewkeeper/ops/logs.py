@@ -58,6 +58,11 @@ _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
 }
 # Libraries that log every request at INFO; quiet unless the user asks for DEBUG.
 _CHATTY = ("botocore", "boto3", "urllib3", "opensearch", "s3transfer")
+# Libraries that log a WARNING (opensearch-py: with a full traceback) for every retried or
+# failed request, and every 404 of a HEAD probe: thousands of lines in seconds when a
+# service is down. The sinks report the failure once, clearly; these are held at ERROR
+# unless the user asks for DEBUG.
+_NOISY = ("opensearch", "opensearchpy", "urllib3.connectionpool")
 
 
 def register_secret(value: str) -> None:
@@ -195,7 +200,9 @@ def setup_logging(
     """Send every logger's records to ``stream`` (stderr: journald under systemd).
 
     Calling it again replaces the handler it installed before (``check`` then ``run``,
-    or tests). Chatty client libraries are held at WARNING unless ``level`` is DEBUG.
+    or tests). Chatty client libraries are held at WARNING, and opensearch-py and urllib3's
+    connection pool (a WARNING with a traceback per retried request) at ERROR, unless
+    ``level`` is DEBUG; never below ``level`` itself.
     """
     if format not in ("text", "json"):
         raise ValueError(f"log format {format!r} is not 'text' or 'json'")
@@ -210,7 +217,10 @@ def setup_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(numeric)
+    debug = numeric <= logging.DEBUG
     for name in _CHATTY:
-        logging.getLogger(name).setLevel(numeric if numeric <= logging.DEBUG else logging.WARNING)
+        logging.getLogger(name).setLevel(numeric if debug else max(numeric, logging.WARNING))
+    for name in _NOISY:
+        logging.getLogger(name).setLevel(numeric if debug else max(numeric, logging.ERROR))
     logging.captureWarnings(True)
     return handler
