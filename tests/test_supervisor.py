@@ -744,11 +744,6 @@ def test_the_fake_stream_server_round_trips_records_shards_scans_and_errors(
         boto3_client("dynamodb", dynamodb_url).delete_table(TableName="vk-coord-fss")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: DynamoDBStore.ensure: a process that loses the race to create the "
-    "coordination table dies with ResourceInUseException - see the report",
-)
 def test_two_processes_creating_the_coordination_table_at_once_both_start(
     dynamodb_url: str,
 ) -> None:

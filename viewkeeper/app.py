@@ -16,7 +16,7 @@ from viewkeeper.coordination.model import CoordinationStore
 from viewkeeper.pipeline import Pipeline, SinkKey
 from viewkeeper.projection.registry import ViewRegistry, load_views
 from viewkeeper.rebuild import RebuildSettings
-from viewkeeper.sinks.base import Sink
+from viewkeeper.sinks.base import Sink, SinkUnavailable
 from viewkeeper.stream.client import HttpStreamClient, StreamClient
 from viewkeeper.stream.worker import WorkerSettings
 from viewkeeper.supervisor import Supervisor, SupervisorSettings
@@ -46,6 +46,9 @@ class App:
         self._sinks = dict(sinks) if sinks is not None else None
         self._key_names: dict[str, tuple[str, ...]] = {}
         self._lock = threading.Lock()
+        # `run` (the daemon) waits for a Redis/OpenSearch that is down at start; batch use
+        # (`--until-caught-up`, `check`, `rebuild`) fails at once with the reason
+        self.wait_for_sinks = False
 
     @classmethod
     def from_file(cls, path: str, **kwargs: Any) -> App:
@@ -118,7 +121,14 @@ class App:
                 tombstone_retention=retention,
             )
         for key, sink in sinks.items():
-            sink.prepare([v for v in self.registry if (v.kind, v.connection) == key])
+            try:
+                sink.prepare([v for v in self.registry if (v.kind, v.connection) == key])
+            except SinkUnavailable as exc:
+                if not self.wait_for_sinks:
+                    raise
+                # the daemon rides out a sink that is down at start as it does one that goes
+                # down later: shards hold their checkpoints and retry; sinks prepare lazily
+                log.error("%s; shards will wait for it with their checkpoints held", exc)
         return sinks
 
     def key_names(self, table: str) -> tuple[str, ...]:

@@ -58,15 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "run",
         help="run the daemon: lease shards, apply records to the views",
-        description="Run the daemon. Start-up is fail-fast: the metrics port, the "
-        "coordination table, the source tables' streams and every Redis and OpenSearch the "
-        "views use are checked first, and the first that cannot be used ends the process "
-        "with one line naming it and the fix: exit 1 for a service that cannot be reached "
-        "(under systemd, Restart=on-failure starts it again), 78 for a config or "
-        "coordination table that cannot work. It does not wait silently. Once running, a "
-        "service outage makes the batch retry, with the checkpoint held, until the service "
-        "is back. SIGTERM/SIGINT drain: no new leases, the batch in flight is applied and "
-        "checkpointed, leases are "
+        description="Run the daemon. Start-up checks the metrics port, the coordination "
+        "table and the source tables' streams; the first that cannot be used ends the "
+        "process with one line naming it and the fix: exit 1 for a service that cannot be "
+        "reached (under systemd, Restart=on-failure starts it again), 78 for a config or "
+        "coordination table that cannot work. A Redis or OpenSearch that is down is logged "
+        "and waited for, at start as later: its batches retry with the checkpoint held "
+        "until it is back (with --until-caught-up it fails at once instead). SIGTERM/SIGINT "
+        "drain: no new leases, the batch in flight is applied and checkpointed, leases are "
         "released; a second signal exits at once.",
     )
     _config_arg(p)
@@ -348,16 +347,19 @@ def _app(args: argparse.Namespace) -> Any:
 def cmd_run(args: argparse.Namespace) -> int:
     """The daemon.
 
-    Start-up is fail-fast: the metrics endpoint, the coordination table and every Redis and
-    OpenSearch the views use are checked before the first lease is taken, and the first
-    one that cannot be used ends the process with one line naming it (exit 1, so systemd's
-    Restart=on-failure tries again; 78 for a config or coordination table that cannot work).
-    Waiting silently instead would look healthy while applying nothing. Once running, a
-    service outage is retried batch by batch with the checkpoint held.
+    Start-up checks the metrics endpoint, the coordination table and every source table's
+    stream before the first lease is taken; the first that cannot be used ends the process
+    with one line naming it (exit 1, so systemd's Restart=on-failure tries again; 78 for a
+    config or coordination table that cannot work). A Redis or OpenSearch that is down at
+    start is logged as an error and waited for, as one that goes down later is: shards hold
+    their checkpoints and retry, STATUS and the lag metrics show it, and a deploy during a
+    cache restart does not leave the unit failed. With --until-caught-up (batch use) it
+    fails at once instead.
     """
     from viewkeeper.ops.sdnotify import Notifier, WatchdogThread
 
     app = _app(args)
+    app.wait_for_sinks = not args.until_caught_up
     try:
         mconf = app.config.metrics
         if mconf.port is not None:

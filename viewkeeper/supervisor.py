@@ -36,7 +36,6 @@ from viewkeeper.coordination.model import CoordinationStore, Lease, LeaseState, 
 from viewkeeper.ops import metrics
 from viewkeeper.pipeline import Pipeline
 from viewkeeper.stream.client import StreamClient, TableInfo
-from viewkeeper.stream.errors import ResourceNotFoundError, StreamError
 from viewkeeper.stream.worker import LATEST, ShardWorker, WorkerSettings
 
 __all__ = ["StreamNotReadable", "Supervisor", "SupervisorSettings"]
@@ -398,12 +397,26 @@ class Supervisor:
         """Run rounds until :meth:`request_stop` (or until caught up), then drain."""
         self.store.ensure()
         interval = self.settings.lease_duration / 3
+        failures = 0
         try:
             while not self.stopping.is_set():
                 try:
                     self.tick()
-                except (StreamError, ResourceNotFoundError) as exc:
-                    log.error("supervisor round failed: %s", exc)
+                except Exception as exc:
+                    # DynamoDB unreachable, throttled, a 5xx: the round is retried; workers keep
+                    # their leases until those expire, and the watchdog (healthy()) notices a
+                    # loop that keeps failing. A batch run (--until-caught-up) gives up instead.
+                    failures += 1
+                    if until_caught_up and failures >= 20:
+                        raise
+                    log.error(
+                        "supervisor round failed (retrying): %s",
+                        exc,
+                        exc_info=log.isEnabledFor(logging.DEBUG),
+                    )
+                    self._wake.wait(min(1.0, self.settings.lease_duration / 3))
+                    continue
+                failures = 0
                 if on_tick is not None:
                     on_tick(self)
                 if until_caught_up and self.caught_up():

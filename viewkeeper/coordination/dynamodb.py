@@ -68,19 +68,26 @@ class DynamoDBStore:
         if desc is None:
             if not self._create:
                 raise CoordinationTableError(self._missing()) from None
-            self._db.create_table(
-                TableName=self.table,
-                KeySchema=_KEY_SCHEMA,
-                BillingMode="PAY_PER_REQUEST",
-                AttributeDefinitions=[
-                    {"AttributeName": "pk", "AttributeType": "S"},
-                    {"AttributeName": "sk", "AttributeType": "S"},
-                ],
-            )
+            try:
+                self._db.create_table(
+                    TableName=self.table,
+                    KeySchema=_KEY_SCHEMA,
+                    BillingMode="PAY_PER_REQUEST",
+                    AttributeDefinitions=[
+                        {"AttributeName": "pk", "AttributeType": "S"},
+                        {"AttributeName": "sk", "AttributeType": "S"},
+                    ],
+                )
+            except ClientError as exc:
+                # several processes started together: one creates it, the others wait for it
+                if exc.response.get("Error", {}).get("Code") != "ResourceInUseException":
+                    raise
             self._db.get_waiter("table_exists").wait(
                 TableName=self.table, WaiterConfig={"Delay": 1, "MaxAttempts": 60}
             )
-            return
+            desc = self._describe()
+            if desc is None:
+                raise CoordinationTableError(self._missing(), configuration=False)
         self._check_schema(desc)
 
     def check(self) -> None:
