@@ -42,7 +42,7 @@ REQUIRED = {
     "ExecStart": "/usr/local/bin/viewkeeper run -c /etc/viewkeeper/viewkeeper.yaml",
     "WatchdogSec": "30",
     "Restart": "on-failure",
-    "RestartSec": "2",
+    "RestartSec": "5",
     "KillMode": "mixed",
     "KillSignal": "SIGTERM",
     "TimeoutStopSec": "60",
@@ -115,3 +115,8 @@ def test_systemd_analyze_verify_accepts_the_unit(tmp_path: Path) -> None:
     about_unit = [line for line in output.splitlines() if "viewkeeper.service" in line]
     assert result.returncode == 0, output
     assert about_unit == [], output
+
+
+def test_restarts_are_never_rate_limited_away() -> None:
+    """DynamoDB unreachable at start exits 1; systemd must keep trying, not give up."""
+    assert parse_unit(UNIT.read_text())["Unit"]["StartLimitIntervalSec"] == ["0"]
