@@ -96,12 +96,15 @@ class _Bench:
         self.applied = 0
 
     def feed(self, pages: Sequence[bytes]) -> Callable[[], None]:
-        from viewkeeper.stream.client import parse_records
+        """The shard worker's path: one page at a time, the collector paused for the page."""
+        from viewkeeper.stream.client import gc_paused, parse_records
 
         def run() -> None:
             for body in pages:
-                page = parse_records(body)
-                report = self.pipeline.process(TABLE, KEY_NAMES, page.records)
+                with gc_paused():
+                    page = parse_records(body, pause_gc=False)
+                    report = self.pipeline.process(TABLE, KEY_NAMES, page.records)
+                    del page
                 self.applied += report.applied
                 if report.dead_lettered:
                     raise AssertionError(f"{report.dead_lettered} records dead-lettered")
