@@ -199,3 +199,94 @@ def test_a_worker_that_has_not_acknowledged_blocks_the_scan_with_a_clear_message
     assert "stuck-worker" in msg and "hostx" in msg and "4242" in msg
     assert app.store.generations()["card"] == 1
     app.close()
+
+
+class _CrashingScan:
+    """The real stream client, except that scan raises once after ``pages`` pages."""
+
+    def __init__(self, inner: Any, pages: int) -> None:
+        self.inner = inner
+        self.left = pages
+
+    def scan(self, *args: Any, **kwargs: Any) -> Any:
+        if self.left == 0:
+            self.left = -1
+            raise RuntimeError("rebuild killed mid-scan")
+        self.left -= 1
+        return self.inner.scan(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_a_rebuild_that_crashes_midway_is_run_again_to_the_same_end_state(
+    config: Path, dynamodb: Any, redis_client: Any
+) -> None:
+    for i in range(30):
+        put(dynamodb, f"k{i}", "abc"[i % 3], i)
+    app = App.from_file(str(config))
+    crashing = _CrashingScan(app.client, pages=2)
+    views = [app.registry.get("card"), app.registry.get("doc")]
+    with pytest.raises(RuntimeError, match="killed mid-scan"):
+        rebuild(
+            views,
+            app.registry,
+            crashing,
+            app.store,
+            app.pipeline,  # type: ignore[arg-type]
+            RebuildSettings(segments=1, batch_size=5),
+            out=io.StringIO(),
+        )
+    assert redis_view_keys(redis_client) != expected_v1(table_items(dynamodb))[0]  # partial
+    dynamodb.delete_item(TableName=TABLE, Key={"pk": {"S": "k1"}})
+    report = run_rebuild(app, ["card", "doc"], segments=2, batch_size=7)
+    assert report.scanned == 29
+    want_redis, want_docs = expected_v1(table_items(dynamodb))
+    assert redis_view_keys(redis_client) == want_redis
+    assert os_docs(app) == want_docs
+    app.close()
+
+
+def test_the_rebuild_command_reports_progress_and_a_summary(config: Path, dynamodb: Any) -> None:
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO, vk_env
+
+    for i in range(12):
+        put(dynamodb, f"k{i}", "ab"[i % 2], i)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "viewkeeper.cli",
+            "rebuild",
+            "--table",
+            TABLE,
+            "-c",
+            str(config),
+            "--segments",
+            "2",
+            "--max-items-per-second",
+            "1000",
+        ],
+        cwd=REPO,
+        env=vk_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "raised generation" in res.stdout
+    assert "12 items scanned" in res.stdout and "applied 24" in res.stdout  # 2 views
+    unknown = subprocess.run(
+        [sys.executable, "-m", "viewkeeper.cli", "rebuild", "nosuchview", "-c", str(config)],
+        cwd=REPO,
+        env=vk_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert unknown.returncode == 78 and "no view named 'nosuchview'" in unknown.stderr
