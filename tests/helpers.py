@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -67,3 +69,18 @@ def redis_view_keys(client: Any, prefix: str = "vk:") -> dict[str, Any]:
         elif kind == "hash":
             out[key] = {k.decode(): v.decode() for k, v in client.hgetall(key).items()}
     return out
+
+
+def vk(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run the real ``viewkeeper`` command from the repository root."""
+    return subprocess.run(
+        [sys.executable, "-m", "viewkeeper.cli", *args],
+        cwd=REPO,
+        env=env or vk_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

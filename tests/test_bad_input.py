@@ -13,8 +13,6 @@ import itertools
 import json
 import logging
 import socket
-import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -27,7 +25,7 @@ import redis
 import yaml
 from opensearchpy import OpenSearch
 
-from tests.helpers import REPO, vk_env, write_config
+from tests.helpers import vk, write_config
 from tests.testbed import OpenSearchNode, RedisServer, free_port
 from tests.views_e2e import bad_views
 from viewkeeper.coordination.memory import MemoryStore
@@ -594,20 +592,6 @@ def test_an_empty_redis_key_is_refused_where_the_view_builds_it() -> None:
 
 
 # ==== 5. view modules that cannot be loaded =================================================
-
-
-def vk(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 120
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "viewkeeper.cli", *args],
-        cwd=REPO,
-        env=env or vk_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 HEADER = "from viewkeeper import SetMember, Value, opensearch_view, redis_view\n\n"

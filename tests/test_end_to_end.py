@@ -4,30 +4,14 @@ driving the real `viewkeeper` command."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.helpers import REPO, redis_view_keys, vk_env, write_config
+from tests.helpers import redis_view_keys, vk, vk_env, write_config
 
 TABLE = "e2e-orders"
-
-
-def vk(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 120
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "viewkeeper.cli", *args],
-        cwd=REPO,
-        env=env or vk_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 @pytest.fixture
@@ -43,20 +27,14 @@ def setup(
     opensearch_url: str,
 ) -> Any:
     make_table(dynamodb, TABLE, hash_key="order_id")
-    config = write_config(
+    return write_config(
         tmp_path,
         dynamodb_url=dynamodb_url,
         redis_url=redis_url,
         views=["tests.views_e2e.shop"],
         tables={TABLE: {"starting_position": "TRIM_HORIZON"}},
+        opensearch={"search": {"hosts": [opensearch_url], "index_prefix": os_prefix}},
     )
-    raw = config.read_text().replace(f"hosts:\n      - {opensearch_url}", "")
-    import yaml
-
-    cfg = yaml.safe_load(raw)
-    cfg["opensearch"] = {"search": {"hosts": [opensearch_url], "index_prefix": os_prefix}}
-    config.write_text(yaml.safe_dump(cfg))
-    return config
 
 
 def put(

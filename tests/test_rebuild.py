@@ -39,16 +39,13 @@ def config(
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     make_table(dynamodb, TABLE, hash_key="pk")
-    path = write_config(
+    return write_config(
         tmp_path,
         dynamodb_url=dynamodb_url,
         redis_url=redis_url,
         views=["tests.views_e2e.rebuild_v1"],
+        opensearch={"search": {"hosts": [opensearch_url], "index_prefix": os_prefix}},
     )
-    cfg = yaml.safe_load(path.read_text())
-    cfg["opensearch"] = {"search": {"hosts": [opensearch_url], "index_prefix": os_prefix}}
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def put(db: Any, pk: str, group: str, n: int) -> None:

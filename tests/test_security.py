@@ -15,7 +15,6 @@ import logging
 import socket
 import ssl
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator, Mapping
@@ -27,7 +26,7 @@ import redis
 import yaml
 from opensearchpy import OpenSearch
 
-from tests.helpers import REPO, vk_env, write_config
+from tests.helpers import vk, vk_env, write_config
 from tests.testbed import RedisServer, free_port
 from tests.views_e2e import bad_views
 from viewkeeper.config import ConfigError, MetricsConfig, parse_config, redacted
@@ -93,20 +92,6 @@ def leaked(text: str, secrets: tuple[str, ...] = SECRETS) -> list[str]:
         if encoded in text:
             found.append(f"base64 of {s}")
     return found
-
-
-def vk(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 120
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "viewkeeper.cli", *args],
-        cwd=REPO,
-        env=env or vk_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 class AuthRedis(RedisServer):
