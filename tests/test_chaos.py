@@ -72,9 +72,10 @@ long mode it hides the orphans of the bug below that appeared before the last re
 Found by these runs: a custom-``doc_id`` OpenSearch view orphans a document when a crash
 falls between its owner record and its document delete and the retried page holds a newer
 record of the item (1-5 orphaned documents in ``chaos-by-owner`` in 3 of the first 5 short
-runs, 3 of 8 with the final fault mix; pinned by the strict xfail
-test_kill_9_between_owner_record_and_document_delete_of_a_custom_id_view). Fixed since,
-now regular tests at the end of this file: a running daemon exiting on a 1.4 s DynamoDB
+runs, 3 of 8 with the final fault mix). Fixed since: the owner record now carries every
+document whose delete may be pending (``prev_docs``) until a later change has deleted it;
+test_kill_9_between_owner_record_and_document_delete_of_a_custom_id_view reproduces it.
+Also fixed since, now regular tests at the end of this file: a running daemon exiting on a 1.4 s DynamoDB
 outage, a daemon exiting at start while OpenSearch was down, and the loser of two
 simultaneous first starts exiting on CreateTable's ResourceInUseException.
 """
@@ -602,13 +603,6 @@ def test_two_daemons_starting_together_share_the_new_coordination_table(
 
 
 # --- a known bug, pinned (strict xfail: it fails the suite once fixed, so the mark goes) ----
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="viewkeeper bug: a custom-doc_id view loses the pending delete of its old document "
-    "when the owner record is overwritten by a newer change before that delete ran: the "
-    "'own' op of opensearch_apply.painless sets prev_doc from the stored doc only",
-)
 def test_kill_9_between_owner_record_and_document_delete_of_a_custom_id_view(
     make_harness: Factory, capsys: pytest.CaptureFixture[str]
 ) -> None:

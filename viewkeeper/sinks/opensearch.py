@@ -12,7 +12,11 @@ Layout (per view, ``P`` = the sink's ``index_prefix``, ``""`` in production)
     Readers see ``_vk`` in ``_source`` (exclude it with ``_source_excludes=_vk``).
 ``P{index}.vk-owners``
     **Owner records**, keyed by item key, not under the alias: ``{v, g, item, doc?,
-    prev_doc?, deleted_at?}``. A *tombstone* is an owner record without ``doc``: the version
+    prev_docs?, deleted_at?}``. ``prev_docs`` (newest first, at most 4) lists documents the
+    item owned whose delete may still be pending: an owner record never forgets one just
+    because a newer change replaced it before a crashed delete was retried (the chaos suite
+    found that orphan); every later change of the item deletes them again, versioned and
+    owner-checked, so a repeat is a no-op. A *tombstone* is an owner record without ``doc``: the version
     of a delete, kept (``deleted_at``, epoch ms) until :meth:`OpenSearchSink.purge_tombstones`.
     For views with the default document id (the item key) only tombstones are written — the
     live document is its own owner record. For views with a custom ``doc_id=`` every change
@@ -35,7 +39,7 @@ One painless script with three ops, run as ``_bulk`` ``update`` actions with
 - ``del``: plain scripted update (a missing document answers 404 = nothing to delete);
   ``ctx.op = 'delete'`` only when the stored version is older *and* the document belongs to
   the deleting item.
-- ``own``: scripted upsert of an owner record, same version rule; sets ``prev_doc``.
+- ``own``: scripted upsert of an owner record, same version rule; carries ``prev_docs``.
 
 One batch, step by step
 -----------------------
@@ -134,7 +138,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -176,7 +180,7 @@ __all__ = [
 
 log = logging.getLogger("viewkeeper.sinks.opensearch")
 
-SCRIPT_NAME = "viewkeeper-apply-v1"
+SCRIPT_NAME = "viewkeeper-apply-v2"
 """Stored script id (after the sink's ``index_prefix``); bump N when the .painless changes."""
 LIVE_SUFFIX = ".vk-live"
 OWNERS_SUFFIX = ".vk-owners"
@@ -209,6 +213,7 @@ OWNERS_MAPPINGS: dict[str, Any] = {
         "item": {"type": "keyword"},
         "doc": {"type": "keyword"},
         "prev_doc": {"type": "keyword", "index": False, "doc_values": False},
+        "prev_docs": {"type": "keyword", "index": False, "doc_values": False},
         "deleted_at": {"type": "date", "format": "epoch_millis"},
     },
 }
@@ -274,7 +279,7 @@ class _Plan:
     error: str | None = None
     collisions: list[Collision] | None = None
     owner_moved: bool = False
-    prev_doc: str | None = None
+    prev_docs: list[str] = field(default_factory=list)
 
     def fail(self, message: str) -> None:
         self.outcome = Outcome.ERROR
@@ -405,7 +410,7 @@ class OpenSearchSink:
             b'"script":{"id":' + sid + b',"params":{"op":"put","doc":'
         )
         self._own_pre = (
-            b'{"scripted_upsert":true,"upsert":{},"_source":["v","doc","prev_doc"],'
+            b'{"scripted_upsert":true,"upsert":{},"_source":["v","doc","prev_docs"],'
             b'"script":{"id":' + sid + b',"params":{"op":"own","rec":'
         )
         self._del_pre = b'{"script":{"id":' + sid + b',"params":{"op":"del","v":'
@@ -618,8 +623,10 @@ class OpenSearchSink:
                 p.outcome = Outcome.STALE  # a newer change of this item is already recorded
                 continue
             p.owner_moved = result != "noop"
-            prev = src.get("prev_doc")
-            p.prev_doc = prev if isinstance(prev, str) and prev else None
+            prev = src.get("prev_docs")
+            p.prev_docs = (
+                [d for d in prev if isinstance(d, str) and d] if isinstance(prev, list) else []
+            )
 
     def _live_phase(self, plans: list[_Plan]) -> list[tuple[_Plan, str]]:
         """Build and send the live ops. A big batch is cut into ``bulk_concurrency``
@@ -635,7 +642,11 @@ class OpenSearchSink:
         if k > 1:
             segments = [[] for _ in range(k)]
             for p in todo:
-                target = p.doc.doc_id if p.doc is not None else (p.prev_doc or p.change.item_key)
+                target = (
+                    p.doc.doc_id
+                    if p.doc is not None
+                    else (p.prev_docs[0] if p.prev_docs else p.change.item_key)
+                )
                 segments[hash(target) % k].append(p)
         sent: list[tuple[int, int, Future[list[dict[str, Any]]]]] = []
         deadline = time.monotonic() + self.unavailable_after
@@ -732,17 +743,21 @@ class OpenSearchSink:
                 ops.append(
                     self._put_op(p, doc_id, payload, known.get((p.names.alias, doc_id)), try_create)
                 )
-                if p.prev_doc is not None and p.prev_doc != doc_id:
-                    ops.append(self._del_op(p, "prev", p.prev_doc, p.version))
-            elif p.tracked:  # custom doc_id: only the owner record knows the document
-                if p.prev_doc is None:
+                for prev in p.prev_docs:
+                    if prev != doc_id:
+                        ops.append(self._del_op(p, "prev", prev, p.version))
+            elif p.tracked:  # custom doc_id: only the owner record knows the documents
+                if not p.prev_docs:
                     p.outcome = Outcome.APPLIED if p.owner_moved else Outcome.STALE
                     continue
-                ops.append(self._del_op(p, "del", p.prev_doc, p.version))
+                ops.append(self._del_op(p, "del", p.prev_docs[0], p.version))
+                for prev in p.prev_docs[1:]:
+                    ops.append(self._del_op(p, "prev", prev, p.version))
             else:
                 ops.append(self._del_op(p, "del", ch.item_key, p.version))
-                if p.prev_doc is not None and p.prev_doc != ch.item_key:
-                    ops.append(self._del_op(p, "prev", p.prev_doc, p.version))
+                for prev in p.prev_docs:
+                    if prev != ch.item_key:
+                        ops.append(self._del_op(p, "prev", prev, p.version))
 
     def _head(self, kind: bytes, index: str) -> bytes:
         """``{"KIND":{"_index":INDEX,...,"_id":`` — the start of an action line, cached."""
