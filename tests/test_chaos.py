@@ -75,8 +75,8 @@ record of the item (1-5 orphaned documents in ``chaos-by-owner`` in 3 of the fir
 runs, 3 of 8 with the final fault mix). Fixed since: the owner record now carries every
 document whose delete may be pending (``prev_docs``) until a later change has deleted it;
 test_kill_9_between_owner_record_and_document_delete_of_a_custom_id_view reproduces it.
-Also fixed since, now regular tests at the end of this file: a running daemon exiting on a 1.4 s DynamoDB
-outage, a daemon exiting at start while OpenSearch was down, and the loser of two
+Also fixed since, now regular tests at the end of this file: a running daemon exiting on a
+1.4 s DynamoDB outage, a daemon exiting at start while OpenSearch was down, and the loser of two
 simultaneous first starts exiting on CreateTable's ResourceInUseException.
 """
 

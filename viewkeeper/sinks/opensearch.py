@@ -16,8 +16,9 @@ Layout (per view, ``P`` = the sink's ``index_prefix``, ``""`` in production)
     item owned whose delete may still be pending: an owner record never forgets one just
     because a newer change replaced it before a crashed delete was retried (the chaos suite
     found that orphan); every later change of the item deletes them again, versioned and
-    owner-checked, so a repeat is a no-op. A *tombstone* is an owner record without ``doc``: the version
-    of a delete, kept (``deleted_at``, epoch ms) until :meth:`OpenSearchSink.purge_tombstones`.
+    owner-checked, so a repeat is a no-op. A *tombstone* is an owner record without ``doc``:
+    the version of a delete, kept (``deleted_at``, epoch ms) until
+    :meth:`OpenSearchSink.purge_tombstones`.
     For views with the default document id (the item key) only tombstones are written — the
     live document is its own owner record. For views with a custom ``doc_id=`` every change
     writes the owner record too, because only it can say which document an item owned when
@@ -49,7 +50,7 @@ One batch, step by step
    change goes on, so the later steps are redone.
 2. *Live phase* (``_bulk`` through the alias with ``require_alias``, so a deleted index is
    never silently auto-created): upserts ``put`` the document (custom-id views also ``del``
-   ``prev_doc`` when the id moved); deletes ``del`` the document.
+   ``prev_docs`` when the id moved); deletes ``del`` the document.
 3. *Post-check* (one realtime ``mget`` of owner records) for every ``put`` that answered
    ``created`` or ``noop``: where the owner record is newer than the put and names another
    (or no) document, step 4 ``del``-s the put's document at the owner record's version and
