@@ -89,19 +89,20 @@ class App:
             self._sinks = self._build_sinks()
         return self._sinks
 
-    def _build_sinks(self) -> dict[SinkKey, Sink]:
+    def build_sink(self, kind: str, name: str) -> Sink:
+        """One connection's sink, built (not yet prepared) from the config: the daemon builds
+        them all, `check` builds each on its own so one failure does not hide the others."""
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
         from viewkeeper.sinks.connect import opensearch_client, redis_client
 
         retention = self.config.tombstones.retention_hours * 3600
-        sinks: dict[SinkKey, Sink] = {}
-        for name in sorted(self.registry.connections("redis")):
+        if kind == "redis":
             from viewkeeper.sinks.redis import RedisSink
 
             rconf = self.config.redis[name]
-            sinks[("redis", name)] = RedisSink(
+            return RedisSink(
                 name,
                 # the sink retries within its own time budget; redis-py's retries would
                 # stretch it
@@ -110,16 +111,22 @@ class App:
                 owner_buckets=rconf.owner_buckets,
                 tombstone_retention=retention,
             )
-        for name in sorted(self.registry.connections("opensearch")):
-            from viewkeeper.sinks.opensearch import OpenSearchSink
+        from viewkeeper.sinks.opensearch import OpenSearchSink
 
-            oconf = self.config.opensearch[name]
-            sinks[("opensearch", name)] = OpenSearchSink(
-                name,
-                opensearch_client(oconf, self.config.aws),
-                index_prefix=oconf.index_prefix,
-                tombstone_retention=retention,
-            )
+        oconf = self.config.opensearch[name]
+        return OpenSearchSink(
+            name,
+            opensearch_client(oconf, self.config.aws),
+            index_prefix=oconf.index_prefix,
+            tombstone_retention=retention,
+        )
+
+    def _build_sinks(self) -> dict[SinkKey, Sink]:
+        sinks: dict[SinkKey, Sink] = {
+            (kind, name): self.build_sink(kind, name)
+            for kind in ("redis", "opensearch")
+            for name in sorted(self.registry.connections(kind))
+        }
         for key, sink in sinks.items():
             try:
                 sink.prepare([v for v in self.registry if (v.kind, v.connection) == key])

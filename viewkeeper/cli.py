@@ -655,46 +655,22 @@ def _failure_line(exc: BaseException) -> str:
 def _check_connection(app: Any, kind: str, name: str) -> str:
     """Build one connection's sink on its own, reach it and prepare its views; return
     where it is. (App.sinks builds every sink at once: the first failure would stop it.)"""
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
+    from viewkeeper.sinks.connect import describe_target
 
-    from viewkeeper.sinks.base import Sink
-    from viewkeeper.sinks.connect import describe_target, opensearch_client, redis_client
-
-    retention = app.config.tombstones.retention_hours * 3600
     views = [v for v in app.registry if (v.kind, v.connection) == (kind, name)]
-    sink: Sink
-    client: Any
     if kind == "redis":
-        from viewkeeper.sinks.redis import RedisSink
-
         rconf = app.config.redis[name]
         where = describe_target(rconf.url)
         probe_redis_tls(name, rconf)
-        client = redis_client(rconf, retry=Retry(NoBackoff(), 0))
-        sink = RedisSink(
-            name,
-            client,
-            key_prefix=rconf.key_prefix,
-            owner_buckets=rconf.owner_buckets,
-            tombstone_retention=retention,
-        )
     else:
-        from viewkeeper.sinks.opensearch import OpenSearchSink
-
-        oconf = app.config.opensearch[name]
-        where = ", ".join(describe_target(h) for h in oconf.hosts)
-        client = opensearch_client(oconf, app.config.aws)
-        sink = OpenSearchSink(
-            name, client, index_prefix=oconf.index_prefix, tombstone_retention=retention
-        )
+        where = ", ".join(describe_target(h) for h in app.config.opensearch[name].hosts)
+    sink = app.build_sink(kind, name)
     try:
         sink.ping()
         sink.prepare(views)
     finally:
         try:
             sink.close()
-            client.close()
         except Exception as exc:  # closing is best effort
             log.debug("closing %s %s: %s", kind, name, exc)
     return where
