@@ -574,6 +574,224 @@ def test_custom_doc_id_moves_and_removals_leave_no_orphans(sink: OpenSearchSink)
     assert sink.live_documents(CARDS) == {}
 
 
+class Killed(BaseException):
+    """kill -9 of the daemon in the middle of an apply: not an Exception, so nothing in the
+    sink catches or retries it."""
+
+
+def kill_at(
+    sink: OpenSearchSink, when: Callable[[int, bytes], bool], *, sent: bool
+) -> Callable[[], int]:
+    """Kill the sink's next apply at the first request (counted from 0: ``_bulk`` bodies and
+    ``mget``) for which ``when(n, body)`` holds: after it took effect (``sent``) or before
+    it left (held, like the chaos suite's proxy does). One-shot. Returns a function that
+    says how many requests went out."""
+    real = sink._post
+    count = itertools.count()
+    seen = [0]
+
+    def post(path: str, params: Any, body: bytes, headers: Any) -> Any:
+        n = next(count)
+        seen[0] = n + 1
+        if when(n, body):
+            delattr(sink, "_post")  # one-shot
+            if sent:
+                real(path, params, body, headers)
+            raise Killed(f"killed {'after' if sent else 'before'} request {n}: {path}")
+        return real(path, params, body, headers)
+
+    setattr(sink, "_post", post)  # noqa: B010 - an instance attribute over the method
+    return lambda: seen[0]
+
+
+def owner_record(client: OpenSearch, sink: OpenSearchSink, view: View, item: str) -> Any:
+    found = client.transport.perform_request(
+        "GET", f"/{sink.indexes(view).owners}/_doc/{item}", params={"ignore": 404}
+    )
+    return found["_source"] if found.get("found") else None
+
+
+@needs_os
+def test_kill_between_the_owner_record_and_the_document_delete_of_a_custom_id_view(
+    make_sink: Callable[..., OpenSearchSink],
+) -> None:
+    """tests/test_chaos.py::test_kill_9_between_owner_record_and_document_delete_of_a_custom_id_view
+    by hand. Item k0|0 (owner ana) has document ana.k0.0; its delete writes the tombstone
+    (W1) and the daemon dies before the delete of ana.k0.0 (W2) leaves. The item is
+    created again (owner bo) before any daemon runs: the next page holds the REMOVE and
+    the INSERT and only the INSERT is applied. Its owner record must carry the pending
+    delete of ana.k0.0, so that the INSERT's apply deletes it."""
+    a = make_sink()
+    a.prepare([CARDS])
+    a.apply([up(CARDS, "k0|0", 10, {"card": "ana.k0.0", "owner": "ana"})])
+    kill_at(a, lambda _, body: b'"params":{"op":"del"' in body, sent=False)
+    with pytest.raises(Killed):
+        a.apply([rm(CARDS, "k0|0", 11)])
+    assert a.tombstones(CARDS) == {"k0|0": "1:11"}  # W1 is written
+    assert set(a.live_documents(CARDS)) == {"ana.k0.0"}  # W2 is not
+    b = make_sink()  # the restarted daemon
+    assert outcomes(b.apply([up(CARDS, "k0|0", 12, {"card": "bo.k0.0", "owner": "bo"})])) == [
+        "applied"
+    ]
+    assert b.live_documents(CARDS) == {"bo.k0.0": {"card": "bo.k0.0", "owner": "bo"}}
+
+
+_CRASHING = {"delete": None, "move": "b"}  # what the killed apply does to the item (doc a)
+_NEXT = {  # what the restarted daemon applies: the killed change again, or a newer one only
+    "replay": "",
+    "newer-upsert": "c",
+    "newer-upsert-back": "a",
+    "newer-delete": None,
+}
+
+
+@needs_os
+@pytest.mark.parametrize("crashing", sorted(_CRASHING))
+@pytest.mark.parametrize("after", sorted(_NEXT))
+def test_a_kill_after_any_request_of_a_custom_id_apply_leaves_no_orphan(
+    make_sink: Callable[..., OpenSearchSink], os_client: OpenSearch, crashing: str, after: str
+) -> None:
+    """I4 with I1 for custom doc ids: the daemon is killed after each request of an apply in
+    turn (owner records, live documents, post-check, owner records again); the restarted
+    daemon replays the change, or applies only a newer change of the item (a page that
+    coalesces both). The alias ends with exactly the newest state's document and the
+    owner record lists no pending delete."""
+    first = make_sink()
+    first.prepare([CARDS])
+    for k in itertools.count():
+        tag = f"k{k}-"
+        item = tag + "item"
+
+        def change(card: str | None, seq: int, item: str = item, tag: str = tag) -> Change:
+            if card is None:
+                return rm(CARDS, item, seq)
+            return up(CARDS, item, seq, {"card": tag + card})
+
+        first.apply([change("a", 10)])
+        killed = make_sink()
+        requests = kill_at(killed, lambda n, _, k=k: n == k, sent=True)
+        try:
+            killed.apply([change(_CRASHING[crashing], 11)])
+        except Killed:
+            pass
+        else:
+            assert k > 0 and requests() <= k  # every request was a crash point already
+            break
+        restarted = make_sink()
+        card = _NEXT[after]
+        last = change(_CRASHING[crashing], 11) if card == "" else change(card, 12)
+        restarted.apply([last])
+        want = {d.doc_id: d.body for d in last.entries if isinstance(d, Document)}
+        got = {i: b for i, b in restarted.live_documents(CARDS).items() if i.startswith(tag)}
+        assert got == want, f"killed after request {k}"
+        rec = owner_record(os_client, restarted, CARDS, item)
+        assert rec is not None and not rec.get("pending"), rec
+
+
+@needs_os
+def test_a_tombstone_with_pending_deletes_is_not_purged_until_they_are_done(
+    make_sink: Callable[..., OpenSearchSink], clock: Clock
+) -> None:
+    a = make_sink()
+    a.prepare([CARDS])
+    a.apply([up(CARDS, "i", 1, {"card": "x"})])
+    kill_at(a, lambda _, body: b'"params":{"op":"del"' in body, sent=False)
+    with pytest.raises(Killed):
+        a.apply([rm(CARDS, "i", 2)])
+    b = make_sink()
+    assert b.purge_tombstones(CARDS, older_than=clock.now + 1) == 0  # it still lists x
+    assert outcomes(b.apply([rm(CARDS, "i", 2)])) == ["applied"]  # the replay deletes x
+    assert b.live_documents(CARDS) == {}
+    assert b.purge_tombstones(CARDS, older_than=clock.now + 1) == 1
+
+
+@needs_os
+@pytest.mark.parametrize(
+    "older", [{"prev_doc": "old"}, {"prev_docs": ["old", "older"]}], ids=["v1", "v2"]
+)
+@pytest.mark.parametrize("replay", [False, True], ids=["newer-change", "replay"])
+def test_owner_records_written_by_older_scripts_keep_their_documents_pending(
+    sink: OpenSearchSink, os_client: OpenSearch, older: dict[str, Any], replay: bool
+) -> None:
+    """Upgrade: an owner record written by the v1 script (``prev_doc``) or the v2 script
+    (``prev_docs``) whose deletes never ran, then a newer change or the same one again."""
+    names = sink.indexes(CARDS)
+    for doc_id in ("old", "older", "mid"):
+        body = {"card": doc_id, "_vk": {"v": "1:1", "g": 1, "item": "i"}}
+        os_client.index(index=names.alias, id=doc_id, body=body)
+    os_client.index(
+        index=names.owners,
+        id="i",
+        body={"v": "1:2", "g": 1, "item": "i", "doc": "mid", **older},
+        refresh=True,
+    )
+    card = "mid" if replay else "new"
+    sink.apply([up(CARDS, "i", 2 if replay else 3, {"card": card})])
+    want = {"mid": {"card": "mid"}} if replay else {"new": {"card": "new"}}
+    if "prev_doc" in older:
+        want["older"] = {"card": "older"}  # not one the record listed
+    assert sink.live_documents(CARDS) == want
+    rec = owner_record(os_client, sink, CARDS, "i")
+    assert rec["doc"] == card and not {"pending", "prev_doc", "prev_docs"} & set(rec)
+
+
+@needs_os
+def test_pending_deletes_never_take_another_items_document(
+    make_sink: Callable[..., OpenSearchSink],
+) -> None:
+    """Two items claim one document id (a view bug, reported): item-1's pending delete of
+    c-7 must leave item-2's c-7 alone, killed or not."""
+    a = make_sink()
+    a.prepare([CARDS])
+    a.apply([up(CARDS, "item-1", 10, {"card": "c-7", "who": 1})])
+    a.apply([up(CARDS, "item-2", 11, {"card": "c-7", "who": 2})])  # takes c-7 over
+    kill_at(a, lambda _, body: b'"params":{"op":"del"' in body, sent=False)
+    with pytest.raises(Killed):
+        a.apply([up(CARDS, "item-1", 12, {"card": "c-8", "who": 1})])
+    b = make_sink()
+    # stale, as in the collision test above: the one document left is item-2's, newer
+    assert outcomes(b.apply([rm(CARDS, "item-1", 13)])) == ["stale"]
+    assert b.live_documents(CARDS) == {"c-7": {"card": "c-7", "who": 2}}
+
+
+@needs_os
+def test_a_stale_put_taking_a_document_over_from_another_item_is_post_checked(
+    sink: OpenSearchSink,
+) -> None:
+    """White-box race: item i's change at 10 (document d) writes its owner record; i's
+    newer change at 20 moves to e and finishes, pending deletes and all; item j writes d
+    at 5; only then does the change at 10 put d, over j's older document ("updated", not
+    "created"). Its post-check must delete it: i does not own d any more."""
+    [stale] = [sink._plan(up(CARDS, "i", 10, {"card": "d", "who": "i"}))]
+    sink._owner_phase([stale])
+    assert outcomes(sink.apply([up(CARDS, "i", 20, {"card": "e", "who": "i"})])) == ["applied"]
+    assert outcomes(sink.apply([up(CARDS, "j", 5, {"card": "d", "who": "j"})])) == ["applied"]
+    checks = sink._live_phase([stale])
+    assert [c.other_item for c in stale.collisions or ()] == ["j"]
+    sink._post_check(checks)
+    assert stale.outcome is Outcome.STALE
+    assert sink.live_documents(CARDS) == {"e": {"card": "e", "who": "i"}}
+
+
+@needs_os
+def test_a_stale_replay_deletes_its_own_document_left_by_a_killed_applier(
+    make_sink: Callable[..., OpenSearchSink],
+) -> None:
+    """White-box race at a lease handover: the old holder A writes the owner record of
+    item i's change at 10 (document d); the new holder B applies i's change at 20 (document
+    e) in full; A's put of d lands (created) and A is killed before its post-check. B's
+    replay of the change at 10 is STALE at the owner record and deletes d."""
+    a, b = make_sink(), make_sink()
+    a.prepare([CARDS])
+    [stale] = [a._plan(up(CARDS, "i", 10, {"card": "d"}))]
+    a._owner_phase([stale])
+    assert outcomes(b.apply([up(CARDS, "i", 20, {"card": "e"})])) == ["applied"]
+    assert [d for _, d in a._live_phase([stale])] == ["d"]  # created; then a is killed
+    assert set(b.live_documents(CARDS)) == {"d", "e"}
+    assert outcomes(b.apply([up(CARDS, "i", 10, {"card": "d"})])) == ["stale"]
+    assert b.live_documents(CARDS) == {"e": {"card": "e"}}
+
+
 @needs_os
 def test_mapping_rejection_is_an_error_for_that_change_only(
     sink: OpenSearchSink, os_client: OpenSearch

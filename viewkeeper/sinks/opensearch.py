@@ -12,17 +12,16 @@ Layout (per view, ``P`` = the sink's ``index_prefix``, ``""`` in production)
     Readers see ``_vk`` in ``_source`` (exclude it with ``_source_excludes=_vk``).
 ``P{index}.vk-owners``
     **Owner records**, keyed by item key, not under the alias: ``{v, g, item, doc?,
-    prev_docs?, deleted_at?}``. ``prev_docs`` (newest first, at most 4) lists documents the
-    item owned whose delete may still be pending: an owner record never forgets one just
-    because a newer change replaced it before a crashed delete was retried (the chaos suite
-    found that orphan); every later change of the item deletes them again, versioned and
-    owner-checked, so a repeat is a no-op. A *tombstone* is an owner record without ``doc``:
-    the version of a delete, kept (``deleted_at``, epoch ms) until
-    :meth:`OpenSearchSink.purge_tombstones`.
+    pending?, deleted_at?}``. A *tombstone* is an owner record without ``doc``: the version
+    of a delete, kept (``deleted_at``, epoch ms) until :meth:`OpenSearchSink.purge_tombstones`.
     For views with the default document id (the item key) only tombstones are written — the
     live document is its own owner record. For views with a custom ``doc_id=`` every change
     writes the owner record too, because only it can say which document an item owned when
     the item is removed (a REMOVE is never projected) or when its document id moves.
+    ``pending`` lists the other documents the item may still own — ones it owned before and
+    whose deletes are not acknowledged yet (see *Pending deletes* below). Records written by
+    older scripts are read the same way: ``prev_doc`` (``viewkeeper-apply-v1``: one id) and
+    ``prev_docs`` (``viewkeeper-apply-v2``: the last four ids, never cleared).
 
 Filtered aliases are not applied to GET by id, so tombstones cannot live in the readers'
 index at all: a separate index is the only way they never show. If a concrete index named
@@ -30,7 +29,7 @@ index at all: a separate index is the only way they never show. If a concrete in
 
 The stored script (``opensearch_apply.painless``, id ``P + SCRIPT_NAME``)
 ------------------------------------------------------------------------
-One painless script with three ops, run as ``_bulk`` ``update`` actions with
+One painless script with four ops, run as ``_bulk`` ``update`` actions with
 ``retry_on_conflict`` so concurrent writers to one document serialise on the primary:
 
 - ``put``: scripted upsert of a live document; ``noop`` when the stored ``_vk.v`` is equal
@@ -40,21 +39,33 @@ One painless script with three ops, run as ``_bulk`` ``update`` actions with
 - ``del``: plain scripted update (a missing document answers 404 = nothing to delete);
   ``ctx.op = 'delete'`` only when the stored version is older *and* the document belongs to
   the deleting item.
-- ``own``: scripted upsert of an owner record, same version rule; carries ``prev_docs``.
+- ``own``: scripted upsert of an owner record, same version rule; the new record's
+  ``pending`` is the stored ``pending`` (+ ``prev_docs``, ``prev_doc``) + ``doc``, less the
+  new ``doc``.
+- ``unpend``: plain scripted update of an owner record: drop the ids ``done`` from
+  ``pending`` if (and only if) the stored version is exactly ``v``.
 
 One batch, step by step
 -----------------------
-1. *Owner phase* (one ``_bulk``): every delete, and every upsert of a custom-id view, writes
-   its owner record. A ``noop`` whose stored version is *newer* makes the change STALE and
-   ends it; a ``noop`` at the *same* version is a replay (a crash after this step) and the
-   change goes on, so the later steps are redone.
-2. *Live phase* (``_bulk`` through the alias with ``require_alias``, so a deleted index is
-   never silently auto-created): upserts ``put`` the document (custom-id views also ``del``
-   ``prev_docs`` when the id moved); deletes ``del`` the document.
-3. *Post-check* (one realtime ``mget`` of owner records) for every ``put`` that answered
-   ``created`` or ``noop``: where the owner record is newer than the put and names another
-   (or no) document, step 4 ``del``-s the put's document at the owner record's version and
-   the change is STALE.
+1. *Owner phase* (W1, one ``_bulk``): every delete, and every upsert of a custom-id view,
+   writes its owner record and reads it back (``v``, ``doc``, ``pending``). A ``noop`` whose
+   stored version is *newer* makes the change STALE; a ``noop`` at the *same* version is a
+   replay (a crash after this step) and the change goes on, so the later steps are redone.
+   Either way the record's ``pending`` documents are deleted again in step 2, at the
+   record's version — and a STALE upsert's own document too, when it is not the record's.
+2. *Live phase* (U1/W2: ``_bulk`` through the alias with ``require_alias``, so a deleted
+   index is never silently auto-created): upserts ``put`` the document; deletes of a
+   default-id view ``del`` the item key's document; and every ``pending`` document other
+   than the one put is ``del``-ed at the record's version (for a custom-id delete these are
+   all its ops: W1 moved its document to ``pending``).
+3. *Post-check* (U2: one realtime ``mget`` of owner records) for every ``put`` that answered
+   ``created`` or ``noop``, or ``updated`` a document another item wrote (a collision):
+   where the owner record is newer than the put and names another (or no) document, the
+   change is STALE and
+4. *fix* (one ``_bulk``) ``del``-s the put's document at the owner record's version.
+5. *Unpend* (W3, one ``_bulk``, only for records that had ``pending``): once the deletes of
+   step 2 are acknowledged (deleted, ``noop`` or 404), ``unpend`` drops them from the record
+   they were read from.
 
 Fast paths for puts (same outcomes, half the server work)
 ---------------------------------------------------------
@@ -91,17 +102,85 @@ Either way the document ends deleted, and nothing depends on the live index reme
 delete (``gc_deletes``: a test sets it to 1 s and waits it out). The rebuild's scan writes
 ``(G, 0)`` and is one more stale upsert in this argument. Only ``created`` and ``noop`` puts
 need U2: an ``updated`` put (scripted or ``if_seq_no``) found the document alive at an older
-version, so no delete had removed it yet, and that delete's W2 is still to come. A crash
+version, so no delete had removed it yet, and that delete's W2 is still to come (with custom
+ids, unless the document was another item's: that put is post-checked too). A crash
 between U1 and U2 leaves a resurrected document only until the batch is retried (the
 checkpoint did not move): the replayed put answers ``noop`` (same version), which is
-post-checked too. A crash between W1 and W2 is repaired because a same-version owner
-``noop`` goes on to W2. Tombstones are kept ``tombstone_retention`` (48 h > the stream's 24 h).
+post-checked too — or, for a custom-id view, the replayed change is STALE at W1 and deletes
+its own document (step 1) — and the item's newer records, read again from the checkpoint,
+come after it. A crash between
+W1 and W2 is repaired because a same-version owner ``noop`` goes on to W2, and — when a
+newer change of the item comes instead, as when the restarted daemon's page holds both and
+applies only the newest — because the record's ``pending`` carries the document over (next
+section). Tombstones are kept ``tombstone_retention`` (48 h > the stream's 24 h); a tombstone
+that still lists ``pending`` documents is not purged.
 
 Between U1 and U2 a stale upsert is visible for one round trip (to search only after a
 refresh). A tombstone pre-check ``mget`` before U1 would narrow that window but cannot
 replace U2 and costs a round trip on every batch: measured 1.6-3.5 ms per 1000 ids, 5-10%
 of a batch. Stale upserts after deletes only come from replays and the rebuild race, so
 there is no pre-check.
+
+Pending deletes: an owner record never forgets a document that may still exist
+------------------------------------------------------------------------------
+Default-id views need none of this: an item's only document id is its key, so any newer
+write of the item lands on the same document. A custom-id item's document id moves, and a
+REMOVE does not say which document it had: only the owner record knows. The rule kept, for
+item ``I`` with owner record ``R``: *every live document of* ``I`` *(its* ``_vk.item`` *is*
+``I``*) other than* ``R.doc`` *is listed in* ``R.pending`` *or has a delete still to
+come* — the post-check of the put of ``I`` below ``R.v`` that created it. The writes:
+
+- W1 (``own`` at a newer version) moves the stored ``doc`` and ``pending`` (and the older
+  scripts' ``prev_doc``/``prev_docs``) into the new record's ``pending``, less the new
+  ``doc``: nothing is dropped, however many documents are pending.
+- W2 deletes each pending ``x`` with ``del`` at ``R.v`` for ``I``: only ``I``'s document,
+  only below ``R.v``, so never one ``I`` must keep — ``I``'s document at ``R.v`` is
+  ``R.doc``, never pending, and a newer change of ``I`` that writes ``x`` puts it above
+  ``R.v`` (W2 is then a ``noop``, or runs first and the put re-creates ``x``). Another
+  item's document (a collision: a view bug, reported) is never deleted.
+- W3 (``unpend``) drops ``x`` only from the record of the very version whose W2 on ``x``
+  was acknowledged. From then on ``x`` holds nothing of ``I`` below ``R.v`` — unless a put
+  of ``I`` below ``R.v`` still in flight re-creates it, answering ``created`` (or
+  ``updated`` over another item's document), both post-checked: the rule's second case.
+  Nor at or above ``R.v``: a change of ``I`` that writes ``x`` there does its W1 first, so
+  the record is no longer the one of ``R.v`` and W3 is a ``noop``.
+- U1 answering ``updated`` over ``I``'s own older document on ``x`` replaces a document the
+  rule already covers (its delete, W2 or a post-check, is still to come and is made at a
+  version above the put's), so it needs no post-check.
+
+Kill -9 between any two writes (each write is one ``_bulk`` or ``mget``; the checkpoint does
+not move, so the batch comes again, or a newer record of the item comes in its place when
+the restarted daemon's page holds both and applies only the newest):
+
+- after W1: the record lists the old document. The replay is a same-version ``noop`` and
+  redoes W2; a newer change's W1 inherits ``pending`` and its W2 deletes the document at
+  its own version; a stale change re-issues the deletes too.
+- after U1/W2, before U2: the put's document, if stale, goes as the previous section says
+  (the replay post-checks it, or is STALE at W1 and deletes it); W3 was not done, so
+  ``pending`` still lists what W2 deleted, and the next apply of the item deletes it again
+  (404: acknowledged) and unpends it.
+- after U2, before W3: the same; all of it is idempotent.
+- after W3: done.
+
+Concurrency. Two appliers briefly (lease handover: the old holder's last batch and the new
+holder's replay of it, or of newer records of the same item): every write is versioned and
+serialised per document on the primary (``retry_on_conflict``); W1s of one item are ordered
+by version, W3 only ever removes what the record of its own version lists, and a delete is
+bounded by a version and the item. A rebuild's scan at ``(G, 0)`` is one more change of the
+item: the stream's ``(G, seq)`` W1 either comes later and inherits the scan's document in
+``pending``, or came first and makes the scan STALE at W1 — which then deletes the pending
+documents, and its own document when that is not the record's. The sweep deletes the
+documents of older generations and the owner records (with ``doc``) of older generations;
+a record's pending documents are older than the record, so the sweep takes them as well.
+
+What is left: an applier that lost its lease and is killed between U1 and U2 of a stale put
+whose U1 landed after the newer change's W3 and after the new lease holder's replay of the
+same record (the lease guard keeps that window short) leaves the document until the next
+rebuild, as for default-id views. A daemon running an older script (a rolling upgrade)
+writes records without ``pending``: upgrade every daemon. Custom-id moves and deletes cost one more
+``_bulk`` per batch (W3); default-id upserts are unchanged (no owner record is read or
+written), and default-id deletes do W3 only when a hand-built change gave the item another
+document id.
 
 Outcomes and errors
 -------------------
@@ -139,7 +218,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -181,7 +260,7 @@ __all__ = [
 
 log = logging.getLogger("viewkeeper.sinks.opensearch")
 
-SCRIPT_NAME = "viewkeeper-apply-v2"
+SCRIPT_NAME = "viewkeeper-apply-v3"
 """Stored script id (after the sink's ``index_prefix``); bump N when the .painless changes."""
 LIVE_SUFFIX = ".vk-live"
 OWNERS_SUFFIX = ".vk-owners"
@@ -213,6 +292,7 @@ OWNERS_MAPPINGS: dict[str, Any] = {
         "g": {"type": "long"},
         "item": {"type": "keyword"},
         "doc": {"type": "keyword"},
+        "pending": {"type": "keyword"},
         "prev_doc": {"type": "keyword", "index": False, "doc_values": False},
         "prev_docs": {"type": "keyword", "index": False, "doc_values": False},
         "deleted_at": {"type": "date", "format": "epoch_millis"},
@@ -280,7 +360,12 @@ class _Plan:
     error: str | None = None
     collisions: list[Collision] | None = None
     owner_moved: bool = False
-    prev_docs: list[str] = field(default_factory=list)
+    rec_v: str | None = None  # the owner record's version after the owner phase
+    gone: list[str] | None = None  # documents to delete at rec_v (item-checked)
+    unpend: list[str] | None = None  # the record's pending ids: forget them once deleted
+    acked: list[str] | None = None  # ids whose delete was acknowledged in this apply
+    deleted: bool = False  # a delete of this change removed a document
+    kept: bool = False  # a delete of this change found a newer or another item's document
 
     def fail(self, message: str) -> None:
         self.outcome = Outcome.ERROR
@@ -294,7 +379,7 @@ _Known = tuple[int, int, tuple[int, int, str], str]
 @dataclass(slots=True)
 class _Op:
     plan: _Plan
-    kind: str  # own | put | del | prev | fix
+    kind: str  # own | put | del | gone | fix | unpend
     doc_id: str
     lines: bytes
     payload: bytes | None = None  # a fast-path put's document, to resend it as the script
@@ -411,10 +496,12 @@ class OpenSearchSink:
             b'"script":{"id":' + sid + b',"params":{"op":"put","doc":'
         )
         self._own_pre = (
-            b'{"scripted_upsert":true,"upsert":{},"_source":["v","doc","prev_docs"],'
+            b'{"scripted_upsert":true,"upsert":{},'
+            b'"_source":["v","doc","pending","prev_docs","prev_doc"],'
             b'"script":{"id":' + sid + b',"params":{"op":"own","rec":'
         )
         self._del_pre = b'{"script":{"id":' + sid + b',"params":{"op":"del","v":'
+        self._unpend_pre = b'{"script":{"id":' + sid + b',"params":{"op":"unpend","v":'
         self._action_tail = b',"retry_on_conflict":%d,"_id":' % retry_on_conflict
         self._heads: dict[tuple[bytes, str], bytes] = {}
 
@@ -514,13 +601,20 @@ class OpenSearchSink:
                     body=dumps({"actions": [{"add": {"index": names.live, "alias": names.alias}}]}),
                 )
         owners_meta = {"viewkeeper": {"view": view.name, "role": "owners", "format": 1}}
-        self._create_index(
+        if not self._create_index(
             names.owners,
             {
                 "settings": self.index_settings,
                 "mappings": {**OWNERS_MAPPINGS, "_meta": owners_meta},
             },
-        )
+        ):
+            # made by an older viewkeeper: map the fields added since (``pending``)
+            tp.perform_request(
+                "PUT",
+                f"/{names.owners}/_mapping",
+                headers=_JSON,
+                body=dumps({"properties": OWNERS_MAPPINGS["properties"]}),
+            )
         self._prepared[view.name] = names
 
     def _create_index(self, index: str, body: Mapping[str, Any]) -> bool:
@@ -561,6 +655,7 @@ class OpenSearchSink:
         checks = self._live_phase(plans)
         if checks:
             self._post_check(checks)
+        self._unpend_phase(plans)
         return [self._result(p) for p in plans]
 
     @staticmethod
@@ -620,14 +715,36 @@ class OpenSearchSink:
                 continue
             src = (item.get("get") or {}).get("_source") or {}
             result = item.get("result")
-            if result == "noop" and src.get("v") != p.version:
+            rec_v = src.get("v")
+            if result == "noop" and rec_v != p.version:
                 p.outcome = Outcome.STALE  # a newer change of this item is already recorded
+            else:
+                p.owner_moved = result != "noop"
+            if not isinstance(rec_v, str):
                 continue
-            p.owner_moved = result != "noop"
-            prev = src.get("prev_docs")
-            p.prev_docs = (
-                [d for d in prev if isinstance(d, str) and d] if isinstance(prev, list) else []
-            )
+            # Whatever the outcome, the record's pending documents are deleted again (at
+            # the record's version) and forgotten once that is acknowledged: a replay, a
+            # stale change or a newer one finishes what a killed apply left undone.
+            doc = src.get("doc")
+            listed = [
+                *_ids(src.get("pending")),
+                *_ids(src.get("prev_docs")),
+                *_ids(src.get("prev_doc")),
+            ]
+            pending = [x for x in dict.fromkeys(listed) if x != doc]
+            gone = list(pending)
+            if (
+                p.outcome is Outcome.STALE
+                and p.doc is not None
+                and p.doc.doc_id != doc
+                and p.doc.doc_id not in gone
+            ):
+                # a stale change's own document is not the item's: if a killed apply of
+                # this change put it (and died before the post-check), this removes it
+                gone.append(p.doc.doc_id)
+            if gone:
+                p.rec_v, p.gone = rec_v, gone
+                p.unpend = pending or None
 
     def _live_phase(self, plans: list[_Plan]) -> list[tuple[_Plan, str]]:
         """Build and send the live ops. A big batch is cut into ``bulk_concurrency``
@@ -635,19 +752,21 @@ class OpenSearchSink:
         each segment is sent as soon as it is built, so building the next one overlaps
         with the server working on the previous one."""
         ops: list[_Op] = []
-        todo = [p for p in plans if p.outcome is None]
-        known = self._lookup([(p.names.alias, p.doc.doc_id) for p in todo if p.doc is not None])
+        # stale changes come along only to delete their owner record's pending documents
+        todo = [p for p in plans if p.outcome is None or (p.gone and p.outcome is Outcome.STALE)]
+        known = self._lookup(
+            [(p.names.alias, p.doc.doc_id) for p in todo if p.doc is not None and p.outcome is None]
+        )
         try_create = self._new_share >= 0.5 and self.cas_cache_size > 0
         k = self.bulk_concurrency if len(todo) >= self.min_split else 1
         segments: list[list[_Plan]] = [todo]
         if k > 1:
             segments = [[] for _ in range(k)]
             for p in todo:
-                target = (
-                    p.doc.doc_id
-                    if p.doc is not None
-                    else (p.prev_docs[0] if p.prev_docs else p.change.item_key)
-                )
+                if p.doc is not None and p.outcome is None:
+                    target = p.doc.doc_id
+                else:
+                    target = p.gone[0] if p.gone else p.change.item_key
                 segments[hash(target) % k].append(p)
         sent: list[tuple[int, int, Future[list[dict[str, Any]]]]] = []
         deadline = time.monotonic() + self.unavailable_after
@@ -685,20 +804,33 @@ class OpenSearchSink:
                 continue
             if op.kind == "put":
                 p.outcome = Outcome.STALE if result == "noop" else Outcome.APPLIED
+                took_over = False
                 if p.tracked and op.path == "script":
-                    self._collision(p, op.doc_id, result, item)
-                if result != "updated":
+                    took_over = self._collision(p, op.doc_id, result, item)
+                if result != "updated" or took_over:
+                    # an update that took the document over from another item is checked
+                    # like a create: no delete of this item is bound to come after it
                     checks.append((p, op.doc_id))
                 learnt.append((p, op.doc_id, item))
                 continue
             learnt.append((p, op.doc_id, None))
+            # del | gone: acknowledged (deleted, noop, or 404: nothing to delete)
+            if p.acked is None:
+                p.acked = []
+            p.acked.append(op.doc_id)
             if op.kind == "del":
                 if result == "deleted":
+                    p.deleted = True
+                elif item.get("status") != 404:
+                    p.kept = True  # newer, or another item's: not this change's to delete
+        for p in todo:
+            if p.outcome is None and p.doc is None:  # a delete, its document(s) dealt with
+                if p.deleted:
                     p.outcome = Outcome.APPLIED
-                elif item.get("status") == 404:
-                    p.outcome = Outcome.APPLIED if p.owner_moved else Outcome.STALE
-                else:
+                elif p.kept:
                     p.outcome = Outcome.STALE
+                else:
+                    p.outcome = Outcome.APPLIED if p.owner_moved else Outcome.STALE
         self._remember(learnt)
         with self._lock:
             if misses:
@@ -716,6 +848,10 @@ class OpenSearchSink:
     ) -> None:
         for p in todo:
             ch = p.change
+            if p.outcome is not None:  # stale: only the owner record's pending deletes
+                for x in p.gone or ():
+                    ops.append(self._del_op(p, "gone", x, p.rec_v or p.version))
+                continue
             if p.doc is not None:
                 doc_id = p.doc.doc_id
                 body = p.doc.body
@@ -744,21 +880,20 @@ class OpenSearchSink:
                 ops.append(
                     self._put_op(p, doc_id, payload, known.get((p.names.alias, doc_id)), try_create)
                 )
-                for prev in p.prev_docs:
-                    if prev != doc_id:
-                        ops.append(self._del_op(p, "prev", prev, p.version))
-            elif p.tracked:  # custom doc_id: only the owner record knows the documents
-                if not p.prev_docs:
+                for x in p.gone or ():
+                    if x != doc_id:
+                        ops.append(self._del_op(p, "gone", x, p.version))
+            elif p.tracked:  # custom doc_id: only the owner record knows the document(s)
+                if not p.gone:
                     p.outcome = Outcome.APPLIED if p.owner_moved else Outcome.STALE
                     continue
-                ops.append(self._del_op(p, "del", p.prev_docs[0], p.version))
-                for prev in p.prev_docs[1:]:
-                    ops.append(self._del_op(p, "prev", prev, p.version))
+                for x in p.gone:
+                    ops.append(self._del_op(p, "del", x, p.version))
             else:
                 ops.append(self._del_op(p, "del", ch.item_key, p.version))
-                for prev in p.prev_docs:
-                    if prev != ch.item_key:
-                        ops.append(self._del_op(p, "prev", prev, p.version))
+                for x in p.gone or ():
+                    if x != ch.item_key:
+                        ops.append(self._del_op(p, "gone", x, p.version))
 
     def _head(self, kind: bytes, index: str) -> bytes:
         """``{"KIND":{"_index":INDEX,...,"_id":`` — the start of an action line, cached."""
@@ -855,7 +990,8 @@ class OpenSearchSink:
         )
         return _Op(p, kind, doc_id, lines)
 
-    def _collision(self, p: _Plan, doc_id: str, result: object, item: Mapping[str, Any]) -> None:
+    def _collision(self, p: _Plan, doc_id: str, result: object, item: Mapping[str, Any]) -> bool:
+        """Report a collision found by a scripted put; True if there was one."""
         meta = ((item.get("get") or {}).get("_source") or {}).get(META) or {}
         other = meta.get("item") if result == "noop" else meta.get("prev")
         if isinstance(other, str) and other != p.change.item_key:
@@ -864,6 +1000,8 @@ class OpenSearchSink:
                 p.collisions = []
             p.collisions.append(Collision(entry, other))
             log.debug("collision on %s: items %r and %r", entry, p.change.item_key, other)
+            return True
+        return False
 
     def _post_check(self, checks: list[tuple[_Plan, str]]) -> None:
         by_index: dict[str, list[tuple[_Plan, str]]] = {}
@@ -894,6 +1032,32 @@ class OpenSearchSink:
                 with self._lock:
                     self.stats["post_check_fix"] += item.get("result") == "deleted"
 
+    def _unpend_phase(self, plans: list[_Plan]) -> None:
+        """W3: owner records forget the pending documents whose deletes were acknowledged
+        in this apply — only the record of the version the deletes were made at (a newer
+        record may own one again, or delete it at its own version)."""
+        ops: list[_Op] = []
+        for p in plans:
+            if not p.unpend or not p.acked or p.rec_v is None:
+                continue
+            done = [x for x in p.unpend if x in p.acked]
+            if not done:
+                continue
+            key = p.change.item_key
+            lines = (
+                self._action(p.names.owners, key)
+                + self._unpend_pre
+                + dumps(p.rec_v)
+                + b',"done":'
+                + dumps(done)
+                + b"}}}\n"
+            )
+            ops.append(_Op(p, "unpend", key, lines))
+        if not ops:
+            return
+        for op, item in zip(ops, self._run(ops, require_alias=False), strict=True):
+            self._failed(op, item)
+
     def _mget(self, index: str, ids: list[str]) -> list[dict[str, Any]]:
         resp = self._post(
             f"/{index}/_mget", {"_source_includes": "v,doc"}, dumps({"ids": ids}), _JSON
@@ -908,7 +1072,7 @@ class OpenSearchSink:
         status = item.get("status", 0)
         if status < 400 or (
             status == 404
-            and op.kind in ("del", "prev", "fix")
+            and op.kind in ("del", "gone", "fix", "unpend")
             and (item.get("error") or {}).get("type") == "document_missing_exception"
         ):
             return False
@@ -1123,7 +1287,9 @@ class OpenSearchSink:
         """Delete tombstones written before ``older_than`` (epoch seconds); owner records of
         live documents have no ``deleted_at`` and are never purged."""
         names = self.indexes(view)
-        query = {"query": {"range": {"deleted_at": {"lt": int(older_than * 1000)}}}}
+        old = {"range": {"deleted_at": {"lt": int(older_than * 1000)}}}
+        pending = {"exists": {"field": "pending"}}
+        query = {"query": {"bool": {"filter": [old], "must_not": [pending]}}}
         return self._delete_by_query(names.owners, query)
 
     def purge_expired(self, views: Sequence[View]) -> int:
@@ -1223,6 +1389,15 @@ class OpenSearchSink:
                         headers=_JSON,
                         body=dumps({"scroll_id": [scroll_id]}),
                     )
+
+
+def _ids(value: object) -> list[str]:
+    """Document ids from an owner record field: a list of them, one, or nothing."""
+    if isinstance(value, str):
+        return [value] if value else []
+    if isinstance(value, list):
+        return [x for x in value if isinstance(x, str) and x]
+    return []
 
 
 def _too_large(exc: BaseException | None) -> bool:
