@@ -19,6 +19,7 @@ from viewkeeper.stream.records import (
     ChangeRecord,
     DecodeError,
     decode_image,
+    decode_page,
     decode_record,
     decode_records,
     decode_value,
@@ -439,6 +440,92 @@ def test_decode_records_never_raises_on_a_damaged_record(path: tuple[str, ...], 
     if got.invalid is not None:
         assert got.invalid.strip() and got.raw == page[1]
         assert got.sequence in (SEQ21, NO_SEQUENCE)
+
+
+# --- decode_page: the typed fast path must agree with the general one -------------------------
+def _fields(rec: ChangeRecord) -> tuple[Any, ...]:
+    try:
+        old: Any = rec.old_image
+    except DecodeError as exc:
+        old = ("DecodeError", str(exc))
+    event = rec.event if rec.invalid is None else None  # meaningless when invalid
+    return (
+        event,
+        rec.sequence,
+        rec.keys,
+        rec.new_image,
+        old,
+        rec.created_at,
+        rec.size_bytes,
+        rec.raw,
+        rec.invalid,
+    )
+
+
+def _assert_same_page(records: list[Any]) -> list[ChangeRecord]:
+    body = orjson.dumps({"Records": records, "NextShardIterator": "next-it"})
+    fast, next_it = decode_page(body)
+    slow = decode_records(orjson.loads(body)["Records"])
+    assert next_it == "next-it"
+    assert [_fields(r) for r in fast] == [_fields(r) for r in slow]
+    return fast
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    path=_paths
+    | st.sampled_from([("dynamodb", "OldImage"), ("dynamodb", "OldImage", "total"), ("x",)]),
+    value=_json,
+)
+def test_decode_page_agrees_with_decode_records_on_damaged_records(
+    path: tuple[str, ...], value: Any
+) -> None:
+    """Whatever part of a record is replaced, the msgspec path of a GetRecords body gives the
+    same records, errors and raw records as orjson + decode_records."""
+    rec: Any = wire_record()
+    target = rec
+    for part in path[:-1]:
+        target = target[part]
+    target[path[-1]] = value
+    _assert_same_page([wire_record(), rec, wire_record(event="REMOVE")])
+
+
+def test_decode_page_on_every_event_kind_and_odd_envelopes() -> None:
+    insert, remove = wire_record(event="INSERT"), wire_record(event="REMOVE")
+    null_old = wire_record()
+    null_old["dynamodb"]["OldImage"] = None
+    int_time = wire_record(created=1_767_225_600)
+    no_time = wire_record()
+    del no_time["dynamodb"]["ApproximateCreationDateTime"]
+    text_size = wire_record()
+    text_size["dynamodb"]["SizeBytes"] = "321"
+    seq40 = wire_record(sequence=SEQ40)
+    got = _assert_same_page(
+        [wire_record(), insert, remove, null_old, int_time, no_time, text_size, seq40, "x", None]
+    )
+    assert [r.invalid is None for r in got] == [True] * 8 + [False] * 2
+    modify = got[0]
+    assert modify.keys == {"pk": "o-1", "sk": 7}
+    assert modify.old_image == {"pk": "o-1", "sk": 7, "total": 10}
+    assert got[1].old_image is None and got[2].new_image is None
+    assert got[3].old_image is None and got[5].created_at == 0.0
+    assert got[7].sequence == SEQ40
+    assert modify.raw == wire_record()  # the record as it came, eventID and all
+
+
+def test_decode_page_bodies_without_records_and_bodies_that_are_not_json() -> None:
+    assert decode_page(b"{}") == ([], None)
+    assert decode_page(b'{"Records": null, "NextShardIterator": null}') == ([], None)
+    assert decode_page(b'{"Records": []}') == ([], None)
+    with pytest.raises(orjson.JSONDecodeError):
+        decode_page(b'{"Records": [')
+    records, _ = decode_page(b'{"Records": {"not": "a list"}, "NextShardIterator": "n"}')
+    # the general path's reading, as before: a mapping is iterated as its keys, each one an
+    # invalid record (dead-lettered), never an exception that would stall the shard
+    assert [r.invalid for r in records] == [
+        "change record 'not' is not a map; expected {eventName, dynamodb: {Keys, "
+        "SequenceNumber, NewImage, ...}}"
+    ]
 
 
 # --- encode_key --------------------------------------------------------------------------------

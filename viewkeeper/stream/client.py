@@ -7,7 +7,7 @@ written against; :class:`HttpStreamClient` speaks to AWS (or moto), and
 
 Why not boto3's client: botocore's response parser costs about 100 µs per stream record
 (DESIGN.md §8) — more than everything else viewkeeper does with a record. Here the body of
-a GetRecords response goes through ``orjson.loads`` and :func:`decode_records` only. boto3 is
+a GetRecords response goes through :func:`decode_page` only (msgspec, orjson). boto3 is
 still used for what it is good at: credentials and region are resolved by a
 ``boto3.Session`` (environment, profiles, SSO, instance/container roles; refreshable
 credentials refresh themselves) and every request is signed with botocore's ``SigV4Auth``.
@@ -57,6 +57,7 @@ from viewkeeper.stream.records import (
     ChangeRecord,
     DecodeError,
     decode_image,
+    decode_page,
     decode_records,
     encode_value,
 )
@@ -322,15 +323,20 @@ def gc_paused() -> Iterator[None]:
 def parse_records(body: bytes | Mapping[str, Any], *, pause_gc: bool = True) -> RecordsPage:
     """A GetRecords response body (bytes, or already JSON-decoded) → :class:`RecordsPage`.
 
-    This is the hot path measured by ``bench/decode.py``: ``orjson.loads`` and the
-    hand-written decoder of :mod:`viewkeeper.stream.records`, nothing else, under
-    :func:`gc_paused` unless ``pause_gc`` is False. A malformed record does not fail the
-    page: it comes back marked ``invalid`` (:func:`decode_records`).
+    This is the hot path measured by ``bench/decode.py``: :func:`decode_page` (a typed
+    msgspec parse and the hand-written decoder of :mod:`viewkeeper.stream.records`), nothing
+    else, under :func:`gc_paused` unless ``pause_gc`` is False. A malformed record does not
+    fail the page: it comes back marked ``invalid`` (:func:`decode_records`).
     """
     with gc_paused() if pause_gc else nullcontext():
-        data = orjson.loads(body) if isinstance(body, bytes | bytearray | memoryview) else body
-        records = decode_records(data.get("Records") or ())
-    return RecordsPage(records, data.get("NextShardIterator"))
+        if isinstance(body, bytes | bytearray | memoryview):
+            records, next_iterator = decode_page(body)
+        else:
+            records, next_iterator = (
+                decode_records(body.get("Records") or ()),
+                body.get("NextShardIterator"),
+            )
+    return RecordsPage(records, next_iterator)
 
 
 def parse_scan(data: Mapping[str, Any]) -> ScanPage:
@@ -623,7 +629,7 @@ class HttpStreamClient(StreamClient):
         if not 1 <= limit <= 1000:
             raise ValidationError(f"limit {limit} is outside 1..1000", operation="GetRecords")
         payload = {"ShardIterator": iterator, "Limit": limit}
-        # the body goes to parse_records as bytes: orjson.loads runs inside its GC pause
+        # the body goes to parse_records as bytes: it is parsed inside its GC pause
         page: RecordsPage = self._call(self._streams, "GetRecords", payload, parse_records)
         return page
 
