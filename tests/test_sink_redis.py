@@ -228,7 +228,7 @@ def test_collision_is_reported_and_losers_retraction_keeps_the_winners_entry(
 ) -> None:
     a = Change(CARD, "item-a", Version(0, "1"), entries(Value("shared:key", "from a")))
     b = Change(CARD, "item-b", Version(0, "1"), entries(Value("shared:key", "from b")))
-    assert sink.apply([a])[0].collisions == []
+    assert not sink.apply([a])[0].collisions
     (result,) = sink.apply([b])
     assert result.outcome is Outcome.APPLIED
     assert [(c.entry, c.other_item) for c in result.collisions] == [
@@ -563,11 +563,11 @@ def test_a_connection_lost_mid_batch_resends_what_got_no_reply(
 
     real_read, reads = module._read, [0]
 
-    def flaky_read(conn: Any, calls: Any, replies: Any) -> None:
+    def flaky_read(conn: Any, batch: Any) -> None:
         reads[0] += 1
-        if reads[0] == 4:  # two slices were read, more were sent: the connection dies
+        if reads[0] == 4:  # two batches were read, more were sent: the connection dies
             raise redis.ConnectionError("connection reset (injected)")
-        real_read(conn, calls, replies)
+        real_read(conn, batch)
 
     monkeypatch.setattr(module, "_read", flaky_read)
     results = sink.apply([change(CARD, f"o{i}", 1, order(f"o{i}")) for i in range(400)])
@@ -576,3 +576,28 @@ def test_a_connection_lost_mid_batch_resends_what_got_no_reply(
     # the rest: applied by the resend, or stale when the first send landed and only its
     # reply was lost (both mean "the sink holds this version")
     assert client.zcard("customer:c1:orders") == 400
+
+
+def test_a_redis_error_inside_one_change_fails_that_change_alone(
+    sink: RedisSink, client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch is one script call; a command that fails inside one change (here a SET
+    with an expiry Redis refuses, which the view API cannot produce) must not take the
+    changes before or after it in the same call down with it."""
+    real = sink._args_for
+
+    def poisoned(ch: Change) -> Any:
+        args, ents = real(ch)
+        if ch.item_key == "o7":
+            args[-1] = b"-5"  # the Value's ttl argument: SET ... EX -5
+        return args, ents
+
+    monkeypatch.setattr(sink, "_args_for", poisoned)
+    results = sink.apply([change(SHORT, f"o{i}", 1, order(f"o{i}")) for i in range(20)])
+    got = outcomes(results)
+    assert got[7] == "error" and got[:7] + got[8:] == ["applied"] * 19
+    assert "Redis rejected the change" in str(results[7].error)
+    assert "expire" in str(results[7].error).lower()
+    assert "o7" in str(results[7].error)
+    assert client.exists("session:o6") and client.exists("session:o8")
+    assert not client.exists("session:o7") and sink.owned_entries(SHORT, "o7") is None

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from viewkeeper.projection.api import View
@@ -49,11 +49,13 @@ class Collision:
     other_item: str
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Result:
+    """What became of one change. Immutable: :data:`APPLIED` and :data:`STALE` are shared."""
+
     outcome: Outcome
     error: str | None = None
-    collisions: list[Collision] = field(default_factory=list)
+    collisions: Sequence[Collision] = ()
 
 
 APPLIED = Result(Outcome.APPLIED)

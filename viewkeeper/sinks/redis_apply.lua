@@ -1,23 +1,27 @@
--- viewkeeper: apply ONE change of ONE item atomically (the layout is described in redis.py).
+-- viewkeeper: apply a BATCH of changes, each one atomically and in order (layout: redis.py).
 --
--- KEYS[1]                  the owner hash of the item's bucket
--- KEYS[2i], KEYS[2i+1]     data key and claim hash of new entry i (i = 1..n)
--- ARGV[1] item key   ARGV[2] view id   ARGV[3] packed version   ARGV[4] now (epoch seconds)
--- ARGV[5] claim hash prefix   ARGV[6] number of claim buckets
--- ARGV[7 + 4(i-1) ..]      type (V H S Z), identity, a, b of new entry i:
---                          V: value, ttl or ''   H: field, value   S: member, ''   Z: member, score
+-- ARGV[1] now (epoch seconds)   ARGV[2] claim hash prefix   ARGV[3] number of buckets
+-- then, per change:  owner hash of the item's bucket, item key, view id, packed version,
+--                    n (number of entries), and per entry: type (V H S Z), key, a, b
+--                    V: value, ttl or ''   H: field, value   S: member, ''   Z: member, score
+-- (the entries of one change have distinct identities: the caller removes duplicates)
 --
--- Returns {0} when stale, {-1, i, type} when key i holds the wrong type (nothing written),
--- {1, i, claim, ...} when applied, listing the entries i that were claimed by another owner.
--- Every write happens after every check: Redis does not roll back a script that fails halfway.
--- Keys of entries being retracted come from the stored owner record, not from KEYS: the
--- caller cannot know them without a second round trip (standalone Redis only, not Cluster).
+-- Returns { codes, detail, detail, ... }: codes has one byte per change, '1' applied, '0'
+-- stale, 'x' or 'e' see the next detail: 'x' {-1, i, type} when the key of entry i holds the
+-- wrong type (nothing written), 'x' {1, i, claim, ...} when applied with entries i claimed by
+-- another owner, 'e' the message of a Redis error that stopped this change (see the end).
+-- Every write of a change happens after every check of that change: Redis does not roll
+-- back a script that fails halfway. Keys are computed here, not declared in KEYS (the keys
+-- of retracted entries come from stored owner records): standalone Redis only, not Cluster.
+-- One script per batch rather than per change: the per-command cost (client encoding and
+-- reply parsing, the server's script call) is paid once per batch (bench/redis_pipeline.py).
 
-local byte, char, sub, find = string.byte, string.char, string.sub, string.find
+local byte, char, sub, find, concat = string.byte, string.char, string.sub, string.find, table.concat
 local call = redis.call
-local owner, item, vid, ver, now = KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local claim_prefix, buckets = ARGV[5], tonumber(ARGV[6])
+local now, claim_prefix, buckets = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local M = 2147483629 -- prime; the claim bucket is (identity as a big-endian number) mod M mod buckets
+local want = { V = 'string', H = 'hash', S = 'set', Z = 'zset' }
+local card = { set = 'SCARD', zset = 'ZCARD', hash = 'HLEN' }
 
 -- Lengths: one byte below 253, else 253 and four bytes. 254 marks a string that embeds the item key.
 local function len_at(s, p)
@@ -34,7 +38,7 @@ local function L(n)
 end
 
 -- Entry keys are usually built from the item key: store it once, keep only the text around it.
-local function S(x)
+local function S(x, item)
   if #item >= 3 then
     local i = find(x, item, 1, true)
     if i then
@@ -45,7 +49,7 @@ local function S(x)
   return L(#x) .. x
 end
 
-local function str_at(s, p)
+local function str_at(s, p, item)
   local n
   if byte(s, p) == 254 then
     n, p = len_at(s, p + 1)
@@ -63,7 +67,7 @@ local function ident(t, k, m)
 end
 
 -- Canonical claim value: view id, then where the item key sits in the identity, or the item key.
-local function claim_of(id)
+local function claim_of(id, item, vid)
   local n = #item
   if n > 0 and n < 256 then
     local i = find(id, item, 1, true)
@@ -88,48 +92,8 @@ local function newer(a, b)
   return #a > #b
 end
 
--- 1. Version check against the owner record.
-local rec = call('HGET', owner, item)
-local oldbody
-if rec then
-  local lg = byte(rec, 1)
-  local vend = 2 + lg + byte(rec, 2 + lg)
-  if not newer(ver, sub(rec, 1, vend)) then return { 0 } end
-  oldbody = sub(rec, vend + 1)
-end
-
--- 2. The new record's body (pure computation), then what to retract: owned entries not in the
---    new set whose claim is still ours. An unchanged body (the usual update) skips all that.
-local n = (#KEYS - 1) / 2
-local parts = {}
-for i = 1, n do
-  local a, k = 7 + 4 * (i - 1), KEYS[2 * i]
-  local t = ARGV[a]
-  parts[i] = t == 'V' and 'V' .. S(k) or t .. S(k) .. S(ARGV[a + 2])
-end
-local body = n == 0 and '~' .. now or table.concat(parts)
-local retract = {}
-if oldbody and oldbody ~= body and sub(oldbody, 1, 1) ~= '~' then
-  local new_ids = {}
-  for i = 1, n do new_ids[ARGV[7 + 4 * (i - 1) + 1]] = true end
-  local p = 1
-  while p <= #oldbody do
-    local t, k, m = sub(oldbody, p, p), nil, ''
-    k, p = str_at(oldbody, p + 1)
-    if t ~= 'V' then m, p = str_at(oldbody, p) end
-    local id = ident(t, k, m)
-    if not new_ids[id] then
-      local ck = claim_key(id)
-      local c = call('HGET', ck, id)
-      if (not c) or c == claim_of(id) then retract[#retract + 1] = { t, k, m, id, ck, c } end
-    end
-  end
-end
-
--- 3. Validate every key's type before any write. A key of the wrong type is fine only when
---    this very change retracts everything in it.
-local want = { V = 'string', H = 'hash', S = 'set', Z = 'zset' }
-local function vanishes(k, have)
+-- Whether the key k (of type have) holds nothing but entries that `retract` removes.
+local function vanishes(k, have, retract)
   local cnt = 0
   for _, r in ipairs(retract) do
     local t, rk, m = r[1], r[2], r[3]
@@ -143,46 +107,121 @@ local function vanishes(k, have)
     end
   end
   if cnt == 0 then return false end
-  local card = { set = 'SCARD', zset = 'ZCARD', hash = 'HLEN' }
   return call(card[have], k) == cnt
 end
-for i = 1, n do
-  local k = KEYS[2 * i]
-  local have = call('TYPE', k)['ok']
-  if have ~= 'none' and have ~= want[ARGV[7 + 4 * (i - 1)]] and not vanishes(k, have) then
-    return { -1, i, have }
+
+-- One change whose arguments start at ARGV[a]; returns its code and its detail (or nil).
+local function apply(a)
+  local owner, item, vid, ver, n = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4])
+  local e0 = a + 5 -- entry i's arguments start at e0 + 4 (i - 1)
+
+  -- 1. Version check against the owner record.
+  local rec = call('HGET', owner, item)
+  local oldbody
+  if rec then
+    local lg = byte(rec, 1)
+    local vend = 2 + lg + byte(rec, 2 + lg)
+    if not newer(ver, sub(rec, 1, vend)) then return '0', nil end
+    oldbody = sub(rec, vend + 1)
   end
-end
 
--- 4. Retract.
-for _, r in ipairs(retract) do
-  local t, k, m = r[1], r[2], r[3]
-  if t == 'V' then call('DEL', k)
-  elseif t == 'H' then call('HDEL', k, m)
-  elseif t == 'S' then call('SREM', k, m)
-  else call('ZREM', k, m) end
-  if r[6] then call('HDEL', r[5], r[4]) end
-end
-
--- 5. Write, claim, and store the owner record.
-local out = { 1 }
-for i = 1, n do
-  local a = 7 + 4 * (i - 1)
-  local t, id, x, y = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
-  local k, ck = KEYS[2 * i], KEYS[2 * i + 1]
-  if t == 'V' then
-    if y ~= '' then call('SET', k, x, 'EX', y) else call('SET', k, x) end
-  elseif t == 'H' then call('HSET', k, x, y)
-  elseif t == 'S' then call('SADD', k, x)
-  else call('ZADD', k, y, x) end
-  local mine, c = claim_of(id), call('HGET', ck, id)
-  if c ~= mine then
-    if c then
-      out[#out + 1] = i
-      out[#out + 1] = c
+  -- 2. The new record's body (pure computation), then what to retract: owned entries not in
+  --    the new set whose claim is still ours. An unchanged body (the usual update) skips that.
+  local parts, ids = {}, {}
+  for i = 1, n do
+    local e = e0 + 4 * (i - 1)
+    local t, k = ARGV[e], ARGV[e + 1]
+    if t == 'V' then
+      parts[i] = 'V' .. S(k, item)
+      ids[i] = 'V' .. k
+    else
+      parts[i] = t .. S(k, item) .. S(ARGV[e + 2], item)
+      ids[i] = t .. L(#k) .. k .. ARGV[e + 2]
     end
-    call('HSET', ck, id, mine)
   end
+  local body = n == 0 and '~' .. now or concat(parts)
+  local retract = {}
+  if oldbody and oldbody ~= body and sub(oldbody, 1, 1) ~= '~' then
+    local new_ids = {}
+    for i = 1, n do new_ids[ids[i]] = true end
+    local p = 1
+    while p <= #oldbody do
+      local t, k, m = sub(oldbody, p, p), nil, ''
+      k, p = str_at(oldbody, p + 1, item)
+      if t ~= 'V' then m, p = str_at(oldbody, p, item) end
+      local id = ident(t, k, m)
+      if not new_ids[id] then
+        local ck = claim_key(id)
+        local c = call('HGET', ck, id)
+        if (not c) or c == claim_of(id, item, vid) then retract[#retract + 1] = { t, k, m, id, ck, c } end
+      end
+    end
+  end
+
+  -- 3. Validate every key's type before any write. A key of the wrong type is fine only when
+  --    this very change retracts everything in it.
+  for i = 1, n do
+    local e = e0 + 4 * (i - 1)
+    local k = ARGV[e + 1]
+    local have = call('TYPE', k)['ok']
+    if have ~= 'none' and have ~= want[ARGV[e]] and not vanishes(k, have, retract) then
+      return 'x', { -1, i, have }
+    end
+  end
+
+  -- 4. Retract.
+  for _, r in ipairs(retract) do
+    local t, k, m = r[1], r[2], r[3]
+    if t == 'V' then call('DEL', k)
+    elseif t == 'H' then call('HDEL', k, m)
+    elseif t == 'S' then call('SREM', k, m)
+    else call('ZREM', k, m) end
+    if r[6] then call('HDEL', r[5], r[4]) end
+  end
+
+  -- 5. Write, claim, and store the owner record.
+  local out
+  for i = 1, n do
+    local e = e0 + 4 * (i - 1)
+    local t, k, x, y = ARGV[e], ARGV[e + 1], ARGV[e + 2], ARGV[e + 3]
+    if t == 'V' then
+      if y ~= '' then call('SET', k, x, 'EX', y) else call('SET', k, x) end
+    elseif t == 'H' then call('HSET', k, x, y)
+    elseif t == 'S' then call('SADD', k, x)
+    else call('ZADD', k, y, x) end
+    local id = ids[i]
+    local ck = claim_key(id)
+    local mine, c = claim_of(id, item, vid), call('HGET', ck, id)
+    if c ~= mine then
+      if c then
+        out = out or { 1 }
+        out[#out + 1] = i
+        out[#out + 1] = c
+      end
+      call('HSET', ck, id, mine)
+    end
+  end
+  call('HSET', owner, item, ver .. body)
+  if out then return 'x', out end
+  return '1', nil
 end
-call('HSET', owner, item, ver .. body)
-return out
+
+-- A command that fails inside one change (nothing foreseen does: types, scores and sizes are
+-- checked first) fails that change alone, reported 'e' with Redis' message; the others go on.
+local function message(err)
+  if type(err) == 'table' then return err.err or err.message or 'error' end
+  return tostring(err)
+end
+
+local codes, reply = {}, { '' }
+local a = 4
+while a <= #ARGV do
+  local nxt = a + 5 + 4 * tonumber(ARGV[a + 4])
+  local ok, code, detail = pcall(apply, a)
+  if not ok then code, detail = 'e', message(code) end
+  codes[#codes + 1] = code
+  if detail then reply[#reply + 1] = detail end
+  a = nxt
+end
+reply[1] = concat(codes)
+return reply
