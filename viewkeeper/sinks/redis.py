@@ -560,17 +560,18 @@ class RedisSink:
 
     def _split_refused(self, batches: list[_Batch], stamp: bytes) -> list[_Batch]:
         """A call Redis refused as a whole (e.g. an argument over ``proto-max-bulk-len``)
-        is sent again one change per call, so that only the changes at fault fail."""
+        is sent again one change per call, so that only the changes at fault fail. One call
+        at a time, each reply read before the next is sent: Redis closes the connection after
+        a protocol error, and the reset would lose the replies of the calls before it."""
         out: list[_Batch] = []
         for b in batches:
             if not isinstance(b.reply, Exception) or len(b.indexes) == 1:
                 out.append(b)
                 continue
-            singles = [
-                _Batch([i], [e], [a]) for i, e, a in zip(b.indexes, b.entries, b.args, strict=True)
-            ]
-            self._with_retry(partial(self._resend, singles, stamp))
-            out += singles
+            for i, e, a in zip(b.indexes, b.entries, b.args, strict=True):
+                single = _Batch([i], [e], [a])
+                self._with_retry(partial(self._resend, [single], stamp))
+                out.append(single)
         return out
 
     def _results(self, changes: Sequence[Change], b: _Batch, results: list[Result | None]) -> None:
