@@ -21,7 +21,7 @@ import logging
 import time
 import traceback
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -177,14 +177,15 @@ class Pipeline:
 
     def _apply(self, report: BatchReport, sink: Sink, pendings: list[_Pending], table: str) -> None:
         results = sink.apply([p.change for p in pendings])
+        counted: Counter[tuple[str, str]] = Counter()  # the metric moves once per view
         for pending, result in zip(pendings, results, strict=True):
             view = pending.change.view
             if result.outcome is Outcome.APPLIED:
                 report.applied += 1
-                metrics.RECORDS.labels(view.name, "applied").inc()
+                counted[view.name, "applied"] += 1
             elif result.outcome is Outcome.STALE:
                 report.stale += 1
-                metrics.RECORDS.labels(view.name, "stale").inc()
+                counted[view.name, "stale"] += 1
             else:
                 metrics.SINK_ERRORS.labels(sink.name, "rejected").inc()
                 self._dead(
@@ -207,6 +208,8 @@ class Pipeline:
                     col.entry,
                     view.where,
                 )
+        for (name, outcome), n in counted.items():
+            metrics.RECORDS.labels(name, outcome).inc(n)
 
     def project_item(
         self,
