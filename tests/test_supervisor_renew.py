@@ -289,3 +289,29 @@ def test_the_pool_is_shut_down_when_the_supervisor_stops(
     assert bed.store.calls == 10  # rounds 2 and 3 renewed the 5 leases
     assert bed.renewer_threads() == []
     assert bed.sup.held == {}
+
+
+def test_shutdown_releases_leases_concurrently_and_one_failure_spares_the_others(
+    bed_factory: Callable[..., Bed],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    bed = bed_factory(6, renew_threads=3)
+    bed.take_all()
+    failing = sorted(bed.sup.held)[2][1]
+    barrier = threading.Barrier(3, timeout=20)  # trips only with 3 releases in flight
+    real = bed.store.release_lease
+
+    def release(lease: Lease) -> None:
+        barrier.wait()
+        if lease.shard_id == failing:
+            raise ConnectionError("DynamoDB unreachable (simulated)")
+        real(lease)
+
+    monkeypatch.setattr(bed.store, "release_lease", release)
+    bed.sup.shutdown()
+    owners = {lease.shard_id: lease.owner for lease in bed.store.list_leases("fk")}
+    assert owners.pop(failing) == bed.worker_id  # left to expire
+    assert set(owners.values()) == {None}, owners  # the other five released
+    assert f"could not release lease fk/{failing}" in caplog.text
+    assert bed.renewer_threads() == []

@@ -489,14 +489,17 @@ class Supervisor:
         deadline = time.monotonic() + self.settings.shutdown_timeout
         for run in self.running.values():
             run.thread.join(max(0.0, deadline - time.monotonic()))
+        releases: dict[tuple[str, str], Future[None]] = {}
         for key, lease in list(self.held.items()):
             still = self.running.get(key)
             if still is not None and still.thread.is_alive():
                 log.warning("worker for %s/%s did not stop in time; its lease will expire", *key)
                 continue
-            try:
-                self.store.release_lease(lease)
-            except Exception as exc:  # best effort: the lease expires anyway
+            # in the renewal pool: hundreds of leases are released in a fraction of a second
+            releases[key] = self._renewer.submit(self.store.release_lease, lease)
+        for key, fut in releases.items():
+            exc = fut.exception()
+            if exc is not None:  # best effort: the lease expires anyway
                 log.warning("could not release lease %s/%s: %s", *key, exc)
         self.held.clear()
         self.running.clear()
