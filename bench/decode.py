@@ -1,7 +1,8 @@
 """Decode: GetRecords page bodies → change records, ours vs boto3's.
 
 Ours is exactly what :class:`~viewkeeper.stream.client.HttpStreamClient` does with a response
-body: :func:`~viewkeeper.stream.client.parse_records` (``orjson.loads`` + the decoder of
+body: :func:`~viewkeeper.stream.client.parse_records` (``decode_page``: a typed msgspec
+parse that builds objects for Keys and NewImage only, + the decoder of
 ``viewkeeper.stream.records``). The baseline is what a boto3 consumer pays: botocore's own
 JSON response parser with the ``dynamodbstreams`` GetRecords output shape (the code a
 ``boto3.client("dynamodbstreams").get_records()`` call runs on the body), then
