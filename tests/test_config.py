@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from viewkeeper.app import App
 from viewkeeper.config import (
     BasicAuth,
     Config,
@@ -20,9 +21,12 @@ from viewkeeper.config import (
     parse_config,
     redacted,
 )
+from viewkeeper.coordination.memory import MemoryStore
 from viewkeeper.ops.logs import redact
 from viewkeeper.projection.api import View
 from viewkeeper.projection.registry import ViewRegistry
+from viewkeeper.stream.fake import FakeStream
+from viewkeeper.supervisor import SupervisorSettings
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -100,6 +104,26 @@ def test_defaults_fill_everything_optional() -> None:
     assert config.tombstones.retention_hours == 48
     assert config.metrics.host == "127.0.0.1"
     assert config.logging.level == "INFO"
+
+
+def test_renew_threads_defaults_to_the_supervisors_own_default() -> None:
+    config = parse_config(minimal(), environ={})
+    assert config.worker.renew_threads == SupervisorSettings().renew_threads == 8
+
+
+def test_worker_renew_threads_reaches_the_supervisor() -> None:
+    config = parse_config(
+        minimal(worker={"renew_threads": 3}, redis={"cache": {"url": "redis://h/0"}}),
+        environ={},
+    )
+    app = App(
+        config,
+        registry=registry_of(redis_view("cache")),
+        client=FakeStream(),
+        store=MemoryStore(),
+        sinks={},
+    )
+    assert app.supervisor().settings.renew_threads == 3
 
 
 def test_redis_and_opensearch_defaults() -> None:
@@ -235,6 +259,25 @@ def test_negative_durations_are_refused() -> None:
     assert "worker.lease_duration: 0 is not a valid duration" in message
     message = error_of(minimal(redis={"cache": {"url": "redis://h/0", "socket_timeout": -1}}))
     assert "redis.cache.socket_timeout" in message
+
+
+def test_renew_threads_below_one_names_the_line_and_the_fix(tmp_path: Path) -> None:
+    text = DESIGN_EXAMPLE.replace("worker_id: null", "worker_id: null, renew_threads: 0")
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    assert str(info.value) == (
+        f"{path}:11: worker.renew_threads: 0 is out of range; use a whole number at least 1"
+    )
+    assert info.value.path == "worker.renew_threads"
+
+
+def test_renew_threads_must_be_a_whole_number() -> None:
+    message = error_of(minimal(worker={"renew_threads": "eight"}))
+    assert "worker.renew_threads: 'eight' is a string, not an integer" in message
+    assert "write it like renew_threads: 8" in message
+    message = error_of(minimal(worker={"renew_threads": 2.5}))
+    assert "worker.renew_threads: 2.5 is a number, not an integer" in message
 
 
 def test_tombstones_must_outlive_the_stream() -> None:

@@ -166,6 +166,7 @@ class App:
             lease_duration=w.lease_duration,
             starting_positions={t: self.config.table(t).starting_position for t in self.tables},
             worker=WorkerSettings(batch_size=w.batch_size, poll_interval=w.poll_interval),
+            renew_threads=w.renew_threads,
             **overrides,
         )
         return Supervisor(
