@@ -692,6 +692,21 @@ VIEW_MODULES: list[tuple[str, dict[str, str], list[str], bool]] = [
 ]
 
 
+def offline_config(tmp_path: Path, views: list[str], **sections: Any) -> Path:
+    """A viewkeeper.yaml for ``check --offline`` (no service is contacted): ``views`` and
+    placeholder connections, any section replaced by ``sections``."""
+    cfg: dict[str, Any] = {
+        "aws": {"region": "us-east-1"},
+        "views": views,
+        "redis": {"cache": {"url": "redis://127.0.0.1:6379/0"}},
+        "opensearch": {"search": {"hosts": ["http://127.0.0.1:9200"]}},
+        **sections,
+    }
+    path = tmp_path / "viewkeeper.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
 @pytest.mark.parametrize(
     ("modules", "must_say", "one_line"),
     [c[1:] for c in VIEW_MODULES],
@@ -702,18 +717,7 @@ def test_a_hostile_view_module_stops_at_load_with_exit_78(
 ) -> None:
     for name, source in modules.items():
         (tmp_path / f"{name}.py").write_text(HEADER + textwrap.dedent(source))
-    names = list(modules) or ["no_such_views"]
-    config = tmp_path / "viewkeeper.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "aws": {"region": "us-east-1"},
-                "views": names,
-                "redis": {"cache": {"url": "redis://127.0.0.1:6379/0"}},
-                "opensearch": {"search": {"hosts": ["http://127.0.0.1:9200"]}},
-            }
-        )
-    )
+    config = offline_config(tmp_path, list(modules) or ["no_such_views"])
     res = vk("check", "--offline", "-c", str(config))
     assert res.returncode == 78, res.stdout + res.stderr
     for words in must_say:
@@ -778,15 +782,7 @@ CONFIG_VALUES: list[tuple[str, str, Any, list[str]]] = [
 def test_an_invalid_config_value_is_one_line_and_exit_78(
     tmp_path: Path, section: str, value: Any, must_say: list[str]
 ) -> None:
-    cfg: dict[str, Any] = {
-        "aws": {"region": "us-east-1"},
-        "views": ["tests.views_e2e.bad_views"],
-        "redis": {"cache": {"url": "redis://127.0.0.1:6379/0"}},
-        "opensearch": {"search": {"hosts": ["http://127.0.0.1:9200"]}},
-    }
-    cfg[section] = value
-    path = tmp_path / "viewkeeper.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path = offline_config(tmp_path, ["tests.views_e2e.bad_views"], **{section: value})
     res = vk("check", "--offline", "-c", str(path))
     assert res.returncode == 78, res.stdout + res.stderr
     (line,) = res.stderr.strip().splitlines()
