@@ -67,6 +67,17 @@ One batch, step by step
    step 2 are acknowledged (deleted, ``noop`` or 404), ``unpend`` drops them from the record
    they were read from.
 
+Overlap (``bulk_concurrency`` > 1): the puts of default-id documents read and write no owner
+record before their post-check, so they are sent first, from the sink's pool, and steps 1-4
+of the rest of the batch run while they are on the server: W1 of the deletes (and custom-id
+changes), then their live ops, then the post-checks of both groups. Each change keeps its
+own order (W1 before W2, U1 before U2), which is all the argument below uses; a put whose
+document a change of the other group may touch (the same item, or a hand-built document id)
+stays in the second group, so the ops of one document keep the batch's order. An exception
+(or a kill) in one group waits for the other group's requests before it leaves
+:meth:`OpenSearchSink.apply`. With ``bulk_concurrency=1`` the steps run one request at a
+time, as listed (the property tests count requests that way).
+
 Fast paths for puts (same outcomes, half the server work)
 ---------------------------------------------------------
 A scripted update must read the stored document; on the 2-core test node that costs about
@@ -196,15 +207,20 @@ than 401/403/408/429) raises :class:`SinkError`.
 Cost
 ----
 ``_bulk`` bodies are NDJSON bytes built here from prebuilt fragments, one ``orjson`` dump per
-document, sent with ``transport.perform_request``; no refresh per batch. A big batch is cut
-into ``bulk_concurrency`` segments by document id, sent as soon as built. Measured on the
-shared 2-core test machine, 1000-document batches (tests/test_sink_opensearch.py::
-test_bulk_throughput_report; noisy): raw ``_bulk`` index ~50k docs/s; this sink ~0.55-0.7x
-of raw for new documents and ~0.65-0.8x for updates through the cached path; ~0.5x through
-the script. Server CPU per document is now close to raw; the rest is Python (~4-5 µs per
-document in :meth:`apply`, more while the process has many live objects: a daemon should
-``gc.freeze()`` after start-up). Clients built by :func:`make_client` read answers with
-orjson. :meth:`OpenSearchSink.apply` is thread-safe (shard workers may share one sink).
+document; no refresh per batch. ``_bulk`` and ``mget`` are posted straight to a connection
+of the client's pool and their answers read with orjson (:meth:`OpenSearchSink._post`):
+the client's transport would parse them with the stdlib (~1 µs per document more) and add
+its per-request bookkeeping. A big batch is cut into ``bulk_concurrency`` segments by
+document id, sent as soon as built; with the overlap above, a 1000-record page of updates is
+~5 requests but ~2 round trips. The client's connection pool must hold that many
+connections (:func:`make_client` and the daemon's client keep 32; urllib3's default keeps
+one and reconnects for every other request in flight). Measured (``bench/
+opensearch_pipeline.py``, 2-core machine, warm node, pages of 80 % updates / 15 % inserts /
+5 % deletes): ``apply`` alone ~0.6-0.7x of raw ``_bulk`` index of the same documents; the
+node spends ~1.8x raw's CPU per record (W1 tombstones, scripted deletes, post-check ``mget``,
+more requests); the sink's Python ~9-10 µs of client CPU per record, ~5 of it in this module
+and ~4 in HTTP, sockets and the pool's threads. :meth:`OpenSearchSink.apply` is thread-safe
+(shard workers may share one sink).
 """
 
 from __future__ import annotations
@@ -312,12 +328,16 @@ class OrjsonSerializer(JSONSerializer):
 
 
 def make_client(hosts: Sequence[str | Mapping[str, Any]], **kwargs: Any) -> OpenSearch:
-    """An :class:`OpenSearch` client the way this sink wants it: orjson for answers and the
-    client's own retries off (the sink retries, bounded by ``unavailable_after``). Pass
+    """An :class:`OpenSearch` client the way this sink wants it: orjson for answers, the
+    client's own retries off (the sink retries, bounded by ``unavailable_after``) and a
+    connection pool as large as the requests the sink may have in flight. Pass
     ``http_auth`` (basic auth tuple or ``AWSV4SignerAuth``), ``connection_class``,
     ``use_ssl`` … as for ``OpenSearch(...)``."""
     kwargs.setdefault("max_retries", 0)
     kwargs.setdefault("retry_on_timeout", False)
+    # the sink sends requests concurrently (segments, phases, shard workers): keep their
+    # connections (urllib3's default pool keeps one and reconnects for every other request)
+    kwargs.setdefault("pool_maxsize", 32)
     kwargs.setdefault("serializer", OrjsonSerializer())
     return OpenSearch(hosts=list(hosts), **kwargs)
 
@@ -385,6 +405,16 @@ class _Op:
     payload: bytes | None = None  # a fast-path put's document, to resend it as the script
     path: str = "script"  # script | cas | create: how a put was finally sent
     cached: bool = False  # the put found this sink's last write of the document cached
+
+
+@dataclass(slots=True)
+class _Live:
+    """Live ops built and (some) sent by :meth:`OpenSearchSink._live_send`."""
+
+    todo: list[_Plan]
+    ops: list[_Op]
+    sent: list[tuple[int, int, Future[list[dict[str, Any]]]]]  # (start, end, answers)
+    deadline: float
 
 
 def _scrub(text: str) -> str:
@@ -651,12 +681,54 @@ class OpenSearchSink:
     def apply(self, changes: Sequence[Change]) -> list[Result]:
         """Apply a batch (see the module doc for the phases); one Result per change."""
         plans = [self._plan(ch) for ch in changes]
-        self._owner_phase(plans)
-        checks = self._live_phase(plans)
-        if checks:
-            self._post_check(checks)
+        early, late = self._early(plans)
+        if not early:
+            self._owner_phase(plans)
+            checks = self._live_phase(plans)
+            if checks:
+                self._post_check(checks)
+        else:
+            # Puts of default-id documents read and write no owner record before their
+            # post-check: they leave first, and the owner phase (W1) of the others, their
+            # live ops and the puts' post-check overlap with them on the server.
+            first = self._live_send(early, background=True)
+            second: _Live | None = None
+            try:
+                self._owner_phase(late)
+                second = self._live_send(late, background=True)
+                checks = self._live_collect(first)
+                if checks:
+                    self._post_check(checks)
+                checks = self._live_collect(second)
+                if checks:
+                    self._post_check(checks)
+            finally:
+                # never leave a request of this apply running behind an exception
+                wait([f for live in (first, second) if live is not None for _, _, f in live.sent])
         self._unpend_phase(plans)
         return [self._result(p) for p in plans]
+
+    def _early(self, plans: list[_Plan]) -> tuple[list[_Plan], list[_Plan]]:
+        """Split a batch for :meth:`apply`: ``early``, the puts of a default document id
+        (the item key), which need no owner phase, and ``late``, all the rest; ``early`` is
+        empty when there is nothing to overlap (one request at a time: ``bulk_concurrency``
+        1, or nothing else in the batch). A put whose document a late change of the batch
+        may touch stays late, so the ops of one document keep the batch's order."""
+        if self.bulk_concurrency < 2:
+            return [], plans
+        early: list[_Plan] = []
+        late: list[_Plan] = []
+        for p in plans:
+            (early if p.outcome is None and p.doc is not None and not p.tracked else late).append(p)
+        if not early or not any(p.outcome is None for p in late):
+            return [], plans
+        touched = {(p.names.alias, p.change.item_key) for p in late}
+        touched.update((p.names.alias, p.doc.doc_id) for p in late if p.doc is not None)
+        if any((p.names.alias, p.change.item_key) in touched for p in early):
+            early = [p for p in early if (p.names.alias, p.change.item_key) not in touched]
+            now = {id(p) for p in early}
+            late = [p for p in plans if id(p) not in now]
+        return early, late
 
     @staticmethod
     def _result(p: _Plan) -> Result:
@@ -747,10 +819,15 @@ class OpenSearchSink:
                 p.unpend = pending or None
 
     def _live_phase(self, plans: list[_Plan]) -> list[tuple[_Plan, str]]:
-        """Build and send the live ops. A big batch is cut into ``bulk_concurrency``
+        """The live ops of ``plans``, sent and answered; returns the puts to post-check."""
+        return self._live_collect(self._live_send(plans))
+
+    def _live_send(self, plans: list[_Plan], background: bool = False) -> _Live:
+        """Build the live ops and send them. A big batch is cut into ``bulk_concurrency``
         segments by document id (the ops of one document stay in one request, in order);
         each segment is sent as soon as it is built, so building the next one overlaps
-        with the server working on the previous one."""
+        with the server working on the previous one. ``background``: even one segment is
+        sent from the pool, so that the caller can go on (:meth:`apply`)."""
         ops: list[_Op] = []
         # stale changes come along only to delete their owner record's pending documents
         todo = [p for p in plans if p.outcome is None or (p.gone and p.outcome is Outcome.STALE)]
@@ -768,24 +845,26 @@ class OpenSearchSink:
                 else:
                     target = p.gone[0] if p.gone else p.change.item_key
                 segments[hash(target) % k].append(p)
-        sent: list[tuple[int, int, Future[list[dict[str, Any]]]]] = []
-        deadline = time.monotonic() + self.unavailable_after
+        live = _Live(todo, ops, [], time.monotonic() + self.unavailable_after)
         for segment in segments:
             start = len(ops)
             self._build_live(segment, ops, known, try_create)
-            if k > 1 and len(ops) > start:
-                sent.append(
-                    (
-                        start,
-                        len(ops),
-                        self._executor().submit(self._bulk, ops[start:], True, deadline, False),
-                    )
+            if (k > 1 or background) and len(ops) > start:
+                future = self._executor().submit(
+                    self._bulk, ops[start:], True, live.deadline, False
                 )
+                live.sent.append((start, len(ops), future))
+        return live
+
+    def _live_collect(self, live: _Live) -> list[tuple[_Plan, str]]:
+        """Wait for the live ops sent by :meth:`_live_send` (send them if they were not),
+        retry what must be, and learn the outcomes; returns the puts to post-check."""
+        ops, todo = live.ops, live.todo
         first: list[dict[str, Any]] | None = None
-        if sent:
-            wait([f for _, _, f in sent])
+        if live.sent:
+            wait([f for _, _, f in live.sent])
             first = [{}] * len(ops)
-            for start, end, future in sent:
+            for start, end, future in live.sent:
                 first[start:end] = future.result()
         checks: list[tuple[_Plan, str]] = []
         learnt: list[tuple[_Plan, str, Mapping[str, Any] | None]] = []
@@ -857,19 +936,9 @@ class OpenSearchSink:
                 body = p.doc.body
                 if META in body:  # never two _vk keys in one JSON object
                     body = {k: val for k, val in body.items() if k != META}
-                meta = (
-                    b'{"v":"'
-                    + p.version.encode()
-                    + b'","g":%d,"item":' % ch.version.generation
-                    + dumps(ch.item_key)
-                    + b"}}"
-                )
+                jid = _jstr(doc_id)
                 try:
                     payload = dumps(body)
-                    # the body with _vk appended, spliced as bytes (no dict copy per document)
-                    payload = (
-                        payload[:-1] + b',"_vk":' + meta if len(payload) > 2 else b'{"_vk":' + meta
-                    )
                 except EncodeError as exc:
                     known.pop((p.names.alias, doc_id), None)
                     p.fail(
@@ -877,8 +946,17 @@ class OpenSearchSink:
                         f"{ch.item_key!r} cannot be encoded: {exc}"
                     )
                     continue
+                # the body with _vk appended, spliced as bytes (no dict copy per document)
+                meta = b'"_vk":{"v":"%b","g":%d,"item":%b}}' % (
+                    p.version.encode(),
+                    ch.version.generation,
+                    jid if doc_id == ch.item_key else _jstr(ch.item_key),
+                )
+                payload = payload[:-1] + b"," + meta if len(payload) > 2 else b"{" + meta
                 ops.append(
-                    self._put_op(p, doc_id, payload, known.get((p.names.alias, doc_id)), try_create)
+                    self._put_op(
+                        p, doc_id, jid, payload, known.get((p.names.alias, doc_id)), try_create
+                    )
                 )
                 for x in p.gone or ():
                     if x != doc_id:
@@ -904,37 +982,39 @@ class OpenSearchSink:
             self._heads[(kind, index)] = head
         return head
 
-    def _scripted_put(self, p: _Plan, doc_id: str, payload: bytes) -> bytes:
+    def _scripted_put(self, p: _Plan, jid: bytes, payload: bytes) -> bytes:
         pre = self._put_src_pre if p.tracked else self._put_pre
-        return (
-            self._head(b"update", p.names.alias)
-            + dumps(doc_id)
-            + b"}}\n"
-            + pre
-            + (payload + b"}}}\n")
-        )
+        return b"%b%b}}\n%b%b}}}\n" % (self._head(b"update", p.names.alias), jid, pre, payload)
 
     def _put_op(
-        self, p: _Plan, doc_id: str, payload: bytes, known: _Known | None, try_create: bool
+        self,
+        p: _Plan,
+        doc_id: str,
+        jid: bytes,
+        payload: bytes,
+        known: _Known | None,
+        try_create: bool,
     ) -> _Op:
-        """The put of one document: the scripted upsert, or a fast path (a plain ``create``,
-        or an ``index`` conditional on this sink's last write, see :meth:`_remember`) that
-        is resent as the script if it answers 409."""
+        """The put of one document (``jid``: its id as JSON): the scripted upsert, or a fast
+        path (a plain ``create``, or an ``index`` conditional on this sink's last write, see
+        :meth:`_remember`) that is resent as the script if it answers 409."""
         if known is None:
             if not try_create:
-                return _Op(p, "put", doc_id, self._scripted_put(p, doc_id, payload))
-            head = self._head(b"create", p.names.alias) + dumps(doc_id) + b"}}\n"
-            return _Op(p, "put", doc_id, head + payload + b"\n", payload, "create")
+                return _Op(p, "put", doc_id, self._scripted_put(p, jid, payload))
+            lines = b"%b%b}}\n%b\n" % (self._head(b"create", p.names.alias), jid, payload)
+            return _Op(p, "put", doc_id, lines, payload, "create")
         seq_no, term, key, item = known
         v = p.change.version
         if item != p.change.item_key or (v.generation, len(v.sequence), v.sequence) <= key:
-            return _Op(p, "put", doc_id, self._scripted_put(p, doc_id, payload))
-        head = (
-            self._head(b"index", p.names.alias)
-            + dumps(doc_id)
-            + (b',"if_seq_no":%d,"if_primary_term":%d}}\n' % (seq_no, term))
+            return _Op(p, "put", doc_id, self._scripted_put(p, jid, payload))
+        lines = b'%b%b,"if_seq_no":%d,"if_primary_term":%d}}\n%b\n' % (
+            self._head(b"index", p.names.alias),
+            jid,
+            seq_no,
+            term,
+            payload,
         )
-        return _Op(p, "put", doc_id, head + payload + b"\n", payload, "cas", cached=True)
+        return _Op(p, "put", doc_id, lines, payload, "cas", cached=True)
 
     def _lookup(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], _Known]:
         if self.cas_cache_size <= 0 or not keys:
@@ -1122,7 +1202,7 @@ class OpenSearchSink:
                 if status == 409 and op.payload is not None:
                     # a fast path lost (the document is not what this sink last wrote):
                     # resend as the scripted upsert at once
-                    op.lines = self._scripted_put(op.plan, op.doc_id, op.payload)
+                    op.lines = self._scripted_put(op.plan, _jstr(op.doc_id), op.payload)
                     op.payload, op.path = None, "script"
                     fallback.append(i)
                     with self._lock:
@@ -1218,15 +1298,36 @@ class OpenSearchSink:
     def _post(
         self, path: str, params: Mapping[str, str] | None, body: bytes, headers: Mapping[str, str]
     ) -> Any:
-        return self.client.transport.perform_request(
-            "POST", path, params=params, body=body, headers=headers, timeout=self.request_timeout
-        )
+        """POST on the hot path (``_bulk``, ``mget``): straight to a connection of the client's
+        pool, the answer read with orjson. The connection does what matters — TLS, auth
+        (SigV4 signs the body it sends), compression, raising TransportError subclasses — and
+        the sink retries itself (:meth:`_call`); only the transport's own retries, its
+        serializer (stdlib json for answers, ~2x slower) and its per-request bookkeeping are
+        skipped. A failed connection is still marked dead, so that a pool of several hosts
+        moves on to the next one."""
+        transport = self.client.transport
+        conn = transport.get_connection()
+        try:
+            _, _, data = conn.perform_request(
+                "POST", path, params, body, timeout=self.request_timeout, headers=headers
+            )
+        except ConnectionError:
+            with contextlib.suppress(TransportError):
+                transport.mark_dead(conn)
+            raise
+        transport.connection_pool.mark_live(conn)
+        try:
+            return orjson.loads(data) if data else {}
+        except orjson.JSONDecodeError as exc:
+            raise SerializationError(data, exc) from exc
 
     def _executor(self) -> ThreadPoolExecutor:
         with self._lock:
             if self._pool is None:
+                # the segments of two phases of an apply in flight at once, for a few
+                # shard workers sharing this sink
                 self._pool = ThreadPoolExecutor(
-                    max_workers=max(2, self.bulk_concurrency),
+                    max_workers=max(4, 4 * self.bulk_concurrency),
                     thread_name_prefix=f"viewkeeper-os-{self.name}",
                 )
             return self._pool
@@ -1389,6 +1490,15 @@ class OpenSearchSink:
                         headers=_JSON,
                         body=dumps({"scroll_id": [scroll_id]}),
                     )
+
+
+def _jstr(text: str) -> bytes:
+    """A string as JSON (document ids, item keys): orjson directly, the general encoder for
+    what orjson refuses (lone surrogates), so the error names the value."""
+    try:
+        return orjson.dumps(text)
+    except orjson.JSONEncodeError:
+        return dumps(text)
 
 
 def _ids(value: object) -> list[str]:
