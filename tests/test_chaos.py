@@ -69,6 +69,15 @@ seed 503902962, without the kill-during-outage fault: 454 s, 27,737 operations, 
 all counts 0.) Each rebuild's sweep also deletes documents of older generations, so in the
 long mode it hides the orphans of the bug below that appeared before the last rebuild.
 
+Long mode again after the custom-id fix (``pending``), the msgspec page decoder, the batched
+Redis script and the OpenSearch overlap (2026-11-27, quiet machine), seed 324791732: 448 s,
+90 keys, 35,282 operations (794 bursts), 167 faults: kill -9 x54, SIGTERM x9, SIGSTOP x23,
+OpenSearch reset x18 / refuse x13 / stall x8, Redis kill -9 x8 / SIGTERM x10, DynamoDB
+reset x8 / stall x5 / refuse x5, checkpoint rewinds x4, Redis data loss + live rebuild x2;
+78 daemon starts, 64 leases taken, 12 lost, 277 checkpoint moves seen, 6 exits at start-up
+(DynamoDB unreachable), none while running; Redis 0/0/0 of 279 entries, OpenSearch 0/0/0 of
+111 documents, owner records 0/0/0 of 180, no dead letters. The whole file: 8 min 16 s.
+
 Found by these runs: a custom-``doc_id`` OpenSearch view orphans a document when a crash
 falls between its owner record and its document delete and the retried page holds a newer
 record of the item (1-5 orphaned documents in ``chaos-by-owner`` in 3 of the first 5 short
