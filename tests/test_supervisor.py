@@ -373,13 +373,16 @@ def test_a_steal_is_not_starved_by_the_thiefs_own_slow_renewals(
     ring.round(2)
     ring.add("b")
     ticking = [False]
+    once = threading.Lock()  # renewals run in b's pool threads: one of them ticks a
 
     def slow_renewals_of_b(lease: Lease) -> None:
         # while b renews its own leases (think: many leases, a slow store), a's loop turns
         # once and renews everything a holds
-        if lease.owner == "b" and not ticking[0]:
+        with once:
+            if lease.owner != "b" or ticking[0]:
+                return
             ticking[0] = True
-            a.tick()
+        a.tick()
 
     ring.store.on_renew = slow_renewals_of_b
     for _ in range(12):
