@@ -19,9 +19,11 @@ holding at least two more than itself, so leases do not ping-pong.
 Renewals are one conditional write per lease (5-10 ms each against DynamoDB), so a process
 with hundreds of leases renews them concurrently, ``renew_threads`` (default 8) at a time from
 one pool kept for the supervisor's life: 500 leases take ~0.5 s a round instead of ~4 s, well
-inside the renewal period. The results are applied on the supervisor's thread; a lease counts
-as renewed from the moment its write was *sent* (never from when it returned, which would
-stretch its validity beyond what the store granted).
+inside the renewal period. Taking free leases (start-up, a dead peer's leases) and releasing
+them at shutdown use the same pool, never more takes in flight than the fair share still
+wants. The results are applied on the supervisor's thread; a lease counts as renewed from the
+moment its write was *sent* (never from when it returned, which would stretch its validity
+beyond what the store granted).
 
 A shard's children start only after the parent's lease is ENDED (all its records applied).
 A worker that reaches SHARD_END wakes the supervisor to discover the children at once.
@@ -319,11 +321,9 @@ class Supervisor:
         dead = expired_owners - owned_by.keys() - {self.worker_id}
         target = math.ceil(total / max(1, len(live.keys() - dead)))
         mine = len(self.held)
-        for lease in candidates:
-            if mine >= target:
-                break
-            if self._take(lease):
-                mine += 1
+        while candidates and mine < target:  # never more takes in flight than still wanted
+            chunk, candidates = candidates[: target - mine], candidates[target - mine :]
+            mine += self._take_many(chunk)
         if mine < target and owned_by:
             busiest, theirs = max(owned_by.items(), key=lambda kv: len(kv[1]))
             if len(theirs) >= mine + 2:
@@ -339,13 +339,46 @@ class Supervisor:
                 self._take(victim)
 
     def _take(self, lease: Lease) -> bool:
-        taken = self.store.take_lease(lease, self.worker_id)
-        if taken is None:
-            return False
-        log.info("took lease %s/%s (checkpoint %s)", lease.table, lease.shard_id, taken.checkpoint)
-        self.held[(lease.table, lease.shard_id)] = taken
-        self._renewed_at[(lease.table, lease.shard_id)] = self.clock()
-        return True
+        return self._take_many([lease]) == 1
+
+    def _take_many(self, leases: list[Lease]) -> int:
+        """Take ``leases`` (conditional writes), ``renew_threads`` at a time in the renewal
+        pool: hundreds of free leases at start-up or after a peer died are taken in a
+        fraction of the round they took one by one. Every take that reached the store is
+        recorded, even when another one raised (that exception is raised afterwards, as the
+        sequential loop did); a lease counts as renewed from when its take was sent."""
+        outcomes: list[tuple[float, Lease | None] | BaseException] = []
+        if len(leases) == 1:
+            try:
+                outcomes.append(self._take_one(leases[0]))
+            except Exception as exc:
+                outcomes.append(exc)
+        else:
+            futures = [self._renewer.submit(self._take_one, lease) for lease in leases]
+            wait(futures)
+            outcomes = [fut.exception() or fut.result() for fut in futures]
+        error: BaseException | None = None
+        taken_count = 0
+        for lease, outcome in zip(leases, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                error = error or outcome
+                continue
+            started, taken = outcome
+            if taken is None:
+                continue
+            log.info(
+                "took lease %s/%s (checkpoint %s)", lease.table, lease.shard_id, taken.checkpoint
+            )
+            self.held[(lease.table, lease.shard_id)] = taken
+            self._renewed_at[(lease.table, lease.shard_id)] = started
+            taken_count += 1
+        if error is not None:
+            raise error
+        return taken_count
+
+    def _take_one(self, lease: Lease) -> tuple[float, Lease | None]:
+        started = self.clock()
+        return started, self.store.take_lease(lease, self.worker_id)
 
     def lease_valid(self, key: tuple[str, str]) -> bool:
         """True while this process renewed ``key`` within lease_duration (on its own clock):
