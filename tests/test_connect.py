@@ -4,7 +4,6 @@ signing with the configured region and service. No network needed except the loo
 from __future__ import annotations
 
 import base64
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ import pytest
 import redis
 from opensearchpy import Urllib3AWSV4SignerAuth
 
+from tests.testbed import free_port
 from viewkeeper.config import Config, ConfigError, parse_config
 from viewkeeper.sinks.connect import describe_target, opensearch_client, redis_client
 
@@ -22,13 +22,6 @@ def config_of(environ: dict[str, str] | None = None, **sections: Any) -> Config:
     data: dict[str, Any] = {"aws": {"region": "us-east-1"}, "views": ["views.orders"]}
     data.update(sections)
     return parse_config(data, "test.yaml", environ=environ or {})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 # --- describe_target ---------------------------------------------------------------------

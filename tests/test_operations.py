@@ -18,6 +18,7 @@ import redis
 import yaml
 
 from tests.helpers import REPO, redis_view_keys, vk_env, write_config
+from tests.testbed import free_port
 from viewkeeper.coordination.dynamodb import DynamoDBStore
 from viewkeeper.coordination.memory import MemoryStore
 from viewkeeper.ops.lambda_handler import handle_event, table_of
@@ -26,12 +27,6 @@ from viewkeeper.projection.registry import load_views
 from viewkeeper.sinks.redis import RedisSink
 
 TABLE = "e2e-orders"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

@@ -23,8 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from opensearchpy import OpenSearch
 
-from tests.test_sink_opensearch import Killed, kill_at
-from viewkeeper.projection.api import View, opensearch_view, view_of
+from tests.test_sink_opensearch import CARDS, ORDERS, Killed, kill_at
+from viewkeeper.projection.api import View
 from viewkeeper.projection.entries import Document
 from viewkeeper.sinks.base import Change, Outcome
 from viewkeeper.sinks.opensearch import OpenSearchSink
@@ -33,26 +33,6 @@ from viewkeeper.versions import Version
 pytestmark = pytest.mark.opensearch
 
 
-@opensearch_view(table="orders", opensearch="search", index="orders")
-def orders(item: dict[str, Any]) -> dict[str, Any]:
-    return item
-
-
-@opensearch_view(
-    table="orders", opensearch="search", index="order-cards", doc_id=lambda i: str(i["card"])
-)
-def order_cards(item: dict[str, Any]) -> dict[str, Any]:
-    return item
-
-
-def _view(func: object) -> View:
-    view = view_of(func)
-    assert view is not None
-    return view
-
-
-ORDERS = _view(orders)
-CARDS = _view(order_cards)
 ITEMS = ("i0", "i1", "i2", "i3")
 
 sequences = st.one_of(
