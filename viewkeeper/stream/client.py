@@ -58,7 +58,6 @@ from viewkeeper.stream.records import (
     DecodeError,
     decode_image,
     decode_page,
-    decode_records,
     encode_value,
 )
 
@@ -329,13 +328,7 @@ def parse_records(body: bytes | Mapping[str, Any], *, pause_gc: bool = True) -> 
     fail the page: it comes back marked ``invalid`` (:func:`decode_records`).
     """
     with gc_paused() if pause_gc else nullcontext():
-        if isinstance(body, bytes | bytearray | memoryview):
-            records, next_iterator = decode_page(body)
-        else:
-            records, next_iterator = (
-                decode_records(body.get("Records") or ()),
-                body.get("NextShardIterator"),
-            )
+        records, next_iterator = decode_page(body)
     return RecordsPage(records, next_iterator)
 
 

@@ -520,18 +520,29 @@ _PAGE = msgspec.json.Decoder(_WirePage)
 _RECORD = msgspec.json.Decoder(_WireRecord)
 
 
-def decode_page(body: bytes | bytearray | memoryview) -> tuple[list[ChangeRecord], str | None]:
-    """A GetRecords response body → (its records in order, ``NextShardIterator``).
+def decode_page(
+    body: bytes | bytearray | memoryview | Mapping[str, Any],
+) -> tuple[list[ChangeRecord], str | None]:
+    """A GetRecords response body (bytes, or already JSON-decoded) → (its records in order,
+    ``NextShardIterator``).
 
-    The same records, errors and messages as ``orjson.loads`` + :func:`decode_records`, for
-    about half the work (see the module docstring). A body that is not JSON raises
-    ``orjson.JSONDecodeError``, as before; a malformed record comes back ``invalid``.
+    For bytes, the same records, errors and messages as ``orjson.loads`` +
+    :func:`decode_records`, for about half the work (see the module docstring). A body that
+    is not JSON raises ``orjson.JSONDecodeError``, as before; a malformed record comes back
+    ``invalid``.
     """
-    try:
-        page = _PAGE.decode(body)
-    except (msgspec.ValidationError, msgspec.DecodeError):
-        data = orjson.loads(body)  # the general path raises the usual errors
-        return decode_records(data.get("Records") or ()), data.get("NextShardIterator")
+    data: Any = body
+    if not isinstance(body, Mapping):
+        try:
+            page = _PAGE.decode(body)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            data = orjson.loads(body)  # the general path raises the usual errors
+        else:
+            return _decode_typed(page)
+    return decode_records(data.get("Records") or ()), data.get("NextShardIterator")
+
+
+def _decode_typed(page: _WirePage) -> tuple[list[ChangeRecord], str | None]:
     out: list[ChangeRecord] = []
     append = out.append
     decode = _RECORD.decode
