@@ -240,7 +240,9 @@ class Supervisor:
             run = self.running.get(key)
             lag = run.worker.lag if run else None
             caught = run.worker.caught_up if run else False
-            futures[key] = self._renewer.submit(self._renew_one, lease, lag, caught)
+            futures[key] = self._renewer.submit(
+                self._sent, self.store.renew_lease, lease, lag, caught
+            )
         if not futures:
             return
         _, pending = wait(futures.values(), return_when=FIRST_EXCEPTION)
@@ -267,13 +269,13 @@ class Supervisor:
         if error is not None:
             raise error
 
-    def _renew_one(
-        self, lease: Lease, lag: float | None, caught: bool
+    def _sent(
+        self, write: Callable[..., Lease | None], *args: object
     ) -> tuple[float, Lease | None]:
-        """In a pool thread: the time the write was sent (the conservative start of the
-        renewed validity) and the store's answer."""
+        """In a pool thread: the time a lease write (renew, take) was sent — the
+        conservative start of the validity it grants — and the store's answer."""
         started = self.clock()
-        return started, self.store.renew_lease(lease, lag, caught)
+        return started, write(*args)
 
     def _drop(self, key: tuple[str, str]) -> None:
         self.held.pop(key, None)
@@ -350,11 +352,14 @@ class Supervisor:
         outcomes: list[tuple[float, Lease | None] | BaseException] = []
         if len(leases) == 1:
             try:
-                outcomes.append(self._take_one(leases[0]))
+                outcomes.append(self._sent(self.store.take_lease, leases[0], self.worker_id))
             except Exception as exc:
                 outcomes.append(exc)
         else:
-            futures = [self._renewer.submit(self._take_one, lease) for lease in leases]
+            futures = [
+                self._renewer.submit(self._sent, self.store.take_lease, lease, self.worker_id)
+                for lease in leases
+            ]
             wait(futures)
             outcomes = [fut.exception() or fut.result() for fut in futures]
         error: BaseException | None = None
@@ -375,10 +380,6 @@ class Supervisor:
         if error is not None:
             raise error
         return taken_count
-
-    def _take_one(self, lease: Lease) -> tuple[float, Lease | None]:
-        started = self.clock()
-        return started, self.store.take_lease(lease, self.worker_id)
 
     def lease_valid(self, key: tuple[str, str]) -> bool:
         """True while this process renewed ``key`` within lease_duration (on its own clock):
