@@ -1,4 +1,4 @@
-"""Shared test helpers: config files for a test's own services, and sink contents."""
+"""Shared test helpers: config files for a test's own services, views, and sink contents."""
 
 from __future__ import annotations
 
@@ -11,7 +11,25 @@ from typing import Any
 
 import yaml
 
+from viewkeeper.projection.api import View, view_of
+from viewkeeper.projection.registry import ViewRegistry
+
 REPO = Path(__file__).resolve().parent.parent
+
+
+def view_for(func: object) -> View:
+    """The View a decorated view function carries (a test's own declaration)."""
+    found = view_of(func)
+    assert found is not None, f"{func!r} is not a decorated view"
+    return found
+
+
+def registry_of(*views: View) -> ViewRegistry:
+    """A registry holding exactly ``views``."""
+    reg = ViewRegistry()
+    for v in views:
+        reg.add(v)
+    return reg
 
 
 def write_config(

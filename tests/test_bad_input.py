@@ -25,15 +25,13 @@ import redis
 import yaml
 from opensearchpy import OpenSearch
 
-from tests.helpers import vk, write_config
+from tests.helpers import registry_of, view_for, vk, write_config
 from tests.testbed import OpenSearchNode, RedisServer, free_port
 from tests.views_e2e import bad_views
 from viewkeeper.coordination.memory import MemoryStore
 from viewkeeper.coordination.model import Lease, LeaseState
 from viewkeeper.pipeline import BatchReport, Pipeline
-from viewkeeper.projection.api import View, view_of
 from viewkeeper.projection.entries import Value
-from viewkeeper.projection.registry import ViewRegistry
 from viewkeeper.sinks.base import Sink
 from viewkeeper.sinks.opensearch import OpenSearchSink
 from viewkeeper.sinks.redis import RedisSink
@@ -52,14 +50,8 @@ KEYS = ("pk",)
 _SEQ = itertools.count(10**20 + 1)  # 21 digits, like DynamoDB's
 
 
-def _view(func: object) -> View:
-    view = view_of(func)
-    assert view is not None
-    return view
-
-
-CARD = _view(bad_views.bad_card)
-DOC = _view(bad_views.bad_doc)
+CARD = view_for(bad_views.bad_card)
+DOC = view_for(bad_views.bad_doc)
 
 
 # --- building records ----------------------------------------------------------------------
@@ -88,13 +80,6 @@ def raw_record(
 
 def record(item: Mapping[str, Any], **kwargs: Any) -> ChangeRecord:
     return decode_record(raw_record(item, **kwargs))
-
-
-def registry_of(*views: View) -> ViewRegistry:
-    reg = ViewRegistry()
-    for view in views:
-        reg.add(view)
-    return reg
 
 
 # --- fixtures: real sinks, memory store -------------------------------------------------------

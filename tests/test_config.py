@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import registry_of
 from viewkeeper.app import App
 from viewkeeper.config import (
     BasicAuth,
@@ -24,7 +25,6 @@ from viewkeeper.config import (
 from viewkeeper.coordination.memory import MemoryStore
 from viewkeeper.ops.logs import redact
 from viewkeeper.projection.api import View
-from viewkeeper.projection.registry import ViewRegistry
 from viewkeeper.stream.fake import FakeStream
 from viewkeeper.supervisor import SupervisorSettings
 
@@ -567,13 +567,6 @@ def order_card(item: dict[str, Any]) -> None:
 
 def order_doc(item: dict[str, Any]) -> None:
     return None
-
-
-def registry_of(*views: View) -> ViewRegistry:
-    registry = ViewRegistry()
-    for view in views:
-        registry.add(view)
-    return registry
 
 
 def redis_view(connection: str, table: str = "orders") -> View:

@@ -26,7 +26,7 @@ import redis
 import yaml
 from opensearchpy import OpenSearch
 
-from tests.helpers import vk, vk_env, write_config
+from tests.helpers import registry_of, view_for, vk, vk_env, write_config
 from tests.testbed import RedisServer, free_port
 from tests.views_e2e import bad_views
 from viewkeeper.config import ConfigError, MetricsConfig, parse_config, redacted
@@ -34,8 +34,6 @@ from viewkeeper.coordination.memory import MemoryStore
 from viewkeeper.ops import metrics
 from viewkeeper.ops.logs import setup_logging
 from viewkeeper.pipeline import Pipeline
-from viewkeeper.projection.api import View, view_of
-from viewkeeper.projection.registry import ViewRegistry
 from viewkeeper.sinks.base import Sink, SinkUnavailable
 from viewkeeper.sinks.connect import opensearch_client, redis_client
 from viewkeeper.sinks.opensearch import OpenSearchSink
@@ -54,14 +52,8 @@ AWS_SECRET = "aWsSecretKey0b9e8d7c6a5f4e3d2c1b"
 SECRETS = (REDIS_PASSWORD, OPENSEARCH_PASSWORD, AWS_SECRET)
 
 
-def _view(func: object) -> View:
-    view = view_of(func)
-    assert view is not None
-    return view
-
-
-CARD = _view(bad_views.bad_card)
-DOC = _view(bad_views.bad_doc)
+CARD = view_for(bad_views.bad_card)
+DOC = view_for(bad_views.bad_doc)
 
 
 def record(item: Mapping[str, Any]) -> ChangeRecord:
@@ -75,13 +67,6 @@ def record(item: Mapping[str, Any]) -> ChangeRecord:
             },
         }
     )
-
-
-def registry_of(*views: View) -> ViewRegistry:
-    reg = ViewRegistry()
-    for view in views:
-        reg.add(view)
-    return reg
 
 
 def leaked(text: str, secrets: tuple[str, ...] = SECRETS) -> list[str]:

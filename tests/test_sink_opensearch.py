@@ -16,7 +16,8 @@ import orjson
 import pytest
 from opensearchpy import OpenSearch
 
-from viewkeeper.projection.api import View, opensearch_view, view_of
+from tests.helpers import view_for
+from viewkeeper.projection.api import View, opensearch_view
 from viewkeeper.projection.entries import Document, Value
 from viewkeeper.sinks.base import Change, Outcome, Result, SinkError, SinkUnavailable
 from viewkeeper.sinks.opensearch import (
@@ -46,14 +47,8 @@ def cards(item: dict[str, Any]) -> dict[str, Any]:
     return item
 
 
-def _view(func: object) -> View:
-    view = view_of(func)
-    assert view is not None
-    return view
-
-
-ORDERS = _view(orders)
-CARDS = _view(cards)
+ORDERS = view_for(orders)
+CARDS = view_for(cards)
 
 
 def up(
@@ -209,7 +204,7 @@ def test_two_views_cannot_share_one_index(make_sink: Callable[..., OpenSearchSin
         return item
 
     with pytest.raises(SinkError, match="both use index"):
-        make_sink().prepare([ORDERS, _view(other)])
+        make_sink().prepare([ORDERS, view_for(other)])
 
 
 # ----------------------------------------------------------------------------------------

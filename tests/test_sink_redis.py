@@ -13,8 +13,9 @@ import fakeredis
 import pytest
 import redis
 
+from tests.helpers import view_for
 from viewkeeper import HashField, SetMember, SortedSetMember, Value, redis_view
-from viewkeeper.projection.api import View, view_of
+from viewkeeper.projection.api import View
 from viewkeeper.projection.entries import Entry
 from viewkeeper.projection.project import project
 from viewkeeper.sinks.base import Change, Outcome, Result, SinkUnavailable
@@ -44,13 +45,7 @@ def short_lived(order: dict[str, Any]) -> Iterator[Entry]:
     yield Value(f"session:{order['id']}", order["status"])
 
 
-def _view(func: object) -> View:
-    view = view_of(func)
-    assert view is not None
-    return view
-
-
-CARD, COPY, SHORT = _view(card), _view(card_copy), _view(short_lived)
+CARD, COPY, SHORT = view_for(card), view_for(card_copy), view_for(short_lived)
 
 
 def order(
