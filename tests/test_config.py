@@ -26,6 +26,7 @@ from viewkeeper.coordination.memory import MemoryStore
 from viewkeeper.ops.logs import redact
 from viewkeeper.projection.api import View
 from viewkeeper.stream.fake import FakeStream
+from viewkeeper.stream.worker import WorkerSettings
 from viewkeeper.supervisor import SupervisorSettings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -124,6 +125,28 @@ def test_worker_renew_threads_reaches_the_supervisor() -> None:
         sinks={},
     )
     assert app.supervisor().settings.renew_threads == 3
+
+
+def test_worker_prefetch_is_on_by_default_and_reaches_the_shard_workers() -> None:
+    assert parse_config(minimal(), environ={}).worker.prefetch is WorkerSettings().prefetch is True
+    for value in (False, True):
+        config = parse_config(
+            minimal(worker={"prefetch": value}, redis={"cache": {"url": "redis://h/0"}}),
+            environ={},
+        )
+        app = App(
+            config,
+            registry=registry_of(redis_view("cache")),
+            client=FakeStream(),
+            store=MemoryStore(),
+            sinks={},
+        )
+        assert app.supervisor().settings.worker.prefetch is value
+
+
+def test_worker_prefetch_must_be_true_or_false() -> None:
+    message = error_of(minimal(worker={"prefetch": "yes please"}))
+    assert "worker.prefetch: 'yes please' is a string, not true or false" in message
 
 
 def test_redis_and_opensearch_defaults() -> None:

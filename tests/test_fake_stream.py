@@ -441,6 +441,26 @@ def test_inject_n_times_raises_fresh_exceptions(fake: FakeStream) -> None:
     assert fake.calls["describe_table"] == 3
 
 
+def test_read_records_is_get_records_in_two_halves(fake: FakeStream) -> None:
+    """The call (and its injected errors) happens in read_records; the page it returns
+    later is the one of that moment, even if the shard grew since."""
+    for i in range(3):
+        fake.put_item("t", {"pk": f"k{i}"})
+    shard = fake.open_shards("t")[0]
+    iterator = fake.get_shard_iterator(fake.stream_arn("t"), shard, "TRIM_HORIZON")
+    fake.inject("get_records", ThrottlingError("slow down"))
+    with pytest.raises(ThrottlingError):
+        fake.read_records(iterator, 2)
+    decode = fake.read_records(iterator, 2)
+    fake.put_item("t", {"pk": "later"})
+    page = decode()
+    assert [r.keys["pk"] for r in page.records] == ["k0", "k1"]
+    assert fake.calls["get_records"] == 2
+    assert page.next_iterator is not None
+    rest = fake.get_records(page.next_iterator)
+    assert [r.keys["pk"] for r in rest.records] == ["k2", "later"]
+
+
 def test_inject_a_factory_and_clear(fake: FakeStream) -> None:
     fake.inject("scan", lambda: ServiceError("boom", status=500), times=None)
     for _ in range(3):

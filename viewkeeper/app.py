@@ -165,7 +165,9 @@ class App:
         settings = SupervisorSettings(
             lease_duration=w.lease_duration,
             starting_positions={t: self.config.table(t).starting_position for t in self.tables},
-            worker=WorkerSettings(batch_size=w.batch_size, poll_interval=w.poll_interval),
+            worker=WorkerSettings(
+                batch_size=w.batch_size, poll_interval=w.poll_interval, prefetch=w.prefetch
+            ),
             renew_threads=w.renew_threads,
             **overrides,
         )

@@ -178,7 +178,9 @@ class WorkerConfig:
     """``on_error``: what a record that cannot be applied does: ``deadletter`` it and go on,
     or ``halt`` the shard (nothing is skipped; an operator decides). ``worker_id`` None means
     one is made up at start (host, pid, random). ``renew_threads``: lease renewals in flight
-    at once (one conditional write each; see :mod:`viewkeeper.supervisor`)."""
+    at once (one conditional write each; see :mod:`viewkeeper.supervisor`). ``prefetch``: a
+    shard worker reads the next page while it applies a full one (see
+    :mod:`viewkeeper.stream.worker`)."""
 
     poll_interval: float = 0.25
     batch_size: int = 1000
@@ -186,6 +188,7 @@ class WorkerConfig:
     lease_duration: float = 10.0
     worker_id: str | None = None
     renew_threads: int = 8
+    prefetch: bool = True
 
 
 @dataclass(frozen=True)

@@ -207,6 +207,7 @@ def _worker(s: _Section) -> WorkerConfig:
             rule="use up to 128 characters without spaces",
         ),
         renew_threads=s.integer("renew_threads", 8, 1),
+        prefetch=s.flag("prefetch", True),
     )
 
 

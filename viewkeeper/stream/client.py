@@ -223,6 +223,16 @@ class StreamClient(Protocol):
         """Up to ``limit`` (≤ 1000) records from ``iterator``, decoded."""
         ...
 
+    def read_records(self, iterator: str, limit: int = 1000) -> Callable[[], RecordsPage]:
+        """:meth:`get_records` in two halves: the call now (its errors raised here), the
+        decode when the returned function is called (a body that cannot be decoded raises
+        ServiceError there). The shard worker reads ahead with it: the wait for the
+        service overlaps the current page in a helper thread, while the decode — CPU work,
+        which would only fight for the GIL — stays in the worker's thread. This default
+        makes the whole call now."""
+        page = self.get_records(iterator, limit)
+        return lambda: page
+
     def scan(
         self,
         table: str,
@@ -625,6 +635,24 @@ class HttpStreamClient(StreamClient):
         # the body goes to parse_records as bytes: it is parsed inside its GC pause
         page: RecordsPage = self._call(self._streams, "GetRecords", payload, parse_records)
         return page
+
+    def read_records(self, iterator: str, limit: int = 1000) -> Callable[[], RecordsPage]:
+        if not 1 <= limit <= 1000:
+            raise ValidationError(f"limit {limit} is outside 1..1000", operation="GetRecords")
+        payload = {"ShardIterator": iterator, "Limit": limit}
+        body: bytes = self._call(self._streams, "GetRecords", payload, bytes)
+
+        def decode() -> RecordsPage:
+            try:
+                return parse_records(body)
+            except orjson.JSONDecodeError:  # _send retries this one; here the worker does
+                raise ServiceError(
+                    f"response is not JSON: {body[:120]!r}",
+                    code="MalformedResponse",
+                    operation="GetRecords",
+                ) from None
+
+        return decode
 
     def scan(
         self,

@@ -537,6 +537,9 @@ class FakeStream(StreamClient):
             )
 
     def get_records(self, iterator: str, limit: int = 1000) -> RecordsPage:
+        return self.read_records(iterator, limit)()
+
+    def read_records(self, iterator: str, limit: int = 1000) -> Callable[[], RecordsPage]:
         with self._lock:
             self._enter("get_records")
             if not 1 <= limit <= 1000:
@@ -568,7 +571,7 @@ class FakeStream(StreamClient):
             else:
                 next_iterator = self._issue(it.stream_arn, it.shard_id, after)
             body = b'{"Records":[' + b",".join(page) + b"]}"
-        return RecordsPage(parse_records(body).records, next_iterator)
+        return lambda: RecordsPage(parse_records(body).records, next_iterator)
 
     def scan(
         self,
