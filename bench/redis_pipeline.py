@@ -1,4 +1,5 @@
-"""Redis pipeline: GetRecords page bodies → ``parse_records`` → ``Pipeline.process`` →
+"""Redis pipeline: GetRecords page bodies → ``ShardWorker`` (``parse_records`` →
+``Pipeline.process`` → checkpoint, as in the daemon; :mod:`bench.shard`) →
 :class:`~viewkeeper.sinks.redis.RedisSink` on the REAL Redis, in one process.
 
 The pages are :func:`bench.common.make_pages` pages (1000 records, ~12 attributes with a
@@ -24,9 +25,12 @@ All contenders share one database (disjoint keys: the naive consumer writes unde
 ``naive:``), are warmed once, and run interleaved, round after round, so that a noisy
 moment on this shared machine hits every one of them; each figure is the best of its N
 rounds. Every round uses pages whose sequence numbers are above everything already stored
-(:func:`shift_sequences`), so no round is a cheap replay. One more row shows the effect
-of a proposed change measured in the same run: the worker keeping the garbage collector
-paused for a page's whole life (decode, project, apply, free), not just for the decode.
+(:func:`shift_sequences`), so no round is a cheap replay. More rows show design choices
+measured in the same run: the worker keeping the garbage collector paused for a page's
+whole life (decode, project, apply, free) against a loop pausing it for the decode only;
+and the worker's read-ahead (``worker.prefetch``), off, and on and off with every GetRecords
+answering after :data:`WIRE_DELAY` — a modelled round trip to the AWS service (a full 1 MB
+page over the network), which this machine cannot measure: moto answers on loopback.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from typing import Any
 import orjson
 
 from bench.common import PAGE_RECORDS, Row, make_pages, rate
+from bench.shard import Outcomes, worker_feed
 
 __all__ = [
     "ENV_DYNAMODB",
@@ -67,6 +72,7 @@ TARGET_RATIO = 8.0
 TABLE = "orders"
 KEY_NAMES = ("order_id",)
 SEQ_STEP = 10**12  # added per round: 21-digit sequence numbers stay 21 digits
+WIRE_DELAY = 0.025  # seconds: a modelled GetRecords round trip to the service (not measured)
 
 CAS_SCRIPT = b"""
 local cur = redis.call('HGET', KEYS[1], 'v')
@@ -242,6 +248,7 @@ class _Ours:
         self.sink.prepare([view])
         self.store = MemoryStore()
         self.pipeline = Pipeline(registry, {("redis", "cache"): self.sink}, self.store, lambda v: 0)
+        self.outcomes = Outcomes(self.pipeline)
         self.applied = 0
         self.stale = 0
 
@@ -259,21 +266,12 @@ class _Ours:
 
         return run
 
-    def feed_paused(self, pages: Sequence[bytes]) -> Callable[[], None]:
-        """The proposed worker loop: the collector stays paused for a page's whole life
-        (decode, project, apply, free), so it never traverses the page's ~150k objects."""
-        from viewkeeper.stream.client import gc_paused, parse_records
-
-        def run() -> None:
-            for body in pages:
-                with gc_paused():
-                    page = parse_records(body, pause_gc=False)
-                    report = self.pipeline.process(TABLE, KEY_NAMES, page.records)
-                    del page
-                self.applied += report.applied
-                self.stale += report.stale
-
-        return run
+    def worker(
+        self, pages: Sequence[bytes], prefetch: bool = True, delay: float = 0.0
+    ) -> Callable[[], None]:
+        """The daemon's path: a ShardWorker reads the pages as one shard (the collector
+        paused for each page's whole life, the next page read ahead)."""
+        return worker_feed(self.outcomes, TABLE, KEY_NAMES, pages, prefetch=prefetch, delay=delay)
 
 
 class _Naive:
@@ -373,6 +371,8 @@ def run(args: argparse.Namespace) -> list[Row]:
     for ours in views.values():
         ours.feed(warm)()
         ours.applied = ours.stale = 0
+    value = views["value"]
+    wire_pages = 8 if quick else 12  # the modelled wait makes these rounds slower
     del warm
     naive = _Naive(client)
     naive.warm(key_space)
@@ -396,17 +396,23 @@ def run(args: argparse.Namespace) -> list[Row]:
     for _ in range(nrounds):
         # "value" is the shard worker's path: the collector paused for the whole page
         # (ShardWorker._page); "decode_only" pauses it around the decode alone (before)
-        timed("value", views["value"].feed_paused(fresh()))
-        timed("decode_only", views["value"].feed(fresh()))
+        timed("value", value.worker(fresh()))
+        timed("decode_only", value.feed(fresh()))
+        timed("serial", value.worker(fresh(), prefetch=False))
+        timed("wire", value.worker(fresh()[:wire_pages], delay=WIRE_DELAY))
+        timed("wire_serial", value.worker(fresh()[:wire_pages], prefetch=False, delay=WIRE_DELAY))
         for name in ("zset", "zmove"):
             if name in views:
-                timed(name, views[name].feed_paused(fresh()))
+                timed(name, views[name].worker(fresh()))
         timed("naive", naive.feed(fresh()[:nb]))
         timed("raw", raw_fn)
     for name, ours in views.items():
-        rounds = 2 * nrounds if name == "value" else nrounds
-        if ours.applied < 0.8 * rounds * count:  # a replay would come back stale
-            raise AssertionError(f"{name}: only {ours.applied} applied, {ours.stale} stale")
+        # value: 3 full rounds (worker, decode only, serial) + 2 rounds of wire_pages
+        want = (3 * count + 2 * wire_pages * PAGE_RECORDS if name == "value" else count) * nrounds
+        applied = ours.applied + ours.outcomes.applied
+        if applied < 0.8 * want:  # a replay would come back stale
+            stale = ours.stale + ours.outcomes.stale
+            raise AssertionError(f"{name}: only {applied} of {want} applied, {stale} stale")
     client.flushall()
     client.close()
 
@@ -423,6 +429,11 @@ def run(args: argparse.Namespace) -> list[Row]:
         Row("redis: Value view, client CPU only (rec per CPU-second)", value_cpu, "rec/s"),
         Row.compare("redis: Value view, GC paused per page (worker) vs decode only",
                     value_rate, "rec/s", rate(count, wall["decode_only"]), None),
+        Row.compare("redis: Value view, worker's read-ahead off (worker.prefetch: false)",
+                    rate(count, wall["serial"]), "rec/s", value_rate, None),
+        Row.compare(f"redis: Value view, GetRecords {WIRE_DELAY * 1000:.0f} ms (modelled), "
+                    "read-ahead on vs off", rate(wire_pages * PAGE_RECORDS, wall["wire"]),
+                    "rec/s", rate(wire_pages * PAGE_RECORDS, wall["wire_serial"]), None),
         Row.compare("redis: SortedSetMember customer:{id}:orders vs naive",
                     rate(count, wall["zset"]), "rec/s", naive_rate, None),
     ]  # fmt: skip
