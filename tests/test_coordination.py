@@ -8,9 +8,18 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import Canned
+from tests.testbed import free_port
 from viewkeeper.coordination.dynamodb import CoordinationTableError, DynamoDBStore
 from viewkeeper.coordination.memory import MemoryStore
-from viewkeeper.coordination.model import DeadLetter, Lease, LeaseLost, LeaseState, WorkerInfo
+from viewkeeper.coordination.model import (
+    CoordinationUnavailable,
+    DeadLetter,
+    Lease,
+    LeaseLost,
+    LeaseState,
+    WorkerInfo,
+)
 
 
 @pytest.fixture(params=["memory", "dynamodb"])
@@ -121,3 +130,52 @@ def test_wrong_schema_is_refused_with_a_clear_error(dynamodb: Any) -> None:
 def test_missing_table_is_not_created_when_forbidden(dynamodb: Any) -> None:
     with pytest.raises(CoordinationTableError, match="create_if_missing"):
         DynamoDBStore(dynamodb, "vk-absent-x", create_if_missing=False).ensure()
+
+
+def _client(url: str) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "dynamodb",
+        endpoint_url=url,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        config=Config(retries={"total_max_attempts": 1, "mode": "standard"}, connect_timeout=1),
+    )
+
+
+OWNED = Lease("orders", "s1", "arn", owner="worker-a", counter=1)
+
+
+def test_a_checkpoint_the_table_cannot_take_now_is_coordination_unavailable() -> None:
+    """The shard worker retries a checkpoint on CoordinationUnavailable (the page stays
+    applied) instead of crashing: no connection, throttling and 5xx answers raise it; a
+    conditional failure is still LeaseLost and a client error goes up as it is."""
+    store = DynamoDBStore(_client(f"http://127.0.0.1:{free_port()}"), "vk-coord")
+    with pytest.raises(CoordinationUnavailable, match=r"coordination table vk-coord: .*connect"):
+        store.checkpoint(OWNED, "100000000000000000001")
+
+    canned = Canned()
+    try:
+        store = DynamoDBStore(_client(canned.url), "vk-coord")
+        for status, code in (
+            (400, "ProvisionedThroughputExceededException"),
+            (400, "ThrottlingException"),
+            (500, "InternalServerError"),
+            (503, "ServiceUnavailable"),
+        ):
+            canned.error(status, code)
+            with pytest.raises(CoordinationUnavailable, match=code):
+                store.checkpoint(OWNED, "100000000000000000001")
+        canned.error(400, "ConditionalCheckFailedException")
+        with pytest.raises(LeaseLost):
+            store.checkpoint(OWNED, "100000000000000000001")
+        canned.error(400, "ValidationException", "bad expression")
+        with pytest.raises(Exception, match="bad expression") as info:
+            store.checkpoint(OWNED, "100000000000000000001")
+        assert not isinstance(info.value, CoordinationUnavailable | LeaseLost)
+    finally:
+        canned.server.shutdown()
+        canned.server.server_close()

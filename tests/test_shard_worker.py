@@ -17,14 +17,14 @@ from prometheus_client import REGISTRY
 from tests.helpers import redis_view_keys
 from tests.views_e2e.fake_views import expected
 from viewkeeper.coordination.memory import MemoryStore
-from viewkeeper.coordination.model import Lease, LeaseState
+from viewkeeper.coordination.model import CoordinationUnavailable, Lease, LeaseState
 from viewkeeper.pipeline import Pipeline
 from viewkeeper.projection.registry import load_views
 from viewkeeper.sinks.base import Change, Result
 from viewkeeper.sinks.redis import RedisSink
 from viewkeeper.stream.errors import ExpiredIteratorError, ServiceError, ThrottlingError
 from viewkeeper.stream.fake import FakeStream
-from viewkeeper.stream.worker import WorkerSettings
+from viewkeeper.stream.worker import ShardWorker, WorkerSettings
 from viewkeeper.supervisor import StreamNotReadable, Supervisor, SupervisorSettings
 
 REGISTRY_VIEWS = load_views(["tests.views_e2e.fake_views"])
@@ -375,3 +375,72 @@ def test_a_table_without_a_stream_is_reported_clearly(redis_client: Any) -> None
     sup = Supervisor(["keysonly"], bed.fake, bed.store, bed.pipeline, SupervisorSettings())
     with pytest.raises(StreamNotReadable, match="NEW_AND_OLD_IMAGES"):
         sup.discover()
+
+
+class FlakyCheckpoints(MemoryStore):
+    """The coordination table unreachable for the first ``failures`` checkpoints."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+        self.attempts = 0
+
+    def checkpoint(self, lease: Lease, sequence: str | None, **kwargs: Any) -> None:
+        self.attempts += 1
+        if self.attempts <= self.failures:
+            raise CoordinationUnavailable("coordination table t: Could not connect")
+        super().checkpoint(lease, sequence, **kwargs)
+
+
+def _direct_worker(bed: Bed, store: MemoryStore) -> ShardWorker:
+    lease = Lease("fk", bed.fake.open_shards("fk")[0], bed.fake.stream_arn("fk"), owner="me")
+    store.create_lease(lease)
+    pipeline = Pipeline(REGISTRY_VIEWS, {("redis", "cache"): bed.sink}, store, lambda v: 0)
+    return ShardWorker(
+        lease,
+        bed.fake,
+        pipeline,
+        store,
+        ("pk",),
+        WorkerSettings(poll_interval=0.01, busy_poll_interval=0.0, batch_size=50, max_backoff=0.2),
+        stop=threading.Event(),
+    )
+
+
+def test_a_checkpoint_the_table_cannot_take_is_retried_not_a_crash(
+    bed: Bed, caplog: pytest.LogCaptureFixture
+) -> None:
+    for i in range(120):
+        bed.put(f"k{i % 70}", i, "ab"[i % 2])
+    store = FlakyCheckpoints(failures=3)
+    worker = _direct_worker(bed, store)
+    bed.fake.close_all_and_rollover("fk")  # the shard ends: run() returns at SHARD_END
+    with caplog.at_level(logging.WARNING, logger="viewkeeper.worker"):
+        worker.run_guarded()
+    assert worker.crashed is None and worker.finished
+    assert store.attempts > 3
+    (lease, *_) = [x for x in store.list_leases("fk") if x.shard_id == worker.lease.shard_id]
+    assert lease.checkpoint == worker.last_sequence and lease.state is LeaseState.ENDED
+    assert "not written (coordination table t: Could not connect); the page is applied" in (
+        caplog.text
+    )
+    assert redis_view_keys(bed.redis) == expected(bed.fake.contents("fk"))
+
+
+def test_a_stop_while_the_checkpoint_is_retried_leaves_it_where_it_was(bed: Bed) -> None:
+    for i in range(30):
+        bed.put(f"k{i}", i)
+    store = FlakyCheckpoints(failures=10**6)
+    worker = _direct_worker(bed, store)
+    thread = threading.Thread(target=worker.run_guarded)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while store.attempts < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    worker.stop.set()
+    thread.join(10)
+    assert not thread.is_alive() and worker.crashed is None and not worker.finished
+    (lease,) = store.list_leases("fk")
+    assert lease.checkpoint is None and worker.last_sequence is None  # the page is re-read
+    assert redis_view_keys(bed.redis) == expected(bed.fake.contents("fk"))  # and was applied

@@ -12,13 +12,13 @@ import time
 import zlib
 from collections.abc import Iterator
 from decimal import Decimal
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, cast
 
 import boto3
 import pytest
 from boto3.dynamodb.types import Binary, TypeDeserializer, TypeSerializer
 
+from tests.helpers import Canned
 from viewkeeper.stream.client import (
     HttpStreamClient,
     StreamClient,
@@ -328,47 +328,6 @@ def test_credentials_never_appear_in_errors_or_logs(
 
 
 # --- against a canned-response server: error mapping, retries, signing ----------------------
-class Canned:
-    """A local HTTP server answering each POST with the next canned (status, body, headers)."""
-
-    def __init__(self) -> None:
-        self.responses: list[tuple[int, bytes, dict[str, str]]] = []
-        self.requests: list[tuple[dict[str, str], bytes]] = []
-        canned = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                canned.requests.append((dict(self.headers.items()), body))
-                status, payload, headers = (
-                    canned.responses.pop(0) if canned.responses else (200, b"{}", {})
-                )
-                self.send_response(status)
-                self.send_header("Content-Type", "application/x-amz-json-1.0")
-                self.send_header("Content-Length", str(len(payload)))
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-        )
-        self.thread.start()
-
-    def error(self, status: int, code: str, message: str = "msg") -> None:
-        body = {"__type": f"com.amazonaws.dynamodb.v20120810#{code}", "message": message}
-        self.responses.append((status, json.dumps(body).encode(), {"x-amzn-RequestId": "RID"}))
-
-    def ok(self, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-        self.responses.append((200, json.dumps(body).encode(), headers or {}))
-
-
 @pytest.fixture
 def canned() -> Iterator[Canned]:
     c = Canned()

@@ -18,9 +18,17 @@ import zlib
 from typing import Any
 
 import orjson
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from viewkeeper.coordination.model import DeadLetter, Lease, LeaseLost, LeaseState, WorkerInfo
+from viewkeeper.coordination.model import (
+    CoordinationUnavailable,
+    DeadLetter,
+    Lease,
+    LeaseLost,
+    LeaseState,
+    WorkerInfo,
+)
 
 __all__ = ["CoordinationTableError", "DynamoDBStore"]
 
@@ -53,6 +61,25 @@ def _n(v: float | int) -> dict[str, Any]:
 
 def _conditional_failed(exc: ClientError) -> bool:
     return exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException"
+
+
+_TRANSIENT_CODES = frozenset({
+    "ProvisionedThroughputExceededException",
+    "RequestLimitExceeded",
+    "ThrottlingException",
+    "InternalServerError",
+    "ServiceUnavailable",
+})  # fmt: skip
+
+
+def _transient(exc: BaseException) -> bool:
+    """A failure worth trying again later: no connection (refused, reset, timed out) or a
+    throttling / 5xx answer — what is left after botocore's own retries."""
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return error.get("Code") in _TRANSIENT_CODES or status >= 500
+    return isinstance(exc, BotoConnectionError | HTTPClientError)
 
 
 class DynamoDBStore:
@@ -312,6 +339,12 @@ class DynamoDBStore:
                 raise LeaseLost(
                     f"lease on {lease.table}/{lease.shard_id} is no longer held by {lease.owner}"
                 ) from None
+            if _transient(exc):
+                raise CoordinationUnavailable(f"coordination table {self.table}: {exc}") from None
+            raise
+        except BotoCoreError as exc:
+            if _transient(exc):
+                raise CoordinationUnavailable(f"coordination table {self.table}: {exc}") from None
             raise
 
     def release_lease(self, lease: Lease) -> None:

@@ -8,6 +8,7 @@ from typing import Any, Protocol
 
 __all__ = [
     "CoordinationStore",
+    "CoordinationUnavailable",
     "DeadLetter",
     "Lease",
     "LeaseState",
@@ -78,6 +79,11 @@ class LeaseLost(Exception):
     """A conditional write showed that another worker owns the lease now."""
 
 
+class CoordinationUnavailable(Exception):
+    """The coordination table could not be reached, or answered with a transient error
+    (throttling, 5xx), after the client's own retries: the write may be tried again."""
+
+
 class CoordinationStore(Protocol):
     def ensure(self) -> None:
         """Create the table when missing; check its schema."""
@@ -94,7 +100,8 @@ class CoordinationStore(Protocol):
         state: LeaseState | None = None,
         error: str | None = None,
     ) -> None:
-        """Raise LeaseLost when ``lease.owner`` no longer owns it."""
+        """Raise LeaseLost when ``lease.owner`` no longer owns it, CoordinationUnavailable
+        when the table cannot be written now."""
 
     def release_lease(self, lease: Lease) -> None: ...
     def reset_lease(

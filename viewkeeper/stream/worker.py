@@ -37,7 +37,13 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from viewkeeper.coordination.model import CoordinationStore, Lease, LeaseLost, LeaseState
+from viewkeeper.coordination.model import (
+    CoordinationStore,
+    CoordinationUnavailable,
+    Lease,
+    LeaseLost,
+    LeaseState,
+)
 from viewkeeper.ops import metrics
 from viewkeeper.pipeline import HaltShard, Pipeline
 from viewkeeper.sinks.base import SinkUnavailable
@@ -291,7 +297,8 @@ class ShardWorker:
         return None
 
     def _process(self, records: list[ChangeRecord]) -> bool:
-        """Apply a page and checkpoint it; False when stopped before the sinks took it.
+        """Apply a page and checkpoint it; False when stopped before the sinks took it or
+        before the checkpoint was written (the page is then read again: a replay).
 
         The checkpoint is the page's last sequence number. A malformed record is
         dead-lettered by the pipeline like any record that cannot be applied, and the page
@@ -332,13 +339,38 @@ class ShardWorker:
                     self.last_sequence,
                 )
                 return True
-        self.store.checkpoint(self.lease, last.sequence)
+        if not self._checkpoint(last.sequence):
+            return False  # stopped with the page applied but not checkpointed: re-read, a replay
         self.last_sequence = last.sequence
         self.lag = max(0.0, self.clock() - last.created_at) if last.created_at else None
         return True
 
+    def _checkpoint(self, sequence: str | None, state: LeaseState | None = None) -> bool:
+        """Write the checkpoint, retrying with backoff while the coordination table cannot be
+        reached (the page stays applied meanwhile); False when stopped first. LeaseLost
+        goes up: the shard is someone else's now."""
+        delay = 0.2
+        while True:
+            try:
+                self.store.checkpoint(self.lease, sequence, state=state)
+                return True
+            except CoordinationUnavailable as exc:
+                log.warning(
+                    "shard %s/%s: checkpoint %s not written (%s); the page is applied, "
+                    "retrying in %.1fs",
+                    *self._labels,
+                    sequence,
+                    exc,
+                    delay,
+                )
+                self._pause.close()
+                if self.stop.wait(delay):
+                    return False
+                delay = min(delay * 2, self.settings.max_backoff)
+
     def _shard_end(self) -> None:
-        self.store.checkpoint(self.lease, self.last_sequence, state=LeaseState.ENDED)
+        if not self._checkpoint(self.last_sequence, LeaseState.ENDED):
+            return  # stopped first: whoever reads the shard next ends it
         self.finished = True
         log.info("shard %s/%s ended after %d records", *self._labels, self.records_read)
         self.on_shard_end(self.lease)
