@@ -78,6 +78,16 @@ reset x8 / stall x5 / refuse x5, checkpoint rewinds x4, Redis data loss + live r
 (DynamoDB unreachable), none while running; Redis 0/0/0 of 279 entries, OpenSearch 0/0/0 of
 111 documents, owner records 0/0/0 of 180, no dead letters. The whole file: 8 min 16 s.
 
+Long mode after the worker's read-ahead and the checkpoint retry (2026-11-27, session 3),
+seed 1333282751: 430 s, 90 keys, 30,448 operations (704 bursts), 131 faults: kill -9 x49,
+SIGSTOP x16, SIGTERM x6, OpenSearch refuse x12 / reset x11 / stall x3, Redis SIGTERM x10 /
+kill -9 x6, DynamoDB stall x3 / refuse x3 / reset x3, checkpoint rewinds x3, Redis data loss
++ live rebuild x6; 63 daemon starts, 62 leases taken, 12 lost, 300 checkpoint moves seen,
+no exits; 11 checkpoint writes retried while DynamoDB was down and **0 worker crashes**
+(the run before the retry, seed 99971254, logged 8: each a checkpoint write that raised
+botocore's connection error out of the worker); Redis 0/0/0 of 285 entries, OpenSearch
+0/0/0 of 106 documents, owner records 0/0/0 of 180, no dead letters.
+
 Found by these runs: a custom-``doc_id`` OpenSearch view orphans a document when a crash
 falls between its owner record and its document delete and the retried page holds a newer
 record of the item (1-5 orphaned documents in ``chaos-by-owner`` in 3 of the first 5 short

@@ -420,6 +420,7 @@ class Harness:
             "leases lost": "lost lease",
             "pages retried (sink down)": "retrying the page",
             "worker crashes": "crashed",
+            "checkpoints retried (table down)": "not written (",
             "dead-lettered": "dead-lettered",
             "GetRecords retried": "backing off",
         }
