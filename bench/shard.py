@@ -36,17 +36,19 @@ class RecordedShard:
         return "0"
 
     def get_records(self, iterator: str, limit: int = 1000) -> Any:
-        return self.read_records(iterator, limit)()
+        return self.read_records(iterator, limit).decode()
 
-    def read_records(self, iterator: str, limit: int = 1000) -> Callable[[], Any]:
-        """The call (the wait) now, the decode when asked: as HttpStreamClient does."""
-        from viewkeeper.stream.client import RecordsPage, parse_records
+    def read_records(self, iterator: str, limit: int = 1000) -> Any:
+        """The call (the wait) and the envelope now, the records' decode when asked: as
+        HttpStreamClient does."""
+        from viewkeeper.stream.client import PendingPage
+        from viewkeeper.stream.records import PageHead
 
         if self.delay:
             time.sleep(self.delay)
         i = int(iterator)
-        body, following = self.pages[i], str(i + 1) if i + 1 < len(self.pages) else None
-        return lambda: RecordsPage(parse_records(body).records, following)
+        following = str(i + 1) if i + 1 < len(self.pages) else None
+        return PendingPage.of(PageHead(self.pages[i]), following)
 
 
 class Outcomes:

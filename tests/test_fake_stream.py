@@ -451,9 +451,10 @@ def test_read_records_is_get_records_in_two_halves(fake: FakeStream) -> None:
     fake.inject("get_records", ThrottlingError("slow down"))
     with pytest.raises(ThrottlingError):
         fake.read_records(iterator, 2)
-    decode = fake.read_records(iterator, 2)
+    pending = fake.read_records(iterator, 2)
     fake.put_item("t", {"pk": "later"})
-    page = decode()
+    assert pending.count == 2 and pending.size > 0
+    page = pending.decode()
     assert [r.keys["pk"] for r in page.records] == ["k0", "k1"]
     assert fake.calls["get_records"] == 2
     assert page.next_iterator is not None

@@ -18,6 +18,7 @@ from viewkeeper.stream.records import (
     NO_SEQUENCE,
     ChangeRecord,
     DecodeError,
+    PageHead,
     decode_image,
     decode_page,
     decode_record,
@@ -694,3 +695,28 @@ def test_encode_refuses_what_dynamodb_cannot_store() -> None:
     with pytest.raises(DecodeError, match="cannot encode object"):
         encode_value(object())
     assert encode_image({"a": 1, "b": {"x"}}) == {"a": {"N": "1"}, "b": {"SS": ["x"]}}
+
+
+def test_page_head_reads_the_envelope_and_defers_the_records() -> None:
+    """What the read-ahead thread learns before any record is decoded: the count, the next
+    iterator and the body's size, on the typed path, on the general one, and for an already
+    decoded page (the records' SizeBytes then)."""
+    records = [wire_record(), wire_record(event="REMOVE"), "x"]
+    body = orjson.dumps({"Records": records, "NextShardIterator": "next-it"})
+    head = PageHead(body)
+    assert (head.count, head.next_iterator, head.size) == (3, "next-it", len(body))
+    assert [_fields(r) for r in head.records()] == [_fields(r) for r in decode_page(body)[0]]
+
+    odd = b'{"Records": {"not": "a list"}, "NextShardIterator": 7}'  # the general path
+    head = PageHead(odd)
+    assert (head.count, head.next_iterator, head.size) == (0, "7", len(odd))
+    assert len(head.records()) == 1 and head.records()[0].invalid
+
+    decoded = {"Records": [wire_record(), wire_record()], "NextShardIterator": None}
+    head = PageHead(decoded)
+    sizes = [r["dynamodb"].get("SizeBytes", 0) for r in decoded["Records"]]
+    assert (head.count, head.next_iterator, head.size) == (2, None, sum(sizes))
+
+    for not_an_object in (b"[]", b'"text"', b"12"):
+        with pytest.raises(orjson.JSONDecodeError):
+            PageHead(not_an_object)

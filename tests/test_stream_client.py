@@ -201,7 +201,8 @@ def test_iterator_positions_and_page_limit(
     first = client.get_records(client.get_shard_iterator(arn, shard.shard_id, "TRIM_HORIZON"), 2)
     assert len(first.records) == 2 and first.next_iterator is not None
     again = client.read_records(client.get_shard_iterator(arn, shard.shard_id, "TRIM_HORIZON"), 2)
-    same = [(r.event, r.sequence, r.keys, r.new_image) for r in again().records]
+    assert again.count == 2 and again.next_iterator is not None
+    same = [(r.event, r.sequence, r.keys, r.new_image) for r in again.decode().records]
     assert same == [(r.event, r.sequence, r.keys, r.new_image) for r in first.records]
     dynamodb.put_item(TableName=name, Item={"pk": {"S": "late"}})
     assert [r.keys["pk"] for r in client.get_records(latest).records] == ["late"]
@@ -494,32 +495,38 @@ def test_get_records_over_http_decodes_records(canned: Canned, http: HttpStreamC
 
 
 def test_read_records_calls_now_and_decodes_later(canned: Canned, http: HttpStreamClient) -> None:
-    """The worker's read-ahead: the request is made (and its errors raised) by read_records;
-    the body is decoded only when the returned function is called, to the same page as
-    get_records; a body that is not JSON is then a ServiceError the worker backs off on."""
+    """The worker's read-ahead: the request is made, its errors raised and the envelope read
+    (record count, next iterator, body size) by read_records; the records are decoded only
+    by decode(), to the same page as get_records. A body that is not JSON is retried and
+    raised by read_records, as by get_records."""
     body = {"Records": [{"eventName": "REMOVE", "dynamodb": {
         "Keys": {"pk": {"S": "a"}}, "SequenceNumber": "12", "ApproximateCreationDateTime": 1.0,
     }}], "NextShardIterator": "next"}  # fmt: skip
     canned.ok(body)
     canned.ok(body)
-    decode = http.read_records("it", limit=7)
+    pending = http.read_records("it", limit=7)
     assert len(canned.requests) == 1 and json.loads(canned.requests[0][1])["Limit"] == 7
-    page, direct = decode(), http.get_records("it", limit=7)
+    assert (pending.count, pending.next_iterator) == (1, "next")
+    assert pending.size == len(json.dumps(body).encode())
+    page, direct = pending.decode(), http.get_records("it", limit=7)
     assert [(r.event, r.sequence, r.keys) for r in page.records] == [("REMOVE", "12", {"pk": "a"})]
     assert [(r.event, r.sequence, r.keys) for r in direct.records] == [
         ("REMOVE", "12", {"pk": "a"})
     ]
     assert page.next_iterator == direct.next_iterator == "next"
+    assert page.size == direct.size == pending.size
 
     canned.responses.append((400, b'{"__type": "ExpiredIteratorException", "message": "old"}', {}))
     with pytest.raises(ExpiredIteratorError):
         http.read_records("it")
 
-    canned.responses.append((200, b"<html>captive portal</html>", {}))
-    decode = http.read_records("it")
+    sent = len(canned.requests)
+    for _ in range(4):
+        canned.responses.append((200, b"<html>captive portal</html>", {}))
     with pytest.raises(ServiceError, match="response is not JSON") as info:
-        decode()
+        http.read_records("it")
     assert info.value.code == "MalformedResponse" and info.value.operation == "GetRecords"
+    assert len(canned.requests) - sent == 4  # retried, as get_records is
     with pytest.raises(ValidationError, match="limit 0"):
         http.read_records("it", 0)
 

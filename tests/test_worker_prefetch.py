@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -24,7 +24,7 @@ from viewkeeper.pipeline import Pipeline
 from viewkeeper.projection.registry import load_views
 from viewkeeper.sinks.base import Change, Result
 from viewkeeper.sinks.redis import RedisSink
-from viewkeeper.stream.client import RecordsPage
+from viewkeeper.stream.client import PendingPage, RecordsPage
 from viewkeeper.stream.errors import ExpiredIteratorError, ServiceError, ThrottlingError
 from viewkeeper.stream.fake import FakeStream
 from viewkeeper.stream.records import ChangeRecord
@@ -70,6 +70,11 @@ class Client:
         self.failed_in: str | None = None  # the thread the failing call ran in
         self.called_in: list[str] = []  # the thread of each read_records call
         self.decoded_in: list[str] = []  # the thread each of its pages was decoded in
+        # when set, the decode of a full page read ahead waits (up to 5 s) for the call of
+        # the page after it to start, and notes whether it did
+        self.decode_waits_for_next_call = False
+        self.next_call_started: list[bool] = []
+        self._started = threading.Condition()
 
     def _call(self, iterator: str, limit: int) -> RecordsPage:
         self.calls += 1
@@ -84,15 +89,23 @@ class Client:
     def get_records(self, iterator: str, limit: int = 1000) -> RecordsPage:
         return self._call(iterator, limit)
 
-    def read_records(self, iterator: str, limit: int = 1000) -> Callable[[], RecordsPage]:
-        self.called_in.append(threading.current_thread().name)
+    def read_records(self, iterator: str, limit: int = 1000) -> PendingPage:
+        with self._started:
+            self.called_in.append(threading.current_thread().name)
+            number = len(self.called_in)
+            self._started.notify_all()
         page = self._call(iterator, limit)
 
-        def decode() -> RecordsPage:
+        def decode() -> list[ChangeRecord]:
             self.decoded_in.append(threading.current_thread().name)
-            return page
+            if self.decode_waits_for_next_call and len(page.records) >= PAGE:
+                with self._started:
+                    self.next_call_started.append(
+                        self._started.wait_for(lambda: len(self.called_in) > number, 5.0)
+                    )
+            return page.records
 
-        return decode
+        return PendingPage(len(page.records), page.next_iterator, page.size, decode)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.fake, name)
@@ -297,15 +310,22 @@ def test_pages_of_large_items_end_at_one_megabyte_and_count_as_full(redis_client
 
 
 def test_what_counts_as_a_full_page() -> None:
-    def recs(n: int, size: int) -> list[ChangeRecord]:
-        return [
-            ChangeRecord("INSERT", str(i + 1), {"pk": "a"}, {}, None, 0.0, size, None)
-            for i in range(n)
-        ]
+    assert ended_at_a_limit(1000, 100_000, 1000)
+    assert ended_at_a_limit(50, 5_000, 50)
+    assert not ended_at_a_limit(999, 100_000, 1000)
+    assert not ended_at_a_limit(0, 0, 1000)
+    assert ended_at_a_limit(128, PAGE_BYTES // 2, 1000)  # half of 1 MB
+    assert not ended_at_a_limit(128, PAGE_BYTES // 2 - 1, 1000)
 
-    assert ended_at_a_limit(recs(1000, 100), 1000)
-    assert ended_at_a_limit(recs(50, 100), 50)
-    assert not ended_at_a_limit(recs(999, 100), 1000)
-    assert not ended_at_a_limit([], 1000)
-    assert ended_at_a_limit(recs(128, PAGE_BYTES // 256), 1000)  # half of 1 MB
-    assert not ended_at_a_limit(recs(128, PAGE_BYTES // 256 - 1), 1000)
+
+def test_the_call_for_the_page_after_next_leaves_before_the_next_page_is_decoded(
+    bed: Bed,
+) -> None:
+    """Page N+1's envelope (count, next iterator) is read in the helper, so the call for page
+    N+2 is sent when page N+1 is taken, before its records are decoded: the wait for the
+    service overlaps the decode too, not only the apply."""
+    bed.client.decode_waits_for_next_call = True
+    bed.run_to_end()
+    # pages 2..PAGES are full pages read ahead; each decode saw the next call start first
+    assert bed.client.next_call_started == [True] * (PAGES - 1)
+    bed.assert_in_stream_order()

@@ -7,10 +7,11 @@ written against; :class:`HttpStreamClient` speaks to AWS (or moto), and
 
 Why not boto3's client: botocore's response parser costs about 100 µs per stream record
 (DESIGN.md §8) — more than everything else viewkeeper does with a record. Here the body of
-a GetRecords response goes through :func:`decode_page` only (msgspec, orjson). boto3 is
-still used for what it is good at: credentials and region are resolved by a
-``boto3.Session`` (environment, profiles, SSO, instance/container roles; refreshable
-credentials refresh themselves) and every request is signed with botocore's ``SigV4Auth``.
+a GetRecords response goes through :class:`~viewkeeper.stream.records.PageHead` only
+(msgspec, orjson). boto3 is still used for what it is good at: credentials and region are
+resolved by a ``boto3.Session`` (environment, profiles, SSO, instance/container roles;
+refreshable credentials refresh themselves) and every request is signed with botocore's
+``SigV4Auth``.
 
 Errors become the typed exceptions of :mod:`viewkeeper.stream.errors`. Throttling, 5xx and
 connection failures are retried here (tenacity, full-jitter exponential backoff, bounded);
@@ -56,8 +57,8 @@ from viewkeeper.stream.errors import (
 from viewkeeper.stream.records import (
     ChangeRecord,
     DecodeError,
+    PageHead,
     decode_image,
-    decode_page,
     encode_value,
 )
 
@@ -68,6 +69,7 @@ __all__ = [
     "ITERATOR_TYPES",
     "HttpStreamClient",
     "IteratorType",
+    "PendingPage",
     "RecordsPage",
     "ScanPage",
     "ShardInfo",
@@ -145,10 +147,40 @@ class RecordsPage:
     records: list[ChangeRecord]
     next_iterator: str | None
     millis_behind: int | None = None
+    size: int = 0  # bytes of the response body (0: not known)
 
     @property
     def shard_end(self) -> bool:
         return self.next_iterator is None
+
+
+class PendingPage:
+    """A GetRecords answer whose records are not decoded yet (:meth:`StreamClient.read_records`):
+    how many there are, the next iterator and the body's size are known; :meth:`decode`
+    builds the :class:`RecordsPage`, in whichever thread calls it."""
+
+    __slots__ = ("_records", "count", "next_iterator", "size")
+
+    def __init__(
+        self,
+        count: int,
+        next_iterator: str | None,
+        size: int,
+        records: Callable[[], list[ChangeRecord]],
+    ) -> None:
+        self.count = count
+        self.next_iterator = next_iterator
+        self.size = size
+        self._records = records
+
+    @classmethod
+    def of(cls, head: PageHead, next_iterator: str | None) -> PendingPage:
+        return cls(head.count, next_iterator, head.size, head.records)
+
+    def decode(self) -> RecordsPage:
+        with gc_paused():
+            records = self._records()
+        return RecordsPage(records, self.next_iterator, size=self.size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,15 +255,16 @@ class StreamClient(Protocol):
         """Up to ``limit`` (≤ 1000) records from ``iterator``, decoded."""
         ...
 
-    def read_records(self, iterator: str, limit: int = 1000) -> Callable[[], RecordsPage]:
-        """:meth:`get_records` in two halves: the call now (its errors raised here), the
-        decode when the returned function is called (a body that cannot be decoded raises
-        ServiceError there). The shard worker reads ahead with it: the wait for the
-        service overlaps the current page in a helper thread, while the decode — CPU work,
-        which would only fight for the GIL — stays in the worker's thread. This default
-        makes the whole call now."""
+    def read_records(self, iterator: str, limit: int = 1000) -> PendingPage:
+        """:meth:`get_records` in two halves: the call now (its errors, a body that is not
+        JSON included, raised here) and the envelope read — how many records, the next
+        iterator —, the records' decode when :meth:`PendingPage.decode` is called. The
+        shard worker reads ahead with it: the wait for the service overlaps the current
+        page in a helper thread, and the next call can leave before this page is decoded,
+        while the decode — CPU work, which would only fight for the GIL — stays in the
+        worker's thread. This default makes the whole call now."""
         page = self.get_records(iterator, limit)
-        return lambda: page
+        return PendingPage(len(page.records), page.next_iterator, page.size, lambda: page.records)
 
     def scan(
         self,
@@ -332,14 +365,15 @@ def gc_paused() -> Iterator[None]:
 def parse_records(body: bytes | Mapping[str, Any], *, pause_gc: bool = True) -> RecordsPage:
     """A GetRecords response body (bytes, or already JSON-decoded) → :class:`RecordsPage`.
 
-    This is the hot path measured by ``bench/decode.py``: :func:`decode_page` (a typed
+    This is the hot path measured by ``bench/decode.py``: :class:`PageHead` (a typed
     msgspec parse and the hand-written decoder of :mod:`viewkeeper.stream.records`), nothing
     else, under :func:`gc_paused` unless ``pause_gc`` is False. A malformed record does not
     fail the page: it comes back marked ``invalid`` (:func:`decode_records`).
     """
     with gc_paused() if pause_gc else nullcontext():
-        records, next_iterator = decode_page(body)
-    return RecordsPage(records, next_iterator)
+        head = PageHead(body)
+        records = head.records()
+    return RecordsPage(records, head.next_iterator, size=head.size)
 
 
 def parse_scan(data: Mapping[str, Any]) -> ScanPage:
@@ -636,23 +670,13 @@ class HttpStreamClient(StreamClient):
         page: RecordsPage = self._call(self._streams, "GetRecords", payload, parse_records)
         return page
 
-    def read_records(self, iterator: str, limit: int = 1000) -> Callable[[], RecordsPage]:
+    def read_records(self, iterator: str, limit: int = 1000) -> PendingPage:
         if not 1 <= limit <= 1000:
             raise ValidationError(f"limit {limit} is outside 1..1000", operation="GetRecords")
         payload = {"ShardIterator": iterator, "Limit": limit}
-        body: bytes = self._call(self._streams, "GetRecords", payload, bytes)
-
-        def decode() -> RecordsPage:
-            try:
-                return parse_records(body)
-            except orjson.JSONDecodeError:  # _send retries this one; here the worker does
-                raise ServiceError(
-                    f"response is not JSON: {body[:120]!r}",
-                    code="MalformedResponse",
-                    operation="GetRecords",
-                ) from None
-
-        return decode
+        # the envelope is read in _send, so a body that is not JSON is retried there too
+        head: PageHead = self._call(self._streams, "GetRecords", payload, PageHead)
+        return PendingPage.of(head, head.next_iterator)
 
     def scan(
         self,

@@ -56,13 +56,13 @@ import orjson
 
 from viewkeeper.stream.client import (
     ITERATOR_TYPES,
+    PendingPage,
     RecordsPage,
     ScanPage,
     ShardInfo,
     StreamClient,
     StreamPage,
     TableInfo,
-    parse_records,
 )
 from viewkeeper.stream.errors import (
     ExpiredIteratorError,
@@ -70,7 +70,7 @@ from viewkeeper.stream.errors import (
     TrimmedDataAccessError,
     ValidationError,
 )
-from viewkeeper.stream.records import encode_image, encode_key
+from viewkeeper.stream.records import PageHead, encode_image, encode_key
 
 __all__ = ["FakeStream", "ManualClock"]
 
@@ -537,9 +537,9 @@ class FakeStream(StreamClient):
             )
 
     def get_records(self, iterator: str, limit: int = 1000) -> RecordsPage:
-        return self.read_records(iterator, limit)()
+        return self.read_records(iterator, limit).decode()
 
-    def read_records(self, iterator: str, limit: int = 1000) -> Callable[[], RecordsPage]:
+    def read_records(self, iterator: str, limit: int = 1000) -> PendingPage:
         with self._lock:
             self._enter("get_records")
             if not 1 <= limit <= 1000:
@@ -571,7 +571,7 @@ class FakeStream(StreamClient):
             else:
                 next_iterator = self._issue(it.stream_arn, it.shard_id, after)
             body = b'{"Records":[' + b",".join(page) + b"]}"
-        return lambda: RecordsPage(parse_records(body).records, next_iterator)
+        return PendingPage.of(PageHead(body), next_iterator)
 
     def scan(
         self,

@@ -48,6 +48,7 @@ __all__ = [
     "ChangeRecord",
     "DecodeError",
     "EventName",
+    "PageHead",
     "decode_image",
     "decode_page",
     "decode_record",
@@ -520,6 +521,58 @@ _PAGE = msgspec.json.Decoder(_WirePage)
 _RECORD = msgspec.json.Decoder(_WireRecord)
 
 
+class PageHead:
+    """A GetRecords body parsed as far as its envelope: ``count`` records (not decoded yet),
+    ``next_iterator`` and ``size`` (bytes of the body; for an already decoded body, the sum
+    of the records' SizeBytes). :meth:`records` decodes them. The shard worker reads the
+    head in its read-ahead thread, to send the next call before this page is decoded."""
+
+    __slots__ = ("_data", "_page", "count", "next_iterator", "size")
+
+    def __init__(self, body: bytes | bytearray | memoryview | Mapping[str, Any]) -> None:
+        self._page: _WirePage | None = None
+        self._data: Mapping[str, Any] | None = None
+        if isinstance(body, Mapping):
+            self._data = body
+        else:
+            self.size = len(body)
+            try:
+                self._page = _PAGE.decode(body)
+            except (msgspec.ValidationError, msgspec.DecodeError):
+                data = orjson.loads(body)  # the general path raises the usual errors
+                if not isinstance(data, Mapping):
+                    raise orjson.JSONDecodeError(
+                        "a GetRecords body is a JSON object", str(data)[:80], 0
+                    ) from None
+                self._data = data
+        self.next_iterator: str | None
+        if self._page is not None:
+            self.count = len(self._page.Records or ())
+            self.next_iterator = self._page.NextShardIterator
+            return
+        assert self._data is not None
+        records = self._data.get("Records")
+        listed = records if isinstance(records, list) else []
+        self.count = len(listed)
+        nxt = self._data.get("NextShardIterator")
+        self.next_iterator = nxt if isinstance(nxt, str) or nxt is None else str(nxt)
+        if isinstance(body, Mapping):
+            self.size = sum(_size_of(r) for r in listed if isinstance(r, Mapping))
+
+    def records(self) -> list[ChangeRecord]:
+        """The page's records, decoded in order (a malformed one comes back ``invalid``)."""
+        if self._page is not None:
+            return _decode_typed(self._page)[0]
+        assert self._data is not None
+        return decode_records(self._data.get("Records") or ())
+
+
+def _size_of(record: Mapping[str, Any]) -> int:
+    body = record.get("dynamodb")
+    size = body.get("SizeBytes", 0) if isinstance(body, Mapping) else 0
+    return size if isinstance(size, int) else 0
+
+
 def decode_page(
     body: bytes | bytearray | memoryview | Mapping[str, Any],
 ) -> tuple[list[ChangeRecord], str | None]:
@@ -531,15 +584,8 @@ def decode_page(
     is not JSON raises ``orjson.JSONDecodeError``, as before; a malformed record comes back
     ``invalid``.
     """
-    data: Any = body
-    if not isinstance(body, Mapping):
-        try:
-            page = _PAGE.decode(body)
-        except (msgspec.ValidationError, msgspec.DecodeError):
-            data = orjson.loads(body)  # the general path raises the usual errors
-        else:
-            return _decode_typed(page)
-    return decode_records(data.get("Records") or ()), data.get("NextShardIterator")
+    head = PageHead(body)
+    return head.records(), head.next_iterator
 
 
 def _decode_typed(page: _WirePage) -> tuple[list[ChangeRecord], str | None]:

@@ -12,10 +12,12 @@ A page that ended at a limit of GetRecords (``batch_size`` records, or half of i
 cap: :func:`ended_at_a_limit`) means more records are waiting: the next read follows at
 once, and it is made while the page is applied, in a helper thread
 (``WorkerSettings.prefetch``, as KCL's prefetching publisher does;
-:meth:`StreamClient.read_records`), so a backlog pays the service's round trip during the
-apply, not after it. Only the wait moves to the helper: the decode stays in the worker's
-thread, because two threads of Python work only take turns on the GIL (decoding ahead made
-the CPU-bound path 5-10 % slower, bench/README.md). The page read ahead is applied only
+:meth:`StreamClient.read_records`), so a backlog pays the service's round trip while the
+page is decoded and applied, not after. Only the wait and the envelope (record count, next
+iterator) move to the helper — the call for page N+2 leaves as soon as page N+1 is taken —
+while the records' decode stays in the worker's thread, because two threads of Python work
+only take turns on the GIL (decoding ahead made the CPU-bound path 5-10 % slower,
+bench/README.md). The page read ahead is applied only
 after the current one is checkpointed, so sink writes and checkpoints keep their order; a
 worker that stops drops it (its records are after the checkpoint: they are read again).
 After a page that ended short of the limits the worker waits ``busy_poll_interval``
@@ -47,7 +49,7 @@ from viewkeeper.coordination.model import (
 from viewkeeper.ops import metrics
 from viewkeeper.pipeline import HaltShard, Pipeline
 from viewkeeper.sinks.base import SinkUnavailable
-from viewkeeper.stream.client import RecordsPage, StreamClient, gc_paused
+from viewkeeper.stream.client import PendingPage, RecordsPage, StreamClient, gc_paused
 from viewkeeper.stream.errors import (
     ExpiredIteratorError,
     ResourceNotFoundError,
@@ -77,16 +79,18 @@ class WorkerSettings:
     prefetch: bool = True
 
 
-PAGE_BYTES = 1 << 20  # GetRecords returns at most 1 MB of records (by their SizeBytes)
+PAGE_BYTES = 1 << 20  # GetRecords returns at most 1 MB of records
 
 
-def ended_at_a_limit(records: list[ChangeRecord], batch_size: int) -> bool:
-    """Whether a page stopped at GetRecords' limits — ``batch_size`` records, or about its
-    1 MB: more records are then likely waiting. A page of large items ends at 1 MB with far
-    fewer than 1000 records; counting half of it as full allows for the record that did not
-    fit (an item is up to 400 KB, a record with both images twice that). A page that only
-    looks full costs one early read, which comes back short."""
-    return len(records) >= batch_size or sum(r.size_bytes for r in records) >= PAGE_BYTES // 2
+def ended_at_a_limit(count: int, size: int, batch_size: int) -> bool:
+    """Whether a page of ``count`` records in a body of ``size`` bytes stopped at
+    GetRecords' limits — ``batch_size`` records, or about its 1 MB: more records are then
+    likely waiting. A page of large items ends at 1 MB with far fewer than 1000 records;
+    counting half of it as full allows for the record that did not fit (an item is up to
+    400 KB, a record with both images twice that). The body's JSON is larger than the sizes
+    DynamoDB counts, so a page that only looks full is possible: it costs one early read,
+    which comes back short."""
+    return count >= batch_size or size >= PAGE_BYTES // 2
 
 
 class ShardWorker:
@@ -128,8 +132,7 @@ class ShardWorker:
         self._backoff = 0.1
         self._labels = (lease.table, lease.shard_id)
         self._reader: ThreadPoolExecutor | None = None  # made on the first full page
-        # (iterator, the call for its page, which returns the page's decoder)
-        self._ahead: tuple[str, Future[Callable[[], RecordsPage]]] | None = None
+        self._ahead: tuple[str, Future[PendingPage]] | None = None  # (iterator, its call)
 
     # --- iterators ----------------------------------------------------------------------
     def _iterator(self) -> str:
@@ -197,15 +200,29 @@ class ShardWorker:
 
     # --- reading, one page ahead ----------------------------------------------------------
     def _read(self, iterator: str) -> RecordsPage:
-        """The page at ``iterator``: the one read ahead for it (decoded now, in this thread),
-        or a GetRecords call now. An error of the read-ahead call is raised here, as if the
-        call were made now."""
+        """The page at ``iterator``: the one read ahead for it (decoded now, in this thread,
+        once the call for the next page has left), or a GetRecords call now. An error of the
+        read-ahead call is raised here, as if the call were made now."""
         ahead, self._ahead = self._ahead, None
         if ahead is not None:
             if ahead[0] == iterator:
-                return ahead[1].result()()
+                pending = ahead[1].result()
+                self._maybe_read_ahead(pending.next_iterator, pending.count, pending.size)
+                return pending.decode()
             ahead[1].cancel()  # not the page asked for (cannot happen today): never used
-        return self.client.get_records(iterator, self.settings.batch_size)
+        page = self.client.get_records(iterator, self.settings.batch_size)
+        self._maybe_read_ahead(page.next_iterator, len(page.records), page.size)
+        return page
+
+    def _maybe_read_ahead(self, iterator: str | None, count: int, size: int) -> None:
+        """Make the call for the page after one of ``count`` records and ``size`` bytes now,
+        in the helper, if that page ended at a limit (more records are waiting)."""
+        if (
+            self.settings.prefetch
+            and iterator is not None
+            and ended_at_a_limit(count, size, self.settings.batch_size)
+        ):
+            self._read_ahead(iterator)
 
     def _read_ahead(self, iterator: str) -> None:
         if self._reader is None:
@@ -244,9 +261,7 @@ class ShardWorker:
             return iterator
         self._backoff = 0.1
         records = page.records
-        full = ended_at_a_limit(records, self.settings.batch_size)
-        if full and page.next_iterator is not None and self.settings.prefetch:
-            self._read_ahead(page.next_iterator)  # read while this page is applied
+        full = ended_at_a_limit(len(records), page.size, self.settings.batch_size)
         if records and not self._wait_lease_valid():
             return None  # stopped while the lease was in doubt: the page will be re-read
         if records and not self._process(records):
