@@ -265,7 +265,7 @@ class ShardWorker:
         if records and not self._wait_lease_valid():
             return None  # stopped while the lease was in doubt: the page will be re-read
         if records and not self._process(records):
-            return None  # stopped while a sink was down: the page will be re-read
+            return None  # stopped before the page was applied and checkpointed: re-read
         self.caught_up = not records or page.next_iterator is None
         if self.caught_up:
             self.lag = 0.0
