@@ -86,7 +86,10 @@ kill -9 x6, DynamoDB stall x3 / refuse x3 / reset x3, checkpoint rewinds x3, Red
 no exits; 11 checkpoint writes retried while DynamoDB was down and **0 worker crashes**
 (the run before the retry, seed 99971254, logged 8: each a checkpoint write that raised
 botocore's connection error out of the worker); Redis 0/0/0 of 285 entries, OpenSearch
-0/0/0 of 106 documents, owner records 0/0/0 of 180, no dead letters.
+0/0/0 of 106 documents, owner records 0/0/0 of 180, no dead letters. Again after the
+read-ahead sent the call for page N+2 before page N+1's decode, seed 752419179: 432 s,
+30,714 operations, 140 faults, 70 daemon starts, 10 checkpoints retried, 0 worker crashes,
+4 exits at start-up (DynamoDB unreachable), all counts 0 (262 entries, 102 documents).
 
 Found by these runs: a custom-``doc_id`` OpenSearch view orphans a document when a crash
 falls between its owner record and its document delete and the retried page holds a newer
