@@ -112,10 +112,10 @@ def test_renew_threads_defaults_to_the_supervisors_own_default() -> None:
     assert config.worker.renew_threads == SupervisorSettings().renew_threads == 8
 
 
-def test_worker_renew_threads_reaches_the_supervisor() -> None:
+def supervisor_settings(worker: dict[str, Any]) -> SupervisorSettings:
+    """The settings the daemon's supervisor gets from a config with this ``worker:``."""
     config = parse_config(
-        minimal(worker={"renew_threads": 3}, redis={"cache": {"url": "redis://h/0"}}),
-        environ={},
+        minimal(worker=worker, redis={"cache": {"url": "redis://h/0"}}), environ={}
     )
     app = App(
         config,
@@ -124,24 +124,17 @@ def test_worker_renew_threads_reaches_the_supervisor() -> None:
         store=MemoryStore(),
         sinks={},
     )
-    assert app.supervisor().settings.renew_threads == 3
+    return app.supervisor().settings
+
+
+def test_worker_renew_threads_reaches_the_supervisor() -> None:
+    assert supervisor_settings({"renew_threads": 3}).renew_threads == 3
 
 
 def test_worker_prefetch_is_on_by_default_and_reaches_the_shard_workers() -> None:
     assert parse_config(minimal(), environ={}).worker.prefetch is WorkerSettings().prefetch is True
     for value in (False, True):
-        config = parse_config(
-            minimal(worker={"prefetch": value}, redis={"cache": {"url": "redis://h/0"}}),
-            environ={},
-        )
-        app = App(
-            config,
-            registry=registry_of(redis_view("cache")),
-            client=FakeStream(),
-            store=MemoryStore(),
-            sinks={},
-        )
-        assert app.supervisor().settings.worker.prefetch is value
+        assert supervisor_settings({"prefetch": value}).worker.prefetch is value
 
 
 def test_worker_prefetch_must_be_true_or_false() -> None:
