@@ -72,6 +72,40 @@ def test_checkpoint_requires_ownership(store: Any) -> None:
     assert store.list_leases("orders")[0].checkpoint == "100000000000000000001"
 
 
+def test_a_checkpoint_never_moves_backwards_after_the_owner_took_the_lease_again(
+    store: Any,
+) -> None:
+    """Issue #13 case 8: a worker thread of a process that lost its lease and took it back
+    (a new worker of the same process read on to 900) must not write its old checkpoint
+    500. Checkpoints are fenced by the take (the lease's token), not by the owner's name."""
+    store.create_lease(Lease("orders", "s1", "arn"))
+    first = store.take_lease(store.list_leases("orders")[0], "a")  # the old worker's lease
+    store.checkpoint(first, "100000000000000000100")
+    other = store.take_lease(store.list_leases("orders")[0], "b")  # a (stalled) lost it
+    store.release_lease(other)
+    again = store.take_lease(store.list_leases("orders")[0], "a")  # a takes it back
+    store.checkpoint(again, "100000000000000000900")
+    with pytest.raises(LeaseLost):
+        store.checkpoint(first, "100000000000000000500")
+    assert store.list_leases("orders")[0].checkpoint == "100000000000000000900"
+    with pytest.raises(LeaseLost):  # nor may it end the shard or mark it
+        store.checkpoint(first, None, state=LeaseState.NEEDS_REBUILD, error="x")
+    assert store.list_leases("orders")[0].state is LeaseState.ACTIVE
+
+
+def test_a_checkpoint_is_never_written_below_the_stored_one(store: Any) -> None:
+    """Belt and braces for case 8: even the current holder cannot move the checkpoint
+    back (sequence numbers compared as integers: 21 vs 22 digits)."""
+    store.create_lease(Lease("orders", "s1", "arn"))
+    mine = store.take_lease(store.list_leases("orders")[0], "a")
+    store.checkpoint(mine, "1000000000000000000005")  # 22 digits
+    with pytest.raises(LeaseLost, match="backwards"):
+        store.checkpoint(mine, "999999999999999999999")  # 21 digits: smaller
+    store.checkpoint(mine, "1000000000000000000005")  # the same again: fine (a replay)
+    store.checkpoint(mine, "1000000000000000000006")
+    assert store.list_leases("orders")[0].checkpoint == "1000000000000000000006"
+
+
 def test_state_and_error_are_recorded_and_reset(store: Any) -> None:
     store.create_lease(Lease("orders", "s1", "arn"))
     mine = store.take_lease(store.list_leases("orders")[0], "a")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Version", "compare_encoded", "normalize_sequence"]
+__all__ = ["SEQUENCE_WIDTH", "Version", "compare_encoded", "normalize_sequence", "padded_sequence"]
 
 
 def normalize_sequence(sequence: str | int) -> str:
@@ -25,6 +25,18 @@ def normalize_sequence(sequence: str | int) -> str:
             "DynamoDB Streams sequence numbers are digits only"
         )
     return text.lstrip("0") or "0"
+
+
+SEQUENCE_WIDTH = 40  # the most digits a DynamoDB Streams sequence number has
+
+
+def padded_sequence(sequence: str) -> str | None:
+    """A sequence number zero-padded to :data:`SEQUENCE_WIDTH` digits, so that text order is
+    integer order (the coordination table compares checkpoints this way); None for a
+    position that is not a sequence number (``LATEST``, ``TRIM_HORIZON``)."""
+    if not sequence.isdigit() or not sequence.isascii():
+        return None
+    return normalize_sequence(sequence).zfill(SEQUENCE_WIDTH)
 
 
 @dataclass(frozen=True, slots=True, order=False)

@@ -8,12 +8,17 @@ Layout (stable; ``viewkeeper status`` and operators read it)::
     pk = "deadletter"     sk = <id>         view, table, item_key, sequence, error, record (zlib)
 
 Every lease transition is a conditional write (on ``owner`` and ``counter``), as in KCL, so
-two workers never both believe they took the same lease.
+two workers never both believe they took the same lease. A take also writes a new ``token``;
+checkpoints are conditional on ``owner`` and ``token`` (so a worker thread of an earlier
+take by the same process cannot write), and on ``cp_pad`` — the checkpoint zero-padded to
+40 digits, so that text order is integer order — not being above the new one: a checkpoint
+never moves backwards except through :meth:`DynamoDBStore.reset_lease`.
 """
 
 from __future__ import annotations
 
 import time
+import uuid
 import zlib
 from typing import Any
 
@@ -29,6 +34,7 @@ from viewkeeper.coordination.model import (
     LeaseState,
     WorkerInfo,
 )
+from viewkeeper.versions import padded_sequence
 
 __all__ = ["CoordinationTableError", "DynamoDBStore"]
 
@@ -212,6 +218,7 @@ class DynamoDBStore:
             return v["S"] if v and "S" in v else None
 
         lag = item.get("lag", {}).get("N")
+        cp_at = item.get("checkpoint_at", {}).get("N")
         return Lease(
             table=item["pk"]["S"].partition("#")[2],
             shard_id=item["sk"]["S"],
@@ -225,6 +232,8 @@ class DynamoDBStore:
             caught_up=bool(item.get("caught_up", {}).get("BOOL", False)),
             updated_at=float(item.get("updated_at", {"N": "0"})["N"]),
             error=opt("error"),
+            token=opt("token"),
+            checkpoint_at=float(cp_at) if cp_at is not None else None,
         )
 
     def list_leases(self, table: str) -> list[Lease]:
@@ -264,16 +273,17 @@ class DynamoDBStore:
             ":c": _n(lease.counter),
             ":one": _n(1),
             ":t": _n(time.time()),
+            ":tk": _s(uuid.uuid4().hex[:16]),
         }
         cond = f"#c = :c AND {self._owner_cond(lease, values)}"
         try:
             item = self._update(
                 f"lease#{lease.table}",
                 lease.shard_id,
-                "SET #o = :new, updated_at = :t ADD #c :one",
+                "SET #o = :new, updated_at = :t, #tk = :tk ADD #c :one",
                 values,
                 cond,
-                {"#o": "owner", "#c": "counter"},
+                {"#o": "owner", "#c": "counter", "#tk": "token"},
             )
         except ClientError as exc:
             if _conditional_failed(exc):
@@ -290,11 +300,13 @@ class DynamoDBStore:
             ":cu": {"BOOL": caught_up},
         }
         cond = f"#c = :c AND {self._owner_cond(lease, values)}"
+        # while the reader is caught up, it is known to be at its checkpoint now
+        at = ", checkpoint_at = :t" if caught_up else ""
         try:
             item = self._update(
                 f"lease#{lease.table}",
                 lease.shard_id,
-                "SET updated_at = :t, #lag = :lag, caught_up = :cu ADD #c :one",
+                f"SET updated_at = :t, #lag = :lag, caught_up = :cu{at} ADD #c :one",
                 values,
                 cond,
                 {"#o": "owner", "#c": "counter", "#lag": "lag"},
@@ -312,33 +324,44 @@ class DynamoDBStore:
         state: LeaseState | None = None,
         error: str | None = None,
     ) -> None:
-        values: dict[str, Any] = {":t": _n(time.time())}
+        if lease.owner is None:
+            raise LeaseLost(f"lease on {lease.table}/{lease.shard_id} has no owner")
+        now = time.time()
+        values: dict[str, Any] = {":t": _n(now)}
+        names = {"#o": "owner", "#e": "error", "#tk": "token"}
         sets = ["updated_at = :t"]
+        removes = []
+        cond = self._owner_cond(lease, values)
+        if lease.token is None:  # taken by a viewkeeper that wrote no token
+            cond += " AND attribute_not_exists(#tk)"
+        else:
+            cond += " AND #tk = :tk"
+            values[":tk"] = _s(lease.token)
         if sequence is not None:
-            sets.append("checkpoint = :seq")
+            sets += ["checkpoint = :seq", "checkpoint_at = :t"]
             values[":seq"] = _s(sequence)
+            pad = padded_sequence(sequence)
+            if pad is not None:
+                sets.append("cp_pad = :pad")
+                values[":pad"] = _s(pad)
+                cond += " AND (attribute_not_exists(cp_pad) OR cp_pad <= :pad)"
+            else:
+                removes.append("cp_pad")
         if state is not None:
             sets.append("#st = :st")
             values[":st"] = _s(state.value)
-        expr = "SET " + ", ".join(sets)
+            names["#st"] = "state"
         if error is not None:
-            expr += ", #e = :e"
+            sets.append("#e = :e")
             values[":e"] = _s(error[:2000])
         else:
-            expr += " REMOVE #e"
-        cond = self._owner_cond(lease, values)
-        names = {"#o": "owner", "#e": "error"}
-        if state is not None:
-            names["#st"] = "state"
-        if lease.owner is None:
-            raise LeaseLost(f"lease on {lease.table}/{lease.shard_id} has no owner")
+            removes.append("#e")
+        expr = "SET " + ", ".join(sets) + (" REMOVE " + ", ".join(removes) if removes else "")
         try:
             self._update(f"lease#{lease.table}", lease.shard_id, expr, values, cond, names)
         except ClientError as exc:
             if _conditional_failed(exc):
-                raise LeaseLost(
-                    f"lease on {lease.table}/{lease.shard_id} is no longer held by {lease.owner}"
-                ) from None
+                raise LeaseLost(self._why_refused(lease, sequence)) from None
             if _transient(exc):
                 raise CoordinationUnavailable(f"coordination table {self.table}: {exc}") from None
             raise
@@ -346,6 +369,26 @@ class DynamoDBStore:
             if _transient(exc):
                 raise CoordinationUnavailable(f"coordination table {self.table}: {exc}") from None
             raise
+
+    def _why_refused(self, lease: Lease, sequence: str | None) -> str:
+        """Why a checkpoint write was refused, read back (only on that rare path)."""
+        where = f"lease on {lease.table}/{lease.shard_id}"
+        try:
+            now = next(
+                (x for x in self.list_leases(lease.table) if x.shard_id == lease.shard_id), None
+            )
+        except (ClientError, BotoCoreError):
+            return f"{where} is no longer held by {lease.owner}"
+        if now is None:
+            return f"{where} no longer exists"
+        if now.owner != lease.owner:
+            return f"{where} is no longer held by {lease.owner} (held by {now.owner})"
+        if now.token != lease.token:
+            return f"{where} was taken again by {lease.owner} since this worker started"
+        return (
+            f"checkpoint of {lease.table}/{lease.shard_id} would move backwards from "
+            f"{now.checkpoint} to {sequence}"
+        )
 
     def release_lease(self, lease: Lease) -> None:
         values: dict[str, Any] = {":one": _n(1)}
@@ -368,10 +411,19 @@ class DynamoDBStore:
     ) -> None:
         values: dict[str, Any] = {":st": _s(state.value), ":one": _n(1)}
         expr = "SET #st = :st"
+        removes = ["#e", "checkpoint_at"]
         if checkpoint is not None:
             expr += ", checkpoint = :cp"
             values[":cp"] = _s(checkpoint)
-        expr += " REMOVE #e" + ("" if checkpoint is not None else ", checkpoint") + " ADD #c :one"
+            pad = padded_sequence(checkpoint)
+            if pad is not None:
+                expr += ", cp_pad = :pad"
+                values[":pad"] = _s(pad)
+            else:
+                removes.append("cp_pad")
+        else:
+            removes += ["checkpoint", "cp_pad"]
+        expr += " REMOVE " + ", ".join(removes) + " ADD #c :one"
         self._update(
             f"lease#{table}",
             shard_id,

@@ -5,9 +5,11 @@ from __future__ import annotations
 import copy
 import threading
 import time
+import uuid
 from collections.abc import Callable
 
 from viewkeeper.coordination.model import DeadLetter, Lease, LeaseLost, LeaseState, WorkerInfo
+from viewkeeper.versions import padded_sequence
 
 __all__ = ["MemoryStore"]
 
@@ -43,6 +45,7 @@ class MemoryStore:
                 return None
             cur.owner = owner
             cur.counter += 1
+            cur.token = uuid.uuid4().hex[:16]
             cur.updated_at = self._clock()
             return copy.copy(cur)
 
@@ -55,6 +58,8 @@ class MemoryStore:
             cur.lag = lag
             cur.caught_up = caught_up
             cur.updated_at = self._clock()
+            if caught_up:
+                cur.checkpoint_at = cur.updated_at
             return copy.copy(cur)
 
     def checkpoint(
@@ -66,13 +71,21 @@ class MemoryStore:
     ) -> None:
         with self._lock:
             cur = self._leases.get((lease.table, lease.shard_id))
-            if cur is None or cur.owner != lease.owner:
+            if cur is None or cur.owner != lease.owner or cur.token != lease.token:
                 raise LeaseLost(
                     f"lease on {lease.table}/{lease.shard_id} is held by "
                     f"{cur.owner if cur else 'nobody'}"
+                    + (" (taken again since)" if cur and cur.owner == lease.owner else "")
                 )
             if sequence is not None:
+                new, old = padded_sequence(sequence), padded_sequence(cur.checkpoint or "")
+                if new is not None and old is not None and new < old:
+                    raise LeaseLost(
+                        f"checkpoint of {lease.table}/{lease.shard_id} would move backwards "
+                        f"from {cur.checkpoint} to {sequence}"
+                    )
                 cur.checkpoint = sequence
+                cur.checkpoint_at = self._clock()
             if state is not None:
                 cur.state = state
             cur.error = error
@@ -91,6 +104,7 @@ class MemoryStore:
         with self._lock:
             cur = self._leases[(table, shard_id)]
             cur.checkpoint = checkpoint
+            cur.checkpoint_at = None
             cur.state = state
             cur.error = None
             cur.counter += 1

@@ -29,8 +29,16 @@ class Lease:
 
     ``counter`` rises on every renewal by the owner; another worker that sees it unchanged for
     the lease duration (measured on its own clock) may take the lease, with a conditional
-    write on the counter it saw. ``checkpoint`` is the sequence number of the last record
-    every sink acknowledged (None: nothing read yet).
+    write on the counter it saw. ``token`` is new on every take and unchanged by renewals:
+    a checkpoint is written only by the take that holds it (a worker thread of an earlier
+    take by the same owner is fenced off), and never below the stored one.
+
+    ``checkpoint`` is the sequence number of the last record every sink acknowledged, or a
+    position: None / ``TRIM_HORIZON`` (read from the oldest record), ``LATEST`` (the shard
+    was first seen at LATEST). ``checkpoint_at`` is when the reader was last known to be at
+    the checkpoint (epoch seconds: written with the checkpoint, and by renewals while the
+    reader is caught up); for ``LATEST`` it is also where reading starts again after a
+    restart (see the shard worker), and None means the shard was never opened.
     """
 
     table: str
@@ -45,6 +53,8 @@ class Lease:
     caught_up: bool = False
     updated_at: float = 0.0
     error: str | None = None
+    token: str | None = None
+    checkpoint_at: float | None = None
 
 
 @dataclass(slots=True)
@@ -76,7 +86,8 @@ class DeadLetter:
 
 
 class LeaseLost(Exception):
-    """A conditional write showed that another worker owns the lease now."""
+    """A conditional write showed that another worker, or another take of the same worker,
+    holds the lease now (or that the write would move the checkpoint backwards)."""
 
 
 class CoordinationUnavailable(Exception):
@@ -100,8 +111,9 @@ class CoordinationStore(Protocol):
         state: LeaseState | None = None,
         error: str | None = None,
     ) -> None:
-        """Raise LeaseLost when ``lease.owner`` no longer owns it, CoordinationUnavailable
-        when the table cannot be written now."""
+        """Raise LeaseLost when the take that ``lease`` came from (``owner`` and ``token``)
+        no longer holds it, or when ``sequence`` is below the stored checkpoint;
+        CoordinationUnavailable when the table cannot be written now."""
 
     def release_lease(self, lease: Lease) -> None: ...
     def reset_lease(
