@@ -15,7 +15,7 @@ import yaml
 
 from tests.helpers import redis_view_keys, write_config
 from viewkeeper.app import App
-from viewkeeper.coordination.model import WorkerInfo
+from viewkeeper.coordination.model import Lease, WorkerInfo
 from viewkeeper.projection.registry import load_views
 from viewkeeper.rebuild import HandshakeTimeout, RebuildSettings, rebuild
 from viewkeeper.stream.records import decode_image
@@ -186,14 +186,24 @@ def test_a_corrupted_sink_is_repaired_by_a_rebuild(
 def test_a_worker_that_has_not_acknowledged_blocks_the_scan_with_a_clear_message(
     config: Path, dynamodb: Any
 ) -> None:
+    """A worker that holds a lease of the table, keeps it (its lease is younger than a lease
+    duration) and does not take up the new generation blocks the scan; the message names
+    it. (A worker holding no lease of the table reads nothing of it and is not waited for.)"""
     put(dynamodb, "k1", "a", 1)
     app = App.from_file(str(config))
     app.store.ensure()
+    info = app.client.describe_table(TABLE)
+    assert info.stream_arn is not None
+    shard = app.client.list_shards(info.stream_arn)[0].shard_id
+    app.store.create_lease(Lease(TABLE, shard, info.stream_arn))
+    assert app.store.take_lease(app.store.list_leases(TABLE)[0], "stuck-worker")
     app.store.put_worker(WorkerInfo("stuck-worker", time.time() + 30, {}, "hostx", 4242))
+    app.store.put_worker(WorkerInfo("idle-worker", time.time(), {}, "hosty", 4343))
     with pytest.raises(HandshakeTimeout) as err:
-        run_rebuild(app, ["card"], handshake_timeout=1.0)
+        run_rebuild(app, ["card"], handshake_timeout=1.0, lease_duration=30.0)
     msg = str(err.value)
-    assert "stuck-worker" in msg and "hostx" in msg and "4242" in msg
+    assert "stuck-worker" in msg and "hostx" in msg and "4242" in msg and shard in msg
+    assert "idle-worker" not in msg
     assert app.store.generations()["card"] == 1
     app.close()
 

@@ -176,6 +176,7 @@ class App:
         )
 
     def rebuild_settings(self, **overrides: Any) -> RebuildSettings:
+        overrides.setdefault("lease_duration", self.config.worker.lease_duration)
         return RebuildSettings(**overrides)
 
     def close(self) -> None:

@@ -1,8 +1,10 @@
 """Listing and replaying dead letters.
 
 Replay decodes the stored stream record and runs it through the same pipeline, for its view
-only, at the view's current generation. A replay is as safe as any stream delivery: if the
-item changed since, the newer version already in the sink makes the replay ``stale``. A record
+only, at the generation the record was stamped with when it was read (stored with the dead
+letter), never at today's: a rebuild since then wrote the item at ``(G, 0)`` from a scan
+that read it after the record, and must win. A replay is as safe as any stream delivery: if
+the item changed since, the newer version already in the sink makes the replay ``stale``. A record
 that fails again is dead-lettered again (a new entry) and the old entry is removed; if a sink
 is unavailable, nothing is removed.
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from viewkeeper.coordination.model import CoordinationStore, DeadLetter
 from viewkeeper.pipeline import Pipeline
@@ -27,6 +29,7 @@ class ReplayReport:
     stale: int = 0
     failed_again: int = 0
     skipped: int = 0
+    notes: list[str] = field(default_factory=list)
 
 
 def format_deadletters(dls: list[DeadLetter]) -> str:
@@ -61,7 +64,20 @@ def replay(
         except DecodeError:
             report.skipped += 1
             continue
-        batch = pipeline.process(dl.table, key_names_of(dl.table), [rec], only=[dl.view])
+        if dl.generation is None:
+            report.skipped += 1
+            report.notes.append(
+                f"{dl.id}: written by a viewkeeper that did not store the record's generation, "
+                f"so it cannot be replayed safely; run `viewkeeper rebuild {dl.view}` instead"
+            )
+            continue
+        batch = pipeline.process(
+            dl.table,
+            key_names_of(dl.table),
+            [rec],
+            only=[dl.view],
+            generations={dl.view: dl.generation},
+        )
         store.delete_deadletter(dl.id)
         report.replayed += 1
         report.applied += batch.applied

@@ -13,6 +13,17 @@ each view, so ``applied + stale + dead_lettered == records x views`` holds for e
 A sink that is unavailable raises :class:`~viewkeeper.sinks.base.SinkUnavailable` out of
 :meth:`Pipeline.process`; the caller retries the whole batch and does not checkpoint
 (sinks are idempotent, so re-applying what already landed is harmless).
+
+The generation belongs to the record, not to the applier: a version is ``(generation,
+sequence)`` where the generation is the view's generation *when the record was read*
+(``generations=`` of :meth:`Pipeline.process`: the shard worker passes the map it held
+when GetRecords answered, dead-letter replay the one stored with the dead letter, the
+Lambda handler the one it read at the start of the invocation). A record read before a
+rebuild's handshake therefore loses to the rebuild's scan write ``(G, 0)`` wherever and
+whenever it is applied — right, because the scan read the item after the record was
+written — and one read after beats it. Only callers that apply records the moment they
+read them (tests, benchmarks) may leave ``generations`` out: the pipeline then stamps the
+current generation (``generation_of``).
 """
 
 from __future__ import annotations
@@ -96,9 +107,12 @@ class Pipeline:
         key_names: tuple[str, ...],
         records: Sequence[ChangeRecord],
         only: Sequence[str] | None = None,
+        *,
+        generations: Mapping[str, int] | None = None,
     ) -> BatchReport:
         """Project and apply one page of records of ``table`` to every view on it (or to the
-        views named in ``only``: dead-letter replay)."""
+        views named in ``only``: dead-letter replay), versioned with the views'
+        ``generations`` when the records were read (see the module doc)."""
         report = BatchReport()
         per_sink: dict[SinkKey, list[_Pending]] = defaultdict(list)
         invalid = [r for r in records if r.invalid is not None]
@@ -109,15 +123,21 @@ class Pipeline:
         for view in self.registry.by_table(table):
             if only is not None and view.name not in only:
                 continue
+            generation = (
+                generations.get(view.name, 0)
+                if generations is not None
+                else self.generation_of(view.name)
+            )
             for rec, item_key in zip(invalid, invalid_keys, strict=True):
-                self._dead(report, view, table, item_key, rec, DecodeError(str(rec.invalid)))
-            generation = self.generation_of(view.name)
+                self._dead(
+                    report, view, table, item_key, rec, DecodeError(str(rec.invalid)), generation
+                )
             latest: dict[str, list[ChangeRecord]] = {}
             for rec in records:
                 try:
                     item_key = encode_key(rec.keys, key_names)
                 except DecodeError as exc:
-                    self._dead(report, view, table, "?", rec, exc)
+                    self._dead(report, view, table, "?", rec, exc, generation)
                     continue
                 latest.setdefault(item_key, []).append(rec)
             for item_key, recs in latest.items():
@@ -165,7 +185,7 @@ class Pipeline:
                 else:
                     entries = project(view, rec.new_image, item_key, key_names)
             except ProjectionError as exc:
-                self._dead(report, view, table, item_key, rec, exc)
+                self._dead(report, view, table, item_key, rec, exc, generation)
                 continue
             superseded = i
             report.stale += superseded
@@ -195,6 +215,7 @@ class Pipeline:
                     pending.change.item_key,
                     pending.record,
                     RuntimeError(result.error or "rejected by the sink"),
+                    pending.change.version.generation,
                 )
             for col in result.collisions:
                 report.collisions += 1
@@ -232,6 +253,7 @@ class Pipeline:
                 "?" if isinstance(exc, DecodeError) else exc.item_key,
                 None,
                 exc,
+                version.generation,
                 scanned=item,
             )
             return None
@@ -255,6 +277,7 @@ class Pipeline:
         item_key: str,
         rec: ChangeRecord | None,
         exc: BaseException,
+        generation: int,
         scanned: Mapping[str, object] | None = None,
     ) -> None:
         if self.on_error == "halt":
@@ -274,6 +297,7 @@ class Pipeline:
             else {"scanned_item": dict(scanned)}
             if scanned is not None
             else None,
+            generation=generation,
         )
         self.store.put_deadletter(dl)
         report.dead_lettered += 1

@@ -1,12 +1,24 @@
 """Rebuild views from a full table scan while the stream keeps flowing (I6).
 
-The generation handshake (DESIGN.md §4):
+The generation handshake (see ARCHITECTURE.md):
 
 1. Raise each view's generation ``G`` in the coordination table.
-2. Wait until every live worker has acknowledged ``G``: from then on every stream record they
-   apply is stamped ``(G, sequence)``, which beats any scan write ``(G, 0)`` of the same item,
-   so a scan that read an item before a concurrent update can never overwrite that update.
+2. Handshake (:func:`handshake`): wait until no process can still *read* a record of the
+   views' tables and stamp it with an older generation. Records carry the generation their
+   reader held when GetRecords answered (:mod:`viewkeeper.pipeline`), so only readers
+   matter, and only the leases say who reads: for every held lease of the tables, its
+   owner has acknowledged ``G`` (it adopted ``G`` before publishing it, so every page it
+   receives from then on carries ``G``), or its lease is revoked. A lease is revoked when
+   its counter stayed the same for a lease duration on *this* process's clock (the rule
+   takers use: no wall clock is compared, so skew cannot fool it): the holder stopped
+   renewing, its own lease guard already refuses pages that arrive after that, and its
+   next renewal fails. A process that takes a lease later reads the generations after
+   the take (:mod:`viewkeeper.supervisor`). Appliers that hold no lease (the Lambda
+   handler) read the generations at the start of each invocation, after its records
+   were read, and need no handshake.
 3. Scan the table in parallel segments; project each item and apply it at ``(G, 0)``.
+   A record read after the handshake carries ``(G, seq)`` and beats it; one read before
+   carries ``G - 1`` and loses — right, since the scan read the item after it.
 4. Sweep: retract whatever owner records of generations older than ``G`` still own — items
    that no longer exist, entries that a changed projection no longer yields, strays.
 
@@ -25,7 +37,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from viewkeeper.coordination.model import CoordinationStore, LeaseState
+from viewkeeper.coordination.model import CoordinationStore, Lease, LeaseState, WorkerInfo
 from viewkeeper.pipeline import BatchReport, Pipeline
 from viewkeeper.projection.api import View
 from viewkeeper.projection.registry import ViewRegistry
@@ -34,13 +46,13 @@ from viewkeeper.stream.client import StreamClient
 from viewkeeper.stream.errors import ThrottlingError
 from viewkeeper.versions import Version
 
-__all__ = ["HandshakeTimeout", "RebuildReport", "RebuildSettings", "rebuild"]
+__all__ = ["HandshakeTimeout", "RebuildReport", "RebuildSettings", "handshake", "rebuild"]
 
 log = logging.getLogger("viewkeeper.rebuild")
 
 
 class HandshakeTimeout(Exception):
-    """Live workers did not acknowledge the new generation in time."""
+    """Workers reading the tables did not acknowledge the new generation in time."""
 
 
 @dataclass(frozen=True)
@@ -49,7 +61,8 @@ class RebuildSettings:
     batch_size: int = 500
     max_items_per_second: float | None = None  # read-capacity guard; None = as fast as it goes
     handshake_timeout: float = 60.0
-    worker_timeout: float = 20.0  # a worker silent this long is not live
+    # worker.lease_duration of the daemons: a lease unchanged this long is revoked
+    lease_duration: float = 10.0
     progress_every: float = 1.0
 
 
@@ -98,32 +111,96 @@ class _RateLimiter:
             time.sleep(wait)
 
 
-def wait_for_acks(
-    store: CoordinationStore, wanted: dict[str, int], settings: RebuildSettings, out: TextIO
+@dataclass
+class _Seen:
+    counter: int
+    owner: str | None
+    since: float  # time.monotonic() when this counter was first read
+
+
+def handshake(
+    store: CoordinationStore,
+    tables: Sequence[str],
+    wanted: dict[str, int],
+    settings: RebuildSettings,
+    out: TextIO,
 ) -> None:
+    """Return once every held, active lease of ``tables`` belongs to a worker that has
+    acknowledged ``wanted``, or was revoked (see the module doc); raise HandshakeTimeout
+    naming the workers that did neither in ``handshake_timeout``."""
     deadline = time.monotonic() + settings.handshake_timeout
+    seen: dict[tuple[str, str], _Seen] = {}
+    revoked: list[str] = []
     while True:
-        horizon = time.time() - settings.worker_timeout
-        live = [w for w in store.list_workers() if w.heartbeat_at >= horizon]
-        behind = [
-            w for w in live if any(w.acked.get(view, 0) < gen for view, gen in wanted.items())
-        ]
+        workers = {w.worker_id: w for w in store.list_workers()}
+        behind: dict[str, list[Lease]] = {}
+        for table in tables:
+            leases = store.list_leases(table)
+            read_at = time.monotonic()  # expiry counts from the read, never from before it
+            for lease in leases:
+                if lease.owner is None or lease.state is not LeaseState.ACTIVE:
+                    continue
+                worker = workers.get(lease.owner)
+                if worker is not None and all(
+                    worker.acked.get(view, 0) >= gen for view, gen in wanted.items()
+                ):
+                    continue
+                key = (table, lease.shard_id)
+                prev = seen.get(key)
+                if prev is None or (prev.counter, prev.owner) != (lease.counter, lease.owner):
+                    seen[key] = _Seen(lease.counter, lease.owner, read_at)
+                elif read_at - prev.since >= settings.lease_duration and store.revoke_lease(lease):
+                    revoked.append(f"{table}/{lease.shard_id} of {lease.owner}")
+                    log.warning(
+                        "rebuild: revoked lease %s/%s of %s: it neither acknowledged "
+                        "generation %s nor renewed its lease for %.0fs",
+                        table,
+                        lease.shard_id,
+                        lease.owner,
+                        wanted,
+                        settings.lease_duration,
+                    )
+                    continue
+                behind.setdefault(lease.owner, []).append(lease)
         if not behind:
-            if live:
-                print(f"all {len(live)} live workers acknowledged the new generation", file=out)
+            acked = sorted({o for o in workers if o} & _owners(store, tables))
+            print(
+                f"handshake done: {len(acked)} reading worker(s) acknowledged "
+                f"the new generation" + (f"; revoked {', '.join(revoked)}" if revoked else ""),
+                file=out,
+            )
             return
         if time.monotonic() > deadline:
-            names = ", ".join(
-                f"{w.worker_id} (host {w.host}, pid {w.pid}, acked "
-                f"{ {v: w.acked.get(v, 0) for v in wanted} })"
-                for w in behind
+            names = "; ".join(
+                _describe_worker(owner, workers.get(owner), leases, wanted)
+                for owner, leases in sorted(behind.items())
             )
             raise HandshakeTimeout(
-                f"rebuild waited {settings.handshake_timeout:.0f}s for workers to acknowledge "
-                f"generation {wanted}; not acknowledged by: {names}. Check that these "
-                "processes are healthy (or stop them), then run the rebuild again"
+                f"rebuild waited {settings.handshake_timeout:.0f}s for the workers reading "
+                f"{', '.join(tables)} to acknowledge generation {wanted}; not acknowledged "
+                f"by: {names}. They renew their leases but do not take up the new "
+                "generation: check that they run this viewkeeper version and are healthy "
+                "(or stop them), then run the rebuild again"
             )
         time.sleep(0.2)
+
+
+def _owners(store: CoordinationStore, tables: Sequence[str]) -> set[str]:
+    return {
+        lease.owner for t in tables for lease in store.list_leases(t) if lease.owner is not None
+    }
+
+
+def _describe_worker(
+    owner: str, worker: WorkerInfo | None, leases: list[Lease], wanted: dict[str, int]
+) -> str:
+    shards = ", ".join(lease.shard_id for lease in leases[:3]) + (
+        f" and {len(leases) - 3} more" if len(leases) > 3 else ""
+    )
+    if worker is None:
+        return f"{owner} (no worker record; holds {shards})"
+    acked = {v: worker.acked.get(v, 0) for v in wanted}
+    return f"{owner} (host {worker.host}, pid {worker.pid}, acked {acked}, holds {shards})"
 
 
 def rebuild(
@@ -142,8 +219,8 @@ def rebuild(
     store.ensure()
     generations = {v.name: store.raise_generation(v.name) for v in views}
     report = RebuildReport([v.name for v in views], generations)
-    print(f"raised generation: {generations}; waiting for live workers to acknowledge", file=out)
-    wait_for_acks(store, generations, settings, out)
+    print(f"raised generation: {generations}; waiting for the readers to acknowledge", file=out)
+    handshake(store, tables, generations, settings, out)
     pipeline = pipeline_factory(lambda name: generations.get(name, 0))
     for table in tables:
         table_views = [v for v in views if v.table == table]

@@ -27,6 +27,14 @@ beyond what the store granted).
 
 A shard's children start only after the parent's lease is ENDED (all its records applied).
 A worker that reaches SHARD_END wakes the supervisor to discover the children at once.
+
+Generations (the rebuild's handshake, see :mod:`viewkeeper.rebuild`): each round first
+reads the views' generations and adopts them — workers stamp every page that arrives from
+then on with them — and only then publishes them as acknowledged in the worker record.
+A round that took a lease reads them again before it starts the lease's worker: a rebuild
+that raised a generation after this round's first read, and listed the leases before the
+take, must not find a new holder stamping the old generation. Expiry of another worker's
+lease is measured from when its counter was *read*, not from the start of the round.
 """
 
 from __future__ import annotations
@@ -193,7 +201,7 @@ class Supervisor:
     def tick(self) -> None:
         now = self.clock()
         self._last_tick = now
-        self.generations = self.store.generations()
+        self.generations = self.store.generations()  # adopted, then acknowledged below
         if now - self._last_discovery >= self.settings.discovery_interval or self._wake.is_set():
             self._wake.clear()
             self.discover()
@@ -202,8 +210,10 @@ class Supervisor:
         self._renew()  # first: the snapshot below must be fresh when _acquire takes from it
         for table in self.tables:
             self._leases[table] = self.store.list_leases(table)
-        if not self.stopping.is_set():
-            self._acquire(now, live)
+        listed_at = self.clock()  # expiry counts from here, not from the round's start
+        if not self.stopping.is_set() and self._acquire(listed_at, live):
+            # a lease taken now: its worker must not stamp generations read before the take
+            self.generations = self.store.generations()
         self._reap_and_start(now)
         metrics.LEASES.set(len(self.held))
 
@@ -299,7 +309,9 @@ class Supervisor:
             return False
         return now - seen.since >= self.settings.lease_duration
 
-    def _acquire(self, now: float, live: dict[str, int]) -> None:
+    def _acquire(self, now: float, live: dict[str, int]) -> bool:
+        """Take free, expired or (one) stolen leases up to the fair share; True when one
+        was taken."""
         candidates: list[Lease] = []
         owned_by: dict[str, list[Lease]] = {}
         expired_owners: set[str] = set()
@@ -323,9 +335,12 @@ class Supervisor:
         dead = expired_owners - owned_by.keys() - {self.worker_id}
         target = math.ceil(total / max(1, len(live.keys() - dead)))
         mine = len(self.held)
+        took = False
         while candidates and mine < target:  # never more takes in flight than still wanted
             chunk, candidates = candidates[: target - mine], candidates[target - mine :]
-            mine += self._take_many(chunk)
+            taken = self._take_many(chunk)
+            mine += taken
+            took = took or taken > 0
         if mine < target and owned_by:
             busiest, theirs = max(owned_by.items(), key=lambda kv: len(kv[1]))
             if len(theirs) >= mine + 2:
@@ -338,7 +353,8 @@ class Supervisor:
                     len(theirs),
                     target,
                 )
-                self._take(victim)
+                took = self._take(victim) or took
+        return took
 
     def _take(self, lease: Lease) -> bool:
         return self._take_many([lease]) == 1
@@ -442,6 +458,7 @@ class Supervisor:
             stop=stop,
             on_shard_end=self._on_shard_end,
             lease_valid=lambda: self.lease_valid(key),
+            generations=lambda: self.generations,
         )
         thread = threading.Thread(
             target=worker.run_guarded, name=f"shard-{key[1][-12:]}", daemon=True

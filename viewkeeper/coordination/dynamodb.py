@@ -406,6 +406,24 @@ class DynamoDBStore:
             if not _conditional_failed(exc):
                 raise
 
+    def revoke_lease(self, lease: Lease) -> bool:
+        values: dict[str, Any] = {":c": _n(lease.counter), ":one": _n(1)}
+        cond = f"#c = :c AND {self._owner_cond(lease, values)}"
+        try:
+            self._update(
+                f"lease#{lease.table}",
+                lease.shard_id,
+                "REMOVE #o ADD #c :one",
+                values,
+                cond,
+                {"#o": "owner", "#c": "counter"},
+            )
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                return False
+            raise
+        return True
+
     def reset_lease(
         self, table: str, shard_id: str, checkpoint: str | None, state: LeaseState
     ) -> None:
@@ -491,6 +509,8 @@ class DynamoDBStore:
             "traceback": _s(dl.traceback[-8000:] or "-"),
             "created_at": _n(dl.created_at),
         }
+        if dl.generation is not None:
+            item["generation"] = _n(dl.generation)
         if dl.record is not None:
             blob = zlib.compress(orjson.dumps(dl.record, default=str))
             if len(blob) > 350_000:
@@ -517,6 +537,7 @@ class DynamoDBStore:
                     traceback=i["traceback"]["S"],
                     created_at=float(i["created_at"]["N"]),
                     record=orjson.loads(zlib.decompress(blob)) if blob else None,
+                    generation=int(i["generation"]["N"]) if "generation" in i else None,
                 )
             )
         return out

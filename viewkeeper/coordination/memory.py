@@ -98,6 +98,15 @@ class MemoryStore:
                 cur.owner = None
                 cur.counter += 1
 
+    def revoke_lease(self, lease: Lease) -> bool:
+        with self._lock:
+            cur = self._leases.get((lease.table, lease.shard_id))
+            if cur is None or cur.owner != lease.owner or cur.counter != lease.counter:
+                return False
+            cur.owner = None
+            cur.counter += 1
+            return True
+
     def reset_lease(
         self, table: str, shard_id: str, checkpoint: str | None, state: LeaseState
     ) -> None:

@@ -83,6 +83,9 @@ class DeadLetter:
     traceback: str
     created_at: float
     record: dict[str, Any] | None  # the raw stream record (wire form), for replay
+    # the view's generation the record was stamped with when it was read (replay applies it
+    # at that generation, never at today's); None: written by a viewkeeper before 0.2
+    generation: int | None = None
 
 
 class LeaseLost(Exception):
@@ -116,6 +119,12 @@ class CoordinationStore(Protocol):
         CoordinationUnavailable when the table cannot be written now."""
 
     def release_lease(self, lease: Lease) -> None: ...
+    def revoke_lease(self, lease: Lease) -> bool:
+        """Free ``lease`` if its owner and counter are still the ones seen (the rebuild's
+        handshake, for a holder that stopped renewing): its holder's next renewal and
+        checkpoint fail. False when the lease changed since it was seen."""
+        ...
+
     def reset_lease(
         self, table: str, shard_id: str, checkpoint: str | None, state: LeaseState
     ) -> None: ...

@@ -23,10 +23,20 @@ worker that stops drops it (its records are after the checkpoint: they are read 
 After a page that ended short of the limits the worker waits ``busy_poll_interval``
 (records are flowing) or, after an empty page, ``poll_interval``.
 
+Every page is stamped when GetRecords answers (in the helper thread for a page read ahead):
+the views' generations this process holds then, and whether its lease was valid then
+(renewed within the lease duration). The page is applied at those generations however
+late it is applied (a sink outage, a retry), so a record read before a rebuild's handshake
+always loses to the rebuild's scan (see :mod:`viewkeeper.pipeline`). A page that arrived
+while the lease was in doubt is not applied at all: this process may have stalled past
+its lease, and a rebuild may have gone on without its acknowledgement (it revokes the
+lease of a worker that does not answer); the page is read again, with fresh generations,
+once the lease is renewed — or by whoever holds the shard next.
+
 A sink outage makes the page retry, with backoff, until the sink is back or the worker is
-asked to stop; the checkpoint stays put. A malformed record is no reason to stop: the
-pipeline dead-letters it and the page goes on (I5), so one bad record cannot stall the
-shard.
+asked to stop; the checkpoint stays put, and the lease is checked again before each try.
+A malformed record is no reason to stop: the pipeline dead-letters it and the page goes on
+(I5), so one bad record cannot stall the shard.
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -82,6 +92,16 @@ class WorkerSettings:
 PAGE_BYTES = 1 << 20  # GetRecords returns at most 1 MB of records
 
 
+@dataclass(frozen=True, slots=True)
+class Stamp:
+    """What held when GetRecords answered: the views' generations (None: let the pipeline
+    stamp at apply time — workers built without a generation source, in tests) and
+    whether the lease was valid."""
+
+    generations: Mapping[str, int] | None
+    valid: bool
+
+
 def ended_at_a_limit(count: int, size: int, batch_size: int) -> bool:
     """Whether a page of ``count`` records in a body of ``size`` bytes stopped at
     GetRecords' limits — ``batch_size`` records, or about its 1 MB: more records are then
@@ -109,6 +129,7 @@ class ShardWorker:
         on_shard_end: Callable[[Lease], None] = lambda lease: None,
         clock: Callable[[], float] = time.time,
         lease_valid: Callable[[], bool] = lambda: True,
+        generations: Callable[[], Mapping[str, int]] | None = None,
     ) -> None:
         self.lease = lease
         self.client = client
@@ -119,6 +140,7 @@ class ShardWorker:
         self.stop = stop
         self.on_shard_end = on_shard_end
         self.lease_valid = lease_valid
+        self.generations = generations
         self.clock = clock
         self.last_sequence: str | None = (
             lease.checkpoint if lease.checkpoint not in (None, LATEST, TRIM_HORIZON) else None
@@ -132,7 +154,8 @@ class ShardWorker:
         self._backoff = 0.1
         self._labels = (lease.table, lease.shard_id)
         self._reader: ThreadPoolExecutor | None = None  # made on the first full page
-        self._ahead: tuple[str, Future[PendingPage]] | None = None  # (iterator, its call)
+        # (iterator, its call): the page read ahead, stamped when it arrived
+        self._ahead: tuple[str, Future[tuple[PendingPage, Stamp]]] | None = None
 
     # --- iterators ----------------------------------------------------------------------
     def _iterator(self) -> str:
@@ -199,20 +222,26 @@ class ShardWorker:
             self._close_reader()
 
     # --- reading, one page ahead ----------------------------------------------------------
-    def _read(self, iterator: str) -> RecordsPage:
-        """The page at ``iterator``: the one read ahead for it (decoded now, in this thread,
-        once the call for the next page has left), or a GetRecords call now. An error of the
-        read-ahead call is raised here, as if the call were made now."""
+    def _stamp(self) -> Stamp:
+        """Taken the moment a page arrives (see the module doc)."""
+        gens = dict(self.generations()) if self.generations is not None else None
+        return Stamp(gens, self.lease_valid())
+
+    def _read(self, iterator: str) -> tuple[RecordsPage, Stamp]:
+        """The page at ``iterator`` and its stamp: the one read ahead for it (decoded now, in
+        this thread, once the call for the next page has left), or a GetRecords call now. An
+        error of the read-ahead call is raised here, as if the call were made now."""
         ahead, self._ahead = self._ahead, None
         if ahead is not None:
             if ahead[0] == iterator:
-                pending = ahead[1].result()
+                pending, stamp = ahead[1].result()
                 self._maybe_read_ahead(pending.next_iterator, pending.count, pending.size)
-                return pending.decode()
+                return pending.decode(), stamp
             ahead[1].cancel()  # not the page asked for (cannot happen today): never used
         page = self.client.get_records(iterator, self.settings.batch_size)
+        stamp = self._stamp()
         self._maybe_read_ahead(page.next_iterator, len(page.records), page.size)
-        return page
+        return page, stamp
 
     def _maybe_read_ahead(self, iterator: str | None, count: int, size: int) -> None:
         """Make the call for the page after one of ``count`` records and ``size`` bytes now,
@@ -229,8 +258,13 @@ class ShardWorker:
             self._reader = ThreadPoolExecutor(
                 1, thread_name_prefix=f"vk-read-{self.lease.shard_id[-12:]}"
             )
-        future = self._reader.submit(self.client.read_records, iterator, self.settings.batch_size)
+        future = self._reader.submit(self._call_ahead, iterator)
         self._ahead = (iterator, future)
+
+    def _call_ahead(self, iterator: str) -> tuple[PendingPage, Stamp]:
+        """In the helper: the call, then the stamp, taken when the answer arrived."""
+        pending = self.client.read_records(iterator, self.settings.batch_size)
+        return pending, self._stamp()
 
     def _close_reader(self) -> None:
         """Drop the page read ahead (its records are after the checkpoint: whoever holds the
@@ -244,7 +278,7 @@ class ShardWorker:
     def _page(self, iterator: str) -> str | None:
         """Read, apply and checkpoint one page; the next iterator, or None to stop here."""
         try:
-            page = self._read(iterator)
+            page, stamp = self._read(iterator)
         except ExpiredIteratorError:
             self._pause.close()
             log.info(
@@ -262,9 +296,11 @@ class ShardWorker:
         self._backoff = 0.1
         records = page.records
         full = ended_at_a_limit(len(records), page.size, self.settings.batch_size)
+        if records and not stamp.valid:
+            return self._read_again(records)
         if records and not self._wait_lease_valid():
             return None  # stopped while the lease was in doubt: the page will be re-read
-        if records and not self._process(records):
+        if records and not self._process(records, stamp):
             return None  # stopped before the page was applied and checkpointed: re-read
         self.caught_up = not records or page.next_iterator is None
         if self.caught_up:
@@ -286,6 +322,30 @@ class ShardWorker:
                 else self.settings.poll_interval
             )
         return next_iterator
+
+    def _read_again(self, records: list[ChangeRecord]) -> str | None:
+        """A page arrived while the lease was in doubt: drop it (and the page read ahead),
+        wait for the lease to be renewed, and read from its first record again — the
+        records then carry the generations of a process that has caught up with the
+        coordination table. None when stopped first (the next holder reads it)."""
+        self._close_reader()
+        self._pause.close()
+        log.warning(
+            "shard %s/%s: a page arrived while the lease was not renewed in time; "
+            "reading it again once the lease is renewed",
+            *self._labels,
+        )
+        first = next((r.sequence for r in records if r.sequence != NO_SEQUENCE), None)
+        if not self._wait_lease_valid():
+            return None
+        if first is None:
+            return self._with_retry(self._iterator)
+        lease = self.lease
+        return self._with_retry(
+            lambda: self.client.get_shard_iterator(
+                lease.stream_arn, lease.shard_id, "AT_SEQUENCE_NUMBER", first
+            )
+        )
 
     def _wait_lease_valid(self) -> bool:
         """Apply only while the supervisor renewed the lease within lease_duration: one that
@@ -311,7 +371,7 @@ class ShardWorker:
                 delay = min(delay * 2, self.settings.max_backoff)
         return None
 
-    def _process(self, records: list[ChangeRecord]) -> bool:
+    def _process(self, records: list[ChangeRecord], stamp: Stamp | None = None) -> bool:
         """Apply a page and checkpoint it; False when stopped before the sinks took it or
         before the checkpoint was written (the page is then read again: a replay).
 
@@ -321,11 +381,12 @@ class ShardWorker:
         so the checkpoint is the last record of the page that has one (or stays where it is
         when none has: the next page moves it)."""
         table = self.lease.table
+        gens = stamp.generations if stamp is not None else None
         delay = 0.2
         while True:
             started = time.perf_counter()
             try:
-                self.pipeline.process(table, self.key_names, records)
+                self.pipeline.process(table, self.key_names, records, generations=gens)
                 break
             except SinkUnavailable as exc:
                 metrics.SINK_RETRIES.labels(str(exc).split(":", 1)[0]).inc()
@@ -338,7 +399,7 @@ class ShardWorker:
                     self.last_sequence,
                 )
                 self._pause.close()  # the collector runs while we wait for the sink
-                if self.stop.wait(delay):
+                if self.stop.wait(delay) or not self._wait_lease_valid():
                     return False
                 delay = min(delay * 2, self.settings.max_backoff)
         metrics.BATCH_SECONDS.labels(table).observe(time.perf_counter() - started)
