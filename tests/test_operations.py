@@ -1,9 +1,8 @@
-"""Operating the daemon: systemd notification and drain on SIGTERM, metrics, the Lambda
-handler — against moto, the real Redis and real processes."""
+"""Operating the daemon: systemd notification and drain on SIGTERM, metrics — against moto,
+the real Redis and real processes. (The Lambda handler: tests/test_lambda.py.)"""
 
 from __future__ import annotations
 
-import base64
 import signal
 import socket
 import subprocess
@@ -14,17 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 import yaml
 
 from tests.helpers import REPO, redis_view_keys, vk_env, write_config
 from tests.testbed import free_port
 from viewkeeper.coordination.dynamodb import DynamoDBStore
-from viewkeeper.coordination.memory import MemoryStore
-from viewkeeper.ops.lambda_handler import handle_event, table_of
-from viewkeeper.pipeline import Pipeline
-from viewkeeper.projection.registry import load_views
-from viewkeeper.sinks.redis import RedisSink
 
 TABLE = "e2e-orders"
 
@@ -169,131 +162,3 @@ def test_metrics_endpoint_counts_records_and_listens_on_loopback(
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
-
-
-# --- Lambda -------------------------------------------------------------------------------
-ARN = f"arn:aws:dynamodb:us-east-1:123456789012:table/{TABLE}/stream/2026-11-27T00:00:00.000"
-
-
-def lambda_record(seq: str, order_id: str, status: str, event: str = "INSERT") -> dict[str, Any]:
-    image = {
-        "order_id": {"S": order_id},
-        "customer_id": {"S": "c1"},
-        "status": {"S": status},
-        "total": {"N": "2.5"},
-        "created_at": {"N": "7"},
-        "blob": {"B": base64.b64encode(b"\x00\x01").decode()},
-    }
-    body: dict[str, Any] = {
-        "ApproximateCreationDateTime": 1764201600,
-        "Keys": {"order_id": {"S": order_id}},
-        "SequenceNumber": seq,
-        "SizeBytes": 100,
-        "StreamViewType": "NEW_AND_OLD_IMAGES",
-    }
-    if event != "REMOVE":
-        body["NewImage"] = image
-    return {
-        "eventID": seq,
-        "eventName": event,
-        "eventVersion": "1.1",
-        "eventSource": "aws:dynamodb",
-        "awsRegion": "us-east-1",
-        "dynamodb": body,
-        "eventSourceARN": ARN,
-    }
-
-
-def lambda_pipeline(client: Any, store: Any) -> Pipeline:
-    registry = load_views(["tests.views_e2e.redis_only"])
-    sink = RedisSink("cache", client, retry_seconds=0.5)
-    return Pipeline(registry, {("redis", "cache"): sink}, store, lambda v: 0)
-
-
-def test_table_of_reads_the_stream_arn() -> None:
-    assert table_of(ARN) == TABLE
-    with pytest.raises(ValueError, match="not a DynamoDB stream ARN"):
-        table_of("arn:aws:kinesis:x")
-
-
-def test_lambda_handler_applies_an_event_and_dead_letters_a_bad_record(
-    redis_client: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("VK_TEST_BOOM", "1")
-    store = MemoryStore()
-    pipe = lambda_pipeline(redis_client, store)
-    event = {
-        "Records": [
-            lambda_record("1" * 21 + "1", "o1", "new"),
-            lambda_record("1" * 21 + "2", "o2", "boom"),
-            lambda_record("1" * 21 + "3", "o1", "paid", "MODIFY"),
-        ]
-    }
-    assert handle_event(event, pipe, lambda t: ("order_id",)) == {"batchItemFailures": []}
-    assert redis_view_keys(redis_client)["order:o1"] == '{"status":"paid","total":2.5}'
-    (dl,) = store.list_deadletters()
-    assert dl.item_key == "o2" and dl.sequence == "1" * 21 + "2"
-
-
-def test_lambda_reports_the_first_record_when_a_sink_is_down() -> None:
-    down = redis.Redis(port=free_port(), socket_connect_timeout=0.2)
-    pipe = lambda_pipeline(down, MemoryStore())
-    seqs = ["2" * 22, "2" * 21 + "3"]
-    event = {
-        "Records": [
-            lambda_record(seqs[0], "o1", "new"),
-            lambda_record(seqs[1], "o1", "x", "REMOVE"),
-        ]
-    }
-    result = handle_event(event, pipe, lambda t: ("order_id",))
-    assert result == {"batchItemFailures": [{"itemIdentifier": seqs[0]}]}
-
-
-def test_lambda_dead_letters_a_malformed_record_instead_of_dropping_it(
-    redis_client: redis.Redis,
-) -> None:
-    """A malformed record is dead-lettered (raw record, error, sequence) like in the daemon,
-    and the rest of the batch is applied: nothing dropped, nothing retried forever."""
-    store = MemoryStore()
-    pipe = lambda_pipeline(redis_client, store)
-    no_keys = lambda_record("3" * 22, "o1", "new")
-    del no_keys["dynamodb"]["Keys"]
-    unknown_type = lambda_record("3" * 21 + "4", "o2", "new")
-    unknown_type["dynamodb"]["NewImage"]["x"] = {"X": "1"}
-    no_sequence = lambda_record("3" * 21 + "5", "o3", "new")
-    del no_sequence["dynamodb"]["SequenceNumber"]
-    event = {
-        "Records": [
-            lambda_record("3" * 21 + "1", "o0", "new"),
-            no_keys,
-            unknown_type,
-            no_sequence,
-            lambda_record("3" * 21 + "6", "o4", "paid"),
-        ]
-    }
-    assert handle_event(event, pipe, lambda t: ("order_id",)) == {"batchItemFailures": []}
-    keys = redis_view_keys(redis_client)
-    assert set(keys) == {"order:o0", "order:o4"}
-    letters = {d.sequence: d for d in store.list_deadletters()}
-    assert set(letters) == {"3" * 22, "3" * 21 + "4", "0"}  # "0": it has no sequence
-    assert "Keys" in letters["3" * 22].error and letters["3" * 22].item_key == "?"
-    assert "'X'" in letters["3" * 21 + "4"].error and letters["3" * 21 + "4"].item_key == "o2"
-    assert "SequenceNumber" in letters["0"].error
-    for dl, raw in zip(
-        (letters["3" * 22], letters["3" * 21 + "4"], letters["0"]),
-        (no_keys, unknown_type, no_sequence),
-        strict=True,
-    ):
-        assert (dl.view, dl.table) == ("card", TABLE)
-        assert dl.record == raw  # kept for inspection and replay
-
-
-def test_lambda_fails_the_batch_on_a_malformed_record_of_no_known_table() -> None:
-    """When no record of the event says which table it is from, a malformed record cannot be
-    dead-lettered per view: the batch fails from its first record, so Lambda keeps it."""
-    pipe = lambda_pipeline(redis.Redis(port=free_port()), MemoryStore())
-    bad = lambda_record("3" * 22, "o1", "new")
-    del bad["dynamodb"]["Keys"]
-    del bad["eventSourceARN"]
-    result = handle_event({"Records": [bad]}, pipe, lambda t: ("order_id",))
-    assert result == {"batchItemFailures": [{"itemIdentifier": "3" * 22}]}
