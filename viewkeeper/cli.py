@@ -112,15 +112,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--offline", action="store_true", help="only validate the config and import the views"
     )
 
-    p = sub.add_parser("deadletters", help="list or replay records that could not be applied")
+    p = sub.add_parser("deadletters", help="list, replay or drop records that could not be applied")
     dsub = p.add_subparsers(dest="action", metavar="ACTION")
     dsub.required = True
-    d = dsub.add_parser("list", help="list dead letters")
+    d = dsub.add_parser("list", help="list dead letters (EXPIRED: too old to replay)")
     _config_arg(d)
     d.add_argument("--json", action="store_true", help="machine-readable output")
-    d = dsub.add_parser("replay", help="apply dead letters again (stale ones are discarded)")
+    d = dsub.add_parser(
+        "replay",
+        help="apply dead letters again at the generation they were read with (stale ones are "
+        "discarded; those older than the tombstone retention are refused)",
+    )
     _config_arg(d)
     d.add_argument("--id", action="append", default=None, help="replay only this id")
+    d = dsub.add_parser("drop", help="remove dead letters (after a rebuild made them moot)")
+    _config_arg(d)
+    d.add_argument("--id", action="append", default=[], help="remove this id")
+    d.add_argument(
+        "--expired", action="store_true", help="remove those older than the tombstone retention"
+    )
 
     p = sub.add_parser(
         "demo",
@@ -677,26 +687,46 @@ def _check_connection(app: Any, kind: str, name: str) -> str:
 
 
 def cmd_deadletters(args: argparse.Namespace) -> int:
-    from viewkeeper.deadletters import format_deadletters, replay
+    from viewkeeper.deadletters import drop, expired, format_deadletters, replay
 
     app = _app(args)
     _check_store(app)
+    retention = app.config.tombstones.retention_hours * 3600
     if args.action == "list":
         dls = app.store.list_deadletters()
         if args.json:
-            print(json.dumps([dataclasses.asdict(d) for d in dls], indent=2, default=str))
+            print(
+                json.dumps(
+                    [dataclasses.asdict(d) | {"expired": expired(d, retention)} for d in dls],
+                    indent=2,
+                    default=str,
+                )
+            )
         else:
-            print(format_deadletters(dls))
+            print(format_deadletters(dls, retention))
+        return 0
+    if args.action == "drop":
+        if not args.id and not args.expired:
+            raise Failure("deadletters drop: name the dead letters (--id ID) or use --expired")
+        n = drop(app.store, ids=args.id, expired_only=args.expired, retention=retention)
+        print(f"dropped {n} dead letter(s)")
         return 0
     try:
-        report = replay(app.store, app.pipeline(), app.key_names, set(args.id) if args.id else None)
+        report = replay(
+            app.store,
+            app.pipeline(),
+            app.key_names,
+            set(args.id) if args.id else None,
+            retention=retention,
+        )
     finally:
         app.close()
     print(
         f"replayed {report.replayed}: applied {report.applied}, stale {report.stale}, "
-        f"failed again {report.failed_again}; skipped {report.skipped} (scan items: re-run "
-        "the rebuild)"
+        f"failed again {report.failed_again}; skipped {report.skipped}"
     )
+    for note in report.notes:
+        print(f"  skipped {note}")
     return 0 if report.failed_again == 0 else 1
 
 

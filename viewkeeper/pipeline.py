@@ -5,6 +5,13 @@ pair ends in exactly one outcome, counted: ``applied``, ``stale`` (the sink held
 newer version, or a newer record of the same item in the same batch superseded it) or
 ``dead_lettered`` (stored durably with its error). Nothing is dropped silently.
 
+Dead letters are written once the page went through: a record that fails is collected while
+the page is projected and applied, and stored after every sink acknowledged the page (so a
+page retried during a sink outage does not store it again). Its id is derived from the
+record (table, view, sequence number), so the same record failing again — a page read
+again after a crash, a replay that fails — is the same dead letter, keeping the time of
+its first failure.
+
 A malformed record (one that :func:`~viewkeeper.stream.records.decode_records` marked
 ``invalid``) is dead-lettered once for every view on its table, with its raw record, its
 decode error and its sequence (``"0"`` when it has none), and counted ``dead_lettered`` for
@@ -28,13 +35,15 @@ current generation (``generation_of``).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import traceback
-import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+
+import orjson
 
 from viewkeeper.coordination.model import CoordinationStore, DeadLetter
 from viewkeeper.ops import metrics
@@ -42,10 +51,10 @@ from viewkeeper.projection.api import View
 from viewkeeper.projection.project import ProjectionError, project
 from viewkeeper.projection.registry import ViewRegistry
 from viewkeeper.sinks.base import Change, Outcome, Sink
-from viewkeeper.stream.records import ChangeRecord, DecodeError, encode_key
-from viewkeeper.versions import Version
+from viewkeeper.stream.records import NO_SEQUENCE, ChangeRecord, DecodeError, encode_key
+from viewkeeper.versions import Version, padded_sequence
 
-__all__ = ["BatchReport", "HaltShard", "Pipeline"]
+__all__ = ["BatchReport", "HaltShard", "Pipeline", "deadletter_id"]
 
 log = logging.getLogger("viewkeeper.pipeline")
 
@@ -61,6 +70,8 @@ class BatchReport:
     dead_lettered: int = 0
     collisions: int = 0
     failed_sequences: set[str] = field(default_factory=set)
+    # collected while the page is processed; stored (and counted) by Pipeline.flush
+    letters: list[DeadLetter] = field(default_factory=list)
 
     def add(self, other: BatchReport) -> None:
         self.applied += other.applied
@@ -148,6 +159,7 @@ class Pipeline:
                     per_sink[(view.kind, view.connection)].append(pending)
         for key, pendings in per_sink.items():
             self._apply(report, self.sinks[key], pendings, table)
+        self.flush(report)
         return report
 
     @staticmethod
@@ -267,7 +279,26 @@ class Pipeline:
             per_sink[(ch.view.kind, ch.view.connection)].append(_Pending(ch, None))
         for key, pendings in per_sink.items():
             self._apply(report, self.sinks[key], pendings, table)
+        self.flush(report)
         return report
+
+    def flush(self, report: BatchReport) -> None:
+        """Store the dead letters ``report`` collected, and count them: called once the
+        sinks took the page (or the rebuild's batch)."""
+        letters, report.letters = report.letters, []
+        for dl in letters:
+            self.store.put_deadletter(dl)
+            report.dead_lettered += 1
+            if dl.sequence != NO_SEQUENCE:
+                report.failed_sequences.add(dl.sequence)
+            metrics.RECORDS.labels(dl.view, "dead_lettered").inc()
+            log.error(
+                "dead-lettered record %s of %s for view %s: %s",
+                dl.sequence,
+                dl.item_key,
+                dl.view,
+                dl.error.splitlines()[0] if dl.error else "",
+            )
 
     def _dead(
         self,
@@ -282,26 +313,47 @@ class Pipeline:
     ) -> None:
         if self.on_error == "halt":
             raise HaltShard(f"view {view.name}: {exc}") from exc
-        seq = rec.sequence if rec is not None else "0"
-        dl = DeadLetter(
-            id=f"{int(self.clock() * 1000):015d}-{uuid.uuid4().hex[:12]}",
-            view=view.name,
-            table=table,
-            item_key=item_key,
-            sequence=seq,
-            error=str(exc),
-            traceback="".join(traceback.format_exception(exc))[-8000:],
-            created_at=self.clock(),
-            record=dict(rec.raw)
-            if rec is not None and rec.raw
-            else {"scanned_item": dict(scanned)}
-            if scanned is not None
-            else None,
-            generation=generation,
+        seq = rec.sequence if rec is not None else NO_SEQUENCE
+        raw = dict(rec.raw) if rec is not None and rec.raw else None
+        now = self.clock()
+        report.letters.append(
+            DeadLetter(
+                id=deadletter_id(table, view.name, seq, raw, item_key, generation, scanned),
+                view=view.name,
+                table=table,
+                item_key=item_key,
+                sequence=seq,
+                error=str(exc),
+                traceback="".join(traceback.format_exception(exc))[-8000:],
+                created_at=now,
+                record=raw
+                if raw is not None
+                else {"scanned_item": dict(scanned)}
+                if scanned is not None
+                else None,
+                generation=generation,
+            )
         )
-        self.store.put_deadletter(dl)
-        report.dead_lettered += 1
-        if rec is not None:
-            report.failed_sequences.add(rec.sequence)
-        metrics.RECORDS.labels(view.name, "dead_lettered").inc()
-        log.error("dead-lettered record %s of %s for view %s: %s", seq, item_key, view.name, exc)
+
+
+def deadletter_id(
+    table: str,
+    view: str,
+    sequence: str,
+    raw: Mapping[str, object] | None,
+    item_key: str,
+    generation: int,
+    scanned: Mapping[str, object] | None = None,
+) -> str:
+    """The id of the dead letter of a record (or scanned item) for one view: the same
+    record is always the same dead letter. ``TABLE/VIEW/SEQUENCE`` with the sequence
+    zero-padded (ids list in stream order); a record without a sequence number is named
+    by a digest of its raw form, a scanned item by its generation and key."""
+    if scanned is not None:
+        digest = hashlib.sha1(item_key.encode("utf-8", "surrogatepass")).hexdigest()[:20]
+        return f"{table}/{view}/scan-g{generation}-{digest}"
+    pad = padded_sequence(sequence) if sequence != NO_SEQUENCE else None
+    if pad is not None:
+        return f"{table}/{view}/{pad}"
+    blob = orjson.dumps(raw, option=orjson.OPT_SORT_KEYS, default=str)
+    return f"{table}/{view}/x-{hashlib.sha1(blob).hexdigest()[:20]}"

@@ -298,6 +298,7 @@ def _scan_table(
                         changes.append(ch)
             if changes:
                 batch.add(_apply_with_retry(pipeline, changes, table))
+            pipeline.flush(batch)  # the items whose projection failed
             with lock:
                 report.scanned += len(page.items)
                 report.applied += batch.applied

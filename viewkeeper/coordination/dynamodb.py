@@ -498,49 +498,78 @@ class DynamoDBStore:
 
     # --- dead letters -----------------------------------------------------------------------
     def put_deadletter(self, dl: DeadLetter) -> None:
-        item: dict[str, Any] = {
-            "pk": _s("deadletter"),
-            "sk": _s(dl.id),
-            "view": _s(dl.view),
-            "table": _s(dl.table),
-            "item_key": _s(dl.item_key),
-            "sequence": _s(dl.sequence),
-            "error": _s(dl.error[:4000]),
-            "traceback": _s(dl.traceback[-8000:] or "-"),
-            "created_at": _n(dl.created_at),
+        """One item per id; a record dead-lettered again keeps its first ``created_at``."""
+        values: dict[str, Any] = {
+            ":view": _s(dl.view),
+            ":table": _s(dl.table),
+            ":item": _s(dl.item_key),
+            ":seq": _s(dl.sequence),
+            ":err": _s(dl.error[:4000]),
+            ":tb": _s(dl.traceback[-8000:] or "-"),
+            ":t": _n(dl.created_at),
         }
+        names = {
+            "#v": "view",
+            "#tb": "table",
+            "#sq": "sequence",
+            "#er": "error",
+            "#trace": "traceback",
+        }
+        sets = [
+            "#v = :view",
+            "#tb = :table",
+            "item_key = :item",
+            "#sq = :seq",
+            "#er = :err",
+            "#trace = :tb",
+            "created_at = if_not_exists(created_at, :t)",
+        ]
+        removes = []
         if dl.generation is not None:
-            item["generation"] = _n(dl.generation)
+            sets.append("generation = :gen")
+            values[":gen"] = _n(dl.generation)
         if dl.record is not None:
+            names["#rec"] = "record"
             blob = zlib.compress(orjson.dumps(dl.record, default=str))
             if len(blob) > 350_000:
-                item["record_note"] = _s(
+                sets.append("record_note = :note")
+                values[":note"] = _s(
                     f"raw record of {len(blob)} compressed bytes too large "
                     "to keep; replay re-reads the item"
                 )
+                removes.append("#rec")
             else:
-                item["record"] = {"B": blob}
-        self._db.put_item(TableName=self.table, Item=item)
+                sets.append("#rec = :rec")
+                values[":rec"] = {"B": blob}
+        expr = "SET " + ", ".join(sets) + (" REMOVE " + ", ".join(removes) if removes else "")
+        self._update("deadletter", dl.id, expr, values, names=names)
 
     def list_deadletters(self, limit: int = 1000) -> list[DeadLetter]:
-        out = []
-        for i in self._query("deadletter")[:limit]:
-            blob = i.get("record", {}).get("B")
-            out.append(
-                DeadLetter(
-                    id=i["sk"]["S"],
-                    view=i["view"]["S"],
-                    table=i["table"]["S"],
-                    item_key=i["item_key"]["S"],
-                    sequence=i["sequence"]["S"],
-                    error=i["error"]["S"],
-                    traceback=i["traceback"]["S"],
-                    created_at=float(i["created_at"]["N"]),
-                    record=orjson.loads(zlib.decompress(blob)) if blob else None,
-                    generation=int(i["generation"]["N"]) if "generation" in i else None,
-                )
-            )
-        return out
+        return [self._deadletter(i) for i in self._query("deadletter")[:limit]]
+
+    @staticmethod
+    def _deadletter(i: dict[str, Any]) -> DeadLetter:
+        blob = i.get("record", {}).get("B")
+        return DeadLetter(
+            id=i["sk"]["S"],
+            view=i["view"]["S"],
+            table=i["table"]["S"],
+            item_key=i["item_key"]["S"],
+            sequence=i["sequence"]["S"],
+            error=i["error"]["S"],
+            traceback=i["traceback"]["S"],
+            created_at=float(i["created_at"]["N"]),
+            record=orjson.loads(zlib.decompress(blob)) if blob else None,
+            generation=int(i["generation"]["N"]) if "generation" in i else None,
+        )
+
+    def get_deadletter(self, dl_id: str) -> DeadLetter | None:
+        item = self._db.get_item(
+            TableName=self.table,
+            Key={"pk": _s("deadletter"), "sk": _s(dl_id)},
+            ConsistentRead=True,
+        ).get("Item")
+        return self._deadletter(item) if item else None
 
     def delete_deadletter(self, dl_id: str) -> None:
         self._db.delete_item(TableName=self.table, Key={"pk": _s("deadletter"), "sk": _s(dl_id)})

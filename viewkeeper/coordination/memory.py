@@ -145,11 +145,20 @@ class MemoryStore:
 
     def put_deadletter(self, dl: DeadLetter) -> None:
         with self._lock:
-            self._dead[dl.id] = copy.deepcopy(dl)
+            stored = copy.deepcopy(dl)
+            old = self._dead.get(dl.id)
+            if old is not None:
+                stored.created_at = old.created_at
+            self._dead[dl.id] = stored
 
     def list_deadletters(self, limit: int = 1000) -> list[DeadLetter]:
         with self._lock:
             return [copy.deepcopy(d) for _, d in sorted(self._dead.items())][:limit]
+
+    def get_deadletter(self, dl_id: str) -> DeadLetter | None:
+        with self._lock:
+            dl = self._dead.get(dl_id)
+            return copy.deepcopy(dl) if dl is not None else None
 
     def delete_deadletter(self, dl_id: str) -> None:
         with self._lock:
