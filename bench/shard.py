@@ -60,8 +60,10 @@ class Outcomes:
         self.applied = self.stale = 0
         self._lock = threading.Lock()
 
-    def process(self, table: str, key_names: tuple[str, ...], records: Sequence[Any]) -> Any:
-        report = self.pipeline.process(table, key_names, records)
+    def process(
+        self, table: str, key_names: tuple[str, ...], records: Sequence[Any], **kwargs: Any
+    ) -> Any:
+        report = self.pipeline.process(table, key_names, records, **kwargs)
         if report.dead_lettered:
             raise AssertionError(f"{report.dead_lettered} records dead-lettered")
         with self._lock:

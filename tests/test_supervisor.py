@@ -35,7 +35,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from functools import partial
@@ -153,11 +153,13 @@ class FlakyPipeline(Pipeline):
         key_names: tuple[str, ...],
         records: Sequence[ChangeRecord],
         only: Sequence[str] | None = None,
+        *,
+        generations: Mapping[str, int] | None = None,
     ) -> BatchReport:
         if FlakyPipeline.crashes > 0:
             FlakyPipeline.crashes -= 1
             raise RuntimeError("simulated worker crash")
-        return super().process(table, key_names, records, only)
+        return super().process(table, key_names, records, only, generations=generations)
 
 
 class TaggedSink:

@@ -64,6 +64,12 @@ SHARD_FAILURES = Counter(
     "Shard workers that crashed and were restarted.",
     ["table"],
 )
+BEFORE_START = Counter(
+    "viewkeeper_records_before_start_total",
+    "Records read on reopening a shard first opened at LATEST that were written before that "
+    "first opening (not part of the view's input; see starting_position).",
+    ["table"],
+)
 
 
 def serve(port: int, host: str = "127.0.0.1") -> None:

@@ -23,6 +23,15 @@ worker that stops drops it (its records are after the checkpoint: they are read 
 After a page that ended short of the limits the worker waits ``busy_poll_interval``
 (records are flowing) or, after an empty page, ``poll_interval``.
 
+``starting_position: LATEST`` means "from the first time this shard was leased", durably.
+The first opening takes a LATEST iterator and writes its time to the lease
+(``checkpoint_at``, with the checkpoint still ``LATEST``) before reading a record; renewals
+move that time forward while the reader is caught up. Any later opening before a record was
+checkpointed — a restart, a crash, a lease move — reads from TRIM_HORIZON and skips only the
+records written more than :data:`LATEST_MARGIN` before that time (counted in
+``viewkeeper_records_before_start_total``), so nothing written since the first opening is
+skipped, however long the table stays quiet.
+
 Every page is stamped when GetRecords answers (in the helper thread for a page read ahead):
 the views' generations this process holds then, and whether its lease was valid then
 (renewed within the lease duration). The page is applied at those generations however
@@ -73,9 +82,14 @@ __all__ = ["ShardWorker", "WorkerSettings", "ended_at_a_limit"]
 
 log = logging.getLogger("viewkeeper.worker")
 
-# A checkpoint sentinel: the shard was opened at LATEST and no record has been read yet.
+# Checkpoint positions other than a sequence number (see Lease.checkpoint).
 LATEST = "LATEST"
 TRIM_HORIZON = "TRIM_HORIZON"
+# Records are skipped as "before the start" only when written this long before the first
+# opening at LATEST (or the last time the reader was known caught up there): covers the
+# approximate creation times and the clocks of DynamoDB and this host. Records inside the
+# margin are applied again, which is harmless (versions).
+LATEST_MARGIN = 300.0
 
 
 @dataclass(frozen=True)
@@ -156,6 +170,10 @@ class ShardWorker:
         self._reader: ThreadPoolExecutor | None = None  # made on the first full page
         # (iterator, its call): the page read ahead, stamped when it arrived
         self._ahead: tuple[str, Future[tuple[PendingPage, Stamp]]] | None = None
+        # LATEST: when this shard was first opened (None: never, or not at LATEST), and
+        # records created before this are before the start (None: none to skip)
+        self._latest_at = lease.checkpoint_at if lease.checkpoint == LATEST else None
+        self._skip_before: float | None = None
 
     # --- iterators ----------------------------------------------------------------------
     def _iterator(self) -> str:
@@ -164,8 +182,15 @@ class ShardWorker:
             return self.client.get_shard_iterator(
                 lease.stream_arn, lease.shard_id, "AFTER_SEQUENCE_NUMBER", self.last_sequence
             )
-        position = TRIM_HORIZON if lease.checkpoint in (None, TRIM_HORIZON) else LATEST
-        return self.client.get_shard_iterator(lease.stream_arn, lease.shard_id, position)
+        if lease.checkpoint == LATEST:
+            if self._latest_at is None:  # the first opening ever: pin it before reading
+                iterator = self.client.get_shard_iterator(lease.stream_arn, lease.shard_id, LATEST)
+                self._latest_at = self.clock()
+                self._checkpoint(LATEST)  # writes checkpoint_at; LeaseLost goes up
+                log.info("shard %s/%s opened at LATEST", *self._labels)
+                return iterator
+            self._skip_before = self._latest_at - LATEST_MARGIN
+        return self.client.get_shard_iterator(lease.stream_arn, lease.shard_id, TRIM_HORIZON)
 
     # --- the loop -------------------------------------------------------------------------
     def run_guarded(self) -> None:
@@ -179,15 +204,18 @@ class ShardWorker:
 
     def run(self) -> None:
         lease = self.lease
+        # when the reader was last known to be at its checkpoint (checkpoint writes, and
+        # renewals while caught up; never a renewal alone: a stalled worker must trip this)
+        at = lease.checkpoint_at if lease.checkpoint_at is not None else lease.updated_at
         if (
-            self.last_sequence is not None
-            and lease.updated_at
-            and self.clock() - lease.updated_at > self.settings.retention
+            (self.last_sequence is not None or self._latest_at is not None)
+            and at
+            and self.clock() - at > self.settings.retention
         ):
             self._trimmed(
-                f"checkpoint {self.last_sequence} was written "
-                f"{(self.clock() - lease.updated_at) / 3600:.1f} h ago, longer than "
-                "the stream's 24 h retention"
+                f"the reader was last at checkpoint {lease.checkpoint} "
+                f"{(self.clock() - at) / 3600:.1f} h ago, longer than the stream's "
+                f"{self.settings.retention / 3600:g} h retention"
             )
             return
         self._backoff = 0.1
@@ -296,13 +324,17 @@ class ShardWorker:
         self._backoff = 0.1
         records = page.records
         full = ended_at_a_limit(len(records), page.size, self.settings.batch_size)
+        if records:
+            self.caught_up = False  # a renewal must not say "caught up" while this is pending
         if records and not stamp.valid:
             return self._read_again(records)
+        if records and self._skip_before is not None:
+            records = self._after_start(records)
         if records and not self._wait_lease_valid():
             return None  # stopped while the lease was in doubt: the page will be re-read
         if records and not self._process(records, stamp):
             return None  # stopped before the page was applied and checkpointed: re-read
-        self.caught_up = not records or page.next_iterator is None
+        self.caught_up = not page.records or page.next_iterator is None
         if self.caught_up:
             self.lag = 0.0
         metrics.LAG.labels(*self._labels).set(self.lag or 0.0)
@@ -322,6 +354,36 @@ class ShardWorker:
                 else self.settings.poll_interval
             )
         return next_iterator
+
+    def _after_start(self, records: list[ChangeRecord]) -> list[ChangeRecord]:
+        """Drop the records written before the shard was first opened at LATEST (see the
+        module doc); the first record after that ends the skipping. A page of nothing but
+        such records is checkpointed here, so they are not read again."""
+        assert self._skip_before is not None
+        start = next(
+            (
+                i
+                for i, r in enumerate(records)
+                if not r.created_at or r.created_at >= self._skip_before
+            ),
+            len(records),
+        )
+        if start < len(records):
+            self._skip_before = None
+        if start:
+            metrics.BEFORE_START.labels(self.lease.table).inc(start)
+            log.info(
+                "shard %s/%s: %d records written before it was first opened at LATEST skipped",
+                *self._labels,
+                start,
+            )
+            if start == len(records):
+                last = next(
+                    (r.sequence for r in reversed(records) if r.sequence != NO_SEQUENCE), None
+                )
+                if last is not None and self._checkpoint(last):
+                    self.last_sequence = last
+        return records[start:]
 
     def _read_again(self, records: list[ChangeRecord]) -> str | None:
         """A page arrived while the lease was in doubt: drop it (and the page read ahead),
