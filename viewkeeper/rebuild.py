@@ -225,19 +225,6 @@ def rebuild(
     for table in tables:
         table_views = [v for v in views if v.table == table]
         info = client.describe_table(table)
-        all_views = {v.name for v in registry.by_table(table)} <= {v.name for v in table_views}
-        for lease in store.list_leases(table):
-            if lease.state is LeaseState.NEEDS_REBUILD:
-                if all_views:
-                    store.reset_lease(table, lease.shard_id, None, LeaseState.ACTIVE)
-                    report.reset_shards.append(f"{table}/{lease.shard_id}")
-                else:
-                    print(
-                        f"shard {table}/{lease.shard_id} needs a rebuild of every view of "
-                        f"{table}; rebuild them all (viewkeeper rebuild --table {table}) to "
-                        "resume it",
-                        file=out,
-                    )
         _scan_table(
             table,
             info.key_names,
@@ -252,9 +239,50 @@ def rebuild(
         for view in table_views:
             retracted = pipeline.sink_for(view).sweep(view, generations[view.name], time.time())
             report.retracted += retracted
+        # only now that the scan and the sweep are done: a rebuild that fails before keeps
+        # the mark, and the shard stays unread until one succeeds
+        all_views = {v.name for v in registry.by_table(table)} <= {v.name for v in table_views}
+        _resume_trimmed_shards(table, info.stream_arn, all_views, client, store, report, out)
     report.seconds = time.monotonic() - started
     print(report.summary(), file=out)
     return report
+
+
+def _resume_trimmed_shards(
+    table: str,
+    stream_arn: str | None,
+    all_views: bool,
+    client: StreamClient,
+    store: CoordinationStore,
+    report: RebuildReport,
+    out: TextIO,
+) -> None:
+    """Shards marked needs_rebuild (trimmed data) resume once every view of their table is
+    rebuilt: one still in the stream is read again from its oldest record (read after the
+    handshake, its records carry the new generation; its children wait for it as usual);
+    one DynamoDB trimmed away entirely is ended, which lets its children start — the scan
+    covered whatever it held."""
+    marked = [x for x in store.list_leases(table) if x.state is LeaseState.NEEDS_REBUILD]
+    if not marked:
+        return
+    if not all_views:
+        for lease in marked:
+            print(
+                f"shard {table}/{lease.shard_id} needs a rebuild of every view of {table}; "
+                f"rebuild them all (viewkeeper rebuild --table {table}) to resume it",
+                file=out,
+            )
+        return
+    listed: set[str] = set()
+    if stream_arn is not None:
+        listed = {s.shard_id for s in client.list_shards(stream_arn)}
+    for lease in marked:
+        if lease.stream_arn == stream_arn and lease.shard_id in listed:
+            store.reset_lease(table, lease.shard_id, None, LeaseState.ACTIVE)
+            report.reset_shards.append(f"{table}/{lease.shard_id}")
+        else:
+            store.reset_lease(table, lease.shard_id, lease.checkpoint, LeaseState.ENDED)
+            report.reset_shards.append(f"{table}/{lease.shard_id} (gone: ended)")
 
 
 def _scan_table(

@@ -236,11 +236,7 @@ class ShardWorker:
         except TrimmedDataAccessError as exc:
             self._trimmed(str(exc))
         except ResourceNotFoundError as exc:
-            log.error(
-                "shard %s/%s: the stream or table is gone (%s); stopping this shard",
-                *self._labels,
-                exc,
-            )
+            self._not_found(exc)
         except LeaseLost as exc:
             log.warning("%s; stopping this shard here", exc)
         except HaltShard as exc:
@@ -512,6 +508,34 @@ class ShardWorker:
         self.finished = True
         log.info("shard %s/%s ended after %d records", *self._labels, self.records_read)
         self.on_shard_end(self.lease)
+
+    def _not_found(self, exc: ResourceNotFoundError) -> None:
+        """The shard cannot be found. If its stream is still the table's and lists other
+        shards but not this one, DynamoDB trimmed the whole shard away (closed, and every
+        record past the retention) while records after the checkpoint were unread: data
+        lost, like any trimmed data. Otherwise the table or its stream is gone (the
+        supervisor's discovery reports a new stream)."""
+        lease = self.lease
+        try:
+            info = self.client.describe_table(lease.table)
+            listed = (
+                {s.shard_id for s in self.client.list_shards(lease.stream_arn)}
+                if info.stream_arn == lease.stream_arn
+                else None
+            )
+        except (ResourceNotFoundError, ThrottlingError, ServiceError):
+            listed = None
+        if listed is not None and lease.shard_id not in listed:
+            self._trimmed(
+                f"the shard is no longer in the stream: DynamoDB trimmed all of it after it "
+                f"closed, with the records after checkpoint {lease.checkpoint} unread"
+            )
+            return
+        log.error(
+            "shard %s/%s: the stream or table is gone (%s); stopping this shard",
+            *self._labels,
+            exc,
+        )
 
     def _trimmed(self, why: str) -> None:
         metrics.TRIMMED.labels(self.lease.table).inc()
