@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import socket
 import threading
 import time
@@ -596,3 +597,157 @@ def test_a_redis_error_inside_one_change_fails_that_change_alone(
     assert "o7" in str(results[7].error)
     assert client.exists("session:o6") and client.exists("session:o8")
     assert not client.exists("session:o7") and sink.owned_entries(SHORT, "o7") is None
+
+
+# ---- the server refuses writes: failover, OOM (transient: held and retried, never half-done) --
+
+
+def _snapshot(client: Any) -> dict[bytes, bytes]:
+    """Every key (bookkeeping included) with its DUMP: equal snapshots, equal data."""
+    return {k: client.dump(k) for k in client.scan_iter()}
+
+
+def _entry_exists(client: Any, t: str, key: str, sub: str) -> bool:
+    if t == "V":
+        return bool(client.exists(key))
+    if t == "H":
+        return bool(client.hexists(key, sub))
+    if t == "S":
+        return bool(client.sismember(key, sub))
+    return client.zscore(key, sub) is not None
+
+
+def _assert_consistent(sink: RedisSink, client: Any, view: View) -> None:
+    """No change half-applied: each owned entry exists, and each entry that exists is owned."""
+    owned: set[tuple[str, str, str]] = set()
+    for rec in sink.iter_owner_records(view):
+        for t, key, sub in rec.entries:
+            owned.add((t, key, sub))
+            assert _entry_exists(client, t, key, sub), (rec.item_key, t, key, sub)
+    for raw in data_keys(client):
+        kind, key = client.type(raw).decode(), raw.decode()
+        if kind == "string":
+            assert ("V", key, "") in owned, key
+            continue
+        members = {
+            "hash": lambda k: client.hkeys(k),
+            "set": lambda k: client.smembers(k),
+            "zset": lambda k: client.zrange(k, 0, -1),
+        }[kind](raw)
+        t = {"hash": "H", "set": "S", "zset": "Z"}[kind]
+        for m in members:
+            assert (t, key, m.decode()) in owned, (key, m)
+
+
+def _wait_link_up(client: Any) -> None:
+    deadline = time.monotonic() + 20
+    while client.info("replication").get("master_link_status") != "up":
+        assert time.monotonic() < deadline, client.info("replication")
+        time.sleep(0.05)
+
+
+def _moves_and_news() -> list[Change]:
+    """A batch that writes first (new items), then retracts (moved, deleted items)."""
+    return [
+        change(CARD, "new1", 2, order("new1", "c3")),
+        change(CARD, "o1", 2, order("o1", "c2", status="paid")),  # moves: retracts c1's
+        change(CARD, "o2", 2, None),  # deleted: retracts everything
+        change(CARD, "new2", 2, order("new2", "c3")),
+        change(CARD, "o3", 2, order("o3", "c2", status="void")),
+    ]
+
+
+@pytest.mark.parametrize("script", ["shebang", "legacy"])
+def test_a_read_only_replica_holds_the_batch_writes_nothing_and_applies_it_once_promoted(
+    script: str,
+) -> None:
+    """A failover demoted the sink's server to a replica: every write is refused with
+    READONLY. That is the sink's state, not the records': the batch must raise
+    SinkUnavailable (checkpoint held, batch retried), not come back as ERROR results that
+    the worker would dead-letter while moving the checkpoint past them. 'shebang': Redis
+    refuses the call whole; 'legacy': the script ends the call at the first refused write."""
+    from tests.testbed import RedisServer
+
+    with RedisServer() as a, RedisServer() as b:
+        ca, cb = redis.Redis.from_url(a.url), redis.Redis.from_url(b.url)
+        for c in (ca, cb):
+            c.config_set("repl-diskless-sync-delay", 0)
+        sink = RedisSink.from_url("cache", a.url, retry_seconds=1)
+        if script == "legacy":
+            sink._use_legacy_script()
+        sink.prepare([CARD, COPY, SHORT])
+        assert sink._apply_src.startswith(b"#!lua") == (script == "shebang")
+        sink.apply([change(CARD, f"o{i}", 1, order(f"o{i}")) for i in range(5)])
+        # failover: b takes a's data and becomes the master, a follows it as a replica
+        cb.replicaof("127.0.0.1", a.port)
+        _wait_link_up(cb)
+        cb.replicaof("NO", "ONE")
+        ca.replicaof("127.0.0.1", b.port)
+        _wait_link_up(ca)
+        before, before_b = _snapshot(ca), _snapshot(cb)
+        batch = _moves_and_news()
+        started = time.monotonic()
+        with pytest.raises(SinkUnavailable) as caught:
+            sink.apply(batch)
+        assert time.monotonic() - started < 5
+        assert "READONLY" in str(caught.value) or "read only" in str(caught.value)
+        assert _snapshot(ca) == before and _snapshot(cb) == before_b  # nothing written
+        ca.replicaof("NO", "ONE")  # promoted back
+        assert outcomes(sink.apply(batch)) == ["applied"] * len(batch)
+        assert ca.zrange("customer:c2:orders", 0, -1) == [b"o1", b"o3"]
+        _assert_consistent(sink, ca, CARD)
+        sink.close()
+        ca.close()
+        cb.close()
+
+
+@pytest.mark.parametrize("script", ["shebang", "legacy"])
+def test_oom_holds_the_batch_and_no_change_is_half_applied(script: str) -> None:
+    """Under maxmemory with noeviction, Redis refuses writes: SinkUnavailable, nothing written.
+    'shebang': the flagged script is refused whole before it starts. 'legacy' (the variant
+    without the shebang, for servers that cannot compile it): Redis refuses the first write
+    of the call, and the script aborts the whole call instead of failing that change alone
+    (a failed change would be dead-lettered; and once a script has written, Redis lets its
+    later writes go past maxmemory)."""
+    from tests.testbed import RedisServer
+
+    with RedisServer() as server:
+        client = redis.Redis.from_url(server.url)
+        sink = RedisSink.from_url("cache", server.url, retry_seconds=1)
+        if script == "legacy":
+            sink._use_legacy_script()
+        sink.prepare([CARD, COPY, SHORT])
+        assert sink._apply_src.startswith(b"#!lua") == (script == "shebang")
+        sink.apply([change(CARD, f"o{i}", 1, order(f"o{i}")) for i in range(5)])
+        client.set("vk:filler", b"f" * 2_000_000)  # inside the prefix: not a view entry
+        client.config_set("maxmemory-policy", "noeviction")
+        client.config_set("maxmemory", int(client.info("memory")["used_memory"]) // 2)
+        before = _snapshot(client)
+        batch = _moves_and_news()
+        with pytest.raises(SinkUnavailable) as caught:
+            sink.apply(batch)
+        assert "OutOfMemoryError" in str(caught.value) or "OOM" in str(caught.value)
+        assert _snapshot(client) == before
+        _assert_consistent(sink, client, CARD)
+        client.config_set("maxmemory", 0)
+        assert outcomes(sink.apply(batch)) == ["applied"] * len(batch)
+        _assert_consistent(sink, client, CARD)
+        assert sink.owned_entries(CARD, "o2") == []
+        sink.close()
+        client.close()
+
+
+def test_a_server_that_cannot_compile_the_shebang_gets_the_script_without_it(
+    client: Any,
+) -> None:
+    """fakeredis (like Redis < 7) cannot compile ``#!lua``: the sink loads the same script
+    without that line, remembers it, and reloads that same variant after a SCRIPT FLUSH."""
+    sink = RedisSink("cache", client)
+    sink.prepare([CARD])
+    fake = isinstance(client, fakeredis.FakeRedis)
+    assert sink._apply_src.startswith(b"#!lua") != fake
+    assert sink._apply_sha == hashlib.sha1(sink._apply_src).hexdigest().encode()
+    assert outcomes(sink.apply([change(CARD, "o1", 1, order("o1"))])) == ["applied"]
+    client.script_flush()
+    assert outcomes(sink.apply([change(CARD, "o2", 1, order("o2"))])) == ["applied"]
+    assert sink._apply_src.startswith(b"#!lua") != fake

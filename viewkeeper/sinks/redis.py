@@ -60,6 +60,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.exceptions import (
     AuthenticationError,
+    ClusterDownError,
     NoScriptError,
     OutOfMemoryError,
     ReadOnlyError,
@@ -96,7 +97,22 @@ _KIND = {
     "S": "set SetMember",
     "Z": "sorted-set SortedSetMember",
 }
-_TRANSIENT_PREFIXES = ("BUSY", "LOADING", "MASTERDOWN", "CLUSTERDOWN")
+# Error codes of a server that refuses commands for now (its state, not the command's):
+# the batch is held and retried. The script ends a whole call with these (redis_apply.lua).
+_TRANSIENT_CODES = frozenset(
+    {
+        "OOM",
+        "READONLY",
+        "MASTERDOWN",
+        "BUSY",
+        "LOADING",
+        "CLUSTERDOWN",
+        "TRYAGAIN",
+        "NOREPLICAS",
+        "MISCONF",
+    }
+)
+_SHEBANG = b"#!lua\n"  # the apply script's first line (see RedisSink._load_apply_script)
 _SLICE = 64  # changes per script call; the next batch is encoded while Redis runs one
 
 
@@ -236,14 +252,26 @@ def _describe(t: str, key: bytes, sub: bytes) -> str:
 def _is_transient(exc: BaseException) -> bool:
     if isinstance(exc, AuthenticationError):
         return False
-    return isinstance(
+    if isinstance(
         exc,
         redis.ConnectionError
         | redis.TimeoutError
         | OutOfMemoryError
         | ReadOnlyError
-        | TryAgainError,
-    ) or (isinstance(exc, redis.ResponseError) and str(exc).startswith(_TRANSIENT_PREFIXES))
+        | TryAgainError
+        | ClusterDownError,  # and MasterDownError
+    ):
+        return True
+    if not isinstance(exc, redis.ResponseError):
+        return False
+    # redis-py strips the code of the errors it has a class for (status_code keeps it)
+    code = getattr(exc, "status_code", None) or str(exc).split(" ", 1)[0]
+    return code in _TRANSIENT_CODES
+
+
+def _cannot_compile_shebang(exc: redis.ResponseError) -> bool:
+    """A compile error at the shebang: "... unexpected symbol near '#'" (Redis < 7, fakeredis)."""
+    return "'#'" in str(exc) and not _is_transient(exc)
 
 
 Entries = list[tuple[str, bytes, bytes, bytes]]  # per entry: type, key, identity, field/member
@@ -333,8 +361,12 @@ class RedisSink:
         self._claims = self._prefix + b"c:"
         self._nbuckets = b"%d" % owner_buckets
         self._registry = self._prefix + b"views"
-        self._apply_src = _load("redis_apply.lua")
-        self._apply_sha = hashlib.sha1(self._apply_src).hexdigest().encode()
+        source = _load("redis_apply.lua")
+        if not source.startswith(_SHEBANG):
+            raise AssertionError("redis_apply.lua must start with " + repr(_SHEBANG))
+        self._apply_legacy = source[len(_SHEBANG) :]  # the same script without the shebang
+        self._apply_src, self._apply_sha = b"", b""
+        self._set_apply_script(source)
         self._purge = client.register_script(_load("redis_purge.lua"))
         self._views = client.register_script(_load("redis_views.lua"))
         self._view_ids: dict[str, bytes] = {}
@@ -452,17 +484,48 @@ class RedisSink:
     def _count_applied(results: list[Result]) -> int:
         return sum(r.outcome is Outcome.APPLIED for r in results)
 
+    def _set_apply_script(self, source: bytes) -> None:
+        self._apply_src = source
+        self._apply_sha = hashlib.sha1(source).hexdigest().encode()  # what EVALSHA names
+
+    def _use_legacy_script(self) -> None:
+        """From now on, the apply script without its shebang line (Redis < 7, fakeredis)."""
+        self._set_apply_script(self._apply_legacy)
+
+    def _load_apply_script(self, probe: bool = False) -> None:
+        """SCRIPT LOAD the apply script: at start, and after a restart or a SCRIPT FLUSH (the
+        variant chosen before). The shebang makes Redis >= 7 refuse a call whole when writes
+        are refused (redis_apply.lua). A server that cannot compile it gets the script without
+        that line, from then on: Redis < 7 says so at SCRIPT LOAD, fakeredis only at the first
+        call, hence ``probe``: a call with no change, which writes nothing."""
+        try:
+            self._client.script_load(self._apply_src)
+            if probe and self._apply_src.startswith(_SHEBANG):
+                self._client.evalsha(self._apply_sha, 0, b"0", self._claims, self._nbuckets)
+        except redis.ResponseError as exc:
+            if not self._apply_src.startswith(_SHEBANG) or not _cannot_compile_shebang(exc):
+                raise
+            log.info(
+                "redis sink %s (%s) cannot compile a script shebang (Redis < 7?); its calls "
+                "are not refused whole when writes are refused, but the script aborts a call "
+                "at its first refused write",
+                self.name,
+                self.where,
+            )
+            self._use_legacy_script()
+            self._client.script_load(self._apply_src)
+
     def _ensure_ready(self) -> None:
         if self._ready:
             return
         meta = self._prefix + b"meta"
 
         def check() -> Any:
+            self._load_apply_script(probe=True)
             pipe = self._client.pipeline(transaction=False)
-            pipe.script_load(self._apply_src)
             pipe.hsetnx(meta, "owner_buckets", self.owner_buckets)
             pipe.hget(meta, "owner_buckets")
-            return pipe.execute()[2]
+            return pipe.execute()[1]
 
         stored = self._with_retry(check)
         if int(stored) != self.owner_buckets:
@@ -546,7 +609,7 @@ class RedisSink:
             if not todo:
                 return
             if any(isinstance(b.reply, NoScriptError) for b in todo):
-                self._client.script_load(self._apply_src)  # after a restart or SCRIPT FLUSH
+                self._load_apply_script()  # after a restart or SCRIPT FLUSH
             with self._connection() as conn:
                 conn.send_packed_command([self._command(b.args, stamp) for b in todo])
                 for b in todo:

@@ -1,3 +1,4 @@
+#!lua
 -- viewkeeper: apply a BATCH of changes, each one atomically and in order (layout: redis.py).
 --
 -- ARGV[1] now (epoch seconds)   ARGV[2] claim hash prefix   ARGV[3] number of buckets
@@ -15,6 +16,11 @@
 -- of retracted entries come from stored owner records): standalone Redis only, not Cluster.
 -- One script per batch rather than per change: the per-command cost (client encoding and
 -- reply parsing, the server's script call) is paid once per batch (bench/redis_pipeline.py).
+-- The shebang (no flags: the script may write) makes Redis >= 7 refuse the whole call before
+-- it starts when writes are refused (OOM under maxmemory, a read-only replica, MISCONF,
+-- NOREPLICAS); without it Redis refuses only the first write, and once a script has written,
+-- its later writes go past maxmemory. A server that cannot compile it gets this script
+-- without its first line (redis.py).
 
 local byte, char, sub, find, concat = string.byte, string.char, string.sub, string.find, table.concat
 local call = redis.call
@@ -208,9 +214,26 @@ end
 
 -- A command that fails inside one change (nothing foreseen does: types, scores and sizes are
 -- checked first) fails that change alone, reported 'e' with Redis' message; the others go on.
+-- Except when the server refuses writes for now (its state, not the change's): then the
+-- whole call ends with that error, which the client retries. Redis refuses the first write
+-- of a call in that state, so nothing of this change was written; the changes before it in
+-- the call were applied completely, and sent again they answer stale.
+local TRANSIENT = { OOM = true, READONLY = true, MASTERDOWN = true, BUSY = true, LOADING = true,
+  CLUSTERDOWN = true, TRYAGAIN = true, NOREPLICAS = true, MISCONF = true }
+
 local function message(err)
   if type(err) == 'table' then return err.err or err.message or 'error' end
   return tostring(err)
+end
+
+-- The error as "CODE text" when its code is transient: Redis 7 gives "OOM command not
+-- allowed...", older ones "@user_script: 12: -OOM command not allowed...\r\n".
+local function transient(msg)
+  msg = string.gsub(string.gsub(msg, '^[^ ]*: %d+: ', '', 1), '%s+$', '')
+  msg = string.gsub(msg, '^%-', '', 1)
+  local code = string.match(msg, '^(%u+)')
+  if code and TRANSIENT[code] then return msg end
+  return nil
 end
 
 local codes, reply = {}, { '' }
@@ -218,7 +241,12 @@ local a = 4
 while a <= #ARGV do
   local nxt = a + 5 + 4 * tonumber(ARGV[a + 4])
   local ok, code, detail = pcall(apply, a)
-  if not ok then code, detail = 'e', message(code) end
+  if not ok then
+    code = message(code)
+    local refused = transient(code)
+    if refused then return redis.error_reply(refused) end
+    code, detail = 'e', code
+  end
   codes[#codes + 1] = code
   if detail then reply[#reply + 1] = detail end
   a = nxt
