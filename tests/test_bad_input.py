@@ -28,6 +28,7 @@ from opensearchpy import OpenSearch
 from tests.helpers import registry_of, view_for, vk, write_config
 from tests.testbed import OpenSearchNode, RedisServer, free_port
 from tests.views_e2e import bad_views
+from viewkeeper import SetMember, redis_view
 from viewkeeper.coordination.memory import MemoryStore
 from viewkeeper.coordination.model import Lease, LeaseState
 from viewkeeper.pipeline import BatchReport, Pipeline
@@ -418,6 +419,41 @@ def test_a_38_digit_number_is_written_exactly(
     assert report.dead_lettered == 0, [d.error for d in store.list_deadletters()]
     assert redis_client.get("card:big") == b'{"n":%d}' % big
     assert redis_client.get("card:neg") == b'{"n":-%d}' % 10**30
+
+
+@redis_view(table=TABLE, redis="cache", name="ttl_card")
+def ttl_card(item: dict[str, Any]) -> Iterator[Any]:
+    """A member first, then a Value whose ttl comes from the item."""
+    yield SetMember("ttl_cards", item["pk"])
+    yield Value(f"ttl_card:{item['pk']}", item["pk"], ttl=item.get("ttl", 60))
+
+
+TTL_CARD = view_for(ttl_card)
+
+
+def test_a_huge_ttl_is_dead_lettered_naming_it_and_leaves_nothing_behind(
+    redis_sink: RedisSink, redis_client: redis.Redis, store: MemoryStore
+) -> None:
+    """``ttl=10**16`` passed the view API, and Redis refused the SET ... EX inside the apply
+    script after the change's SADD: the member stayed with no owner record, and survived
+    the item's delete. The view API now bounds ttl (100 years) where the Value is built."""
+    pipe = Pipeline(registry_of(TTL_CARD), {("redis", "cache"): redis_sink}, store, lambda v: 0)
+    recs = [
+        record({"pk": "a"}),
+        record({"pk": "huge", "ttl": 10**16}),
+        record({"pk": "c", "ttl": 3600}),
+    ]
+    report = pipe.process(TABLE, KEYS, recs)
+    accounted(report, len(recs), 1, store)
+    assert redis_client.smembers("ttl_cards") == {b"a", b"c"}  # nothing of 'huge'
+    assert (report.applied, report.dead_lettered) == (2, 1)
+    error = letter_for(store, "ttl_card", "huge")
+    for words in ("'huge'", "ttl", str(10**16), "3153600000", "None"):
+        assert words in error, error
+    assert 0 < redis_client.ttl("ttl_card:c") <= 3600
+    report = pipe.process(TABLE, KEYS, [record({"pk": "huge"}, event="REMOVE")])
+    assert report.applied == 1
+    assert redis_client.smembers("ttl_cards") == {b"a", b"c"}  # no orphan after the delete
 
 
 # ==== 3. entries too large ==================================================================

@@ -271,6 +271,116 @@ def test_ttl_is_set_on_value_entries(sink: RedisSink, client: Any) -> None:
     assert client.ttl("v:o2") == -1  # an entry without ttl does not keep the old one
 
 
+TOO_LONG = 10**16  # seconds: SET ... EX refuses it (its milliseconds overflow with now added)
+
+
+@pytest.mark.parametrize("ttl", [TOO_LONG, 3_153_600_001, 0, -5, True, 1.5, "60"])
+def test_a_ttl_out_of_bounds_is_refused_where_the_view_builds_the_value(ttl: Any) -> None:
+    """Redis refuses a SET ... EX whose expiry overflows; the script would get that error
+    after the change's first writes. The view API bounds ttl where the entry is built."""
+    with pytest.raises(ValueError) as caught:
+        Value("k", "v", ttl=ttl)
+    for words in (repr(ttl), "'k'", "3153600000", "100 years", "None"):
+        assert words in str(caught.value), str(caught.value)
+    with pytest.raises(ValueError) as caught:
+        redis_view(table="orders", redis="cache", ttl=ttl, name="ttl_view")(lambda o: None)
+    for words in ("'ttl_view'", repr(ttl), "3153600000", "None"):
+        assert words in str(caught.value), str(caught.value)
+
+
+def test_the_largest_ttl_is_accepted_by_redis(sink: RedisSink, client: Any) -> None:
+    from viewkeeper.projection.entries import MAX_TTL
+
+    assert MAX_TTL == 100 * 365 * 24 * 3600 and Value("k", "v", ttl=MAX_TTL).ttl == MAX_TTL
+    ch = Change(CARD, "i", Version(0, "1"), entries(Value("k", "v", ttl=MAX_TTL)))
+    assert outcomes(sink.apply([ch])) == ["applied"]
+    assert client.ttl("k") > MAX_TTL - 60
+
+
+@redis_view(table="orders", redis="cache", name="forever")
+def forever(order: dict[str, Any]) -> Iterator[Entry]:
+    yield SetMember("forever:all", order["id"])
+    yield Value(f"forever:{order['id']}", order["status"], ttl=order["ttl"])
+
+
+def test_a_view_building_a_value_with_a_huge_ttl_fails_that_record_only() -> None:
+    """The ValueError raised inside the view becomes a ProjectionError for that record (the
+    pipeline dead-letters it), not a crash."""
+    from viewkeeper.projection.project import ProjectionError
+
+    view = view_for(forever)
+    assert project(view, {**order("o1"), "ttl": 60}, "o1", ("id",))
+    with pytest.raises(ProjectionError) as caught:
+        project(view, {**order("o2"), "ttl": TOO_LONG}, "o2", ("id",))
+    assert "'o2'" in str(caught.value) and str(TOO_LONG) in str(caught.value)
+
+
+def _huge_ttl_change(item: str, seq: int) -> Change:
+    """A change whose Value skipped the view API's check (built by hand): its ttl reaches
+    the sink. The SetMember comes first, so a failing SET ... EX would come after a write."""
+    value = Value(f"v:{item}", "x", ttl=60)
+    object.__setattr__(value, "ttl", TOO_LONG)
+    return Change(CARD, item, Version(0, str(seq)), entries(SetMember(f"s:{item}", item), value))
+
+
+def test_a_huge_ttl_that_reaches_the_sink_writes_nothing_and_leaves_no_orphan(
+    sink: RedisSink, client: Any
+) -> None:
+    results = sink.apply([_huge_ttl_change("o1", 1), change(CARD, "o2", 1, order("o2"))])
+    assert outcomes(results) == ["error", "applied"]
+    assert client.smembers("s:o1") == set() and not client.exists("v:o1")  # nothing written
+    assert sink.owned_entries(CARD, "o1") is None
+    sink.apply([Change(CARD, "o1", Version(0, "2"), [])])  # the item is deleted
+    assert client.smembers("s:o1") == set()  # no orphan entry
+    assert not any(b"s:o1" in f for k in client.scan_iter(b"vk:c:*") for f in client.hkeys(k))
+    assert "ttl" in str(results[0].error) and str(TOO_LONG) in str(results[0].error)
+
+
+@pytest.mark.parametrize(
+    ("at", "bad"),
+    [
+        ("ttl", b"10000000000000000"),
+        ("ttl", b"3153600001"),
+        ("ttl", b"0"),
+        ("ttl", b"-5"),
+        ("ttl", b"1.5"),
+        ("ttl", b" 60"),
+        ("score", b"abc"),
+        ("score", b"nan"),
+        ("score", b"1e400"),
+        ("score", b" 1"),
+        ("type", b"Q"),
+    ],
+)
+def test_the_script_checks_every_argument_before_its_first_write(
+    sink: RedisSink, client: Any, monkeypatch: pytest.MonkeyPatch, at: str, bad: bytes
+) -> None:
+    """Arguments the client would never send (its checks bypassed): the script validates
+    them all before the change's first write, so the change fails whole, writing nothing."""
+    real = sink._args_for
+
+    def poisoned(ch: Change) -> Any:
+        args, ents = real(ch)
+        if ch.item_key == "o7":  # entries: S s:o7 (first), then V v:o7 / Z z:o7
+            if at == "type":
+                args[-4] = bad
+            else:
+                args[-1] = bad
+        return args, ents
+
+    monkeypatch.setattr(sink, "_args_for", poisoned)
+    last: Entry = SortedSetMember("z:o7", "m", 1.5) if at == "score" else Value("v:o7", "x", 60)
+    batch = [change(SHORT, f"o{i}", 1, order(f"o{i}")) for i in range(10)]
+    batch[7] = Change(CARD, "o7", Version(0, "1"), entries(SetMember("s:o7", "m"), last))
+    results = sink.apply(batch)
+    assert outcomes(results) == ["applied"] * 7 + ["error"] + ["applied"] * 2, results[7]
+    assert client.smembers("s:o7") == set(), "written before the failing command"
+    assert not client.exists("v:o7", "z:o7") and sink.owned_entries(CARD, "o7") is None
+    assert client.exists("session:o6") and client.exists("session:o8")
+    assert at in str(results[7].error) and "'o7'" in str(results[7].error), results[7].error
+    assert "nothing of the change was written" in str(results[7].error)
+
+
 def test_wrong_type_fails_only_that_item_and_writes_nothing_of_it(
     sink: RedisSink, client: Any
 ) -> None:
@@ -575,28 +685,23 @@ def test_a_connection_lost_mid_batch_resends_what_got_no_reply(
 
 
 def test_a_redis_error_inside_one_change_fails_that_change_alone(
-    sink: RedisSink, client: Any, monkeypatch: pytest.MonkeyPatch
+    sink: RedisSink, client: Any
 ) -> None:
-    """The batch is one script call; a command that fails inside one change (here a SET
-    with an expiry Redis refuses, which the view API cannot produce) must not take the
-    changes before or after it in the same call down with it."""
-    real = sink._args_for
-
-    def poisoned(ch: Change) -> Any:
-        args, ents = real(ch)
-        if ch.item_key == "o7":
-            args[-1] = b"-5"  # the Value's ttl argument: SET ... EX -5
-        return args, ents
-
-    monkeypatch.setattr(sink, "_args_for", poisoned)
+    """The batch is one script call; a command that fails inside one change (here: its owner
+    record's hash was replaced by a string, outside viewkeeper; nothing the view API builds
+    fails, see test_the_script_checks_every_argument_before_its_first_write) must not take
+    the changes before or after it in the same call down with it."""
+    owner = sink._owner_key(SHORT, b"o7")
+    assert all(sink._owner_key(SHORT, b"o%d" % i) != owner for i in range(20) if i != 7)
+    client.set(owner, "not a hash")
     results = sink.apply([change(SHORT, f"o{i}", 1, order(f"o{i}")) for i in range(20)])
     got = outcomes(results)
     assert got[7] == "error" and got[:7] + got[8:] == ["applied"] * 19
     assert "Redis rejected the change" in str(results[7].error)
-    assert "expire" in str(results[7].error).lower()
+    assert "wrong kind of value" in str(results[7].error).lower()
     assert "o7" in str(results[7].error)
     assert client.exists("session:o6") and client.exists("session:o8")
-    assert not client.exists("session:o7") and sink.owned_entries(SHORT, "o7") is None
+    assert not client.exists("session:o7") and client.get(owner) == b"not a hash"
 
 
 # ---- the server refuses writes: failover, OOM (transient: held and retried, never half-done) --

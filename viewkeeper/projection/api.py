@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from types import CodeType
 from typing import Any, Literal, NoReturn, TypeVar, overload
 
+from viewkeeper.projection.entries import ttl_problem
+
 __all__ = [
     "Declaration",
     "DocIdFunc",
@@ -192,8 +194,9 @@ def redis_view(
     def decorate(func: F) -> F:
         view_name: str = name or str(getattr(func, "__name__", ""))
         _check_common("redis_view", func, view_name, table, redis, "redis")
-        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int) or ttl <= 0):
-            raise ValueError(f"view {view_name!r}: ttl {ttl!r} must be positive seconds or None")
+        problem = ttl_problem(ttl)
+        if problem is not None:
+            raise ValueError(f"view {view_name!r}: {problem}")
         view = View(
             name=view_name,
             table=table,

@@ -14,7 +14,22 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-__all__ = ["Document", "Entry", "HashField", "RedisEntry", "SetMember", "SortedSetMember", "Value"]
+__all__ = [
+    "MAX_TTL",
+    "Document",
+    "Entry",
+    "HashField",
+    "RedisEntry",
+    "SetMember",
+    "SortedSetMember",
+    "Value",
+]
+
+MAX_TTL = 100 * 365 * 24 * 3600
+"""The largest ``ttl`` of a Value or a redis_view: 100 years (of 365 days) in seconds,
+3153600000. Every Redis takes it. Redis refuses an expiry whose milliseconds, added to the
+current time, overflow a 64-bit integer (about 9.2e15 seconds), and that refusal came
+inside the apply script, after the change's first writes (redis_apply.lua checks it too)."""
 
 
 def _check_key(kind: str, key: object) -> str:
@@ -25,11 +40,22 @@ def _check_key(kind: str, key: object) -> str:
     return key
 
 
-def _check_ttl(ttl: object) -> int | None:
-    if ttl is None:
+def ttl_problem(ttl: object) -> str | None:
+    """Why ``ttl`` is not a valid expiry (None when it is): an int (not a bool) of seconds
+    from 1 to :data:`MAX_TTL`, or None for no expiry."""
+    if ttl is None or (isinstance(ttl, int) and not isinstance(ttl, bool) and 1 <= ttl <= MAX_TTL):
         return None
-    if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl <= 0:
-        raise ValueError(f"ttl {ttl!r} must be a positive number of seconds or None")
+    return (
+        f"ttl {ttl!r} is not a whole number of seconds from 1 to {MAX_TTL} (100 years); "
+        "give an int in that range, or None for no expiry"
+    )
+
+
+def _check_ttl(key: str, ttl: object) -> int | None:
+    problem = ttl_problem(ttl)
+    if problem is not None:
+        raise ValueError(f"Value {key!r}: {problem}")
+    assert ttl is None or isinstance(ttl, int)
     return ttl
 
 
@@ -43,7 +69,7 @@ class Value:
 
     def __post_init__(self) -> None:
         _check_key("Value", self.key)
-        object.__setattr__(self, "ttl", _check_ttl(self.ttl))
+        object.__setattr__(self, "ttl", _check_ttl(self.key, self.ttl))
 
     @property
     def ident(self) -> tuple[str, str, str]:

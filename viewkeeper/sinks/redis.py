@@ -70,7 +70,15 @@ from redis.retry import Retry
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_random_exponential
 
 from viewkeeper.projection.api import View
-from viewkeeper.projection.entries import HashField, SetMember, SortedSetMember, Value, member_text
+from viewkeeper.projection.entries import (
+    MAX_TTL,
+    HashField,
+    SetMember,
+    SortedSetMember,
+    Value,
+    member_text,
+    ttl_problem,
+)
 from viewkeeper.sinks.base import (
     APPLIED,
     STALE,
@@ -228,7 +236,12 @@ def _entry_args(e: object) -> tuple[bytes, bytes, bytes, bytes, bytes]:
     """(type, key, identity, a, b) of one entry, as the script takes them."""
     if isinstance(e, Value):
         k = _b(e.key)
-        return b"V", k, b"V" + k, redis_value(e.value), b"" if e.ttl is None else b"%d" % e.ttl
+        if e.ttl is None:
+            return b"V", k, b"V" + k, redis_value(e.value), b""
+        problem = ttl_problem(e.ttl)  # Value() checks it; an entry changed after that
+        if problem is not None:
+            raise _Reject(f"Value {e.key!r}: {problem}")
+        return b"V", k, b"V" + k, redis_value(e.value), b"%d" % e.ttl
     if isinstance(e, HashField):
         k, f = _b(e.key), _b(e.field)
         return b"H", k, b"H" + _L(len(k)) + k + f, f, redis_value(e.value)
@@ -729,6 +742,18 @@ class RedisSink:
 
     def _result(self, change: Change, entries: Entries, reply: Any) -> Result:
         code = int(reply[0])
+        if code == -2:  # arguments this client does not send: the script refused them
+            t, key, _, sub = entries[int(reply[1]) - 1]
+            what, arg = _text(reply[2]), _text(reply[3])
+            entry = _describe(t, key, sub) if t in _KIND else f"entry {_text(key)!r}"
+            return Result(
+                Outcome.ERROR,
+                self._where(change)
+                + f"the {what} {arg[:100]!r} of {entry} is not one Redis takes (a ttl is "
+                f"whole seconds from 1 to {MAX_TTL}, a score a number), nothing of the change "
+                "was written; the view API does not build such an entry: was it changed after "
+                "it was built?",
+            )
         if code == -1:
             t, key, _, _ = entries[int(reply[1]) - 1]
             return Result(

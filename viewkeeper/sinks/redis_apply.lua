@@ -9,8 +9,10 @@
 --
 -- Returns { codes, detail, detail, ... }: codes has one byte per change, '1' applied, '0'
 -- stale, 'x' or 'e' see the next detail: 'x' {-1, i, type} when the key of entry i holds the
--- wrong type (nothing written), 'x' {1, i, claim, ...} when applied with entries i claimed by
--- another owner, 'e' the message of a Redis error that stopped this change (see the end).
+-- wrong type (nothing written), 'x' {-2, i, what, argument} when an argument of entry i is
+-- one Redis would refuse (what: 'ttl', 'score' or 'type'; nothing written), 'x' {1, i, claim,
+-- ...} when applied with entries i claimed by another owner, 'e' the message of a Redis
+-- error that stopped this change (see the end).
 -- Every write of a change happens after every check of that change: Redis does not roll
 -- back a script that fails halfway. Keys are computed here, not declared in KEYS (the keys
 -- of retracted entries come from stored owner records): standalone Redis only, not Cluster.
@@ -27,6 +29,7 @@ local call = redis.call
 local now, claim_prefix, buckets = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local M = 2147483629 -- prime; the claim bucket is (identity as a big-endian number) mod M mod buckets
 local want = { V = 'string', H = 'hash', S = 'set', Z = 'zset' }
+local MAX_TTL = 3153600000 -- entries.MAX_TTL: 100 years, an expiry every Redis takes
 local card = { set = 'SCARD', zset = 'ZCARD', hash = 'HLEN' }
 
 -- Lengths: one byte below 253, else 253 and four bytes. 254 marks a string that embeds the item key.
@@ -116,6 +119,30 @@ local function vanishes(k, have, retract)
   return call(card[have], k) == cnt
 end
 
+-- What Redis would refuse in an entry's arguments (type t, b = ttl or score): 'ttl', 'score'
+-- or 'type', else nil. The client sends none of these; checked anyway, before any write,
+-- since a command failing halfway through a change would leave it half-written. A ttl is
+-- whole seconds from 1 to MAX_TTL (SET ... EX refuses one whose milliseconds overflow); a
+-- score what Redis' strtod takes: inf or a finite number, no NaN, no blank, no overflow.
+local function refused(t, b)
+  if t == 'V' then
+    if b ~= '' and (#b > 10 or not find(b, '^[1-9]%d*$') or tonumber(b) > MAX_TTL) then
+      return 'ttl'
+    end
+  elseif t == 'Z' then
+    local l = string.lower(b)
+    if l == 'inf' or l == '+inf' or l == '-inf' then return nil end
+    local x = tonumber(b)
+    if not x or x ~= x or x == math.huge or x == -math.huge or find(b, '%s')
+        or (x == 0 and find(string.match(b, '^[^eE]*'), '[1-9]')) then -- underflow
+      return 'score'
+    end
+  elseif not want[t] then
+    return 'type'
+  end
+  return nil
+end
+
 -- One change whose arguments start at ARGV[a]; returns its code and its detail (or nil).
 local function apply(a)
   local owner, item, vid, ver, n = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4])
@@ -164,13 +191,18 @@ local function apply(a)
     end
   end
 
-  -- 3. Validate every key's type before any write. A key of the wrong type is fine only when
-  --    this very change retracts everything in it.
+  -- 3. Validate before any write: every argument (one type per key), and every key's type.
+  --    A key of the wrong type is fine only when this very change retracts everything in it.
+  local types = {}
   for i = 1, n do
     local e = e0 + 4 * (i - 1)
-    local k = ARGV[e + 1]
+    local t, k = ARGV[e], ARGV[e + 1]
+    local bad = refused(t, ARGV[e + 3])
+    if bad then return 'x', { -2, i, bad, ARGV[e + 3] } end
+    if types[k] and types[k] ~= t then return 'x', { -2, i, 'type', t } end
+    types[k] = t
     local have = call('TYPE', k)['ok']
-    if have ~= 'none' and have ~= want[ARGV[e]] and not vanishes(k, have, retract) then
+    if have ~= 'none' and have ~= want[t] and not vanishes(k, have, retract) then
       return 'x', { -1, i, have }
     end
   end
