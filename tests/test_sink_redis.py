@@ -381,6 +381,44 @@ def test_the_script_checks_every_argument_before_its_first_write(
     assert "nothing of the change was written" in str(results[7].error)
 
 
+def test_a_retracted_entry_whose_key_changed_type_outside_is_left_alone(
+    sink: RedisSink, client: Any
+) -> None:
+    """Someone replaced keys the item owned entries in (outside viewkeeper): SREM on what is
+    now a string would fail after the change's first writes, and DEL would delete someone
+    else's hash. The script checks the retracted keys' types before any write: an entry
+    whose key holds another type is gone already; its claim is released, the key untouched."""
+    old = entries(SetMember("k0", "m"), SetMember("k", "m"), Value("k2", "mine"), Value("v:i", 1))
+    sink.apply([Change(CARD, "i", Version(0, "1"), old)])
+    client.delete("k", "k2")
+    client.set("k", "foreign string")
+    client.hset("k2", "f", "foreign hash")
+    (result,) = sink.apply([Change(CARD, "i", Version(0, "2"), entries(Value("v:i", 2)))])
+    assert result.outcome is Outcome.APPLIED, result.error
+    assert not client.exists("k0") and client.get("v:i") == b"2"
+    assert client.get("k") == b"foreign string" and client.hgetall("k2") == {b"f": b"foreign hash"}
+    assert sink.owned_entries(CARD, "i") == [("V", "v:i", "")]
+    assert sum(client.hlen(k) for k in client.scan_iter(b"vk:c:*")) == 1  # claims released
+
+
+def test_claims_are_read_before_the_first_write(sink: RedisSink, client: Any) -> None:
+    """A claim bucket that is not a hash (bookkeeping damaged outside viewkeeper) fails the
+    change before its first write, not after its first entries were written."""
+
+    def claim_bucket(ident: bytes) -> bytes:
+        return b"vk:c:%d" % (int.from_bytes(ident, "big") % 2147483629 % 4096)
+
+    first, second = claim_bucket(b"S\x02a1m"), claim_bucket(b"S\x02zzm")
+    assert first != second
+    client.set(second, "not a hash")
+    es = entries(SetMember("a1", "m"), SetMember("zz", "m"))
+    (result,) = sink.apply([Change(CARD, "i", Version(0, "1"), es)])
+    assert result.outcome is Outcome.ERROR
+    assert not client.exists("a1", "zz") and not client.exists(first)
+    assert sink.owned_entries(CARD, "i") is None
+    assert "wrong kind of value" in str(result.error).lower(), result.error
+
+
 def test_wrong_type_fails_only_that_item_and_writes_nothing_of_it(
     sink: RedisSink, client: Any
 ) -> None:

@@ -191,9 +191,10 @@ local function apply(a)
     end
   end
 
-  -- 3. Validate before any write: every argument (one type per key), and every key's type.
-  --    A key of the wrong type is fine only when this very change retracts everything in it.
-  local types = {}
+  -- 3. Validate before any write: every argument (one type per key), every key's type, and
+  --    read the claims (HGET fails there, not after a write, on a claim key that is not a
+  --    hash). A key of the wrong type is fine only when this change retracts all it holds.
+  local types, claims = {}, {}
   for i = 1, n do
     local e = e0 + 4 * (i - 1)
     local t, k = ARGV[e], ARGV[e + 1]
@@ -205,12 +206,20 @@ local function apply(a)
     if have ~= 'none' and have ~= want[t] and not vanishes(k, have, retract) then
       return 'x', { -1, i, have }
     end
+    local ck = claim_key(ids[i])
+    claims[i] = { ck, call('HGET', ck, ids[i]) }
+  end
+  -- A retracted entry whose key now holds another type (replaced outside viewkeeper) is gone
+  -- already: its key is left alone (SREM there would fail, DEL delete someone else's data).
+  for _, r in ipairs(retract) do
+    if call('TYPE', r[2])['ok'] ~= want[r[1]] then r.gone = true end
   end
 
-  -- 4. Retract.
+  -- 4. Retract. Nothing below can fail: every key's type and every argument was checked.
   for _, r in ipairs(retract) do
     local t, k, m = r[1], r[2], r[3]
-    if t == 'V' then call('DEL', k)
+    if r.gone then -- nothing to remove
+    elseif t == 'V' then call('DEL', k)
     elseif t == 'H' then call('HDEL', k, m)
     elseif t == 'S' then call('SREM', k, m)
     else call('ZREM', k, m) end
@@ -228,8 +237,8 @@ local function apply(a)
     elseif t == 'S' then call('SADD', k, x)
     else call('ZADD', k, y, x) end
     local id = ids[i]
-    local ck = claim_key(id)
-    local mine, c = claim_of(id, item, vid), call('HGET', ck, id)
+    local ck, c = claims[i][1], claims[i][2]
+    local mine = claim_of(id, item, vid)
     if c ~= mine then
       if c then
         out = out or { 1 }
