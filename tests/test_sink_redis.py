@@ -894,3 +894,121 @@ def test_a_server_that_cannot_compile_the_shebang_gets_the_script_without_it(
     client.script_flush()
     assert outcomes(sink.apply([change(CARD, "o2", 1, order("o2"))])) == ["applied"]
     assert sink._apply_src.startswith(b"#!lua") != fake
+
+
+# ---- the server's size limits -------------------------------------------------------------------
+
+
+def test_values_over_the_bulk_limit_are_errors_before_sending_and_the_rest_applies() -> None:
+    """An argument over ``proto-max-bulk-len``: Redis answers a protocol error and closes the
+    connection, often while the client still sends, which then sees ECONNRESET, takes it
+    for a transient failure and retried the page forever. The sink learns the limit at
+    prepare and refuses such a change before sending it."""
+    from tests.testbed import RedisServer
+
+    with RedisServer() as server:
+        client = redis.Redis.from_url(server.url)
+        client.config_set("proto-max-bulk-len", "1mb")
+        sink = RedisSink.from_url("cache", server.url, retry_seconds=5)
+        sink.prepare([CARD])
+        big, almost = b"b" * (2 * 2**20), b"a" * (2**20 - 100)
+        changes = [
+            Change(CARD, f"i{n}", Version(0, "1"), entries(Value(f"v:{n}", f"small {n}")))
+            for n in range(200)
+        ]
+        for n, value in ((50, big), (120, almost), (150, big)):
+            changes[n] = Change(CARD, f"i{n}", Version(0, "1"), entries(Value(f"v:{n}", value)))
+        started = time.monotonic()
+        results = sink.apply(changes)
+        took = time.monotonic() - started
+        got = outcomes(results)
+        assert [n for n, o in enumerate(got) if o != "applied"] == [50, 150], results[50]
+        assert took < 2, f"{took:.1f}s"
+        for n in (50, 150):
+            error = str(results[n].error)
+            for words in (
+                "view card",
+                f"item 'i{n}'",
+                f"'v:{n}'",
+                "2097152 bytes",
+                "proto-max-bulk-len",
+                "1048576",
+                "raise",
+            ):
+                assert words in error, error
+        assert client.get("v:120") == almost and client.get("v:0") == b"small 0"
+        assert not client.exists("v:50") and sink.owned_entries(CARD, "i50") is None
+        assert len(data_keys(client)) == 198
+        more = [Change(CARD, "i300", Version(0, "1"), entries(Value("v:300", "x")))]
+        assert outcomes(sink.apply(more)) == ["applied"]  # the connection is fine
+        sink.close()
+        client.close()
+
+
+def test_calls_are_cut_by_bytes_under_the_query_buffer_limit() -> None:
+    """A script call stays under ``client-query-buffer-limit``; a change over it alone is an
+    ERROR (nothing sent), the others are spread over as many calls as needed."""
+    from tests.testbed import RedisServer
+
+    with RedisServer() as server:
+        client = redis.Redis.from_url(server.url)
+        client.config_set("client-query-buffer-limit", "1mb")
+        client.config_set("proto-max-bulk-len", "1mb")
+        sink = RedisSink.from_url("cache", server.url, retry_seconds=5)
+        sink.prepare([CARD])
+        sizes: list[int] = []
+        real = sink._command
+
+        def spy(args: list[list[bytes]], stamp: bytes) -> bytes:
+            command = real(args, stamp)
+            sizes.append(len(command))
+            return command
+
+        sink._command = spy  # type: ignore[method-assign]
+        part = b"p" * 300_000
+
+        def fat(n: int, parts: int) -> Change:
+            es = [HashField(f"h:{n}", f"f{p}", part) for p in range(parts)]
+            return Change(CARD, f"i{n}", Version(0, "1"), es)
+
+        changes = [fat(n, 3) for n in range(10)]  # about 900 kB each
+        changes.insert(5, fat(99, 4))  # 1.2 MB: over the limit alone
+        results = sink.apply(changes)
+        assert outcomes(results) == ["applied"] * 5 + ["error"] + ["applied"] * 5
+        error = str(results[5].error)
+        for words in ("view card", "item 'i99'", "client-query-buffer-limit", "1048576", "raise"):
+            assert words in error, error
+        assert len(sizes) >= 10 and max(sizes) <= 2**20, sizes
+        assert client.hlen("h:3") == 3 and not client.exists("h:99")
+        sink.close()
+        client.close()
+
+
+def test_without_config_the_limits_are_redis_defaults() -> None:
+    """CONFIG is often disabled (renamed) on managed Redis: 512 MB and 1 GB, Redis' defaults."""
+    from tests.testbed import RedisServer
+
+    with RedisServer(extra_args=["--rename-command", "CONFIG", ""]) as server:
+        sink = RedisSink.from_url("cache", server.url, retry_seconds=1)
+        sink.prepare([CARD])
+        assert (sink._max_bulk, sink._max_query) == (512 * 2**20, 2**30)
+        assert outcomes(sink.apply([change(CARD, "o1", 1, order("o1"))])) == ["applied"]
+        sink.close()
+    with RedisServer(extra_args=["--proto-max-bulk-len", "2mb"]) as server:
+        sink = RedisSink.from_url("cache", server.url, retry_seconds=1)
+        sink.prepare([CARD])
+        assert (sink._max_bulk, sink._max_query) == (2 * 2**20, 2**30)
+        sink.close()
+
+
+def test_an_evicting_maxmemory_policy_is_warned_about(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.testbed import RedisServer
+
+    with RedisServer(extra_args=["--maxmemory-policy", "allkeys-lru"]) as server:
+        sink = RedisSink.from_url("cache", server.url, retry_seconds=1)
+        with caplog.at_level("WARNING", "viewkeeper.sinks.redis"):
+            sink.prepare([CARD])
+        assert "allkeys-lru may evict owner records" in caplog.text
+        sink.close()

@@ -122,6 +122,11 @@ _TRANSIENT_CODES = frozenset(
 )
 _SHEBANG = b"#!lua\n"  # the apply script's first line (see RedisSink._load_apply_script)
 _SLICE = 64  # changes per script call; the next batch is encoded while Redis runs one
+# Redis' defaults, used when CONFIG GET is refused (often disabled on managed Redis): the
+# largest argument (proto-max-bulk-len) and the query buffer (client-query-buffer-limit).
+_MAX_BULK = 512 * 2**20
+_MAX_QUERY = 2**30
+_HEAD = 1024  # bytes of a call that are not its changes' arguments (EVALSHA sha ... ), at most
 
 
 def _load(name: str) -> bytes:
@@ -256,6 +261,18 @@ def _entry_args(e: object) -> tuple[bytes, bytes, bytes, bytes, bytes]:
     )
 
 
+def _part(j: int, entries: Entries) -> str:
+    """What argument ``j`` of a change is (see RedisSink._args_for), for messages."""
+    if j < 5:
+        return ("owner key", "item key", "view id", "version", "entry count")[j]
+    t, key, _, sub = entries[(j - 5) // 4]
+    role = (j - 5) % 4
+    what = ("type", "key", {"V": "value", "H": "field"}.get(t, "member"), "")[role]
+    if role == 3:
+        what = {"V": "ttl", "H": "value", "Z": "score"}.get(t, "argument")
+    return f"{what} of {_describe(t, key, sub)}"
+
+
 def _describe(t: str, key: bytes, sub: bytes) -> str:
     kind = _KIND[t].split()[1]
     what = {"H": "field", "S": "member", "Z": "member"}.get(t)
@@ -382,6 +399,7 @@ class RedisSink:
         self._set_apply_script(source)
         self._purge = client.register_script(_load("redis_purge.lua"))
         self._views = client.register_script(_load("redis_views.lua"))
+        self._max_bulk, self._max_query = _MAX_BULK, _MAX_QUERY  # learnt in _ensure_ready
         self._view_ids: dict[str, bytes] = {}
         self._view_names: dict[bytes, str] = {}
         self._owner_prefix: dict[str, bytes] = {}
@@ -402,22 +420,23 @@ class RedisSink:
         self._ensure_ready()
         for view in views:
             self._view_id(view.name)
-        try:
-            policy = self._client.config_get("maxmemory-policy").get(b"maxmemory-policy", b"")
-        except redis.ResponseError:  # CONFIG is often disabled on managed Redis
-            return
-        if policy.startswith(b"allkeys-"):
+        policy = self._with_retry(partial(self._config, "maxmemory-policy")) or ""
+        if policy.startswith("allkeys-"):
             log.warning(
                 "redis sink %s (%s): maxmemory-policy %s may evict owner records; use "
                 "noeviction or volatile-*",
                 self.name,
                 self.where,
-                policy.decode(),
+                policy,
             )
 
     def apply(self, changes: Sequence[Change]) -> list[Result]:
         """One Result per change, in order; raises SinkUnavailable after ``retry_seconds``."""
-        return self._apply(changes, self._clock())
+        try:
+            return self._apply(changes, self._clock())
+        except SinkUnavailable:
+            self._ready = False  # check again before the retry: a restart, changed limits
+            raise
 
     def sweep(self, view: View, generation: int, now: float) -> int:
         """Retract and tombstone items whose record is older than ``generation`` (rebuild)."""
@@ -528,6 +547,29 @@ class RedisSink:
             self._use_legacy_script()
             self._client.script_load(self._apply_src)
 
+    def _config(self, name: str) -> str | None:
+        """``CONFIG GET name``, or None where CONFIG is refused (renamed or disabled, as on
+        many managed Redis services)."""
+        try:
+            reply = self._client.config_get(name)
+        except redis.ResponseError as exc:
+            if _is_transient(exc):
+                raise
+            return None
+        for key, value in reply.items():  # str or bytes, depending on the redis-py version
+            if (key.decode() if isinstance(key, bytes) else key) == name:
+                return value.decode() if isinstance(value, bytes) else str(value)
+        return None
+
+    def _learn_limits(self) -> None:
+        """The largest argument and the largest query the server takes: a change over them is
+        refused before it is sent. Sent anyway, Redis answers a protocol error and closes the
+        connection, often while the client still sends: the client sees ECONNRESET, which
+        looks transient, and would send the same call again and again."""
+        bulk, query = self._config("proto-max-bulk-len"), self._config("client-query-buffer-limit")
+        self._max_bulk = int(bulk) if bulk and bulk.isdigit() else _MAX_BULK
+        self._max_query = int(query) if query and query.isdigit() else _MAX_QUERY
+
     def _ensure_ready(self) -> None:
         if self._ready:
             return
@@ -535,6 +577,7 @@ class RedisSink:
 
         def check() -> Any:
             self._load_apply_script(probe=True)
+            self._learn_limits()
             pipe = self._client.pipeline(transaction=False)
             pipe.hsetnx(meta, "owner_buckets", self.owner_buckets)
             pipe.hget(meta, "owner_buckets")
@@ -563,54 +606,83 @@ class RedisSink:
         return self._view_names[vid]
 
     def _apply(self, changes: Sequence[Change], now: float) -> list[Result]:
-        """Send the changes in batches of :data:`_SLICE` on one connection, one script call
-        each, reading a batch's reply only after sending the next, so Redis runs one batch
-        while we encode the next. Whatever did not get a reply (connection lost, NOSCRIPT,
-        BUSY...) is sent again by :meth:`_resend`."""
+        """Send the changes in batches (see :meth:`_batches`) on one connection, one script
+        call each, reading a batch's reply only after sending the next, so Redis runs one
+        batch while we encode the next. Whatever did not get a reply (connection lost,
+        NOSCRIPT, BUSY...) is sent again by :meth:`_resend`."""
         self._ensure_ready()
         results: list[Result | None] = [None] * len(changes)
         batches: list[_Batch] = []
         stamp = b"%d" % int(now)
-
-        def prepare(lo: int, hi: int) -> _Batch | None:
-            batch = _Batch([], [], [])
-            for i in range(lo, hi):
-                try:
-                    args, entries = self._args_for(changes[i])
-                except (_Reject, EncodeError, TypeError, ValueError) as exc:
-                    results[i] = Result(Outcome.ERROR, self._where(changes[i]) + str(exc))
-                    continue
-                batch.indexes.append(i)
-                batch.entries.append(entries)
-                batch.args.append(args)
-            if not batch.indexes:
-                return None
-            batches.append(batch)
-            return batch
-
-        done = 0
+        todo = self._batches(changes, results)
         try:
             with self._connection() as conn:
                 waiting: _Batch | None = None
-                for lo in range(0, len(changes), _SLICE):
-                    done = min(lo + _SLICE, len(changes))
-                    batch = prepare(lo, done)
-                    if batch is not None:  # a health check would read a pending reply
-                        conn.send_packed_command(
-                            [self._command(batch.args, stamp)], check_health=waiting is None
-                        )
+                for batch in todo:
+                    batches.append(batch)
+                    # a health check would read a pending reply
+                    conn.send_packed_command(
+                        [self._command(batch.args, stamp)], check_health=waiting is None
+                    )
                     _read(conn, waiting)
                     waiting = batch
                 _read(conn, waiting)
         except Exception as exc:
             if not _is_transient(exc):
                 raise
-        prepare(done, len(changes))
+        batches.extend(todo)  # the batches not sent yet
         if any(_again(b.reply) for b in batches):
             self._with_retry(partial(self._resend, batches, stamp))
         for b in self._split_refused(batches, stamp):
             self._results(changes, b, results)
-        return [r for r in results if r is not None]
+        out = [r for r in results if r is not None]
+        if len(out) != len(changes):  # a batch lost on the way: never checkpoint past it
+            raise AssertionError(f"{len(changes) - len(out)} changes got no result")
+        return out
+
+    def _batches(self, changes: Sequence[Change], results: list[Result | None]) -> Iterator[_Batch]:
+        """The changes' arguments in batches of at most :data:`_SLICE` changes and at most
+        ``client-query-buffer-limit`` bytes; a change Redis would refuse gets its ERROR in
+        ``results`` instead (nothing of it is sent)."""
+        batch, used, budget = _Batch([], [], []), 0, self._max_query - _HEAD
+        for i, change in enumerate(changes):
+            try:
+                args, entries = self._args_for(change)
+                size = self._size(args, entries)
+            except (_Reject, EncodeError, TypeError, ValueError) as exc:
+                results[i] = Result(Outcome.ERROR, self._where(change) + str(exc))
+                continue
+            if batch.indexes and (len(batch.indexes) == _SLICE or used + size > budget):
+                yield batch
+                batch, used = _Batch([], [], []), 0
+            batch.indexes.append(i)
+            batch.entries.append(entries)
+            batch.args.append(args)
+            used += size
+        if batch.indexes:
+            yield batch
+
+    def _size(self, args: list[bytes], entries: Entries) -> int:
+        """The bytes one change adds to a call (RESP framing counted high); raises _Reject
+        when an argument is over ``proto-max-bulk-len`` or the change over the query limit."""
+        size = sum(map(len, args)) + 16 * len(args)
+        if size > self._max_bulk:  # cheap test first: no argument is larger than the sum
+            j = max(range(len(args)), key=lambda j: len(args[j]))
+            if len(args[j]) > self._max_bulk:
+                raise _Reject(
+                    f"the {_part(j, entries)} is {len(args[j])} bytes, over the Redis "
+                    f"server's bulk length limit (proto-max-bulk-len, {self._max_bulk} bytes): "
+                    "nothing was sent; make it smaller in the view (e.g. store a reference to "
+                    "the data), or raise proto-max-bulk-len on the server"
+                )
+        if size > self._max_query - _HEAD:
+            raise _Reject(
+                f"the change's {len(entries)} entries are {size} bytes in all, over the Redis "
+                f"server's client-query-buffer-limit ({self._max_query} bytes) for one call: "
+                "nothing was sent; make the item's entries fewer or smaller, or raise "
+                "client-query-buffer-limit on the server"
+            )
+        return size
 
     def _command(self, args: list[list[bytes]], stamp: bytes) -> bytes:
         head = [b"EVALSHA", self._apply_sha, b"0", stamp, self._claims, self._nbuckets]
@@ -635,10 +707,11 @@ class RedisSink:
         raise redis.ConnectionError("NOSCRIPT right after SCRIPT LOAD: is a proxy in the way?")
 
     def _split_refused(self, batches: list[_Batch], stamp: bytes) -> list[_Batch]:
-        """A call Redis refused as a whole (e.g. an argument over ``proto-max-bulk-len``)
-        is sent again one change per call, so that only the changes at fault fail. One call
-        at a time, each reply read before the next is sent: Redis closes the connection after
-        a protocol error, and the reset would lose the replies of the calls before it."""
+        """A call Redis refused as a whole (none is foreseen: arguments over the server's
+        limits are not sent, see :meth:`_size`) is sent again one change per call, so that
+        only the changes at fault fail. One call at a time, each reply read before the next
+        is sent: Redis closes the connection after a protocol error, and the reset would
+        lose the replies of the calls before it."""
         out: list[_Batch] = []
         for b in batches:
             if not isinstance(b.reply, Exception) or len(b.indexes) == 1:
