@@ -31,14 +31,39 @@ or ``volatile-*`` maxmemory policy: an evicted owner record cannot be rebuilt fr
 Standalone Redis only: the script computes the keys it touches (a retracted entry's key comes
 from the stored owner record) instead of declaring them, which Redis Cluster would refuse.
 
-Batches: :meth:`RedisSink.apply` sends its changes :data:`_SLICE` per ``EVALSHA``
-(``redis_apply.lua`` loops over them, each one checked and written as before) and encodes the
-next batch while Redis runs one. The reply is one byte per change plus details for the rare
-ones (errors, collisions): per change, the client pays neither a command nor a reply parse,
-which took two thirds of the sink's time when it sent one script call per change
-(``bench/redis_pipeline.py``: 8.9 → 3.5 µs of client CPU per record). A Redis error inside
-one change (none is foreseen: types, scores and sizes are checked first) fails that change
-alone; a call Redis refuses as a whole is resent one change per call.
+Batches: :meth:`RedisSink.apply` sends its changes :data:`_SLICE` per ``EVALSHA``, fewer when
+their bytes would pass ``client-query-buffer-limit`` (``redis_apply.lua`` loops over them,
+each one checked and written as before) and encodes the next batch while Redis runs one. The
+reply is one byte per change plus details for the rare ones (errors, collisions): per change,
+the client pays neither a command nor a reply parse, which took two thirds of the sink's time
+when it sent one script call per change (``bench/redis_pipeline.py``: 8.9 → 3.5 µs of client
+CPU per record). A call Redis refuses as a whole (none is foreseen) is resent one change per
+call.
+
+A change is all or nothing. Redis does not roll back a script that fails halfway, so nothing
+may fail after a change's first write:
+
+- Validation before any write: the script first reads and checks all it will need (step 3):
+  the type of each key it writes and of each key it retracts from (an entry whose key now
+  holds another type is gone already: left alone), the claims, and every argument (a ttl of
+  1 to :data:`~viewkeeper.projection.entries.MAX_TTL` seconds, a score Redis parses, one
+  type per key), which the client and the view API checked already. What it then writes
+  (SET, HSET, SADD, ZADD, DEL, HDEL, SREM, ZREM on keys of the checked types, with checked
+  arguments) cannot fail. A Redis error inside a change (none is foreseen, and any would come
+  before its first write) fails that change alone.
+- Shebang refusal: the script starts with ``#!lua`` (no flags: it may write), so Redis >= 7
+  refuses a call whole, before it runs, while writes are refused (OOM under ``maxmemory``,
+  a read-only replica after a failover, MISCONF, NOREPLICAS).
+- Transient abort: where the shebang cannot be compiled (Redis < 7, fakeredis: the script is
+  loaded without that line) Redis refuses the first write of a call in those states, and the
+  script ends the whole call with that error rather than failing that change alone; the
+  changes before it in the call were complete, and sent again they answer stale.
+  Either way the sink retries, then raises SinkUnavailable: the batch is held, never
+  dead-lettered for the server's state.
+- Sizes: an argument over ``proto-max-bulk-len`` or a change over ``client-query-buffer-limit``
+  (read at prepare with CONFIG GET; Redis' defaults, 512 MB and 1 GB, where CONFIG is
+  refused) is an ERROR before anything is sent. Sent, Redis would close the connection
+  with a protocol error, which the client cannot tell from a transient failure.
 """
 
 from __future__ import annotations
