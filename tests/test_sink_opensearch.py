@@ -443,6 +443,92 @@ def test_many_small_requests_in_concurrent_segments_keep_every_answer_in_place(
     assert docs == {f"o-{i}": {"i": -i if i % 3 == 2 else i} for i in range(1, 300, 2)}
 
 
+def _bulk_ids(body: bytes) -> list[str]:
+    """The document ids of the actions of a ``_bulk`` body (every other line)."""
+    lines = body.splitlines()
+    return [next(iter(orjson.loads(line).values()))["_id"] for line in lines[::2]]
+
+
+def test_bulk_sends_the_chunks_of_one_group_in_order_and_the_groups_concurrently() -> None:
+    """``max_bulk_bytes`` cuts each group of ``_bulk`` into several requests: those of one
+    group go one after the other (the ops of one document keep their order), the groups
+    side by side. No server: ``_post`` answers. The first request of each group waits
+    until the other group's first request is there too (a barrier: the groups must run
+    side by side), and the first request of a group is held 0.3 s longer, so that a
+    second request of the same group sent without waiting for it would arrive first."""
+    sink = OpenSearchSink(
+        "search",
+        OpenSearch(hosts=["http://127.0.0.1:9"]),
+        max_bulk_bytes=1,  # one action per request
+        min_split=2,
+        bulk_concurrency=2,
+    )
+    ids: dict[int, list[str]] = {0: [], 1: []}
+    for n in itertools.count():  # three documents in each group (hash(id) % 2)
+        doc = f"d-{n}"
+        if len(ids[hash(doc) % 2]) < 3:
+            ids[hash(doc) % 2].append(doc)
+        if all(len(group) == 3 for group in ids.values()):
+            break
+    # each document twice: the ops of one document must land in order
+    order = [d for pair in zip(ids[0], ids[1], strict=True) for d in pair]
+    plan = _Plan(up(ORDERS, "o", 1, {}), ViewIndexes.of(ORDERS), None, False, "1:1")
+    ops = [sink._del_op(plan, "del", d, f"1:{n}") for n in (1, 2) for d in order]
+    arrived: list[tuple[str, str]] = []
+    firsts = {ids[0][0], ids[1][0]}
+    barrier = threading.Barrier(2, timeout=5)
+    lock = threading.Lock()
+
+    def post(path: str, params: Any, body: bytes, headers: Any) -> Any:
+        [doc] = _bulk_ids(body)
+        version = orjson.loads(body.splitlines()[1])["script"]["params"]["v"]
+        if doc in firsts and version == "1:1":
+            barrier.wait()  # BrokenBarrierError if the groups do not run side by side
+            time.sleep(0.3)
+        with lock:
+            arrived.append((doc, version))
+        return {"items": [{"update": {"status": 200, "result": "noop"}}]}
+
+    setattr(sink, "_post", post)  # noqa: B010 - an instance attribute over the method
+    try:
+        items = sink._bulk(ops, False, time.monotonic() + 10)
+    finally:
+        sink.close()
+    assert len(items) == len(ops)
+    for group in ids.values():
+        got = [(d, v) for d, v in arrived if d in group]
+        # sent in the order of the ops: each group's ops in the ops' order
+        assert got == [(d, f"1:{n}") for n in (1, 2) for d in group]
+
+
+@needs_os
+def test_two_puts_of_one_document_in_requests_cut_by_size_land_in_order(
+    make_sink: Callable[..., OpenSearchSink],
+) -> None:
+    """One document put at 10 then at 11 in one batch, each put in a request of its own
+    (``max_bulk_bytes=1``). The request of the put at 10 is held until the other one is
+    answered (at most 3 s): if they were sent side by side, 11 would land first and the
+    put at 10 would be a noop (stale); in order both are applied."""
+    sink = make_sink(max_bulk_bytes=1)
+    sink.prepare([ORDERS])
+    real = sink._post
+    second_done = threading.Event()
+
+    def post(path: str, params: Any, body: bytes, headers: Any) -> Any:
+        if path == "/_bulk" and b'"v":"1:10"' in body:
+            second_done.wait(3)
+        try:
+            return real(path, params, body, headers)
+        finally:
+            if path == "/_bulk" and b'"v":"1:11"' in body:
+                second_done.set()
+
+    setattr(sink, "_post", post)  # noqa: B010 - an instance attribute over the method
+    results = sink.apply([up(ORDERS, "o-1", 10, {"n": 10}), up(ORDERS, "o-1", 11, {"n": 11})])
+    assert outcomes(results) == ["applied", "applied"]
+    assert sink.live_documents(ORDERS) == {"o-1": {"n": 11}}
+
+
 @needs_os
 def test_hand_built_documents_with_another_id_or_a_vk_field_are_handled(
     sink: OpenSearchSink, os_client: OpenSearch

@@ -824,7 +824,8 @@ class OpenSearchSink:
 
     def _live_send(self, plans: list[_Plan], background: bool = False) -> _Live:
         """Build the live ops and send them. A big batch is cut into ``bulk_concurrency``
-        segments by document id (the ops of one document stay in one request, in order);
+        segments by document id (the ops of one change stay in one segment, in order, and
+        the requests of a segment go one after the other: :meth:`_bulk` with one group);
         each segment is sent as soon as it is built, so building the next one overlaps
         with the server working on the previous one. ``background``: even one segment is
         sent from the pool, so that the caller can go on (:meth:`apply`)."""
@@ -1238,8 +1239,10 @@ class OpenSearchSink:
         self, ops: Sequence[_Op], require_alias: bool, deadline: float, split: bool = True
     ) -> list[dict[str, Any]]:
         """One response item per op. Ops are split into ``bulk_concurrency`` groups by
-        document id (so the ops of one document stay in one request, in order) and into
-        requests of at most ``max_bulk_bytes``; the requests run concurrently."""
+        document id (so the ops of one document stay in one group, in order) and each group
+        into requests of at most ``max_bulk_bytes``, sent one after the other (a request
+        leaves when the previous one of its group is answered); the groups run
+        concurrently."""
         params = {"require_alias": "true"} if require_alias else None
         k = self.bulk_concurrency if split and len(ops) >= self.min_split else 1
         if k > 1:
@@ -1248,9 +1251,8 @@ class OpenSearchSink:
                 groups[hash(op.doc_id) % k].append(i)
         else:
             groups = [list(range(len(ops)))]
-        requests = [
-            (part, body) for group in groups if group for part, body in self._chunks(ops, group)
-        ]
+        chunked = [list(self._chunks(ops, group)) for group in groups if group]
+        requests = [request for chunks in chunked for request in chunks]
 
         def send(part: list[int], body: bytes) -> list[dict[str, Any]]:
             try:
@@ -1269,11 +1271,15 @@ class OpenSearchSink:
                 )
             return [next(iter(x.values())) for x in resp.get("items") or ()]
 
-        if len(requests) == 1 or not split:
+        def send_group(chunks: list[tuple[list[int], bytes]]) -> list[list[dict[str, Any]]]:
+            # in sequence: two ops of one document may sit in two chunks of its group
+            return [send(part, body) for part, body in chunks]
+
+        if len(chunked) == 1 or not split:
             # not split: this runs in a pool worker already and must not wait on the pool
-            answers = [send(part, body) for part, body in requests]
+            answers = [got for chunks in chunked for got in send_group(chunks)]
         else:
-            answers = list(self._executor().map(lambda r: send(*r), requests))
+            answers = [got for group in self._executor().map(send_group, chunked) for got in group]
         items: list[dict[str, Any]] = [{}] * len(ops)
         for (part, _), got in zip(requests, answers, strict=True):
             if len(got) != len(part):
