@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 import pytest
 from opensearchpy import OpenSearch
+from opensearchpy.exceptions import TransportError
 
 from tests.helpers import view_for
 from viewkeeper.projection.api import View, opensearch_view
@@ -501,6 +502,43 @@ def test_bulk_sends_the_chunks_of_one_group_in_order_and_the_groups_concurrently
         assert got == [(d, f"1:{n}") for n in (1, 2) for d in group]
 
 
+def test_a_bulk_refused_as_a_whole_is_split_until_the_refused_actions_fail_alone() -> None:
+    """No server: ``_post`` refuses (HTTP 400, as OpenSearch refuses an ``_id`` over 512
+    bytes) every request holding one of the bad actions. The request is halved until each
+    bad action is alone; those answer the refusal, the others their own answer. Every
+    split ends: at most two requests per action and level, also when every action is
+    bad (a refusal that is nobody's fault ends as one ERROR per change, never a loop)."""
+    reason = {"type": "action_request_validation_exception", "reason": "Validation Failed"}
+
+    def run(n: int, bad: set[int]) -> tuple[list[dict[str, Any]], int]:
+        sink = OpenSearchSink("search", OpenSearch(hosts=["http://127.0.0.1:9"]), min_split=2)
+        plan = _Plan(up(ORDERS, "o", 1, {}), ViewIndexes.of(ORDERS), None, False, "1:1")
+        ops = [sink._del_op(plan, "del", f"d-{i}", "1:1") for i in range(n)]
+        sent = itertools.count()
+
+        def post(path: str, params: Any, body: bytes, headers: Any) -> Any:
+            next(sent)
+            ids = _bulk_ids(body)
+            if any(int(d[2:]) in bad for d in ids):
+                raise TransportError(400, reason["type"], {"error": reason, "status": 400})
+            return {"items": [{"update": {"status": 200, "_id": d}} for d in ids]}
+
+        setattr(sink, "_post", post)  # noqa: B010 - an instance attribute over the method
+        try:
+            items = sink._bulk(ops, False, time.monotonic() + 10)
+        finally:
+            sink.close()
+        return items, next(sent)
+
+    items, requests = run(100, {37})
+    assert [i for i, item in enumerate(items) if item["status"] == 400] == [37]
+    assert items[37]["error"]["type"] == "action_request_validation_exception"
+    assert all(item["_id"] == f"d-{i}" for i, item in enumerate(items) if i != 37)
+    assert requests <= 2 * 8  # halving 100 actions: 7 levels, two requests each at most
+    items, requests = run(16, set(range(16)))
+    assert {item["status"] for item in items} == {400} and requests <= 2 * 16 - 1
+
+
 @needs_os
 def test_two_puts_of_one_document_in_requests_cut_by_size_land_in_order(
     make_sink: Callable[..., OpenSearchSink],
@@ -892,6 +930,60 @@ def test_mapping_rejection_is_an_error_for_that_change_only(
     assert "total" in error
     assert "Document" in (results[3].error or "")
     assert set(sink.live_documents(ORDERS)) == {"o-0", "o-1", "o-3"}
+
+
+LONG_KEY = "k" * 2048  # DynamoDB's largest partition key
+
+
+def _bulk_actions(body: bytes) -> list[tuple[str, str]]:
+    """(index, document id) of the actions of a ``_bulk`` body."""
+    return [
+        (action["_index"], action["_id"])
+        for line in body.splitlines()[::2]
+        for action in orjson.loads(line).values()
+    ]
+
+
+@needs_os
+def test_a_bulk_the_node_refuses_as_a_whole_fails_only_the_change_at_fault(
+    sink: OpenSearchSink,
+) -> None:
+    """OpenSearch refuses a whole ``_bulk`` (HTTP 400 action_request_validation_exception)
+    when one action's ``_id`` is over 512 bytes: here the owner records (W1) of a REMOVE
+    (tombstone) and of a custom-id change of an item with a 2 KB key, whose ``_id`` is that
+    key. The sink splits the request until the action at fault is alone: its change is
+    ERROR naming view, item, document id and OpenSearch's reason; the rest of the batch is
+    applied, and a change whose W1 failed sends nothing after it (no W2, no put)."""
+    sent: list[tuple[str, str]] = []
+    real = sink._post
+
+    def post(path: str, params: Any, body: bytes, headers: Any) -> Any:
+        if path == "/_bulk":
+            sent.extend(_bulk_actions(body))
+        return real(path, params, body, headers)
+
+    setattr(sink, "_post", post)  # noqa: B010 - an instance attribute over the method
+    results = sink.apply(
+        [
+            up(ORDERS, "o-1", 10, {"n": 1}),
+            rm(ORDERS, LONG_KEY, 10),
+            up(CARDS, "i-1", 10, {"card": "c-1"}),
+            up(CARDS, LONG_KEY, 10, {"card": "c-2"}),
+            rm(ORDERS, "o-2", 10),
+        ]
+    )
+    assert outcomes(results) == ["applied", "error", "applied", "error", "applied"]
+    for result, view in ((results[1], ORDERS), (results[3], CARDS)):
+        error = result.error or ""
+        assert f"view {view.name!r}" in error, error
+        assert "owner record" in error and LONG_KEY[:100] in error, error
+        assert "action_request_validation_exception" in error and "512" in error, error
+        assert len(error) < 1500, f"the 2 KB key is echoed in full: {len(error)} characters"
+    assert sink.live_documents(ORDERS) == {"o-1": {"n": 1}}
+    assert sink.live_documents(CARDS) == {"c-1": {"card": "c-1"}}
+    assert sink.tombstones(ORDERS) == {"o-2": "1:10"}
+    live = {sink.indexes(ORDERS).alias, sink.indexes(CARDS).alias}
+    assert not [(i, d) for i, d in sent if i in live and (d == LONG_KEY or d == "c-2")]
 
 
 @needs_os

@@ -201,8 +201,16 @@ beyond ``retry_on_conflict`` (or on a fast path: resent as the script), 429 and 
 retried with backoff; a 4xx such as ``mapper_parsing_exception`` is ERROR for that change
 alone, naming view, document, item and reason. Connection errors, and items still failing
 after ``unavailable_after`` seconds (default 5), raise :class:`SinkUnavailable` naming the
-sink and its hosts without credentials; a request OpenSearch refuses as a whole (4xx other
-than 401/403/408/429) raises :class:`SinkError`.
+sink and its hosts without credentials (also 401/403/408/409/429 answered to a whole
+request). A ``_bulk`` OpenSearch refuses as a whole for what it holds (any other 4xx: 413
+over ``http.max_content_length``, 400 ``action_request_validation_exception`` for an ``_id``
+over 512 bytes, ...) is halved, and halved again, until each action at fault is alone; that
+action answers the refusal and its change is ERROR (view, item, document id, OpenSearch's
+reason; ids and keys cut after 100 characters), the others go on. It ends: at most 2n - 1
+requests for n actions, also when the refusal is nobody's fault (then every change is
+ERROR: dead-lettered, not a shard stopped on the same page forever). A change stops at the
+phase where its op failed: a failed W1 sends no W2, a failed put is not post-checked, an
+ERROR change writes no W3.
 
 Cost
 ----
@@ -236,7 +244,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, TypeGuard
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
@@ -252,6 +260,7 @@ from tenacity import Retrying, retry_if_exception, stop_before_delay, wait_rando
 
 from viewkeeper.projection.api import View
 from viewkeeper.projection.entries import Document
+from viewkeeper.projection.project import shown
 from viewkeeper.sinks.base import (
     Change,
     Collision,
@@ -1087,7 +1096,8 @@ class OpenSearchSink:
     def _post_check(self, checks: list[tuple[_Plan, str]]) -> None:
         by_index: dict[str, list[tuple[_Plan, str]]] = {}
         for p, doc_id in checks:
-            by_index.setdefault(p.names.owners, []).append((p, doc_id))
+            if p.outcome is not Outcome.ERROR:  # an op of the change failed: it stops there
+                by_index.setdefault(p.names.owners, []).append((p, doc_id))
         fixes: list[_Op] = []
         for owners, group in by_index.items():
             ids = [p.change.item_key for p, _ in group]
@@ -1119,7 +1129,7 @@ class OpenSearchSink:
         record may own one again, or delete it at its own version)."""
         ops: list[_Op] = []
         for p in plans:
-            if not p.unpend or not p.acked or p.rec_v is None:
+            if not p.unpend or not p.acked or p.rec_v is None or p.outcome is Outcome.ERROR:
                 continue
             done = [x for x in p.unpend if x in p.acked]
             if not done:
@@ -1158,12 +1168,13 @@ class OpenSearchSink:
         ):
             return False
         ch = op.plan.change
-        where = op.plan.names.owners if op.kind == "own" else op.plan.names.alias
-        what = "owner record" if op.kind == "own" else "document"
+        owner = op.kind in ("own", "unpend")
+        where = op.plan.names.owners if owner else op.plan.names.alias
+        what = "owner record" if owner else "document"
         op.plan.fail(
-            f"view {ch.view.name!r}: OpenSearch rejected the {op.kind} of {what} {op.doc_id!r} "
-            f"(item {ch.item_key!r}, index {where!r}): HTTP {status} "
-            f"{_error_text(item.get('error'))}"
+            f"view {ch.view.name!r}: OpenSearch rejected the {op.kind} of {what} "
+            f"{shown(op.doc_id)} (item {shown(ch.item_key)}, index {where!r}): HTTP {status} "
+            f"{_short(_error_text(item.get('error')))}"
         )
         return True
 
@@ -1258,12 +1269,14 @@ class OpenSearchSink:
             try:
                 resp = self._call(lambda: self._post("/_bulk", params, body, _NDJSON), deadline)
             except SinkError as exc:
-                if not _too_large(exc.__cause__):
+                cause = exc.__cause__
+                if not _refused(cause):
                     raise
-                # over http.max_content_length: halve until the one action that is too big
-                # alone fails alone, as that change's ERROR
+                # refused as a whole (over http.max_content_length, an _id over 512 bytes,
+                # ...): halve until each action at fault is alone; it answers the refusal,
+                # as that change's ERROR. Every level halves: at most 2n - 1 requests.
                 if len(part) == 1:
-                    return [_too_large_item(len(body))]
+                    return [_refused_item(cause, len(body))]
                 half = len(part) // 2
                 a, b = part[:half], part[half:]
                 return send(a, b"".join(ops[i].lines for i in a)) + send(
@@ -1516,20 +1529,45 @@ def _ids(value: object) -> list[str]:
     return []
 
 
-def _too_large(exc: BaseException | None) -> bool:
-    return isinstance(exc, TransportError) and exc.status_code == 413
+def _refused(exc: BaseException | None) -> TypeGuard[TransportError]:
+    """A request refused as a whole for what it holds: a 4xx other than those with a
+    meaning of their own (401/403: credentials, 408: timeout, 409/429: retry), which
+    :func:`_is_transient` retries."""
+    if not isinstance(exc, TransportError) or _is_transient(exc):
+        return False
+    status = exc.status_code
+    return isinstance(status, int) and 400 <= status < 500
 
 
-def _too_large_item(size: int) -> dict[str, Any]:
-    """The answer OpenSearch cannot give for an action it refused with the whole request."""
-    return {
-        "status": 413,
-        "error": {
+def _refused_item(exc: TransportError, size: int) -> dict[str, Any]:
+    """The answer OpenSearch cannot give for an action it refused with the whole request
+    (the action was sent alone and refused)."""
+    status = int(exc.status_code)
+    if status == 413:
+        error: dict[str, Any] = {
             "type": "request_entity_too_large",
             "reason": f"the action alone is {size} bytes, more than the node's "
             "http.max_content_length; make the document smaller",
-        },
-    }
+        }
+    else:
+        found = _reason_of(exc.info)
+        error = dict(found) if isinstance(found, Mapping) else {"type": str(exc.error)}
+        error.setdefault("type", str(exc.error))
+        error["reason"] = f"{error.get('reason', '')} (OpenSearch refused the whole _bulk request; "
+        error["reason"] += "sent alone, this action is refused)"
+    return {"status": status, "error": error}
+
+
+_SHOWN = 100  # characters of a long word shown in an error text (as projection.shown)
+_LONG_WORD_RE = re.compile(r"\S{" + str(_SHOWN + 20) + ",}")
+
+
+def _short(text: str, limit: int = 2000) -> str:
+    """An error text for a message: words of more than about 100 characters (OpenSearch
+    echoes a refused ``_id`` in full: up to 3 KB of item key) cut like :func:`shown`, the
+    whole at most ``limit`` characters."""
+    text = _LONG_WORD_RE.sub(lambda m: f"{m[0][:_SHOWN]}… ({len(m[0])} characters)", text)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _index_missing(error: object) -> bool:
