@@ -28,7 +28,7 @@ from opensearchpy import OpenSearch
 from tests.helpers import registry_of, view_for, vk, write_config
 from tests.testbed import OpenSearchNode, RedisServer, free_port
 from tests.views_e2e import bad_views
-from viewkeeper import SetMember, redis_view
+from viewkeeper import SetMember, opensearch_view, redis_view
 from viewkeeper.coordination.memory import MemoryStore
 from viewkeeper.coordination.model import Lease, LeaseState
 from viewkeeper.pipeline import BatchReport, Pipeline
@@ -605,6 +605,51 @@ def test_a_2_kb_item_key_in_an_opensearch_view_is_dead_lettered_with_the_fix(
     assert "512" in error, error
     assert "doc_id=" in error, error  # the fix: give the view a doc_id function
     assert len(error) < 1200, f"the 2 KB key is echoed in full: {len(error)} characters"
+
+
+@opensearch_view(
+    table=TABLE,
+    opensearch="search",
+    index="long-keys",
+    doc_id=lambda item: f"doc-{item['pk'][:8]}-{len(item['pk'])}",
+)
+def long_key_doc(item: dict[str, Any]) -> dict[str, Any]:
+    """A doc_id= view: the document id is short whatever the key."""
+    return {"size": len(item["pk"])}
+
+
+LONG_DOC = view_for(long_key_doc)
+
+
+def test_a_2_kb_item_key_is_removed_from_an_opensearch_view_and_lives_in_a_doc_id_view(
+    os_sink: OpenSearchSink,
+) -> None:
+    """The sink stores an item key over 512 bytes under a digest ``_id`` (owner records,
+    tombstones, default document ids). The put of such an item in a default-id view is
+    still dead-lettered by the projection (above); its REMOVE writes a tombstone and is
+    applied, and a doc_id= view takes the item like any other: insert and remove applied,
+    in the same pages as short keys."""
+    views = registry_of(DOC, LONG_DOC)
+    store = MemoryStore()
+    pipe = Pipeline(views, {("opensearch", "search"): os_sink}, store, lambda v: 0)
+    report = pipe.process(TABLE, KEYS, [record({"pk": LONG_KEY}), record({"pk": "a"})])
+    accounted(report, 2, 2, store)
+    assert (report.applied, report.dead_lettered) == (3, 1), report
+    assert letter_for(store, "bad_doc", LONG_KEY)  # the projection's rule, not the sink's
+    assert os_sink.live_documents(LONG_DOC) == {
+        "doc-kkkkkkkk-2048": {"size": 2048},
+        "doc-a-1": {"size": 1},
+    }
+    store = MemoryStore()
+    pipe = Pipeline(views, {("opensearch", "search"): os_sink}, store, lambda v: 0)
+    removed = [record({"pk": LONG_KEY}, event="REMOVE"), record({"pk": "b"})]
+    report = pipe.process(TABLE, KEYS, removed)
+    accounted(report, 2, 2, store)
+    assert (report.applied, report.dead_lettered) == (4, 0), [
+        d.error for d in store.list_deadletters()
+    ]
+    assert LONG_KEY in os_sink.tombstones(DOC) and LONG_KEY in os_sink.tombstones(LONG_DOC)
+    assert set(os_sink.live_documents(LONG_DOC)) == {"doc-a-1", "doc-b-1"}
 
 
 def test_an_empty_redis_key_is_refused_where_the_view_builds_it() -> None:

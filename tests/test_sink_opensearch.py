@@ -5,6 +5,7 @@ Pure parts (naming, NDJSON, host scrubbing) are checked without a server at the 
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import socket
 import threading
@@ -20,6 +21,7 @@ from opensearchpy.exceptions import TransportError
 from tests.helpers import view_for
 from viewkeeper.projection.api import View, opensearch_view
 from viewkeeper.projection.entries import Document, Value
+from viewkeeper.sinks import opensearch as opensearch_module
 from viewkeeper.sinks.base import Change, Outcome, Result, SinkError, SinkUnavailable
 from viewkeeper.sinks.opensearch import (
     LIVE_SUFFIX,
@@ -946,14 +948,17 @@ def _bulk_actions(body: bytes) -> list[tuple[str, str]]:
 
 @needs_os
 def test_a_bulk_the_node_refuses_as_a_whole_fails_only_the_change_at_fault(
-    sink: OpenSearchSink,
+    sink: OpenSearchSink, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """OpenSearch refuses a whole ``_bulk`` (HTTP 400 action_request_validation_exception)
     when one action's ``_id`` is over 512 bytes: here the owner records (W1) of a REMOVE
-    (tombstone) and of a custom-id change of an item with a 2 KB key, whose ``_id`` is that
-    key. The sink splits the request until the action at fault is alone: its change is
-    ERROR naming view, item, document id and OpenSearch's reason; the rest of the batch is
-    applied, and a change whose W1 failed sends nothing after it (no W2, no put)."""
+    (tombstone) and of a custom-id change of an item with a 2 KB key, whose ``_id`` is made
+    that key (the sink gives such keys a digest id: ``item_id`` is patched to give the key
+    itself, as the sink did before, to have a refusal the real node makes). The sink splits
+    the request until the action at fault is alone: its change is ERROR naming view, item,
+    document id and OpenSearch's reason; the rest of the batch is applied, and a change
+    whose W1 failed sends nothing after it (no W2, no put)."""
+    monkeypatch.setattr(opensearch_module, "item_id", lambda key: key)
     sent: list[tuple[str, str]] = []
     real = sink._post
 
@@ -984,6 +989,95 @@ def test_a_bulk_the_node_refuses_as_a_whole_fails_only_the_change_at_fault(
     assert sink.tombstones(ORDERS) == {"o-2": "1:10"}
     live = {sink.indexes(ORDERS).alias, sink.indexes(CARDS).alias}
     assert not [(i, d) for i, d in sent if i in live and (d == LONG_KEY or d == "c-2")]
+
+
+def digest_id(key: str) -> str:
+    """The documented ``_id`` of an item key over 512 bytes (see the sink's module doc)."""
+    return "vk:sha256:" + hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def test_item_keys_become_ids_as_they_are_up_to_512_bytes_and_as_a_digest_above() -> None:
+    item_id = opensearch_module.item_id
+    assert item_id("o-1") == "o-1"
+    assert item_id("é" * 256) == "é" * 256  # 512 bytes
+    assert item_id("é" * 256 + "x") == digest_id("é" * 256 + "x")  # 513 bytes
+    assert item_id(LONG_KEY) == digest_id(LONG_KEY) and len(digest_id(LONG_KEY)) == 74
+    # a short key that looks like a digest is digested too: two keys never share an id
+    lookalike = digest_id(LONG_KEY)
+    assert item_id(lookalike) == digest_id(lookalike) != item_id(LONG_KEY)
+
+
+@needs_os
+def test_a_2_kb_item_key_works_in_a_default_id_view_under_its_digest_id(
+    sink: OpenSearchSink, os_client: OpenSearch
+) -> None:
+    """DynamoDB keys go up to 2048 + 1024 bytes, OpenSearch ids to 512: the document and
+    the tombstone of such an item are stored under the digest id; ``_vk.item`` and the
+    owner record's ``item`` hold the whole key. Insert, modify, remove, and a stale replay
+    after the remove does not bring the document back."""
+    names = sink.indexes(ORDERS)
+    doc_id = digest_id(LONG_KEY)
+    assert outcomes(sink.apply([up(ORDERS, LONG_KEY, 10, {"n": 1}), up(ORDERS, "a", 10, {})])) == [
+        "applied",
+        "applied",
+    ]
+    doc = get_doc(os_client, names.alias, doc_id)
+    assert doc == {"n": 1, "_vk": {"v": "1:10", "g": 1, "item": LONG_KEY}}
+    assert outcomes(sink.apply([up(ORDERS, LONG_KEY, 11, {"n": 2})])) == ["applied"]
+    assert sink.live_documents(ORDERS) == {doc_id: {"n": 2}, "a": {}}
+    assert outcomes(sink.apply([rm(ORDERS, LONG_KEY, 12)])) == ["applied"]
+    assert sink.live_documents(ORDERS) == {"a": {}}
+    assert sink.tombstones(ORDERS) == {LONG_KEY: "1:12"}
+    tomb = owner_record(os_client, sink, ORDERS, doc_id)
+    assert tomb is not None and tomb["item"] == LONG_KEY
+    assert outcomes(sink.apply([up(ORDERS, LONG_KEY, 11, {"n": 2})])) == ["stale"]
+    assert outcomes(sink.apply([rm(ORDERS, LONG_KEY, 12)])) == ["stale"]
+    assert sink.live_documents(ORDERS) == {"a": {}}
+    assert outcomes(sink.apply([up(ORDERS, LONG_KEY, 13, {"n": 3})])) == ["applied"]
+    assert sink.live_documents(ORDERS) == {doc_id: {"n": 3}, "a": {}}
+
+
+@needs_os
+def test_a_2_kb_item_key_works_in_a_doc_id_view_its_owner_record_under_the_digest_id(
+    sink: OpenSearchSink, os_client: OpenSearch
+) -> None:
+    owner_id = digest_id(LONG_KEY)
+    assert outcomes(sink.apply([up(CARDS, LONG_KEY, 10, {"card": "c-1"})])) == ["applied"]
+    rec = owner_record(os_client, sink, CARDS, owner_id)
+    assert rec is not None and rec["item"] == LONG_KEY and rec["doc"] == "c-1"
+    doc = get_doc(os_client, sink.indexes(CARDS).alias, "c-1")
+    assert doc is not None and doc["_vk"]["item"] == LONG_KEY
+    assert outcomes(sink.apply([up(CARDS, LONG_KEY, 11, {"card": "c-2"})])) == ["applied"]
+    assert sink.live_documents(CARDS) == {"c-2": {"card": "c-2"}}
+    assert outcomes(sink.apply([rm(CARDS, LONG_KEY, 12)])) == ["applied"]
+    assert sink.live_documents(CARDS) == {}
+    assert sink.tombstones(CARDS) == {LONG_KEY: "1:12"}
+    for seq, card in ((10, "c-1"), (11, "c-2")):  # stale replays
+        assert outcomes(sink.apply([up(CARDS, LONG_KEY, seq, {"card": card})])) == ["stale"]
+    assert sink.live_documents(CARDS) == {}
+
+
+@needs_os
+def test_a_doc_id_over_512_bytes_is_that_changes_error_naming_the_view_bug(
+    sink: OpenSearchSink, os_client: OpenSearch
+) -> None:
+    """A doc_id= function returning an id over 512 bytes is a bug of the view: that change
+    is ERROR before anything is written for it; the rest of the batch is applied."""
+    long_id = "c" * 600
+    results = sink.apply(
+        [
+            up(CARDS, "i-1", 10, {"card": "c-1"}),
+            up(CARDS, "i-2", 10, {"card": long_id}),
+            up(CARDS, "i-3", 10, {"card": "é" * 257}),  # 514 bytes in UTF-8
+        ]
+    )
+    assert outcomes(results) == ["applied", "error", "error"]
+    for result, size in ((results[1], 600), (results[2], 514)):
+        error = result.error or ""
+        assert "view 'cards'" in error and "'i-" in error and "doc_id=" in error, error
+        assert f"{size} bytes" in error and "512" in error and len(error) < 600, error
+    assert sink.live_documents(CARDS) == {"c-1": {"card": "c-1"}}
+    assert owner_record(os_client, sink, CARDS, "i-2") is None
 
 
 @needs_os

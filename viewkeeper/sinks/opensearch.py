@@ -11,7 +11,7 @@ Layout (per view, ``P`` = the sink's ``index_prefix``, ``""`` in production)
     the item key (keyword). Users' fields are mapped dynamically, ``_vk`` explicitly.
     Readers see ``_vk`` in ``_source`` (exclude it with ``_source_excludes=_vk``).
 ``P{index}.vk-owners``
-    **Owner records**, keyed by item key, not under the alias: ``{v, g, item, doc?,
+    **Owner records**, keyed by the item's id (below), not under the alias: ``{v, g, item, doc?,
     pending?, deleted_at?}``. A *tombstone* is an owner record without ``doc``: the version
     of a delete, kept (``deleted_at``, epoch ms) until :meth:`OpenSearchSink.purge_tombstones`.
     For views with the default document id (the item key) only tombstones are written — the
@@ -26,6 +26,16 @@ Layout (per view, ``P`` = the sink's ``index_prefix``, ``""`` in production)
 Filtered aliases are not applied to GET by id, so tombstones cannot live in the readers'
 index at all: a separate index is the only way they never show. If a concrete index named
 ``P{index}`` already exists, :meth:`OpenSearchSink.prepare` refuses and says how to fix it.
+
+Ids. An ``_id`` holds at most 512 bytes of UTF-8 (OpenSearch refuses a longer one with the
+whole ``_bulk``); DynamoDB keys reach 2048 + 1024 bytes. :func:`item_id` is the one mapping
+from an item key to an ``_id`` — the owner record's id, and the document id of a view with
+the default id: the key itself when it fits in 512 bytes, else ``vk:sha256:`` + the 64 hex
+digits of the SHA-256 of its UTF-8 (a key that itself starts with ``vk:sha256:`` is digested
+too, so two keys never share an id). Stable across daemons and versions; readers GET such a
+document by that id, or search ``_vk.item`` (the whole key; the owner record's ``item``
+holds it too). An id a view chose (``doc_id=``) is used as it is: over 512 bytes, that
+change is ERROR — a bug of the view, said so — and nothing of it is written.
 
 The stored script (``opensearch_apply.painless``, id ``P + SCRIPT_NAME``)
 ------------------------------------------------------------------------
@@ -234,6 +244,7 @@ and ~4 in HTTP, sockets and the pool's threads. :meth:`OpenSearchSink.apply` is 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import random
 import re
@@ -242,7 +253,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, TypeGuard
 from urllib.parse import urlsplit, urlunsplit
@@ -273,17 +284,25 @@ from viewkeeper.sinks.encoding import EncodeError, dumps
 from viewkeeper.versions import Version
 
 __all__ = [
+    "ID_DIGEST_PREFIX",
     "LIVE_SUFFIX",
+    "MAX_ID_BYTES",
     "OWNERS_SUFFIX",
     "SCRIPT_NAME",
     "OpenSearchSink",
     "OrjsonSerializer",
     "ViewIndexes",
+    "item_id",
     "make_client",
     "script_source",
 ]
 
 log = logging.getLogger("viewkeeper.sinks.opensearch")
+
+MAX_ID_BYTES = 512
+"""OpenSearch's limit on a document ``_id``, in UTF-8 bytes."""
+ID_DIGEST_PREFIX = "vk:sha256:"
+"""The start of the ``_id`` of an item key that cannot be its own id (:func:`item_id`)."""
 
 SCRIPT_NAME = "viewkeeper-apply-v3"
 """Stored script id (after the sink's ``index_prefix``); bump N when the .painless changes."""
@@ -351,6 +370,21 @@ def make_client(hosts: Sequence[str | Mapping[str, Any]], **kwargs: Any) -> Open
     return OpenSearch(hosts=list(hosts), **kwargs)
 
 
+def item_id(item_key: str) -> str:
+    """The ``_id`` an item key is stored under: its owner record's id, and its document's
+    id in a view with the default document id. The key itself when its UTF-8 holds at most
+    :data:`MAX_ID_BYTES` (512) bytes; otherwise ``vk:sha256:`` and the 64 lower-case hex
+    digits of the SHA-256 of its UTF-8 (74 characters). A short key that itself starts
+    with ``vk:sha256:`` is digested too, so no two keys ever share an id. Stable: the same
+    key gives the same id on every daemon and every version of viewkeeper."""
+    if len(item_key) <= MAX_ID_BYTES // 4 and not item_key.startswith(ID_DIGEST_PREFIX):
+        return item_key  # at most 4 UTF-8 bytes per character: no need to encode
+    raw = item_key.encode("utf-8", "surrogatepass")
+    if len(raw) <= MAX_ID_BYTES and not item_key.startswith(ID_DIGEST_PREFIX):
+        return item_key
+    return ID_DIGEST_PREFIX + hashlib.sha256(raw).hexdigest()
+
+
 def script_source() -> str:
     """The painless source of the stored script (shipped next to this module)."""
     return (
@@ -395,6 +429,15 @@ class _Plan:
     acked: list[str] | None = None  # ids whose delete was acknowledged in this apply
     deleted: bool = False  # a delete of this change removed a document
     kept: bool = False  # a delete of this change found a newer or another item's document
+    key_id: str = field(default="", init=False)  # the _id of the item's owner record
+    doc_key: str | None = field(default=None, init=False)  # the _id of the document put
+
+    def __post_init__(self) -> None:
+        self.key_id = item_id(self.change.item_key)
+        if self.doc is not None:
+            # a default id is the item key (as its owner record's id); one the view (or a
+            # hand-built change) chose is used as it is
+            self.doc_key = self.doc.doc_id if self.tracked else self.key_id
 
     def fail(self, message: str) -> None:
         self.outcome = Outcome.ERROR
@@ -731,10 +774,10 @@ class OpenSearchSink:
             (early if p.outcome is None and p.doc is not None and not p.tracked else late).append(p)
         if not early or not any(p.outcome is None for p in late):
             return [], plans
-        touched = {(p.names.alias, p.change.item_key) for p in late}
-        touched.update((p.names.alias, p.doc.doc_id) for p in late if p.doc is not None)
-        if any((p.names.alias, p.change.item_key) in touched for p in early):
-            early = [p for p in early if (p.names.alias, p.change.item_key) not in touched]
+        touched = {(p.names.alias, p.key_id) for p in late}
+        touched.update((p.names.alias, p.doc_key) for p in late if p.doc_key is not None)
+        if any((p.names.alias, p.key_id) in touched for p in early):
+            early = [p for p in early if (p.names.alias, p.key_id) not in touched]
             now = {id(p) for p in early}
             late = [p for p in plans if id(p) not in now]
         return early, late
@@ -745,7 +788,7 @@ class OpenSearchSink:
             return Result(
                 Outcome.ERROR,
                 f"view {p.change.view.name!r}, item "
-                f"{p.change.item_key!r}: the OpenSearch sink reached no outcome",
+                f"{shown(p.change.item_key)}: the OpenSearch sink reached no outcome",
             )
         return Result(p.outcome, p.error, p.collisions or [])
 
@@ -763,13 +806,24 @@ class OpenSearchSink:
         if len(entries) != 1 or not isinstance(doc, Document):
             plan = _Plan(change, names, None, custom, change.version.encode())
             plan.fail(
-                f"view {view.name!r}, item {change.item_key!r}: an opensearch_view owns at "
+                f"view {view.name!r}, item {shown(change.item_key)}: an opensearch_view owns at "
                 f"most one Document per item, got {list(entries)!r}"
             )
             return plan
-        return _Plan(
+        plan = _Plan(
             change, names, doc, custom or doc.doc_id != change.item_key, change.version.encode()
         )
+        if plan.tracked:  # an id of the view's: as it is, so at most 512 bytes
+            size = len(doc.doc_id.encode("utf-8", "surrogatepass"))
+            if size > MAX_ID_BYTES:
+                made = "doc_id= returned" if custom else "the change gives"
+                plan.fail(
+                    f"view {view.name!r}, item {shown(change.item_key)}: {made} the document "
+                    f"id {shown(doc.doc_id)}, {size} bytes: more than OpenSearch's "
+                    f"{MAX_ID_BYTES}-byte _id. This is a bug of the view's doc_id= function: "
+                    "return a shorter id (e.g. a hash of it)"
+                )
+        return plan
 
     def _action(self, index: str, doc_id: str) -> bytes:
         return self._head(b"update", index) + dumps(doc_id) + b"}}\n"
@@ -786,10 +840,8 @@ class OpenSearchSink:
                 rec["doc"] = p.doc.doc_id
             else:
                 rec["deleted_at"] = now_ms
-            lines = (
-                self._action(p.names.owners, ch.item_key) + self._own_pre + dumps(rec) + b"}}}\n"
-            )
-            ops.append(_Op(p, "own", ch.item_key, lines))
+            lines = self._action(p.names.owners, p.key_id) + self._own_pre + dumps(rec) + b"}}}\n"
+            ops.append(_Op(p, "own", p.key_id, lines))
         for op, item in zip(ops, self._run(ops, require_alias=False), strict=True):
             p = op.plan
             if self._failed(op, item):
@@ -816,13 +868,13 @@ class OpenSearchSink:
             gone = list(pending)
             if (
                 p.outcome is Outcome.STALE
-                and p.doc is not None
-                and p.doc.doc_id != doc
-                and p.doc.doc_id not in gone
+                and p.doc_key is not None
+                and p.doc_key != doc
+                and p.doc_key not in gone
             ):
                 # a stale change's own document is not the item's: if a killed apply of
                 # this change put it (and died before the post-check), this removes it
-                gone.append(p.doc.doc_id)
+                gone.append(p.doc_key)
             if gone:
                 p.rec_v, p.gone = rec_v, gone
                 p.unpend = pending or None
@@ -842,7 +894,7 @@ class OpenSearchSink:
         # stale changes come along only to delete their owner record's pending documents
         todo = [p for p in plans if p.outcome is None or (p.gone and p.outcome is Outcome.STALE)]
         known = self._lookup(
-            [(p.names.alias, p.doc.doc_id) for p in todo if p.doc is not None and p.outcome is None]
+            [(p.names.alias, p.doc_key) for p in todo if p.doc_key and p.outcome is None]
         )
         try_create = self._new_share >= 0.5 and self.cas_cache_size > 0
         k = self.bulk_concurrency if len(todo) >= self.min_split else 1
@@ -850,10 +902,10 @@ class OpenSearchSink:
         if k > 1:
             segments = [[] for _ in range(k)]
             for p in todo:
-                if p.doc is not None and p.outcome is None:
-                    target = p.doc.doc_id
+                if p.doc_key is not None and p.outcome is None:
+                    target = p.doc_key
                 else:
-                    target = p.gone[0] if p.gone else p.change.item_key
+                    target = p.gone[0] if p.gone else p.key_id
                 segments[hash(target) % k].append(p)
         live = _Live(todo, ops, [], time.monotonic() + self.unavailable_after)
         for segment in segments:
@@ -941,8 +993,8 @@ class OpenSearchSink:
                 for x in p.gone or ():
                     ops.append(self._del_op(p, "gone", x, p.rec_v or p.version))
                 continue
-            if p.doc is not None:
-                doc_id = p.doc.doc_id
+            if p.doc is not None and p.doc_key is not None:  # (the one is set with the other)
+                doc_id = p.doc_key
                 body = p.doc.body
                 if META in body:  # never two _vk keys in one JSON object
                     body = {k: val for k, val in body.items() if k != META}
@@ -952,8 +1004,8 @@ class OpenSearchSink:
                 except EncodeError as exc:
                     known.pop((p.names.alias, doc_id), None)
                     p.fail(
-                        f"view {ch.view.name!r}: document {doc_id!r} of item "
-                        f"{ch.item_key!r} cannot be encoded: {exc}"
+                        f"view {ch.view.name!r}: document {shown(doc_id)} of item "
+                        f"{shown(ch.item_key)} cannot be encoded: {exc}"
                     )
                     continue
                 # the body with _vk appended, spliced as bytes (no dict copy per document)
@@ -978,9 +1030,9 @@ class OpenSearchSink:
                 for x in p.gone:
                     ops.append(self._del_op(p, "del", x, p.version))
             else:
-                ops.append(self._del_op(p, "del", ch.item_key, p.version))
+                ops.append(self._del_op(p, "del", p.key_id, p.version))
                 for x in p.gone or ():
-                    if x != ch.item_key:
+                    if x != p.key_id:
                         ops.append(self._del_op(p, "gone", x, p.version))
 
     def _head(self, kind: bytes, index: str) -> bytes:
@@ -1100,7 +1152,7 @@ class OpenSearchSink:
                 by_index.setdefault(p.names.owners, []).append((p, doc_id))
         fixes: list[_Op] = []
         for owners, group in by_index.items():
-            ids = [p.change.item_key for p, _ in group]
+            ids = [p.key_id for p, _ in group]
             docs = self._call(lambda o=owners, i=ids: self._mget(o, i))  # type: ignore[misc]
             for (p, doc_id), found in zip(group, docs, strict=True):
                 if "error" in found:
@@ -1134,7 +1186,7 @@ class OpenSearchSink:
             done = [x for x in p.unpend if x in p.acked]
             if not done:
                 continue
-            key = p.change.item_key
+            key = p.key_id
             lines = (
                 self._action(p.names.owners, key)
                 + self._unpend_pre
@@ -1461,7 +1513,7 @@ class OpenSearchSink:
         """{item key: encoded version} of the view's tombstones (owner records without doc)."""
         self.refresh(view)
         return {
-            hit["_id"]: hit["_source"]["v"]
+            hit["_source"].get("item", hit["_id"]): hit["_source"]["v"]
             for hit in self._scan(
                 self.indexes(view).owners,
                 1000,
