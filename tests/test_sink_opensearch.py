@@ -11,7 +11,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import pytest
@@ -34,6 +34,9 @@ from viewkeeper.sinks.opensearch import (
     script_source,
 )
 from viewkeeper.versions import Version, compare_encoded
+
+if TYPE_CHECKING:
+    from viewkeeper.sinks.opensearch import _Check
 
 needs_os = pytest.mark.opensearch
 
@@ -604,7 +607,7 @@ def _drive_by_hand(
     u = [sink._plan(upsert)]
     w = [sink._plan(delete)]
     sink._owner_phase(u)  # nothing to do for a default-id upsert
-    checks: list[tuple[_Plan, str]] = []
+    checks: list[_Check] = []
     for step in order:
         if step == "U1":
             checks = sink._live_phase(u)
@@ -661,26 +664,114 @@ def test_stale_upsert_and_delete_in_one_batch_end_deleted(sink: OpenSearchSink) 
     assert sink.live_documents(ORDERS) == {}
 
 
+def card(who: str, doc: str) -> dict[str, str]:
+    return {"card": doc, "who": who}
+
+
+@needs_os
+def test_a_document_id_passed_from_one_item_to_another_on_another_shard_is_kept(
+    sink: OpenSearchSink,
+) -> None:
+    """Item A yields document d at sequence 500; later (in time) A moves to e and item B,
+    on another shard, yields d, at 300: sequence numbers of two shards say nothing about
+    their order. B's record is applied while d still holds A's document, then A's move:
+    d must end with B's document (A's delete of d takes A's document, not B's)."""
+    got = [
+        sink.apply([up(CARDS, "A", 500, card("A", "d"))]),
+        sink.apply([up(CARDS, "B", 300, card("B", "d"))]),
+        sink.apply([up(CARDS, "A", 600, card("A", "e"))]),
+    ]
+    assert sink.live_documents(CARDS) == {"d": card("B", "d"), "e": card("A", "e")}
+    assert [outcomes(r) for r in got] == [["applied"]] * 3
+    # B took d over while A's owner record still named d: both claimed it then
+    assert [(c.entry, c.other_item) for c in got[1][0].collisions] == [("cards/d", "A")]
+
+
+@needs_os
+def test_a_document_id_taken_over_from_an_item_that_moved_away_is_no_collision(
+    sink: OpenSearchSink,
+) -> None:
+    """The same, with A's owner record (W1 of its move) written before B's put and A's
+    delete of d (W2) after it: B takes d over from an owner that moved away, which is not
+    a collision, and A's delete leaves B's document alone."""
+    sink.apply([up(CARDS, "A", 500, card("A", "d"))])
+    [move] = [sink._plan(up(CARDS, "A", 600, card("A", "e")))]
+    sink._owner_phase([move])
+    [result] = sink.apply([up(CARDS, "B", 300, card("B", "d"))])
+    assert result.outcome is Outcome.APPLIED and list(result.collisions) == []
+    sink._post_check(sink._live_phase([move]))
+    sink._unpend_phase([move])
+    assert move.outcome is Outcome.APPLIED
+    assert sink.live_documents(CARDS) == {"d": card("B", "d"), "e": card("A", "e")}
+
+
+@needs_os
+def test_a_late_claim_of_a_document_another_item_holds_now_gives_it_back_when_it_ends(
+    sink: OpenSearchSink,
+) -> None:
+    """The other way round: A held d and let it go before B took it, but A's shard is
+    late: B's record comes first, then A's (at a higher sequence number, as A's shard
+    may well have), then A's REMOVE. A takes d (its change is newer than anything of A),
+    and when it ends, d is B's again."""
+    assert outcomes(sink.apply([up(CARDS, "B", 300, card("B", "d"))])) == ["applied"]
+    assert outcomes(sink.apply([up(CARDS, "A", 500, card("A", "d"))])) == ["applied"]
+    assert sink.live_documents(CARDS) == {"d": card("A", "d")}
+    assert outcomes(sink.apply([rm(CARDS, "A", 600)])) == ["applied"]
+    assert sink.live_documents(CARDS) == {"d": card("B", "d")}
+    assert outcomes(sink.apply([up(CARDS, "A", 500, card("A", "d"))])) == ["stale"]  # replay
+    assert sink.live_documents(CARDS) == {"d": card("B", "d")}
+
+
+@needs_os
+def test_a_claim_of_an_older_generation_never_takes_a_document_back_after_a_rebuild(
+    sink: OpenSearchSink,
+) -> None:
+    """A holds d, B takes it (A's claim waits behind B's). A rebuild to generation 2 scans
+    B (still d) but not A (gone from the table): B's write of generation 2 drops A's claim
+    of generation 1, the sweep leaves d (B's, generation 2), and when B leaves d, A's old
+    document does not come back. A put of generation 1 arriving late (a daemon not yet on
+    generation 2) waits behind B's claim and is dropped with it."""
+    sink.apply([up(CARDS, "A", 500, card("A", "d"))])
+    sink.apply([up(CARDS, "B", 600, card("B", "d"))])  # A's claim waits
+    assert outcomes(sink.apply([up(CARDS, "B", 0, card("B", "d"), gen=2)])) == ["applied"]
+    assert sink.sweep(CARDS, 2, now=0.0) == 0
+    assert sink.live_documents(CARDS) == {"d": card("B", "d")}
+    [late] = sink.apply([up(CARDS, "C", 700, card("C", "d"))])  # generation 1, late
+    assert late.outcome is Outcome.APPLIED
+    assert [(c.entry, c.other_item) for c in late.collisions] == [("cards/d", "B")]
+    assert sink.live_documents(CARDS) == {"d": card("B", "d")}  # C waits: B is newer
+    [gone] = sink.apply([rm(CARDS, "C", 3, gen=2)])  # C's own claim goes, whatever its age
+    assert gone.outcome is Outcome.APPLIED
+    assert sink.live_documents(CARDS) == {"d": card("B", "d")}
+    assert outcomes(sink.apply([rm(CARDS, "B", 5, gen=2)])) == ["applied"]
+    assert sink.live_documents(CARDS) == {}
+
+
 @needs_os
 def test_collision_of_two_items_on_one_custom_doc_id_is_reported_with_both_keys(
     sink: OpenSearchSink,
 ) -> None:
+    """Items whose owner records all name one document id (a view bug): each put takes the
+    document (versions of two items are never compared), reports the item it took it from,
+    and that item's claim waits; when the holder leaves, the claim parked last takes the
+    document back. Items leaving never take another item's document with them."""
     r1 = sink.apply([up(CARDS, "item-1", 10, {"card": "c-7", "who": 1})])
     assert r1[0].collisions == []
     r2 = sink.apply([up(CARDS, "item-2", 11, {"card": "c-7", "who": 2})])
     assert r2[0].outcome is Outcome.APPLIED
     assert [(c.entry, c.other_item) for c in r2[0].collisions] == [("cards/c-7", "item-1")]
-    r3 = sink.apply([up(CARDS, "item-3", 9, {"card": "c-7", "who": 3})])  # older: loses
-    assert r3[0].outcome is Outcome.STALE
+    r3 = sink.apply([up(CARDS, "item-3", 9, {"card": "c-7", "who": 3})])  # 9 < 11: no matter
+    assert r3[0].outcome is Outcome.APPLIED
     assert [(c.entry, c.other_item) for c in r3[0].collisions] == [("cards/c-7", "item-2")]
+    assert sink.live_documents(CARDS) == {"c-7": {"card": "c-7", "who": 3}}
     # the same item again is no collision
-    assert sink.apply([up(CARDS, "item-2", 12, {"card": "c-7", "who": 2})])[0].collisions == []
-    # items leaving do not take item-2's document with them
-    assert outcomes(sink.apply([rm(CARDS, "item-1", 13), rm(CARDS, "item-3", 13)])) == [
-        "stale",
-        "stale",
-    ]
+    assert sink.apply([up(CARDS, "item-3", 12, {"card": "c-7", "who": 3})])[0].collisions == []
+    assert outcomes(sink.apply([rm(CARDS, "item-3", 13)])) == ["applied"]
     assert sink.live_documents(CARDS) == {"c-7": {"card": "c-7", "who": 2}}
+    assert outcomes(sink.apply([rm(CARDS, "item-1", 13)])) == ["applied"]  # its claim only
+    assert sink.live_documents(CARDS) == {"c-7": {"card": "c-7", "who": 2}}
+    assert outcomes(sink.apply([rm(CARDS, "item-2", 13)])) == ["applied"]
+    assert sink.live_documents(CARDS) == {}
 
 
 @needs_os
@@ -870,8 +961,8 @@ def test_pending_deletes_never_take_another_items_document(
     with pytest.raises(Killed):
         a.apply([up(CARDS, "item-1", 12, {"card": "c-8", "who": 1})])
     b = make_sink()
-    # stale, as in the collision test above: the one document left is item-2's, newer
-    assert outcomes(b.apply([rm(CARDS, "item-1", 13)])) == ["stale"]
+    # applied: it removes item-1's claim on c-7 (waiting behind item-2's), not the document
+    assert outcomes(b.apply([rm(CARDS, "item-1", 13)])) == ["applied"]
     assert b.live_documents(CARDS) == {"c-7": {"card": "c-7", "who": 2}}
 
 
@@ -881,17 +972,21 @@ def test_a_stale_put_taking_a_document_over_from_another_item_is_post_checked(
 ) -> None:
     """White-box race: item i's change at 10 (document d) writes its owner record; i's
     newer change at 20 moves to e and finishes, pending deletes and all; item j writes d
-    at 5; only then does the change at 10 put d, over j's older document ("updated", not
-    "created"). Its post-check must delete it: i does not own d any more."""
+    at 5; only then does the change at 10 put d, taking it from j ("updated", not
+    "created"). Its post-check must undo it: i does not own d any more, so no collision
+    either, and j's claim takes d back."""
     [stale] = [sink._plan(up(CARDS, "i", 10, {"card": "d", "who": "i"}))]
     sink._owner_phase([stale])
     assert outcomes(sink.apply([up(CARDS, "i", 20, {"card": "e", "who": "i"})])) == ["applied"]
     assert outcomes(sink.apply([up(CARDS, "j", 5, {"card": "d", "who": "j"})])) == ["applied"]
     checks = sink._live_phase([stale])
-    assert [c.other_item for c in stale.collisions or ()] == ["j"]
+    assert [(doc, other) for _, doc, other in checks] == [("d", "j")]
     sink._post_check(checks)
-    assert stale.outcome is Outcome.STALE
-    assert sink.live_documents(CARDS) == {"e": {"card": "e", "who": "i"}}
+    assert stale.outcome is Outcome.STALE and not stale.collisions
+    assert sink.live_documents(CARDS) == {
+        "e": {"card": "e", "who": "i"},
+        "d": {"card": "d", "who": "j"},
+    }
 
 
 @needs_os
@@ -907,7 +1002,7 @@ def test_a_stale_replay_deletes_its_own_document_left_by_a_killed_applier(
     [stale] = [a._plan(up(CARDS, "i", 10, {"card": "d"}))]
     a._owner_phase([stale])
     assert outcomes(b.apply([up(CARDS, "i", 20, {"card": "e"})])) == ["applied"]
-    assert [d for _, d in a._live_phase([stale])] == ["d"]  # created; then a is killed
+    assert [c[1] for c in a._live_phase([stale])] == ["d"]  # created; then a is killed
     assert set(b.live_documents(CARDS)) == {"d", "e"}
     assert outcomes(b.apply([up(CARDS, "i", 10, {"card": "d"})])) == ["stale"]
     assert b.live_documents(CARDS) == {"e": {"card": "e"}}

@@ -10,6 +10,12 @@ The second property kills the applying daemon after any request of a batch (I4):
 comes again, alone or in one page with the next batch, where only each item's newest
 record is applied (the shard worker coalesces a page per item) — the way a restarted
 daemon reads on from the checkpoint that did not move.
+
+The third passes document ids between two items of a custom-id view, as two shards deliver
+them: one timeline of the table (a document id is never yielded by both items at once),
+each item's records in its own order — sequence numbers of the two items drawn apart, so
+they say nothing about which change came first — with replays of earlier records, the two
+streams interleaved at random. The alias must hold each item's newest document.
 """
 
 from __future__ import annotations
@@ -238,6 +244,163 @@ def test_a_daemon_killed_after_any_request_loses_nothing_and_orphans_nothing(
         for view in (ORDERS, CARDS):
             live = {k: v for k, v in sinks[0].live_documents(view).items() if k.startswith(tag)}
             assert live == _expected(view, tag, events), view.name
+    finally:
+        for s in sinks:
+            s.close()
+
+
+# ---- document ids passed between items (two shards) -----------------------------------------
+
+SHARED_DOCS = 3
+shared_timeline = st.lists(
+    st.tuples(
+        st.integers(0, 1),  # which item
+        st.one_of(st.none(), st.tuples(st.integers(0, SHARED_DOCS - 1), st.integers(0, 9))),
+    ),
+    min_size=2,
+    max_size=12,
+)
+NAMES = ("X", "Y")
+
+
+def _shared_change(tag: str, who: int, seq: int, state: tuple[int, int] | None) -> Change:
+    key = tag + NAMES[who]
+    version = Version(1, str(10**20 + seq))  # 21 digits, like DynamoDB's
+    if state is None:
+        return Change(CARDS, key, version, [])
+    doc_id = f"{tag}d{state[0]}"
+    body = {"card": doc_id, "who": NAMES[who], "n": state[1]}
+    return Change(CARDS, key, version, [Document(doc_id, body)])
+
+
+def _shared_delivery(
+    tag: str, timeline: list[tuple[int, Any]], data: st.DataObject
+) -> tuple[list[Change], dict[str, Any]]:
+    """The records of two items on two shards as a daemon sees them, and the documents the
+    alias must end with. The table's timeline: an event that would give an item a document
+    the other item holds at that moment is left out (that would be a bug of the view, not a
+    move). Each item's sequence numbers rise; the two items' are drawn apart. Each shard's
+    records come in order, some delivered again later (replays); the shards interleave."""
+    holds: dict[int, int | None] = {0: None, 1: None}
+    streams: dict[int, list[Change]] = {0: [], 1: []}
+    final: dict[int, tuple[int, int] | None] = {}
+    seq = {who: data.draw(st.integers(0, 10**6), label=f"first seq {NAMES[who]}") for who in (0, 1)}
+    for who, state in timeline:
+        if state is not None and holds[1 - who] == state[0]:
+            continue
+        holds[who] = None if state is None else state[0]
+        seq[who] += data.draw(st.integers(1, 10**5), label="step")
+        streams[who].append(_shared_change(tag, who, seq[who], state))
+        final[who] = state
+    for stream in streams.values():
+        for _ in range(data.draw(st.integers(0, 3), label="replays") if stream else 0):
+            at = data.draw(st.integers(0, len(stream)), label="replayed at")
+            earlier = data.draw(st.integers(0, max(0, at - 1)), label="replayed record")
+            stream.insert(at, stream[min(earlier, len(stream) - 1)])
+    merged: list[Change] = []
+    while streams[0] or streams[1]:
+        who = data.draw(st.integers(0, 1), label="next shard") if all(streams.values()) else 0
+        merged.append(streams[who if streams[who] else 1 - who].pop(0))
+    want = {}
+    for who, state in final.items():
+        if state is not None:
+            change = _shared_change(tag, who, 0, state)
+            want.update({d.doc_id: d.body for d in change.entries if isinstance(d, Document)})
+    return merged, want
+
+
+def _newest_per_item(batch: list[Change]) -> list[Change]:
+    """One page as the shard worker applies it: each item's newest record only, once."""
+    newest = {ch.item_key: ch for ch in sorted(batch, key=lambda ch: ch.version)}
+    return list({id(ch): ch for ch in batch if newest[ch.item_key] is ch}.values())
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(timeline=shared_timeline, data=st.data())
+def test_document_ids_passed_between_items_of_two_shards_end_with_the_newest_owner(
+    sinks: list[OpenSearchSink], timeline: list[tuple[int, Any]], data: st.DataObject
+) -> None:
+    tag = f"e{next(_examples)}-"
+    merged, want = _shared_delivery(tag, timeline, data)
+    cuts = sorted(data.draw(st.sets(st.integers(1, max(1, len(merged) - 1)), max_size=4)))
+    for a, b in itertools.pairwise([0, *cuts, len(merged)]):
+        batch = merged[a:b]
+        if not batch:
+            continue
+        if data.draw(st.booleans(), label="one page (newest per item)"):
+            batch = _newest_per_item(batch)
+        sink = sinks[data.draw(st.integers(0, 1), label="daemon")]
+        sink._new_share = data.draw(st.sampled_from([0.0, 1.0]), label="try create")
+        results = sink.apply(batch)
+        assert all(r.outcome is not Outcome.ERROR for r in results), results
+    live = {k: v for k, v in sinks[0].live_documents(CARDS).items() if k.startswith(tag)}
+    assert live == want
+
+
+@settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(timeline=shared_timeline, data=st.data())
+def test_document_ids_passed_between_items_survive_a_daemon_killed_after_any_request(
+    os_client: OpenSearch, os_prefix: str, timeline: list[tuple[int, Any]], data: st.DataObject
+) -> None:
+    """The same deliveries, the applying daemon killed after any request of a batch (as in
+    the second property): the batch comes again, alone or in one page with the next."""
+    tag = f"e{next(_examples)}-"
+    merged, want = _shared_delivery(tag, timeline, data)
+    n = len(merged)
+    cuts = sorted(data.draw(st.sets(st.integers(1, max(1, n - 1)), max_size=6), label="cuts"))
+    queue = [merged[a:b] for a, b in itertools.pairwise([0, *cuts, n]) if a < b]
+    attempt = st.tuples(st.integers(0, 1), st.booleans(), st.integers(-1, 5), st.booleans())
+    plan = data.draw(
+        st.lists(attempt, min_size=len(queue) + MAX_KILLS, max_size=len(queue) + MAX_KILLS)
+    )
+    sinks = [
+        OpenSearchSink(
+            "search",
+            os_client,
+            index_prefix=os_prefix,
+            bulk_concurrency=1,
+            index_settings={"number_of_replicas": 0},
+        )
+        for _ in range(2)
+    ]
+    try:
+        sinks[0].prepare([CARDS])
+        kills = 0
+        for daemon, try_create, kill, next_page in plan:
+            if not queue:
+                break
+            batch = queue.pop(0)
+            sink = sinks[daemon]
+            sink._new_share = 1.0 if try_create else 0.0
+            if kill >= 0 and kills < MAX_KILLS:
+                kill_at(sink, lambda n, _, k=kill: n == k, sent=True)
+            try:
+                results = sink.apply(batch)
+            except Killed:
+                kills += 1
+                if queue and next_page:
+                    queue[0] = _newest_per_item(batch + queue[0])
+                else:
+                    queue.insert(0, batch)
+                continue
+            finally:
+                vars(sink).pop("_post", None)  # a kill that did not happen
+            assert all(r.outcome is not Outcome.ERROR for r in results), results
+        assert not queue
+        if kills:
+            # each item's newest record comes after the killed batch (the second property)
+            results = sinks[0].apply(_newest_per_item(merged))
+            assert all(r.outcome is not Outcome.ERROR for r in results), results
+        live = {k: v for k, v in sinks[0].live_documents(CARDS).items() if k.startswith(tag)}
+        assert live == want
     finally:
         for s in sinks:
             s.close()

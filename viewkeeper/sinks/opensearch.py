@@ -6,10 +6,13 @@ Layout (per view, ``P`` = the sink's ``index_prefix``, ``""`` in production)
     An **alias** — the name readers search and GET by id. viewkeeper owns it.
 ``P{index}.vk-live``
     The physical index behind the alias: the live documents, nothing else. Each document is
-    the view's body plus ``_vk: {v, g, item[, prev]}`` — the encoded version ``"G:SEQ"``
-    (stored, not indexed), the generation (a long, indexed: the rebuild sweep queries it) and
-    the item key (keyword). Users' fields are mapped dynamically, ``_vk`` explicitly.
-    Readers see ``_vk`` in ``_source`` (exclude it with ``_source_excludes=_vk``).
+    the view's body plus ``_vk: {v, g, item[, prev][, parked]}`` — the encoded version
+    ``"G:SEQ"`` (stored, not indexed), the generation (a long, indexed: the rebuild sweep
+    queries it) and the item key (keyword) of the item that holds it; ``prev``, the item
+    it was taken from, and ``parked``, the claims of other items on the same id (not
+    indexed; see *Documents passed between items*). Users' fields are mapped dynamically,
+    ``_vk`` explicitly. Readers see ``_vk`` in ``_source`` (exclude it with
+    ``_source_excludes=_vk``).
 ``P{index}.vk-owners``
     **Owner records**, keyed by the item's id (below), not under the alias: ``{v, g, item, doc?,
     pending?, deleted_at?}``. A *tombstone* is an owner record without ``doc``: the version
@@ -42,13 +45,15 @@ The stored script (``opensearch_apply.painless``, id ``P + SCRIPT_NAME``)
 One painless script with four ops, run as ``_bulk`` ``update`` actions with
 ``retry_on_conflict`` so concurrent writers to one document serialise on the primary:
 
-- ``put``: scripted upsert of a live document; ``noop`` when the stored ``_vk.v`` is equal
-  or newer (generation by ``Long.parseLong``, then SEQ length, then SEQ text — exactly
-  :mod:`viewkeeper.versions`); records ``_vk.prev`` when the document belonged to another
-  item (a collision, reported as ``Collision(entry, other_item)``).
-- ``del``: plain scripted update (a missing document answers 404 = nothing to delete);
-  ``ctx.op = 'delete'`` only when the stored version is older *and* the document belongs to
-  the deleting item.
+- ``put``: scripted upsert of a live document; ``noop`` when the stored version *of the
+  same item* is equal or newer (generation by ``Long.parseLong``, then SEQ length, then SEQ
+  text — exactly :mod:`viewkeeper.versions`). Versions of two items are never compared: a
+  document another item holds is taken (``_vk.prev`` names that item; its claim moves to
+  ``_vk.parked``), unless that item's generation is newer (then this claim is parked).
+- ``del``: plain scripted update (a missing document answers 404 = nothing to delete):
+  removes the deleting item's claim, only when it is older than ``v``: the document itself
+  (``ctx.op = 'delete'``, or the next parked claim takes it) or a parked claim. Another
+  item's claim is never touched.
 - ``own``: scripted upsert of an owner record, same version rule; the new record's
   ``pending`` is the stored ``pending`` (+ ``prev_docs``, ``prev_doc``) + ``doc``, less the
   new ``doc``.
@@ -69,10 +74,12 @@ One batch, step by step
    than the one put is ``del``-ed at the record's version (for a custom-id delete these are
    all its ops: W1 moved its document to ``pending``).
 3. *Post-check* (U2: one realtime ``mget`` of owner records) for every ``put`` that answered
-   ``created`` or ``noop``, or ``updated`` a document another item wrote (a collision):
-   where the owner record is newer than the put and names another (or no) document, the
-   change is STALE and
-4. *fix* (one ``_bulk``) ``del``-s the put's document at the owner record's version.
+   ``created`` or ``noop``, or ``updated`` a document another item held (or whose claim now
+   waits behind another item's): where the owner record is newer than the put and names
+   another (or no) document, the change is STALE and
+4. *fix* (one ``_bulk``) ``del``-s the put's claim at the owner record's version. The same
+   ``mget`` reads the other item's record: a collision is reported only if it names the
+   document too.
 5. *Unpend* (W3, one ``_bulk``, only for records that had ``pending``): once the deletes of
    step 2 are acknowledged (deleted, ``noop`` or 404), ``unpend`` drops them from the record
    they were read from.
@@ -109,11 +116,12 @@ back; nothing depends on the cache being right. ``stats`` counts the paths taken
 
 Why this gives I3 (no resurrection) without ``index.gc_deletes``
 -----------------------------------------------------------------
-The invariant kept is: *a live document exists only if its version is newer than what its
-item's owner record says.* Deletes write the owner record (W1) *before* deleting the live
-document (W2); upserts write the live document (U1) *before* reading the owner record (U2).
-Single-document operations are linearizable on the primary and realtime GET sees every
-acknowledged write. Take a delete at ``vd`` racing a stale upsert at ``vu < vd``:
+The invariant kept is: *a live document (or a parked claim, see* Documents passed between
+items *below) exists only if its version is newer than what its item's owner record says.*
+Deletes write the owner record (W1) *before* deleting the live document (W2); upserts write
+the live document (U1) *before* reading the owner record (U2). Single-document operations
+are linearizable on the primary and realtime GET sees every acknowledged write. Take a
+delete at ``vd`` racing a stale upsert at ``vu < vd``:
 
 - U2 after W1: U2 sees the tombstone ``vd > vu`` and deletes the document at ``vd``.
 - U2 before W1: then U1 < U2 < W1 < W2, so W2 finds the document at ``vu < vd`` and deletes
@@ -122,9 +130,10 @@ acknowledged write. Take a delete at ``vd`` racing a stale upsert at ``vu < vd``
 Either way the document ends deleted, and nothing depends on the live index remembering a
 delete (``gc_deletes``: a test sets it to 1 s and waits it out). The rebuild's scan writes
 ``(G, 0)`` and is one more stale upsert in this argument. Only ``created`` and ``noop`` puts
-need U2: an ``updated`` put (scripted or ``if_seq_no``) found the document alive at an older
-version, so no delete had removed it yet, and that delete's W2 is still to come (with custom
-ids, unless the document was another item's: that put is post-checked too). A crash
+need U2: an ``updated`` put (scripted or ``if_seq_no``) found its own item's document alive
+at an older version, so no delete had removed it yet, and that delete's W2 is still to come
+(a put that took the document from another item, or whose claim waits behind another
+item's, is post-checked like a create: it reads ``_vk.prev``/``_vk.parked`` back). A crash
 between U1 and U2 leaves a resurrected document only until the batch is retried (the
 checkpoint did not move): the replayed put answers ``noop`` (same version), which is
 post-checked too — or, for a custom-id view, the replayed change is STALE at W1 and deletes
@@ -147,22 +156,24 @@ Pending deletes: an owner record never forgets a document that may still exist
 Default-id views need none of this: an item's only document id is its key, so any newer
 write of the item lands on the same document. A custom-id item's document id moves, and a
 REMOVE does not say which document it had: only the owner record knows. The rule kept, for
-item ``I`` with owner record ``R``: *every live document of* ``I`` *(its* ``_vk.item`` *is*
-``I``*) other than* ``R.doc`` *is listed in* ``R.pending`` *or has a delete still to
-come* — the post-check of the put of ``I`` below ``R.v`` that created it. The writes:
+item ``I`` with owner record ``R``: *every claim of* ``I`` *(a live document whose*
+``_vk.item`` *is* ``I``*, or* ``I``*'s claim parked on another item's document) on an id
+other than* ``R.doc`` *is listed in* ``R.pending`` *or has a delete still to come* — the
+post-check of the put of ``I`` below ``R.v`` that made it. The writes:
 
 - W1 (``own`` at a newer version) moves the stored ``doc`` and ``pending`` (and the older
   scripts' ``prev_doc``/``prev_docs``) into the new record's ``pending``, less the new
   ``doc``: nothing is dropped, however many documents are pending.
-- W2 deletes each pending ``x`` with ``del`` at ``R.v`` for ``I``: only ``I``'s document,
+- W2 deletes each pending ``x`` with ``del`` at ``R.v`` for ``I``: only ``I``'s claim,
   only below ``R.v``, so never one ``I`` must keep — ``I``'s document at ``R.v`` is
   ``R.doc``, never pending, and a newer change of ``I`` that writes ``x`` puts it above
   ``R.v`` (W2 is then a ``noop``, or runs first and the put re-creates ``x``). Another
-  item's document (a collision: a view bug, reported) is never deleted.
+  item's claim is never removed: if ``I`` held ``x``, the next parked claim takes it.
 - W3 (``unpend``) drops ``x`` only from the record of the very version whose W2 on ``x``
   was acknowledged. From then on ``x`` holds nothing of ``I`` below ``R.v`` — unless a put
   of ``I`` below ``R.v`` still in flight re-creates it, answering ``created`` (or
-  ``updated`` over another item's document), both post-checked: the rule's second case.
+  ``updated`` taking another item's document, or waiting behind it), all post-checked:
+  the rule's second case.
   Nor at or above ``R.v``: a change of ``I`` that writes ``x`` there does its W1 first, so
   the record is no longer the one of ``R.v`` and W3 is a ``noop``.
 - U1 answering ``updated`` over ``I``'s own older document on ``x`` replaces a document the
@@ -198,10 +209,67 @@ What is left: an applier that lost its lease and is killed between U1 and U2 of 
 whose U1 landed after the newer change's W3 and after the new lease holder's replay of the
 same record (the lease guard keeps that window short) leaves the document until the next
 rebuild, as for default-id views. A daemon running an older script (a rolling upgrade)
-writes records without ``pending``: upgrade every daemon. Custom-id moves and deletes cost one more
-``_bulk`` per batch (W3); default-id upserts are unchanged (no owner record is read or
-written), and default-id deletes do W3 only when a hand-built change gave the item another
-document id.
+writes records without ``pending``, and its puts compare versions across items and drop
+parked claims (``viewkeeper-apply-v3`` and older): upgrade every daemon. Custom-id moves and
+deletes cost one more ``_bulk`` per batch (W3); default-id upserts are unchanged (no owner
+record is read or written), and default-id deletes do W3 only when a hand-built change gave
+the item another document id.
+
+Documents passed between items: versions are compared only within one item
+--------------------------------------------------------------------------
+With ``doc_id=``, a document id can pass from item A to item B (A moves on or is removed,
+then B yields the id). Their records come from two shards: in any order, and their
+sequence numbers say nothing about which came first (B's may well be lower). Comparing
+them lost B's document — B's put found A's document at a higher version and was a
+``noop``, reported STALE, then A's pending delete removed the document. And taking the
+document over is not enough either: when A's shard is the late one, A's put takes the
+document from B, and A's delete then leaves nobody's document. So the live document keeps
+every item's *claim* on its id, each with its item's version, and only ever compares a
+claim with a claim of the same item:
+
+- ``put`` of ``I``: ``I``'s claim there (held or parked) newer or equal: ``noop``. Else
+  ``I``'s claim takes the document and the holder's claim is parked (``_vk.parked``: item,
+  version, body; not indexed, not searched), ``_vk.prev`` naming it.
+- ``del`` of ``I`` at ``v``: ``I``'s claim below ``v`` goes. If it held the document, the
+  parked claim of the newest generation (the latest parked among equals) takes it, or the
+  document is deleted when none is left.
+
+Each item's claims thus follow its own versions and nothing else, so the document ends with
+the claim of the item whose newest change yields it, in whatever order the two items'
+records come: the last item to yield an id at any time holds it once every move is applied
+(and when two items yield it at once — a bug of the view — both claims stay, the last put
+holds the document, and whichever leaves, the other holds it). Why nothing stale comes back:
+
+- *W1 first.* A put of a custom-id view reaches the live phase only after its W1 won for
+  its item (the record is at its version). A stale replay of A, after A moved away, is
+  STALE at W1 and puts nothing: it can never take the document back from B. Its W1 re-issues
+  A's pending deletes — of A's claim only.
+- *Pending deletes are item-checked.* A's delete of ``d`` removes A's claim, held or parked,
+  and never B's: if B took ``d``, A's delete finds A parked and drops that; if A's delete
+  comes first, ``d`` is deleted and B's put creates it.
+- *Post-check.* A put that took the document from another item, or whose claim waits
+  behind one, is post-checked like a create: a stale put of ``I`` (its record moved on
+  meanwhile) is undone by the fix, which removes ``I``'s claim and gives the document back
+  to the parked claim.
+- *Generations (the rebuild).* A rebuild to ``G`` re-projects every item still in the
+  table at ``(G, 0)`` (through W1, like any change), and its sweep deletes documents held at
+  an older generation. So a write of generation ``G`` drops the claims of older generations
+  (an item that still yields the id claims it again at ``G``, by its scan or its stream
+  change), and a put of an older generation than the holder's (a daemon not yet on ``G``)
+  is parked, not taken over: the holder is always of the newest generation present, and no
+  claim of an item the rebuild found gone is ever given the document. The scan's ``(G, 0)``
+  put is one more change of its item: it passes W1 only if the item's record is older.
+- *Fast paths.* An ``index`` with ``if_seq_no`` replaces the whole source, parked claims
+  included: a document is cached only when the put's answer shows no other item's claim,
+  and any write of another item since changes ``_seq_no`` (the fast path answers 409).
+
+Collisions. A put that took the document from another item, or waits behind it, reports
+``Collision(entry, other_item)`` only when that item's owner record still names the
+document (or, for an item of a default-id view without owner record, the document is its
+own id): an item that moved away, whose delete is still to come, is no collision. When both
+records name it, both items claim it at that moment — a bug of the view, or two shards
+still catching up with a move — and it is reported. The other item's record comes in the
+same post-check ``mget``.
 
 Outcomes and errors
 -------------------
@@ -304,7 +372,7 @@ MAX_ID_BYTES = 512
 ID_DIGEST_PREFIX = "vk:sha256:"
 """The start of the ``_id`` of an item key that cannot be its own id (:func:`item_id`)."""
 
-SCRIPT_NAME = "viewkeeper-apply-v3"
+SCRIPT_NAME = "viewkeeper-apply-v4"
 """Stored script id (after the sink's ``index_prefix``); bump N when the .painless changes."""
 LIVE_SUFFIX = ".vk-live"
 OWNERS_SUFFIX = ".vk-owners"
@@ -325,6 +393,7 @@ LIVE_MAPPINGS: dict[str, Any] = {
                 "g": {"type": "long"},
                 "item": {"type": "keyword"},
                 "prev": {"type": "keyword", "index": False, "doc_values": False},
+                "parked": {"type": "object", "enabled": False},
             },
         }
     },
@@ -447,6 +516,10 @@ class _Plan:
 _Known = tuple[int, int, tuple[int, int, str], str]
 """What this sink last wrote to a document: seq_no, primary term, version key, item key."""
 
+_Check = tuple[_Plan, str, str | None]
+"""A put to post-check: its change, its document id, and the other item whose claim it
+took the document from (or waits behind), to tell whether that is a collision."""
+
 
 @dataclass(slots=True)
 class _Op:
@@ -568,13 +641,11 @@ class OpenSearchSink:
         self._prepared: dict[str, ViewIndexes] = {}
         # Fragments of the NDJSON lines, built once.
         sid = dumps(self.script_id)
+        # what a put reads back: the holder, the item it took the document from (prev) and
+        # the items whose claims wait (parked): {} from a document of one item alone
         self._put_pre = (
-            b'{"scripted_upsert":true,"upsert":{},"script":{"id":'
-            + sid
-            + (b',"params":{"op":"put","doc":')
-        )
-        self._put_src_pre = (
-            b'{"scripted_upsert":true,"upsert":{},"_source":["_vk.item","_vk.prev"],'
+            b'{"scripted_upsert":true,"upsert":{},'
+            b'"_source":["_vk.item","_vk.prev","_vk.parked.item"],'
             b'"script":{"id":' + sid + b',"params":{"op":"put","doc":'
         )
         self._own_pre = (
@@ -879,14 +950,16 @@ class OpenSearchSink:
                 p.rec_v, p.gone = rec_v, gone
                 p.unpend = pending or None
 
-    def _live_phase(self, plans: list[_Plan]) -> list[tuple[_Plan, str]]:
+    def _live_phase(self, plans: list[_Plan]) -> list[_Check]:
         """The live ops of ``plans``, sent and answered; returns the puts to post-check."""
         return self._live_collect(self._live_send(plans))
 
     def _live_send(self, plans: list[_Plan], background: bool = False) -> _Live:
         """Build the live ops and send them. A big batch is cut into ``bulk_concurrency``
         segments by document id (the ops of one change stay in one segment, in order, and
-        the requests of a segment go one after the other: :meth:`_bulk` with one group);
+        the requests of a segment go one after the other: :meth:`_bulk` with one group;
+        two changes' ops on one id may go side by side — a pending delete of one item and
+        another item's put end the same in either order, as claims, see the module doc);
         each segment is sent as soon as it is built, so building the next one overlaps
         with the server working on the previous one. ``background``: even one segment is
         sent from the pool, so that the caller can go on (:meth:`apply`)."""
@@ -918,7 +991,7 @@ class OpenSearchSink:
                 live.sent.append((start, len(ops), future))
         return live
 
-    def _live_collect(self, live: _Live) -> list[tuple[_Plan, str]]:
+    def _live_collect(self, live: _Live) -> list[_Check]:
         """Wait for the live ops sent by :meth:`_live_send` (send them if they were not),
         retry what must be, and learn the outcomes; returns the puts to post-check."""
         ops, todo = live.ops, live.todo
@@ -928,7 +1001,7 @@ class OpenSearchSink:
             first = [{}] * len(ops)
             for start, end, future in live.sent:
                 first[start:end] = future.result()
-        checks: list[tuple[_Plan, str]] = []
+        checks: list[_Check] = []
         learnt: list[tuple[_Plan, str, Mapping[str, Any] | None]] = []
         misses = created = 0
         paths = {"script": 0, "cas": 0, "create": 0}
@@ -945,13 +1018,12 @@ class OpenSearchSink:
                 continue
             if op.kind == "put":
                 p.outcome = Outcome.STALE if result == "noop" else Outcome.APPLIED
-                took_over = False
-                if p.tracked and op.path == "script":
-                    took_over = self._collision(p, op.doc_id, result, item)
-                if result != "updated" or took_over:
-                    # an update that took the document over from another item is checked
-                    # like a create: no delete of this item is bound to come after it
-                    checks.append((p, op.doc_id))
+                other = _other_claim(p.change.item_key, item)
+                if result != "updated" or other is not None:
+                    # an update that took the document from another item, or whose claim
+                    # waits behind another item's, is checked like a create: no delete of
+                    # this item is bound to come after it
+                    checks.append((p, op.doc_id, other))
                 learnt.append((p, op.doc_id, item))
                 continue
             learnt.append((p, op.doc_id, None))
@@ -960,7 +1032,7 @@ class OpenSearchSink:
                 p.acked = []
             p.acked.append(op.doc_id)
             if op.kind == "del":
-                if result == "deleted":
+                if result in ("deleted", "updated"):  # updated: its claim left a shared document
                     p.deleted = True
                 elif item.get("status") != 404:
                     p.kept = True  # newer, or another item's: not this change's to delete
@@ -1045,8 +1117,8 @@ class OpenSearchSink:
         return head
 
     def _scripted_put(self, p: _Plan, jid: bytes, payload: bytes) -> bytes:
-        pre = self._put_src_pre if p.tracked else self._put_pre
-        return b"%b%b}}\n%b%b}}}\n" % (self._head(b"update", p.names.alias), jid, pre, payload)
+        head = self._head(b"update", p.names.alias)
+        return b"%b%b}}\n%b%b}}}\n" % (head, jid, self._put_pre, payload)
 
     def _put_op(
         self,
@@ -1100,7 +1172,12 @@ class OpenSearchSink:
         with self._lock:
             for p, doc_id, item in learnt:
                 key = (p.names.alias, doc_id)
-                if item is not None and item.get("result") in ("created", "updated"):
+                if (
+                    item is not None
+                    and item.get("result") in ("created", "updated")
+                    and not _meta(item).get("parked")  # a blind write would drop the claims
+                    and _other_claim(p.change.item_key, item) is None
+                ):
                     seq_no, term = item.get("_seq_no"), item.get("_primary_term")
                     if isinstance(seq_no, int) and isinstance(term, int):
                         v = p.change.version
@@ -1132,48 +1209,54 @@ class OpenSearchSink:
         )
         return _Op(p, kind, doc_id, lines)
 
-    def _collision(self, p: _Plan, doc_id: str, result: object, item: Mapping[str, Any]) -> bool:
-        """Report a collision found by a scripted put; True if there was one."""
-        meta = ((item.get("get") or {}).get("_source") or {}).get(META) or {}
-        other = meta.get("item") if result == "noop" else meta.get("prev")
-        if isinstance(other, str) and other != p.change.item_key:
-            entry = f"{p.change.view.index}/{doc_id}"
-            if p.collisions is None:
-                p.collisions = []
-            p.collisions.append(Collision(entry, other))
-            log.debug("collision on %s: items %r and %r", entry, p.change.item_key, other)
-            return True
-        return False
-
-    def _post_check(self, checks: list[tuple[_Plan, str]]) -> None:
-        by_index: dict[str, list[tuple[_Plan, str]]] = {}
-        for p, doc_id in checks:
-            if p.outcome is not Outcome.ERROR:  # an op of the change failed: it stops there
-                by_index.setdefault(p.names.owners, []).append((p, doc_id))
+    def _post_check(self, checks: list[_Check]) -> None:
+        """U2: one realtime ``mget`` of the owner records of the puts to check (and of the
+        items whose claims they met); where a record is newer than the put and names
+        another (or no) document, the fix deletes the put's claim at the record's version
+        and the change is STALE. A put that took the document from another item, or waits
+        behind its claim, reports a collision only while both items' records name the
+        document (an item that moved away still has its delete to come: no collision)."""
+        by_index: dict[str, list[_Check]] = {}
+        for check in checks:
+            if check[0].outcome is not Outcome.ERROR:  # an op of it failed: it stops there
+                by_index.setdefault(check[0].names.owners, []).append(check)
         fixes: list[_Op] = []
         for owners, group in by_index.items():
-            ids = [p.key_id for p, _ in group]
+            ids = [p.key_id for p, _, _ in group]
+            ids += [item_id(other) for _, _, other in group if other is not None]
+            ids = list(dict.fromkeys(ids))
             docs = self._call(lambda o=owners, i=ids: self._mget(o, i))  # type: ignore[misc]
-            for (p, doc_id), found in zip(group, docs, strict=True):
+            records: dict[str, Mapping[str, Any] | None] = {}
+            for key, found in zip(ids, docs, strict=True):
                 if "error" in found:
                     raise SinkUnavailable(
                         f"OpenSearch sink {self.name!r} ({self.where}): cannot read owner "
                         f"records in {owners!r}: {_error_text(found['error'])}"
                     )
-                src = found.get("_source") if found.get("found") else None
-                if not src or src.get("doc") == doc_id:
-                    continue
-                owner_v = src.get("v")
-                if isinstance(owner_v, str) and Version.decode(owner_v) > p.change.version:
-                    fixes.append(self._del_op(p, "fix", doc_id, owner_v))
+                records[key] = found.get("_source") if found.get("found") else None
+            for p, doc_id, other in group:
+                src = records[p.key_id]
+                if src and src.get("doc") != doc_id:
+                    owner_v = src.get("v")
+                    if isinstance(owner_v, str) and Version.decode(owner_v) > p.change.version:
+                        fixes.append(self._del_op(p, "fix", doc_id, owner_v))
+                        continue  # not this item's document any more: no collision of its
+                if other is not None and _claims(records[item_id(other)], other, doc_id):
+                    entry = f"{p.change.view.index}/{doc_id}"
+                    if p.collisions is None:
+                        p.collisions = []
+                    p.collisions.append(Collision(entry, other))
+                    log.debug("collision on %s: items %r and %r", entry, p.change.item_key, other)
         for op, item in zip(fixes, self._run(fixes, require_alias=True), strict=True):
             self._forget(op.plan.names.alias, op.doc_id)
             if self._failed(op, item):
                 continue
-            if item.get("result") == "deleted" or item.get("status") == 404:
+            result = item.get("result")
+            # deleted, or updated: the claim left a document other items claim too
+            if result in ("deleted", "updated") or item.get("status") == 404:
                 op.plan.outcome = Outcome.STALE
                 with self._lock:
-                    self.stats["post_check_fix"] += item.get("result") == "deleted"
+                    self.stats["post_check_fix"] += result in ("deleted", "updated")
 
     def _unpend_phase(self, plans: list[_Plan]) -> None:
         """W3: owner records forget the pending documents whose deletes were acknowledged
@@ -1570,6 +1653,36 @@ def _jstr(text: str) -> bytes:
         return orjson.dumps(text)
     except orjson.JSONEncodeError:
         return dumps(text)
+
+
+def _meta(item: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The ``_vk`` a scripted put read back (``get._source._vk``); empty if none."""
+    meta = ((item.get("get") or {}).get("_source") or {}).get(META)
+    return meta if isinstance(meta, Mapping) else {}
+
+
+def _other_claim(item_key: str, item: Mapping[str, Any]) -> str | None:
+    """The other item a put met on its document: the one it took the document from
+    (``prev``), or the holder its claim waits behind (it is in ``parked``); None when
+    the document is this item's alone."""
+    meta = _meta(item)
+    prev = meta.get("prev")
+    if isinstance(prev, str) and prev != item_key:
+        return prev
+    holder = meta.get("item")
+    parked = meta.get("parked")
+    waits = isinstance(parked, list) and any(
+        isinstance(c, Mapping) and c.get("item") == item_key for c in parked
+    )
+    return holder if waits and isinstance(holder, str) and holder != item_key else None
+
+
+def _claims(record: Mapping[str, Any] | None, item_key: str, doc_id: str) -> bool:
+    """Whether an item still claims ``doc_id`` by its owner record: the record names it,
+    or (no record: an item of a view with the default id) it is the item's own id."""
+    if record is None:
+        return item_id(item_key) == doc_id
+    return record.get("doc") == doc_id
 
 
 def _ids(value: object) -> list[str]:
