@@ -70,7 +70,7 @@ One batch, step by step
    record's version — and a STALE upsert's own document too, when it is not the record's.
 2. *Live phase* (U1/W2: ``_bulk`` through the alias with ``require_alias``, so a deleted
    index is never silently auto-created): upserts ``put`` the document; deletes of a
-   default-id view ``del`` the item key's document; and every ``pending`` document other
+   default-id view ``del`` the document of the item's id; and every ``pending`` document other
    than the one put is ``del``-ed at the record's version (for a custom-id delete these are
    all its ops: W1 moved its document to ``pending``).
 3. *Post-check* (U2: one realtime ``mget`` of owner records) for every ``put`` that answered
@@ -81,7 +81,8 @@ One batch, step by step
    ``mget`` reads the other item's record: a collision is reported only if it names the
    document too.
 5. *Unpend* (W3, one ``_bulk``, only for records that had ``pending``): once the deletes of
-   step 2 are acknowledged (deleted, ``noop`` or 404), ``unpend`` drops them from the record
+   step 2 are acknowledged (deleted, ``updated``: the item's claim left a document other
+   items claim too, ``noop`` or 404), ``unpend`` drops them from the record
    they were read from.
 
 Overlap (``bulk_concurrency`` > 1): the puts of default-id documents read and write no owner
@@ -104,8 +105,9 @@ the condition fails (409), within the same :meth:`OpenSearchSink.apply`:
 
 - ``index`` with ``if_seq_no``/``if_primary_term`` taken from this sink's last write of the
   document (a bounded cache, ``cas_cache_size``), when this item wrote it at an older
-  version. It succeeds only if nobody wrote the document since — exactly when the script
-  would have replaced it; its ``updated`` is the script's ``updated``.
+  version and no other item's claim was on it. It succeeds only if nobody wrote the
+  document since — exactly when the script would have replaced it; its ``updated`` is the
+  script's ``updated``.
 - ``create`` for a document the cache does not know, while most recent uncached puts
   created their document (an insert-heavy stream, a rebuild into an empty index). It
   succeeds only if the document does not exist — the script's ``created`` — and is
@@ -173,9 +175,9 @@ post-check of the put of ``I`` below ``R.v`` that made it. The writes:
   was acknowledged. From then on ``x`` holds nothing of ``I`` below ``R.v`` — unless a put
   of ``I`` below ``R.v`` still in flight re-creates it, answering ``created`` (or
   ``updated`` taking another item's document, or waiting behind it), all post-checked:
-  the rule's second case.
-  Nor at or above ``R.v``: a change of ``I`` that writes ``x`` there does its W1 first, so
-  the record is no longer the one of ``R.v`` and W3 is a ``noop``.
+  the rule's second case. Nor at or above ``R.v``: a change of ``I`` that writes ``x``
+  there does its W1 first, so the record is no longer the one of ``R.v`` and W3 is a
+  ``noop``.
 - U1 answering ``updated`` over ``I``'s own older document on ``x`` replaces a document the
   rule already covers (its delete, W2 or a post-check, is still to come and is made at a
   version above the put's), so it needs no post-check.
