@@ -1720,8 +1720,10 @@ def _refused_item(exc: TransportError, size: int) -> dict[str, Any]:
         found = _reason_of(exc.info)
         error = dict(found) if isinstance(found, Mapping) else {"type": str(exc.error)}
         error.setdefault("type", str(exc.error))
-        error["reason"] = f"{error.get('reason', '')} (OpenSearch refused the whole _bulk request; "
-        error["reason"] += "sent alone, this action is refused)"
+        error["reason"] = (
+            f"{error.get('reason', '')} (OpenSearch refused the whole _bulk request; sent "
+            "alone, this action is refused)"
+        )
     return {"status": status, "error": error}
 
 
