@@ -270,6 +270,8 @@ class FakeStreamServer:
             "ItemCount": info.item_count or 0,
             "StreamSpecification": {"StreamEnabled": info.stream_arn is not None},
         }
+        if info.arn is not None:
+            table["TableArn"] = info.arn
         if info.stream_arn is not None:
             table["StreamSpecification"]["StreamViewType"] = info.stream_view_type
             table["LatestStreamArn"] = info.stream_arn

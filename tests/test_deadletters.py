@@ -175,3 +175,35 @@ def _iterator(bed: Bed) -> str:
     assert arn is not None
     (shard,) = bed.fake.list_shards(arn)
     return bed.fake.get_shard_iterator(arn, shard.shard_id, "TRIM_HORIZON")
+
+
+def test_an_item_the_rebuild_cannot_project_keeps_its_entries_through_the_sweep(
+    redis_client: Any, boom: None
+) -> None:
+    """Suspected in #13, confirmed: the sweep retracted the entries of items that exist but
+    whose scan projection failed (or whose write the sink refused). The stream keeps an
+    item's last good entries when a record of it fails; a rebuild now does the same: the
+    item is dead-lettered and the sweep leaves it alone."""
+    import io
+
+    from viewkeeper.rebuild import RebuildSettings, rebuild
+
+    bed = Bed(redis_client)
+    bed.fake.put_item(TABLE, {"pk": "x", "v": 1, "g": "a"})
+    bed.fake.put_item(TABLE, {"pk": "y", "v": 2, "g": "a"})
+    bed.drain()
+    bed.fake.put_item(TABLE, {"pk": "x", "v": -1, "g": "a"})  # the view fails on it
+    bed.drain()
+    assert redis_view_keys(redis_client)["fk:x"] == "1"
+    report = rebuild(
+        list(VIEWS),
+        VIEWS,
+        bed.fake,
+        bed.store,
+        bed.pipeline,
+        RebuildSettings(segments=1),
+        out=io.StringIO(),
+    )
+    assert report.dead_lettered == 1 and report.retracted == 0
+    kept = {"fk:x": "1", "fk:y": "2", "fkg:a": {"x": 1.0, "y": 2.0}}
+    assert redis_view_keys(redis_client) == kept

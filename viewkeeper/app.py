@@ -13,10 +13,11 @@ from typing import Any
 from viewkeeper.config import Config, check_view_connections, load_config
 from viewkeeper.coordination.dynamodb import DynamoDBStore
 from viewkeeper.coordination.model import CoordinationStore
+from viewkeeper.namespaces import Namespaces, TakeOver
 from viewkeeper.pipeline import Pipeline, SinkKey
 from viewkeeper.projection.registry import ViewRegistry, load_views
 from viewkeeper.rebuild import RebuildSettings
-from viewkeeper.sinks.base import Sink, SinkUnavailable
+from viewkeeper.sinks.base import Owner, Sink, SinkUnavailable
 from viewkeeper.stream.client import HttpStreamClient, StreamClient
 from viewkeeper.stream.worker import WorkerSettings
 from viewkeeper.supervisor import Supervisor, SupervisorSettings
@@ -49,6 +50,10 @@ class App:
         # `run` (the daemon) waits for a Redis/OpenSearch that is down at start; batch use
         # (`--until-caught-up`, `check`, `rebuild`) fails at once with the reason
         self.wait_for_sinks = False
+        self._namespaces: Namespaces | None = None
+        self._claimed = False
+        # worker.on_sink_loss: rebuild starts rebuilds from here (the daemon sets it)
+        self.on_views_lost: Callable[[list[str]], None] | None = None
 
     @classmethod
     def from_file(cls, path: str, **kwargs: Any) -> App:
@@ -108,6 +113,7 @@ class App:
                 # stretch it
                 redis_client(rconf, retry=Retry(NoBackoff(), 0)),
                 key_prefix=rconf.key_prefix,
+                entry_prefix=rconf.entry_prefix,
                 owner_buckets=rconf.owner_buckets,
                 tombstone_retention=retention,
             )
@@ -144,7 +150,88 @@ class App:
                 self._key_names[table] = self.client.describe_table(table).key_names
             return self._key_names[table]
 
+    # --- one namespace, one source (viewkeeper.namespaces) --------------------------------
+    def owner(self, table: str) -> Owner:
+        """This deployment as the owner of ``table``'s views' namespaces."""
+        info = self.client.describe_table(table)
+        source = info.arn or f"{self.config.aws.region}/{table}"
+        return Owner(source, self.config.coordination.table, self.store.deployment())
+
+    @property
+    def namespaces(self) -> Namespaces:
+        if self._namespaces is None:
+            self.store.ensure()
+            self._namespaces = Namespaces(
+                self.registry,
+                self.sinks,
+                self.store,
+                {table: self.owner(table) for table in self.tables},
+                on_loss=self._views_lost,
+            )
+        return self._namespaces
+
+    def _views_lost(self, views: list[str]) -> None:
+        if self.on_views_lost is not None:
+            self.on_views_lost(views)
+
+    def enable_auto_rebuild(self) -> None:
+        """worker.on_sink_loss: rebuild — a view whose sink lost its data is rebuilt by this
+        process, in a thread, once at a time per view (the daemon's own supervisor
+        acknowledges the generation like any worker)."""
+        running: set[str] = set()
+        lock = threading.Lock()
+
+        def start(views: list[str]) -> None:
+            with lock:
+                todo = [v for v in views if v not in running]
+                running.update(todo)
+            if todo:
+                threading.Thread(
+                    target=self._auto_rebuild, args=(todo, running, lock), daemon=True
+                ).start()
+
+        self.on_views_lost = start
+
+    def _auto_rebuild(self, names: list[str], running: set[str], lock: threading.Lock) -> None:
+        import io
+
+        from viewkeeper.rebuild import rebuild
+
+        try:
+            log.warning("worker.on_sink_loss: rebuild: rebuilding %s", ", ".join(names))
+            out = io.StringIO()
+            report = rebuild(
+                [self.registry.get(n) for n in names],
+                self.registry,
+                self.client,
+                self.store,
+                self.pipeline,
+                self.rebuild_settings(),
+                out=out,
+                namespaces=self.namespaces,
+            )
+            log.warning("worker.on_sink_loss: %s", report.summary())
+        except Exception:
+            log.exception("the rebuild of %s after a sink loss failed; run it by hand", names)
+        finally:
+            with lock:
+                running.difference_update(names)
+
+    def claim(self, take_over: tuple[str, ...] = ()) -> list[TakeOver]:
+        """Claim every view's sink namespace for this deployment, once (refusing another
+        owner's with NamespaceOwned unless taken over); see viewkeeper.namespaces."""
+        taken = self.namespaces.claim(take_over=take_over)
+        self._claimed = True
+        return taken
+
+    def ensure_claimed(self) -> None:
+        if not self._claimed:
+            self.claim()
+
     def pipeline(self, generation_of: Callable[[str], int] | None = None) -> Pipeline:
+        """The apply step; every entry point claims the namespaces before its first apply
+        (``run``: the supervisor's start; ``rebuild``, replay, the Lambda handler: before
+        they build one)."""
         if generation_of is None:
             gens = self.store.generations()
             generation_of = lambda view: gens.get(view, 0)  # noqa: E731
@@ -154,6 +241,7 @@ class App:
             self.store,
             generation_of,
             on_error=self.config.worker.on_error,
+            on_lost=lambda sink, exc: self.namespaces.lost(sink, exc),
         )
 
     @property
@@ -162,17 +250,25 @@ class App:
 
     def supervisor(self, **overrides: Any) -> Supervisor:
         w = self.config.worker
-        settings = SupervisorSettings(
-            lease_duration=w.lease_duration,
-            starting_positions={t: self.config.table(t).starting_position for t in self.tables},
-            worker=WorkerSettings(
+        values: dict[str, Any] = {
+            "lease_duration": w.lease_duration,
+            "starting_positions": {t: self.config.table(t).starting_position for t in self.tables},
+            "worker": WorkerSettings(
                 batch_size=w.batch_size, poll_interval=w.poll_interval, prefetch=w.prefetch
             ),
-            renew_threads=w.renew_threads,
-            **overrides,
-        )
+            "renew_threads": w.renew_threads,
+        }
+        settings = SupervisorSettings(**(values | overrides))
         return Supervisor(
-            self.tables, self.client, self.store, self.pipeline, settings, worker_id=w.worker_id
+            self.tables,
+            self.client,
+            self.store,
+            self.pipeline,
+            settings,
+            worker_id=w.worker_id,
+            start=self.ensure_claimed,
+            verify=lambda: self.namespaces.verify(),
+            fatal=lambda: self._namespaces.fatal if self._namespaces is not None else None,
         )
 
     def rebuild_settings(self, **overrides: Any) -> RebuildSettings:

@@ -101,6 +101,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=60.0,
         help="seconds to wait for workers to acknowledge (default 60)",
     )
+    p.add_argument(
+        "--take-over",
+        action="store_true",
+        help="claim these views' namespaces from the deployment that wrote them (another "
+        "table or coordination table), delete what it wrote there, and rebuild",
+    )
+    p.add_argument(
+        "--take-over-grace",
+        type=float,
+        default=60.0,
+        help="seconds the other deployment's daemons get to notice a take-over and stop "
+        "writing before its data is deleted (default 60)",
+    )
 
     p = sub.add_parser("status", help="per shard: owner, state, lag, checkpoint")
     _config_arg(p)
@@ -206,14 +219,17 @@ def explain_failure(exc: BaseException) -> tuple[str, int] | None:
     from botocore import exceptions as boto
 
     from viewkeeper.coordination.dynamodb import CoordinationTableError
+    from viewkeeper.namespaces import NamespaceOwned
     from viewkeeper.sinks.base import SinkError, SinkUnavailable
     from viewkeeper.stream.errors import StreamError
-    from viewkeeper.supervisor import StreamNotReadable
+    from viewkeeper.supervisor import StreamNotReadable, SupervisorFatal
 
     if isinstance(exc, Failure):
         return _one_line(str(exc)), exc.code
     if isinstance(exc, CoordinationTableError):
         return _one_line(str(exc)), EX_CONFIG if exc.configuration else EX_FAILURE
+    if isinstance(exc, NamespaceOwned | SupervisorFatal):
+        return _one_line(str(exc)), EX_CONFIG  # fixed in the config (or by a take-over)
     if isinstance(exc, SinkUnavailable):
         return _one_line(sink_failure_text(exc)), EX_FAILURE
     if isinstance(exc, SinkError):
@@ -376,6 +392,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             serve_metrics(mconf.host, mconf.port)
             log.info("metrics on http://%s:%d/metrics", mconf.host, mconf.port)
         _preflight(app)
+        _claim_namespaces(app)
+        if app.config.worker.on_sink_loss == "rebuild":
+            app.enable_auto_rebuild()
         sup = app.supervisor()
         notifier = Notifier()
         signals = _install_signals(sup.request_stop)
@@ -429,6 +448,25 @@ def cmd_run(args: argparse.Namespace) -> int:
         app.close()
     log.info("stopped cleanly")
     return 0
+
+
+def _claim_namespaces(app: Any) -> None:
+    """Claim the views' sink namespaces (viewkeeper.namespaces) before the first lease: a
+    namespace of another deployment ends the run (exit 78); a sink that is down is waited
+    for like any sink the daemon needs (--until-caught-up fails at once instead)."""
+    from viewkeeper.sinks.base import SinkUnavailable
+
+    delay = 1.0
+    while True:
+        try:
+            app.claim()
+            return
+        except SinkUnavailable as exc:
+            if not app.wait_for_sinks:
+                raise
+            log.error("%s; waiting for it to claim the views' namespaces", exc)
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
 
 
 def serve_metrics(host: str, port: int) -> None:
@@ -576,8 +614,17 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
         handshake_timeout=args.handshake_timeout,
     )
     try:
+        taken = app.claim(take_over=tuple(v.name for v in views) if args.take_over else ())
+        _take_over(app, taken, args.take_over_grace)
         report = rebuild(
-            views, app.registry, app.client, app.store, app.pipeline, settings, out=sys.stdout
+            views,
+            app.registry,
+            app.client,
+            app.store,
+            app.pipeline,
+            settings,
+            out=sys.stdout,
+            namespaces=app.namespaces,
         )
     except HandshakeTimeout as exc:
         print(f"viewkeeper: {exc}", file=sys.stderr)
@@ -585,6 +632,23 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     finally:
         app.close()
     return 0 if report.dead_lettered == 0 else 1
+
+
+def _take_over(app: Any, taken: list[Any], grace: float) -> None:
+    """The namespaces just claimed from another deployment: give its daemons ``grace``
+    seconds to notice (a Redis script refuses their next write at once; OpenSearch ones
+    check every few seconds) and stop, then delete what they wrote."""
+    if not taken:
+        return
+    for t in taken:
+        print(f"view {t.view}: taken over from {t.previous.describe()}")
+    if grace > 0:
+        print(f"waiting {grace:g}s for the other deployment's daemons to stop writing")
+        time.sleep(grace)
+    for t in taken:
+        view = app.registry.get(t.view)
+        n = app.namespaces.sink_of(view).wipe(view)
+        print(f"view {t.view}: deleted {n} entries the other deployment wrote")
 
 
 def _check_store(app: Any) -> None:
@@ -712,6 +776,7 @@ def cmd_deadletters(args: argparse.Namespace) -> int:
         print(f"dropped {n} dead letter(s)")
         return 0
     try:
+        app.claim()
         report = replay(
             app.store,
             app.pipeline(),

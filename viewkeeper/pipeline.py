@@ -50,7 +50,7 @@ from viewkeeper.ops import metrics
 from viewkeeper.projection.api import View
 from viewkeeper.projection.project import ProjectionError, project
 from viewkeeper.projection.registry import ViewRegistry
-from viewkeeper.sinks.base import Change, Outcome, Sink
+from viewkeeper.sinks.base import Change, NamespaceLost, Outcome, Result, Sink
 from viewkeeper.stream.records import NO_SEQUENCE, ChangeRecord, DecodeError, encode_key
 from viewkeeper.versions import Version, padded_sequence
 
@@ -70,6 +70,8 @@ class BatchReport:
     dead_lettered: int = 0
     collisions: int = 0
     failed_sequences: set[str] = field(default_factory=set)
+    # (view, item key) of what was dead-lettered (the rebuild's sweep leaves those items be)
+    failed_items: set[tuple[str, str]] = field(default_factory=set)
     # collected while the page is processed; stored (and counted) by Pipeline.flush
     letters: list[DeadLetter] = field(default_factory=list)
 
@@ -79,6 +81,7 @@ class BatchReport:
         self.dead_lettered += other.dead_lettered
         self.collisions += other.collisions
         self.failed_sequences |= other.failed_sequences
+        self.failed_items |= other.failed_items
 
 
 @dataclass
@@ -100,6 +103,7 @@ class Pipeline:
         *,
         on_error: str = "deadletter",
         clock: Callable[[], float] = time.time,
+        on_lost: Callable[[Sink, NamespaceLost], None] | None = None,
     ) -> None:
         self.registry = registry
         self.sinks = sinks
@@ -107,6 +111,9 @@ class Pipeline:
         self.generation_of = generation_of
         self.on_error = on_error
         self.clock = clock
+        # a sink refused a batch because a namespace's claim changed (lost data, a take-over:
+        # viewkeeper.namespaces); the handler re-arms it (or raises) and the batch is re-sent
+        self.on_lost = on_lost
 
     def sink_for(self, view: View) -> Sink:
         return self.sinks[(view.kind, view.connection)]
@@ -207,8 +214,20 @@ class Pipeline:
             return _Pending(Change(view, item_key, version, entries), rec)
         return None
 
+    def _send(self, sink: Sink, changes: list[Change]) -> list[Result]:
+        """``sink.apply``; a batch refused for a changed claim (nothing written) is handed to
+        ``on_lost`` and sent again, a few times (another process may re-arm meanwhile)."""
+        for attempt in range(4):
+            try:
+                return sink.apply(changes)
+            except NamespaceLost as exc:
+                if self.on_lost is None or attempt == 3:
+                    raise
+                self.on_lost(sink, exc)
+        raise AssertionError("unreachable")
+
     def _apply(self, report: BatchReport, sink: Sink, pendings: list[_Pending], table: str) -> None:
-        results = sink.apply([p.change for p in pendings])
+        results = self._send(sink, [p.change for p in pendings])
         counted: Counter[tuple[str, str]] = Counter()  # the metric moves once per view
         for pending, result in zip(pendings, results, strict=True):
             view = pending.change.view
@@ -289,6 +308,7 @@ class Pipeline:
         for dl in letters:
             self.store.put_deadletter(dl)
             report.dead_lettered += 1
+            report.failed_items.add((dl.view, dl.item_key))
             if dl.sequence != NO_SEQUENCE:
                 report.failed_sequences.add(dl.sequence)
             metrics.RECORDS.labels(dl.view, "dead_lettered").inc()

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from viewkeeper.coordination.model import CoordinationStore, Lease, LeaseState, WorkerInfo
+from viewkeeper.namespaces import Namespaces
 from viewkeeper.pipeline import BatchReport, Pipeline
 from viewkeeper.projection.api import View
 from viewkeeper.projection.registry import ViewRegistry
@@ -49,6 +50,9 @@ from viewkeeper.versions import Version
 __all__ = ["HandshakeTimeout", "RebuildReport", "RebuildSettings", "handshake", "rebuild"]
 
 log = logging.getLogger("viewkeeper.rebuild")
+
+
+MAX_KEPT = 10_000  # items a sweep leaves be (failed scans); beyond it the sweep is skipped
 
 
 class HandshakeTimeout(Exception):
@@ -78,6 +82,10 @@ class RebuildReport:
     consumed_capacity: float = 0.0
     seconds: float = 0.0
     reset_shards: list[str] = field(default_factory=list)
+    # (view, item key) of items the scan could not project or write: dead-lettered, and
+    # kept as they are by the sweep (as the stream keeps an item whose record fails)
+    failed_items: set[tuple[str, str]] = field(default_factory=set)
+    unswept: list[str] = field(default_factory=list)
 
     @property
     def items_per_second(self) -> float:
@@ -212,12 +220,21 @@ def rebuild(
     settings: RebuildSettings,
     *,
     out: TextIO = sys.stderr,
+    namespaces: Namespaces | None = None,
 ) -> RebuildReport:
-    """Rebuild ``views`` (all of one table, or some) from a scan of their tables."""
+    """Rebuild ``views`` (all of one table, or some) from a scan of their tables. With
+    ``namespaces``, each view's claim records the new generation before the scan, and the
+    view's needs_rebuild mark (lost sink data) is cleared at the end unless another loss was
+    recorded meanwhile."""
     tables = sorted({v.table for v in views})
     started = time.monotonic()
     store.ensure()
     generations = {v.name: store.raise_generation(v.name) for v in views}
+    markers = (
+        {v.name: namespaces.announce(v, generations[v.name]) for v in views}
+        if namespaces is not None
+        else {}
+    )
     report = RebuildReport([v.name for v in views], generations)
     print(f"raised generation: {generations}; waiting for the readers to acknowledge", file=out)
     handshake(store, tables, generations, settings, out)
@@ -237,12 +254,26 @@ def rebuild(
             out,
         )
         for view in table_views:
-            retracted = pipeline.sink_for(view).sweep(view, generations[view.name], time.time())
-            report.retracted += retracted
+            keep = {item for name, item in report.failed_items if name == view.name}
+            if len(keep) > MAX_KEPT:
+                report.unswept.append(view.name)
+                print(
+                    f"view {view.name}: the sweep was skipped: {len(keep)} items could not be "
+                    "projected or written (see `viewkeeper deadletters list`); entries of "
+                    "items deleted from the table stay until the view is fixed and rebuilt",
+                    file=out,
+                )
+                continue
+            sink = pipeline.sink_for(view)
+            report.retracted += sink.sweep(view, generations[view.name], time.time(), keep)
         # only now that the scan and the sweep are done: a rebuild that fails before keeps
         # the mark, and the shard stays unread until one succeeds
         all_views = {v.name for v in registry.by_table(table)} <= {v.name for v in table_views}
         _resume_trimmed_shards(table, info.stream_arn, all_views, client, store, report, out)
+        if namespaces is not None:
+            for view in table_views:
+                if namespaces.rebuilt(view, markers[view.name]):
+                    print(f"view {view.name}: needs_rebuild cleared", file=out)
     report.seconds = time.monotonic() - started
     print(report.summary(), file=out)
     return report
@@ -332,6 +363,7 @@ def _scan_table(
                 report.applied += batch.applied
                 report.stale += batch.stale
                 report.dead_lettered += batch.dead_lettered
+                report.failed_items |= batch.failed_items
                 report.consumed_capacity += page.consumed_capacity or 0.0
             start_key = page.last_evaluated_key
             if not start_key:

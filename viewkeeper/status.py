@@ -28,6 +28,7 @@ def collect(
         "generated_at": now,
         "workers": [asdict(w) | {"heartbeat_age": round(now - w.heartbeat_at, 1)} for w in workers],
         "generations": store.generations(),
+        "views": {name: asdict(state) for name, state in sorted(store.view_states().items())},
         "shards": shards,
         "dead_letters": len(store.list_deadletters(limit=10000)),
     }
@@ -80,4 +81,10 @@ def format_table(data: dict[str, Any]) -> str:
             f"ATTENTION {s['table']}/{s['shard_id']} is {s['state']}: run "
             f"`viewkeeper rebuild --table {s['table']}` (or see `deadletters list`)"
         )
+    for name, v in data.get("views", {}).items():
+        if v.get("needs_rebuild"):
+            lines.append(
+                f"ATTENTION view {name} needs a rebuild: {v.get('reason') or '?'}; run "
+                f"`viewkeeper rebuild {name}`"
+            )
     return "\n".join(lines)

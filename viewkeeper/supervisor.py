@@ -53,16 +53,22 @@ from dataclasses import dataclass, field
 from viewkeeper.coordination.model import CoordinationStore, Lease, LeaseState, WorkerInfo
 from viewkeeper.ops import metrics
 from viewkeeper.pipeline import Pipeline
+from viewkeeper.sinks.base import SinkUnavailable
 from viewkeeper.stream.client import StreamClient, TableInfo
 from viewkeeper.stream.worker import LATEST, ShardWorker, WorkerSettings
 
-__all__ = ["StreamNotReadable", "Supervisor", "SupervisorSettings"]
+__all__ = ["StreamNotReadable", "Supervisor", "SupervisorFatal", "SupervisorSettings"]
 
 log = logging.getLogger("viewkeeper.supervisor")
 
 
 class StreamNotReadable(Exception):
     """A source table has no stream, a disabled stream, or a stream without new images."""
+
+
+class SupervisorFatal(Exception):
+    """This process must stop (e.g. another deployment took a view's namespace over): the
+    round is not retried; ``run`` drains and raises it."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,8 @@ class SupervisorSettings:
     # renewals in flight at once: I/O-bound calls, and botocore's default connection pool
     # (max_pool_connections=10) is shared with the workers' checkpoints, so a few suffice
     renew_threads: int = 8
+    # how often the sinks' claims are compared with what is expected (viewkeeper.namespaces)
+    verify_interval: float = 5.0
 
 
 @dataclass
@@ -104,8 +112,15 @@ class Supervisor:
         *,
         worker_id: str | None = None,
         clock: Callable[[], float] = time.monotonic,
+        start: Callable[[], None] | None = None,
+        verify: Callable[[], None] | None = None,
+        fatal: Callable[[], str | None] | None = None,
     ) -> None:
         self.tables = tables
+        self.start = start  # before the first round (the sinks' claims: App.ensure_claimed)
+        self.verify = verify  # checks the sinks' claims (Namespaces.verify)
+        self.fatal = fatal  # a reason this process must stop, or None
+        self._last_verify = -math.inf
         self.client = client
         self.store = store
         self.settings = settings
@@ -201,6 +216,9 @@ class Supervisor:
     def tick(self) -> None:
         now = self.clock()
         self._last_tick = now
+        reason = self.fatal() if self.fatal is not None else None
+        if reason is not None:
+            raise SupervisorFatal(reason)
         self.generations = self.store.generations()  # adopted, then acknowledged below
         if now - self._last_discovery >= self.settings.discovery_interval or self._wake.is_set():
             self._wake.clear()
@@ -216,6 +234,12 @@ class Supervisor:
             self.generations = self.store.generations()
         self._reap_and_start(now)
         metrics.LEASES.set(len(self.held))
+        if self.verify is not None and now - self._last_verify >= self.settings.verify_interval:
+            self._last_verify = now
+            try:
+                self.verify()
+            except SinkUnavailable as exc:  # the workers wait for it too; checked next time
+                log.debug("claims not verified: %s", exc)
 
     def _heartbeat(self) -> None:
         self.store.put_worker(
@@ -499,12 +523,16 @@ class Supervisor:
     ) -> None:
         """Run rounds until :meth:`request_stop` (or until caught up), then drain."""
         self.store.ensure()
+        if self.start is not None:
+            self.start()
         interval = self.settings.lease_duration / 3
         failures = 0
         try:
             while not self.stopping.is_set():
                 try:
                     self.tick()
+                except SupervisorFatal:
+                    raise
                 except Exception as exc:
                     # DynamoDB unreachable, throttled, a 5xx: the round is retried; workers keep
                     # their leases until those expire, and the watchdog (healthy()) notices a

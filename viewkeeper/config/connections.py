@@ -89,6 +89,7 @@ def _redis(s: _Section) -> RedisConnection:
         url=url,
         password=password,
         key_prefix=s.text("key_prefix", "vk:", example='"vk:"', allow_empty=True),
+        entry_prefix=s.text("entry_prefix", "", example='"app1:"', allow_empty=True),
         owner_buckets=s.integer("owner_buckets", 4096, 1, 1 << 20),
         ssl_ca_file=s.file("ssl_ca_file", "CA file"),
         ssl_cert_reqs=cert_reqs,

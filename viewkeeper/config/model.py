@@ -25,6 +25,7 @@ __all__ = [
     "LoggingConfig",
     "MetricsConfig",
     "OnError",
+    "OnSinkLoss",
     "OpenSearchConnection",
     "RedisConnection",
     "Secret",
@@ -38,6 +39,7 @@ __all__ = [
 
 StartingPosition = Literal["LATEST", "TRIM_HORIZON"]
 OnError = Literal["deadletter", "halt"]
+OnSinkLoss = Literal["report", "rebuild"]
 LogFormat = Literal["text", "json"]
 CertReqs = Literal["required", "optional", "none"]
 SigV4Service = Literal["es", "aoss"]
@@ -108,12 +110,15 @@ class RedisConnection:
 
     ``url`` never holds the password: one written in the URL is moved to ``password``.
     ``owner_buckets`` spreads the owner records of a view over that many hashes.
+    ``key_prefix`` starts viewkeeper's bookkeeping keys; ``entry_prefix`` is put before every
+    key the views write (several deployments or tenants on one database; the demo).
     """
 
     name: str
     url: str
     password: Secret | None = None
     key_prefix: str = "vk:"
+    entry_prefix: str = ""
     owner_buckets: int = 4096
     ssl_ca_file: str | None = None
     ssl_cert_reqs: CertReqs = "required"
@@ -180,7 +185,10 @@ class WorkerConfig:
     one is made up at start (host, pid, random). ``renew_threads``: lease renewals in flight
     at once (one conditional write each; see :mod:`viewkeeper.supervisor`). ``prefetch``: a
     shard worker reads the next page while it applies a full one (see
-    :mod:`viewkeeper.stream.worker`)."""
+    :mod:`viewkeeper.stream.worker`). ``on_sink_loss``: what the daemon does when a sink
+    lost a view's data (see :mod:`viewkeeper.namespaces`): ``report`` it (an ERROR, the view
+    marked needs_rebuild, a metric) and wait for an operator's rebuild, or also ``rebuild``
+    the view itself."""
 
     poll_interval: float = 0.25
     batch_size: int = 1000
@@ -189,6 +197,7 @@ class WorkerConfig:
     worker_id: str | None = None
     renew_threads: int = 8
     prefetch: bool = True
+    on_sink_loss: OnSinkLoss = "report"
 
 
 @dataclass(frozen=True)

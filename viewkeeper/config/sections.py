@@ -208,6 +208,7 @@ def _worker(s: _Section) -> WorkerConfig:
         ),
         renew_threads=s.integer("renew_threads", 8, 1),
         prefetch=s.flag("prefetch", True),
+        on_sink_loss=s.choice("on_sink_loss", "report", ("report", "rebuild"), fold=str.lower),
     )
 
 

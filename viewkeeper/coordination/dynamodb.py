@@ -6,6 +6,8 @@ Layout (stable; ``viewkeeper status`` and operators read it)::
     pk = "worker"         sk = <worker id>  heartbeat_at, acked {view: generation}, host, pid
     pk = "generation"     sk = <view>       gen
     pk = "deadletter"     sk = <id>         view, table, item_key, sequence, error, record (zlib)
+    pk = "meta"           sk = "deployment" id (random, written once: the table's identity)
+    pk = "view"           sk = <view>       marker, needs_rebuild, reason, since
 
 Every lease transition is a conditional write (on ``owner`` and ``counter``), as in KCL, so
 two workers never both believe they took the same lease. A take also writes a new ``token``;
@@ -32,6 +34,7 @@ from viewkeeper.coordination.model import (
     Lease,
     LeaseLost,
     LeaseState,
+    ViewState,
     WorkerInfo,
 )
 from viewkeeper.versions import padded_sequence
@@ -93,6 +96,7 @@ class DynamoDBStore:
         self._db = client
         self.table = table
         self._create = create_if_missing
+        self._deployment: str | None = None
 
     # --- table -------------------------------------------------------------------------
     def ensure(self) -> None:
@@ -495,6 +499,64 @@ class DynamoDBStore:
     def raise_generation(self, view: str) -> int:
         item = self._update("generation", view, "ADD gen :one", {":one": _n(1)})
         return int(item["gen"]["N"])
+
+    # --- the deployment and its views -------------------------------------------------------
+    def deployment(self) -> str:
+        """Made on first use with a conditional put (the first process wins), then cached."""
+        if self._deployment is None:
+            key = {"pk": _s("meta"), "sk": _s("deployment")}
+            try:
+                self._db.put_item(
+                    TableName=self.table,
+                    Item={**key, "id": _s(uuid.uuid4().hex), "created_at": _n(time.time())},
+                    ConditionExpression="attribute_not_exists(pk)",
+                )
+            except ClientError as exc:
+                if not _conditional_failed(exc):
+                    raise
+            item = self._db.get_item(TableName=self.table, Key=key, ConsistentRead=True)
+            self._deployment = str(item["Item"]["id"]["S"])
+        return self._deployment
+
+    def view_states(self) -> dict[str, ViewState]:
+        out = {}
+        for i in self._query("view"):
+            since = i.get("since", {}).get("N")
+            out[i["sk"]["S"]] = ViewState(
+                view=i["sk"]["S"],
+                marker=i.get("marker", {}).get("S"),
+                needs_rebuild=bool(i.get("needs_rebuild", {}).get("BOOL", False)),
+                reason=i.get("reason", {}).get("S"),
+                since=float(since) if since is not None else None,
+            )
+        return out
+
+    def set_marker(self, view: str, marker: str) -> None:
+        self._update("view", view, "SET marker = :m", {":m": _s(marker)})
+
+    def mark_needs_rebuild(self, view: str, reason: str, at: float, marker: str) -> None:
+        self._update(
+            "view",
+            view,
+            "SET marker = :m, needs_rebuild = :t, reason = if_not_exists(reason, :r), "
+            "since = if_not_exists(since, :at)",
+            {":m": _s(marker), ":t": {"BOOL": True}, ":r": _s(reason[:2000]), ":at": _n(at)},
+        )
+
+    def clear_needs_rebuild(self, view: str, marker: str) -> bool:
+        try:
+            self._update(
+                "view",
+                view,
+                "SET needs_rebuild = :f REMOVE reason, since",
+                {":t": {"BOOL": True}, ":f": {"BOOL": False}, ":m": _s(marker)},
+                "needs_rebuild = :t AND marker = :m",
+            )
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                return False
+            raise
+        return True
 
     # --- dead letters -----------------------------------------------------------------------
     def put_deadletter(self, dl: DeadLetter) -> None:

@@ -8,7 +8,14 @@ import time
 import uuid
 from collections.abc import Callable
 
-from viewkeeper.coordination.model import DeadLetter, Lease, LeaseLost, LeaseState, WorkerInfo
+from viewkeeper.coordination.model import (
+    DeadLetter,
+    Lease,
+    LeaseLost,
+    LeaseState,
+    ViewState,
+    WorkerInfo,
+)
 from viewkeeper.versions import padded_sequence
 
 __all__ = ["MemoryStore"]
@@ -21,6 +28,8 @@ class MemoryStore:
         self._workers: dict[str, WorkerInfo] = {}
         self._gens: dict[str, int] = {}
         self._dead: dict[str, DeadLetter] = {}
+        self._views: dict[str, ViewState] = {}
+        self._deployment = uuid.uuid4().hex
         self._clock = clock
 
     def ensure(self) -> None:
@@ -142,6 +151,32 @@ class MemoryStore:
         with self._lock:
             self._gens[view] = self._gens.get(view, 0) + 1
             return self._gens[view]
+
+    def deployment(self) -> str:
+        return self._deployment
+
+    def view_states(self) -> dict[str, ViewState]:
+        with self._lock:
+            return {k: copy.copy(v) for k, v in self._views.items()}
+
+    def set_marker(self, view: str, marker: str) -> None:
+        with self._lock:
+            self._views.setdefault(view, ViewState(view)).marker = marker
+
+    def mark_needs_rebuild(self, view: str, reason: str, at: float, marker: str) -> None:
+        with self._lock:
+            state = self._views.setdefault(view, ViewState(view))
+            state.marker = marker
+            if not state.needs_rebuild:
+                state.needs_rebuild, state.reason, state.since = True, reason, at
+
+    def clear_needs_rebuild(self, view: str, marker: str) -> bool:
+        with self._lock:
+            state = self._views.get(view)
+            if state is None or not state.needs_rebuild or state.marker != marker:
+                return False
+            state.needs_rebuild, state.reason, state.since = False, None, None
+            return True
 
     def put_deadletter(self, dl: DeadLetter) -> None:
         with self._lock:

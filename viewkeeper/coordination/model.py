@@ -12,6 +12,7 @@ __all__ = [
     "DeadLetter",
     "Lease",
     "LeaseState",
+    "ViewState",
     "WorkerInfo",
 ]
 
@@ -88,6 +89,19 @@ class DeadLetter:
     generation: int | None = None
 
 
+@dataclass(slots=True)
+class ViewState:
+    """What the deployment knows about one view's sink namespace (see
+    :mod:`viewkeeper.namespaces`): the marker it last wrote there, and whether the view
+    needs a rebuild because the sink lost its data (``reason``, since ``since``)."""
+
+    view: str
+    marker: str | None = None
+    needs_rebuild: bool = False
+    reason: str | None = None
+    since: float | None = None
+
+
 class LeaseLost(Exception):
     """A conditional write showed that another worker, or another take of the same worker,
     holds the lease now (or that the write would move the checkpoint backwards)."""
@@ -136,6 +150,23 @@ class CoordinationStore(Protocol):
     def delete_worker(self, worker_id: str) -> None: ...
     def generations(self) -> dict[str, int]: ...
     def raise_generation(self, view: str) -> int: ...
+
+    # the deployment and its views' namespaces
+    def deployment(self) -> str:
+        """This coordination table's id, made once with it: a table deleted and made again
+        is another deployment (its generations started again at 0)."""
+        ...
+
+    def view_states(self) -> dict[str, ViewState]: ...
+    def set_marker(self, view: str, marker: str) -> None: ...
+    def mark_needs_rebuild(self, view: str, reason: str, at: float, marker: str) -> None:
+        """Mark ``view`` as needing a rebuild and record its namespace's new ``marker``, in
+        one write; a view already marked keeps its first reason and time."""
+
+    def clear_needs_rebuild(self, view: str, marker: str) -> bool:
+        """Clear the mark if the recorded marker is still ``marker`` (the one a rebuild
+        started with: no loss was handled since). True when it was cleared."""
+        ...
 
     # dead letters
     def put_deadletter(self, dl: DeadLetter) -> None:

@@ -149,6 +149,7 @@ def handler(event: Mapping[str, Any], context: object) -> dict[str, Any]:
         path = os.environ.get("VIEWKEEPER_CONFIG", "viewkeeper.yaml")
         app = App.from_file(path)
         app.store.ensure()
+        app.claim()  # refuses a namespace of another deployment (viewkeeper.namespaces)
         _RUNTIME = (app.pipeline(), app.key_names, app.store)
     pipeline, key_names_of, store = _RUNTIME
     return handle_event(event, pipeline, key_names_of, store.generations())

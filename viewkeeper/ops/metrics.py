@@ -70,6 +70,16 @@ BEFORE_START = Counter(
     "first opening (not part of the view's input; see starting_position).",
     ["table"],
 )
+SINK_DATA_LOST = Counter(
+    "viewkeeper_sink_data_lost_total",
+    "Times a view's sink namespace was found to have lost its data (or re-armed after a loss).",
+    ["view"],
+)
+VIEW_NEEDS_REBUILD = Gauge(
+    "viewkeeper_view_needs_rebuild",
+    "1 while a view is marked needs_rebuild (its sink lost data), as this process knows.",
+    ["view"],
+)
 
 
 def serve(port: int, host: str = "127.0.0.1") -> None:

@@ -11,12 +11,20 @@ idempotently, guarded by the version, and reports one :class:`Result` per change
 
 A transient failure of the whole sink (connection refused, 5xx, 429 after retries) raises
 :class:`SinkUnavailable`: the worker retries the batch and the checkpoint does not move.
+
+Every namespace a view writes (an OpenSearch index, a view's Redis bookkeeping) carries a
+:class:`Claim`: which source and deployment write it, and a marker that changes whenever
+its data had to be started again. A sink told to :meth:`Sink.expect` a marker checks it
+with its writes and raises :class:`NamespaceLost` — writing nothing — when the claim is
+gone or changed (the server came back empty, the index was deleted, another process
+re-armed it after such a loss, or another deployment took it over).
+:mod:`viewkeeper.namespaces` decides what that means.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -24,7 +32,18 @@ from viewkeeper.projection.api import View
 from viewkeeper.projection.entries import Entry
 from viewkeeper.versions import Version
 
-__all__ = ["Change", "Collision", "Outcome", "Result", "Sink", "SinkError", "SinkUnavailable"]
+__all__ = [
+    "Change",
+    "Claim",
+    "Collision",
+    "NamespaceLost",
+    "Outcome",
+    "Owner",
+    "Result",
+    "Sink",
+    "SinkError",
+    "SinkUnavailable",
+]
 
 
 class SinkError(Exception):
@@ -33,6 +52,41 @@ class SinkError(Exception):
 
 class SinkUnavailable(SinkError):
     """The sink cannot take the batch now; retry later, do not checkpoint."""
+
+
+class NamespaceLost(SinkError):
+    """The claim of these views' namespaces is not the one expected: nothing was written."""
+
+    def __init__(self, message: str, views: Sequence[str]) -> None:
+        super().__init__(message)
+        self.views = list(views)
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """Who may write a namespace: one source table, through one deployment (a coordination
+    table, identified by the id made with it: a table deleted and made again is another
+    deployment, whose generations started again at 0)."""
+
+    source: str  # the source table's ARN, or REGION/TABLE when no ARN is known
+    coordination: str  # the coordination table's name
+    deployment: str  # the coordination table's id
+
+    def describe(self) -> str:
+        return (
+            f"table {self.source} with coordination table {self.coordination} "
+            f"(deployment {self.deployment[:8]})"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What a namespace says about itself: its owner, the marker of its current data and
+    the highest generation a rebuild announced there."""
+
+    owner: Owner
+    marker: str
+    generation: int = 0
 
 
 class Outcome(enum.Enum):
@@ -88,13 +142,30 @@ class Sink(Protocol):
     def apply(self, changes: Sequence[Change]) -> list[Result]:
         """Apply the changes; one Result per change, in order. Raises SinkUnavailable."""
 
-    def sweep(self, view: View, generation: int, now: float) -> int:
-        """Retract what items of generations older than ``generation`` still own (rebuild)."""
+    def sweep(self, view: View, generation: int, now: float, keep: Collection[str] = ()) -> int:
+        """Retract what items of generations older than ``generation`` still own (rebuild),
+        except the items in ``keep`` (those the rebuild's scan could not project or write:
+        they keep their last good entries)."""
 
     def purge_tombstones(self, view: View, older_than: float) -> int:
         """Forget tombstones written before ``older_than`` (epoch seconds)."""
 
     def ping(self) -> None:
         """Raise SinkUnavailable with a clear message when the service cannot be reached."""
+
+    def read_claim(self, view: View) -> Claim | None:
+        """The claim stored in ``view``'s namespace, or None when it has none (new, or its
+        data was lost)."""
+
+    def write_claim(self, view: View, claim: Claim) -> None:
+        """Store ``claim`` in ``view``'s namespace (replacing any)."""
+
+    def expect(self, view: View, marker: str | None) -> None:
+        """From now on, writes of ``view`` check that its namespace's marker is ``marker``
+        (None: no check) and raise NamespaceLost otherwise, having written nothing."""
+
+    def wipe(self, view: View) -> int:
+        """Retract every entry of ``view``'s namespace and forget its bookkeeping (a
+        take-over); returns the number of entries retracted."""
 
     def close(self) -> None: ...

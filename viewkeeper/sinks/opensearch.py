@@ -321,7 +321,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from importlib import resources
@@ -344,8 +344,11 @@ from viewkeeper.projection.entries import Document
 from viewkeeper.projection.project import shown
 from viewkeeper.sinks.base import (
     Change,
+    Claim,
     Collision,
+    NamespaceLost,
     Outcome,
+    Owner,
     Result,
     SinkError,
     SinkUnavailable,
@@ -641,6 +644,7 @@ class OpenSearchSink:
         self.client = client
         self.where = ", ".join(where) or "?"
         self._prepared: dict[str, ViewIndexes] = {}
+        self._markers: dict[str, str] = {}  # view -> the marker its claim must hold
         # Fragments of the NDJSON lines, built once.
         sid = dumps(self.script_id)
         # what a put reads back: the holder, the item it took the document from (prev) and
@@ -1341,7 +1345,15 @@ class OpenSearchSink:
                 error = item.get("error")
                 if status == 404 and require_alias and _index_missing(error):
                     names = ops[i].plan.names
-                    self._prepared.pop(ops[i].plan.change.view.name, None)
+                    name = ops[i].plan.change.view.name
+                    self._prepared.pop(name, None)
+                    if name in self._markers:  # its data is gone: viewkeeper.namespaces
+                        raise NamespaceLost(
+                            f"OpenSearch sink {self.name!r} ({self.where}): alias "
+                            f"{names.alias!r} of view {name} is missing (index "
+                            f"{names.live!r} deleted?)",
+                            [name],
+                        )
                     raise SinkUnavailable(
                         f"OpenSearch sink {self.name!r} ({self.where}): alias {names.alias!r} "
                         f"is missing (was index {names.live!r} deleted?); it is recreated on "
@@ -1514,23 +1526,32 @@ class OpenSearchSink:
 
     # ------------------------------------------------------------------------------------
     # maintenance
-    def sweep(self, view: View, generation: int, now: float) -> int:
+    def sweep(self, view: View, generation: int, now: float, keep: Collection[str] = ()) -> int:
         """Rebuild: delete live documents of generations older than ``generation`` (the
         scan did not write them: their items are gone) and documents viewkeeper did not
-        write at all (no ``_vk``: drift). Documents the stream updates meanwhile carry the
-        new generation, or conflict and are skipped (``conflicts=proceed``). Custom-id views
-        also drop the owner records of such documents. Returns the number deleted."""
+        write at all (no ``_vk``: drift), except documents of the items in ``keep`` (the
+        scan could not project or write them: they keep their last good document).
+        Documents the stream updates meanwhile carry the new generation, or conflict and are
+        skipped (``conflicts=proceed``). Custom-id views also drop the owner records of such
+        documents. Returns the number deleted."""
         del now
         names = self.indexes(view)
         old = {"range": {f"{META}.g": {"lt": generation}}}
         foreign = {"bool": {"must_not": {"exists": {"field": f"{META}.g"}}}}
-        query = {"query": {"bool": {"should": [old, foreign], "minimum_should_match": 1}}}
+        spared = [{"terms": {f"{META}.item": sorted(keep)}}] if keep else []
+        query = {
+            "query": {
+                "bool": {"should": [old, foreign], "minimum_should_match": 1, "must_not": spared}
+            }
+        }
         deleted = self._delete_by_query(names.live, query)
         if view.doc_id is not None:
             owned = {"exists": {"field": "doc"}}
+            older = {"range": {"g": {"lt": generation}}}
+            spared_records = [{"terms": {"item": sorted(keep)}}] if keep else []
             self._delete_by_query(
                 names.owners,
-                {"query": {"bool": {"filter": [{"range": {"g": {"lt": generation}}}, owned]}}},
+                {"query": {"bool": {"filter": [older, owned], "must_not": spared_records}}},
             )
         log.info(
             "sweep of view %s below generation %d deleted %d documents",
@@ -1538,6 +1559,76 @@ class OpenSearchSink:
             generation,
             deleted,
         )
+        return deleted
+
+    # ------------------------------------------------------------------------------------
+    # claims (viewkeeper.namespaces): in the live index's _meta, which lives and dies with it
+    def read_claim(self, view: View) -> Claim | None:
+        live = ViewIndexes.of(view, self.index_prefix).live
+
+        def get() -> Any:
+            return self.client.transport.perform_request(
+                "GET", f"/{live}/_mapping", params={"ignore": 404}, timeout=self.request_timeout
+            )
+
+        found = self._call(get) or {}
+        meta = (found.get(live, {}).get("mappings", {}).get("_meta") or {}).get("viewkeeper")
+        claim = (meta or {}).get("claim")
+        if not isinstance(claim, Mapping) or not claim.get("marker"):
+            return None
+        owner = Owner(
+            str(claim.get("source", "?")),
+            str(claim.get("coordination", "?")),
+            str(claim.get("deployment", "?")),
+        )
+        return Claim(owner, str(claim["marker"]), int(claim.get("generation", 0) or 0))
+
+    def write_claim(self, view: View, claim: Claim) -> None:
+        if view.name not in self._prepared:
+            self._call(lambda: self._prepare_view(view))
+        live = ViewIndexes.of(view, self.index_prefix).live
+        meta = {
+            "viewkeeper": {
+                "view": view.name,
+                "role": "live",
+                "format": 1,
+                "claim": {
+                    "source": claim.owner.source,
+                    "coordination": claim.owner.coordination,
+                    "deployment": claim.owner.deployment,
+                    "marker": claim.marker,
+                    "generation": claim.generation,
+                },
+            }
+        }
+        self._call(
+            lambda: self.client.transport.perform_request(
+                "PUT",
+                f"/{live}/_mapping",
+                headers=_JSON,
+                body=dumps({"_meta": meta}),
+                timeout=self.request_timeout,
+            )
+        )
+
+    def expect(self, view: View, marker: str | None) -> None:
+        """OpenSearch cannot check a marker with each ``_bulk``: a write to a deleted index
+        raises NamespaceLost (it would be recreated empty), and
+        :meth:`viewkeeper.namespaces.Namespaces.verify` compares the claim every few
+        seconds."""
+        if marker is None:
+            self._markers.pop(view.name, None)
+        else:
+            self._markers[view.name] = marker
+
+    def wipe(self, view: View) -> int:
+        """Delete every document and owner record of the view (a take-over)."""
+        names = ViewIndexes.of(view, self.index_prefix)
+        everything: dict[str, Any] = {"query": {"match_all": {}}}
+        deleted = self._delete_by_query(names.live, everything)
+        self._delete_by_query(names.owners, everything)
+        with self._lock:
+            self._cache.clear()
         return deleted
 
     def purge_tombstones(self, view: View, older_than: float) -> int:

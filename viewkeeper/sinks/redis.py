@@ -7,8 +7,16 @@ Key layout (public, read by checkers; ``vk:`` is ``key_prefix``, which views may
     vk:c:{bucket}         hash  claims of the connection, shared by its views: field = entry
                                 identity, value = view id + item key,
                                 bucket = int(identity, big-endian) % 2147483629 % owner_buckets
+    vk:{view}:ns          hash  the view's claim (viewkeeper.namespaces): source, coordination,
+                                deployment, marker, generation
     vk:views              hash  view name -> short id; "#<id>" -> name; "#" = last id given
     vk:meta               hash  owner_buckets (changing it would strand every owner record)
+
+Every script call first checks the claim of each view it writes (its marker, see
+:meth:`RedisSink.expect`) and writes nothing when one differs: a Redis that came back empty
+(restarted without persistence, a replaced node, a FLUSHALL), or a namespace another process
+re-armed or another deployment took over, is noticed by the first write after it, atomically
+(:class:`~viewkeeper.sinks.base.NamespaceLost`).
 
 ``L(n)`` is one byte when ``n < 253``, else byte 253 and four bytes big-endian.
 
@@ -73,9 +81,9 @@ import logging
 import math
 import time
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from functools import partial
 from importlib import resources
@@ -108,8 +116,11 @@ from viewkeeper.sinks.base import (
     APPLIED,
     STALE,
     Change,
+    Claim,
     Collision,
+    NamespaceLost,
     Outcome,
+    Owner,
     Result,
     SinkError,
     SinkUnavailable,
@@ -262,10 +273,11 @@ def _score(entry: SortedSetMember) -> bytes:
     return str(s).encode() if isinstance(s, int) else repr(f).encode()
 
 
-def _entry_args(e: object) -> tuple[bytes, bytes, bytes, bytes, bytes]:
-    """(type, key, identity, a, b) of one entry, as the script takes them."""
+def _entry_args(e: object, prefix: bytes = b"") -> tuple[bytes, bytes, bytes, bytes, bytes]:
+    """(type, key, identity, a, b) of one entry, as the script takes them; ``prefix`` goes
+    before the key (the connection's ``entry_prefix``)."""
     if isinstance(e, Value):
-        k = _b(e.key)
+        k = prefix + _b(e.key)
         if e.ttl is None:
             return b"V", k, b"V" + k, redis_value(e.value), b""
         problem = ttl_problem(e.ttl)  # Value() checks it; an entry changed after that
@@ -273,10 +285,10 @@ def _entry_args(e: object) -> tuple[bytes, bytes, bytes, bytes, bytes]:
             raise _Reject(f"Value {e.key!r}: {problem}")
         return b"V", k, b"V" + k, redis_value(e.value), b"%d" % e.ttl
     if isinstance(e, HashField):
-        k, f = _b(e.key), _b(e.field)
+        k, f = prefix + _b(e.key), _b(e.field)
         return b"H", k, b"H" + _L(len(k)) + k + f, f, redis_value(e.value)
     if isinstance(e, SetMember | SortedSetMember):
-        k, m = _b(e.key), _b(member_text(e.member))
+        k, m = prefix + _b(e.key), _b(member_text(e.member))
         if isinstance(e, SetMember):
             return b"S", k, b"S" + _L(len(k)) + k + m, m, b""
         return b"Z", k, b"Z" + _L(len(k)) + k + m, m, _score(e)
@@ -335,12 +347,14 @@ Entries = list[tuple[str, bytes, bytes, bytes]]  # per entry: type, key, identit
 @dataclass(slots=True)
 class _Batch:
     """Changes sent in one script call: their indexes in :meth:`RedisSink.apply`'s input,
-    their entries (to explain a reply), and each one's arguments (to resend it alone)."""
+    their entries (to explain a reply), each one's arguments (to resend it alone), and the
+    claims the call checks: (view name, claim key, marker)."""
 
     indexes: list[int]
     entries: list[Entries]
     args: list[list[bytes]]
     reply: Any = None  # None until read; a redis error when the call failed as a whole
+    checks: list[tuple[str, bytes, bytes]] = field(default_factory=list)
 
 
 def _resp(args: list[bytes]) -> bytes:
@@ -375,6 +389,7 @@ class RedisSink:
         *,
         url: str | None = None,
         key_prefix: str = "vk:",
+        entry_prefix: str = "",
         owner_buckets: int = 4096,
         tombstone_retention: float = 48 * 3600,
         clock: Callable[[], float] = time.time,
@@ -404,6 +419,8 @@ class RedisSink:
         self.name = name
         self.where = kw.get("path") or f"{kw.get('host', 'localhost')}:{kw.get('port', 6379)}"
         self.key_prefix = key_prefix
+        self.entry_prefix = entry_prefix
+        self._entry_prefix = _b(entry_prefix)
         self.owner_buckets = owner_buckets
         self.tombstone_retention = tombstone_retention
         self.retry_seconds = retry_seconds
@@ -429,6 +446,7 @@ class RedisSink:
         self._view_names: dict[bytes, str] = {}
         self._owner_prefix: dict[str, bytes] = {}
         self._generations: dict[int, bytes] = {}
+        self._markers: dict[str, bytes] = {}  # view -> the marker its claim must hold
         self._ready = False
 
     @classmethod
@@ -463,11 +481,12 @@ class RedisSink:
             self._ready = False  # check again before the retry: a restart, changed limits
             raise
 
-    def sweep(self, view: View, generation: int, now: float) -> int:
-        """Retract and tombstone items whose record is older than ``generation`` (rebuild)."""
+    def sweep(self, view: View, generation: int, now: float, keep: Collection[str] = ()) -> int:
+        """Retract and tombstone items whose record is older than ``generation`` (rebuild),
+        except those in ``keep``."""
         retracted, batch = 0, []
         for rec in self.iter_owner_records(view):
-            if rec.version.generation < generation and rec.entries:
+            if rec.version.generation < generation and rec.entries and rec.item_key not in keep:
                 batch.append(Change(view, rec.item_key, Version(generation, "0"), []))
             if len(batch) >= self.batch_size:
                 retracted += self._count_applied(self._apply(batch, now))
@@ -493,6 +512,63 @@ class RedisSink:
 
     def ping(self) -> None:
         self._with_retry(self._client.ping)
+
+    # -- claims (viewkeeper.namespaces) --------------------------------------------------------
+    def _claim_key(self, view: View | str) -> bytes:
+        name = view if isinstance(view, str) else view.name
+        return self._prefix + _b(name) + b":ns"
+
+    def read_claim(self, view: View) -> Claim | None:
+        raw = self._with_retry(lambda: self._client.hgetall(self._claim_key(view)))
+        if not raw or b"marker" not in raw:
+            return None
+        f = {k.decode(): _text(v) for k, v in raw.items()}
+        owner = Owner(f.get("source", "?"), f.get("coordination", "?"), f.get("deployment", "?"))
+        return Claim(owner, f["marker"], int(f.get("generation", "0") or 0))
+
+    def write_claim(self, view: View, claim: Claim) -> None:
+        key = self._claim_key(view)
+        fields = {
+            "source": claim.owner.source,
+            "coordination": claim.owner.coordination,
+            "deployment": claim.owner.deployment,
+            "marker": claim.marker,
+            "generation": str(claim.generation),
+        }
+
+        def write() -> None:
+            pipe = self._client.pipeline(transaction=True)
+            pipe.delete(key)
+            pipe.hset(key, mapping=fields)
+            pipe.execute()
+
+        self._with_retry(write)
+
+    def expect(self, view: View, marker: str | None) -> None:
+        if marker is None:
+            self._markers.pop(view.name, None)
+        else:
+            self._markers[view.name] = _b(marker)
+
+    def wipe(self, view: View) -> int:
+        """Retract every entry the view's owner records own (at a version above any a
+        deployment can have written), then delete its owner records."""
+        top = Version(2**63, "0")
+        changes = [
+            Change(view, rec.item_key, top, [])
+            for rec in self.iter_owner_records(view)
+            if rec.entries
+        ]
+        retracted = 0
+        for i in range(0, len(changes), self.batch_size):
+            retracted += self._count_applied(
+                self._apply(changes[i : i + self.batch_size], self._clock())
+            )
+        keys = [self._bucket_key(view, b) for b in range(self.owner_buckets)]
+        for i in range(0, len(keys), 1000):
+            part = keys[i : i + 1000]
+            self._with_retry(lambda part=part: self._client.delete(*part))  # type: ignore[misc]
+        return retracted
 
     def close(self) -> None:
         if self._owns_client:
@@ -558,7 +634,7 @@ class RedisSink:
         try:
             self._client.script_load(self._apply_src)
             if probe and self._apply_src.startswith(_SHEBANG):
-                self._client.evalsha(self._apply_sha, 0, b"0", self._claims, self._nbuckets)
+                self._client.evalsha(self._apply_sha, 0, b"0", self._claims, self._nbuckets, b"0")
         except redis.ResponseError as exc:
             if not self._apply_src.startswith(_SHEBANG) or not _cannot_compile_shebang(exc):
                 raise
@@ -647,7 +723,7 @@ class RedisSink:
                     batches.append(batch)
                     # a health check would read a pending reply
                     conn.send_packed_command(
-                        [self._command(batch.args, stamp)], check_health=waiting is None
+                        [self._command(batch, stamp)], check_health=waiting is None
                     )
                     _read(conn, waiting)
                     waiting = batch
@@ -658,6 +734,7 @@ class RedisSink:
         batches.extend(todo)  # the batches not sent yet
         if any(_again(b.reply) for b in batches):
             self._with_retry(partial(self._resend, batches, stamp))
+        self._refuse_lost(batches)
         for b in self._split_refused(batches, stamp):
             self._results(changes, b, results)
         out = [r for r in results if r is not None]
@@ -683,9 +760,16 @@ class RedisSink:
             batch.indexes.append(i)
             batch.entries.append(entries)
             batch.args.append(args)
+            self._check(batch, change.view.name)
             used += size
         if batch.indexes:
             yield batch
+
+    def _check(self, batch: _Batch, view: str) -> None:
+        """Make the call of ``batch`` check ``view``'s claim, when a marker is expected."""
+        marker = self._markers.get(view)
+        if marker is not None and not any(c[0] == view for c in batch.checks):
+            batch.checks.append((view, self._claim_key(view), marker))
 
     def _size(self, args: list[bytes], entries: Entries) -> int:
         """The bytes one change adds to a call (RESP framing counted high); raises _Reject
@@ -709,9 +793,12 @@ class RedisSink:
             )
         return size
 
-    def _command(self, args: list[list[bytes]], stamp: bytes) -> bytes:
+    def _command(self, batch: _Batch, stamp: bytes) -> bytes:
         head = [b"EVALSHA", self._apply_sha, b"0", stamp, self._claims, self._nbuckets]
-        return _resp(head + [a for change in args for a in change])
+        head.append(b"%d" % len(batch.checks))
+        for _, key, marker in batch.checks:
+            head += (key, marker)
+        return _resp(head + [a for change in batch.args for a in change])
 
     def _resend(self, batches: list[_Batch], stamp: bytes) -> None:
         for _ in range(3):
@@ -721,7 +808,7 @@ class RedisSink:
             if any(isinstance(b.reply, NoScriptError) for b in todo):
                 self._load_apply_script()  # after a restart or SCRIPT FLUSH
             with self._connection() as conn:
-                conn.send_packed_command([self._command(b.args, stamp) for b in todo])
+                conn.send_packed_command([self._command(b, stamp) for b in todo])
                 for b in todo:
                     _read(conn, b)
             for b in todo:
@@ -743,10 +830,31 @@ class RedisSink:
                 out.append(b)
                 continue
             for i, e, a in zip(b.indexes, b.entries, b.args, strict=True):
-                single = _Batch([i], [e], [a])
+                single = _Batch([i], [e], [a], checks=b.checks)
                 self._with_retry(partial(self._resend, [single], stamp))
                 out.append(single)
         return out
+
+    def _refuse_lost(self, batches: list[_Batch]) -> None:
+        """A call refused for a claim that does not hold its marker wrote nothing (and the
+        calls after it check the same claims): raise NamespaceLost for those views. The view
+        ids and bookkeeping meta of a Redis that lost its data are gone too: learnt again."""
+        lost = sorted(
+            {
+                b.checks[int(b.reply[1]) - 1][0]
+                for b in batches
+                if isinstance(b.reply, list) and b.reply and b.reply[0] == b"L"
+            }
+        )
+        if lost:
+            self._view_ids.clear()
+            self._view_names.clear()
+            self._ready = False
+            raise NamespaceLost(
+                f"redis sink {self.name!r} ({self.where}): the claim of view(s) "
+                f"{', '.join(lost)} does not hold the expected marker; nothing was written",
+                lost,
+            )
 
     def _results(self, changes: Sequence[Change], b: _Batch, results: list[Result | None]) -> None:
         reply = b.reply
@@ -808,7 +916,7 @@ class RedisSink:
         ]
         entries: Entries = []
         if len(change.entries) == 1:
-            t, key, ident, a, b = _entry_args(change.entries[0])
+            t, key, ident, a, b = _entry_args(change.entries[0], self._entry_prefix)
             if key.startswith(self._prefix):
                 raise self._in_prefix(key)
             args += (t, key, a, b)
@@ -817,7 +925,7 @@ class RedisSink:
         per_ident: dict[bytes, tuple[bytes, bytes, bytes, bytes]] = {}
         types: dict[bytes, bytes] = {}
         for entry in change.entries:
-            t, key, ident, a, b = _entry_args(entry)
+            t, key, ident, a, b = _entry_args(entry, self._entry_prefix)
             if key.startswith(self._prefix):
                 raise self._in_prefix(key)
             if types.setdefault(key, t) != t:

@@ -2,12 +2,15 @@
 -- viewkeeper: apply a BATCH of changes, each one atomically and in order (layout: redis.py).
 --
 -- ARGV[1] now (epoch seconds)   ARGV[2] claim hash prefix   ARGV[3] number of buckets
+-- ARGV[4] k, then k pairs: a view's claim hash (vk:{view}:ns) and the marker it must hold
 -- then, per change:  owner hash of the item's bucket, item key, view id, packed version,
 --                    n (number of entries), and per entry: type (V H S Z), key, a, b
 --                    V: value, ttl or ''   H: field, value   S: member, ''   Z: member, score
 -- (the entries of one change have distinct identities: the caller removes duplicates)
 --
--- Returns { codes, detail, detail, ... }: codes has one byte per change, '1' applied, '0'
+-- Returns { 'L', i } without writing anything when the i-th claim hash does not hold its
+-- marker (the server lost the views' data, or another process re-armed or took it over:
+-- viewkeeper/namespaces.py), else { codes, detail, detail, ... }: codes has one byte per change, '1' applied, '0'
 -- stale, 'x' or 'e' see the next detail: 'x' {-1, i, type} when the key of entry i holds the
 -- wrong type (nothing written), 'x' {-2, i, what, argument} when an argument of entry i is
 -- one Redis would refuse (what: 'ttl', 'score' or 'type'; nothing written), 'x' {1, i, claim,
@@ -277,8 +280,14 @@ local function transient(msg)
   return nil
 end
 
+-- Claims first: a namespace that lost its data (or changed hands) gets no write at all.
+local a = 5
+for i = 1, tonumber(ARGV[4]) do
+  if call('HGET', ARGV[a], 'marker') ~= ARGV[a + 1] then return { 'L', tostring(i) } end
+  a = a + 2
+end
+
 local codes, reply = {}, { '' }
-local a = 4
 while a <= #ARGV do
   local nxt = a + 5 + 4 * tonumber(ARGV[a + 4])
   local ok, code, detail = pcall(apply, a)

@@ -101,7 +101,8 @@ class TableInfo:
 
     ``key_names`` is the key schema in order (hash, then range), as :func:`encode_key` wants
     it. ``stream_arn`` is None when the table has no *enabled* stream (a disabled stream's
-    ARN is still reported by DynamoDB, but nothing new will ever arrive on it).
+    ARN is still reported by DynamoDB, but nothing new will ever arrive on it). ``arn`` is
+    the table's own ARN (account and region included: the source's identity).
     """
 
     name: str
@@ -110,6 +111,7 @@ class TableInfo:
     stream_view_type: str | None
     status: str
     item_count: int | None = None
+    arn: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,6 +298,7 @@ def parse_table(data: Mapping[str, Any]) -> TableInfo:
         stream_view_type=spec.get("StreamViewType") if enabled else None,
         status=table.get("TableStatus", "ACTIVE"),
         item_count=int(count) if count is not None else None,
+        arn=table.get("TableArn"),
     )
 
 

@@ -458,6 +458,7 @@ class FakeStream(StreamClient):
             t.stream.view_type if on and t.stream else None,
             "ACTIVE",
             len(t.items),
+            f"arn:aws:dynamodb:{self.region}:123456789012:table/{t.name}",
         )
 
     def describe_table(self, table: str) -> TableInfo:

@@ -1,0 +1,305 @@
+"""One sink namespace, one source (#13 case 11, the suspected recreated coordination table,
+#19): a sink that lost its data is noticed within seconds and reported; another
+deployment's namespace is refused at start, or taken over on purpose. Fake stream and
+memory coordination store in-process, with the real Redis (a private one where it must
+come back empty)."""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from prometheus_client import REGISTRY
+
+from tests.helpers import redis_view_keys, write_config
+from tests.testbed import RedisServer
+from tests.views_e2e.fake_views import expected
+from viewkeeper.app import App
+from viewkeeper.coordination.memory import MemoryStore
+from viewkeeper.namespaces import NamespaceOwned
+from viewkeeper.rebuild import rebuild
+from viewkeeper.stream.fake import FakeStream
+from viewkeeper.supervisor import Supervisor, SupervisorFatal
+
+TABLE = "fk"
+
+
+class Deployment:
+    """One viewkeeper deployment: a config, a (fake) source table, a coordination store."""
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        redis_url: str,
+        fake: FakeStream,
+        store: MemoryStore,
+        *,
+        views: str = "tests.views_e2e.fake_views",
+        table: str = TABLE,
+        coordination: str | None = None,
+        **worker: Any,
+    ) -> None:
+        tmp_path.mkdir(parents=True, exist_ok=True)
+        self.fake, self.store, self.table = fake, store, table
+        cfg = write_config(
+            tmp_path,
+            dynamodb_url="http://127.0.0.1:9",  # never used: the client is the fake stream
+            redis_url=redis_url,
+            views=[views],
+            worker={"poll_interval": 0.02, "lease_duration": 1.0, **worker},
+            **({"coordination": {"table": coordination}} if coordination else {}),
+        )
+        self.app = App.from_file(str(cfg), client=fake, store=store)
+        self.threads: list[tuple[Supervisor, threading.Thread]] = []
+        self.errors: list[BaseException] = []
+
+    def start(self) -> Supervisor:
+        self.app.claim()
+        if self.app.config.worker.on_sink_loss == "rebuild":
+            self.app.enable_auto_rebuild()
+        sup = self.app.supervisor(
+            verify_interval=0.2, starting_positions={self.table: "TRIM_HORIZON"}
+        )
+
+        def run() -> None:
+            try:
+                sup.run()
+            except BaseException as exc:
+                self.errors.append(exc)
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        self.threads.append((sup, t))
+        return sup
+
+    def stop(self) -> None:
+        for sup, t in self.threads:
+            sup.request_stop()
+            t.join(20)
+        self.threads.clear()
+        self.app.close()
+
+    def rebuild(self, **kwargs: Any) -> Any:
+        return rebuild(
+            list(self.app.registry),
+            self.app.registry,
+            self.fake,
+            self.store,
+            self.app.pipeline,
+            self.app.rebuild_settings(segments=1, handshake_timeout=10),
+            out=io.StringIO(),
+            namespaces=self.app.namespaces,
+            **kwargs,
+        )
+
+
+def wait_for(cond: Any, what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def lost_metric(view: str = "fk_card") -> float:
+    return REGISTRY.get_sample_value("viewkeeper_sink_data_lost_total", {"view": view}) or 0.0
+
+
+@pytest.fixture
+def private_redis() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+def _fake() -> FakeStream:
+    fake = FakeStream()
+    fake.create_table(TABLE, ("pk",))
+    return fake
+
+
+def _converged(client: Any, fake: FakeStream) -> bool:
+    return redis_view_keys(client) == expected(fake.contents(TABLE))
+
+
+# --- a Redis that comes back empty ---------------------------------------------------------
+def test_a_redis_that_comes_back_empty_is_reported_within_seconds_and_rebuilt(
+    tmp_path: Path, private_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue #13 case 11: Redis restarted without persistence in the middle of a stream; the
+    sink's retry absorbed the outage, nothing was logged above INFO, and `status` showed
+    the shard healthy while most items were gone from the cache."""
+    client = redis.Redis.from_url(private_redis.url)
+    fake = _fake()
+    dep = Deployment(tmp_path, private_redis.url, fake, MemoryStore())
+    for i in range(40):
+        fake.put_item(TABLE, {"pk": f"k{i}", "v": i, "g": "ab"[i % 2]})
+    before = lost_metric()
+    try:
+        dep.start()
+        wait_for(lambda: _converged(client, fake), "the first drain")
+        with caplog.at_level(logging.ERROR, logger="viewkeeper.namespaces"):
+            private_redis.kill()  # a node replaced: it comes back empty
+            private_redis.start()
+            fake.put_item(TABLE, {"pk": "k1", "v": 100, "g": "a"})
+            started = time.monotonic()
+            wait_for(
+                lambda: (
+                    dep.store.view_states().get("fk_card")
+                    and dep.store.view_states()["fk_card"].needs_rebuild
+                ),
+                "the loss to be reported",
+            )
+            noticed = time.monotonic() - started
+        assert noticed < 10
+        assert "SINK DATA LOST" in caplog.text and "rebuild fk_card" in caplog.text
+        assert lost_metric() == before + 1
+        from viewkeeper.status import collect, format_table
+
+        text = format_table(collect(dep.store, [TABLE]))
+        assert "ATTENTION view fk_card needs a rebuild" in text
+        wait_for(lambda: "fk:k1" in redis_view_keys(client), "the stream to go on")
+        assert not _converged(client, fake)  # the items that did not change are missing
+        dep.rebuild()
+        assert _converged(client, fake)
+        assert not dep.store.view_states()["fk_card"].needs_rebuild
+    finally:
+        dep.stop()
+
+
+def test_a_redis_flushed_while_the_stream_is_quiet_is_noticed_without_a_write(
+    tmp_path: Path, redis_client: Any
+) -> None:
+    fake = _fake()
+    url = f"redis://127.0.0.1:{redis_client.connection_pool.connection_kwargs['port']}/0"
+    dep = Deployment(tmp_path, url, fake, MemoryStore())
+    fake.put_item(TABLE, {"pk": "a", "v": 1, "g": "a"})
+    try:
+        dep.start()
+        wait_for(lambda: _converged(redis_client, fake), "the first drain")
+        redis_client.flushall()
+        wait_for(lambda: dep.store.view_states()["fk_card"].needs_rebuild, "the periodic check")
+    finally:
+        dep.stop()
+
+
+def test_on_sink_loss_rebuild_restores_the_view_by_itself(
+    tmp_path: Path, redis_client: Any
+) -> None:
+    url = f"redis://127.0.0.1:{redis_client.connection_pool.connection_kwargs['port']}/0"
+    fake = _fake()
+    dep = Deployment(tmp_path, url, fake, MemoryStore(), on_sink_loss="rebuild")
+    for i in range(20):
+        fake.put_item(TABLE, {"pk": f"k{i}", "v": i, "g": "a"})
+    try:
+        dep.start()
+        wait_for(lambda: _converged(redis_client, fake), "the first drain")
+        redis_client.flushall()
+        wait_for(lambda: _converged(redis_client, fake), "the automatic rebuild", 30)
+        wait_for(lambda: not dep.store.view_states()["fk_card"].needs_rebuild, "the mark cleared")
+    finally:
+        dep.stop()
+
+
+# --- one namespace, one source ---------------------------------------------------------------
+def test_a_second_deployment_writing_the_same_redis_view_is_refused_and_writes_nothing(
+    tmp_path: Path, redis_client: Any
+) -> None:
+    """#19: two deployments (two tables, two coordination tables) declaring a view of the
+    same name on one Redis compared versions of unrelated streams. The second is refused at
+    start with one line naming both owners and the fix."""
+    url = f"redis://127.0.0.1:{redis_client.connection_pool.connection_kwargs['port']}/0"
+    first = Deployment(tmp_path / "a", url, _fake(), MemoryStore())
+    first.fake.put_item(TABLE, {"pk": "a", "v": 1, "g": "a"})
+    first.app.claim()
+    first.app.supervisor(starting_positions={TABLE: "TRIM_HORIZON"}).run(until_caught_up=True)
+    before = redis_view_keys(redis_client)
+    other = FakeStream()
+    other.create_table("fk-other", ("pk",))
+    other.put_item("fk-other", {"pk": "a", "v": 99, "g": "a"})
+    second = Deployment(
+        tmp_path / "b", url, other, MemoryStore(), views="tests.views_e2e.other_table",
+        table="fk-other",
+    )  # fmt: skip
+    with pytest.raises(NamespaceOwned) as refused:
+        second.app.claim()
+    message = str(refused.value)
+    assert "fk_card" in message and "table/fk " in message.replace(",", " ") + " "
+    assert "table/fk-other" in message and "--take-over" in message
+    assert redis_view_keys(redis_client) == before
+    first.app.close()
+    second.app.close()
+
+
+def test_take_over_stops_the_old_deployment_and_rebuilds_from_the_new_table(
+    tmp_path: Path, redis_client: Any
+) -> None:
+    from viewkeeper.cli import _take_over
+
+    url = f"redis://127.0.0.1:{redis_client.connection_pool.connection_kwargs['port']}/0"
+    first = Deployment(tmp_path / "a", url, _fake(), MemoryStore())
+    for i in range(10):
+        first.fake.put_item(TABLE, {"pk": f"k{i}", "v": i, "g": "a"})
+    other = FakeStream()
+    other.create_table("fk-other", ("pk",))
+    other.put_item("fk-other", {"pk": "x", "v": 7, "g": "a"})
+    second = Deployment(
+        tmp_path / "b", url, other, MemoryStore(), views="tests.views_e2e.other_table",
+        table="fk-other",
+    )  # fmt: skip
+    try:
+        first.start()
+        wait_for(lambda: _converged(redis_client, first.fake), "the first deployment")
+        taken = second.app.claim(take_over=("fk_card",))
+        assert [t.view for t in taken] == ["fk_card"]
+        first.fake.put_item(TABLE, {"pk": "k1", "v": 50, "g": "a"})  # its next write ...
+        wait_for(lambda: first.errors, "the first deployment to stop")  # ... stops it
+        assert isinstance(first.errors[0], SupervisorFatal)
+        assert "taken over" in str(first.errors[0])
+        _take_over(second.app, taken, 0.0)
+        second.rebuild()
+        assert redis_view_keys(redis_client) == {"fk:x": "other-7"}
+    finally:
+        first.stop()
+        second.stop()
+
+
+def test_a_coordination_table_made_again_is_refused(tmp_path: Path, redis_client: Any) -> None:
+    """Suspected in #13, confirmed: a coordination table that was deleted and created again
+    (it is created when missing) restarted generations at 0, and every later write was
+    stale against what the sink held after a rebuild, silently, forever."""
+    url = f"redis://127.0.0.1:{redis_client.connection_pool.connection_kwargs['port']}/0"
+    fake = _fake()
+    fake.put_item(TABLE, {"pk": "a", "v": 1, "g": "a"})
+    dep = Deployment(tmp_path / "a", url, fake, MemoryStore(), coordination="vk-coord-x")
+    dep.app.claim()
+    dep.rebuild()  # generation 1 in the sink
+    dep.app.close()
+    # the same coordination table's name, made again: a new id, generations from 0
+    again = Deployment(tmp_path / "b", url, fake, MemoryStore(), coordination="vk-coord-x")
+    with pytest.raises(NamespaceOwned, match="deleted and made again"):
+        again.app.claim()
+    again.app.close()
+
+
+def test_a_coordination_table_behind_the_sinks_generation_is_refused(
+    tmp_path: Path, redis_client: Any
+) -> None:
+    url = f"redis://127.0.0.1:{redis_client.connection_pool.connection_kwargs['port']}/0"
+    fake = _fake()
+    store = MemoryStore()
+    dep = Deployment(tmp_path, url, fake, store, coordination="vk-coord-y")
+    dep.app.claim()
+    dep.rebuild()
+    dep.rebuild()
+    dep.app.close()
+    store._gens["fk_card"] = 1  # restored from a backup taken between the two rebuilds
+    again = Deployment(tmp_path / "again", url, fake, store, coordination="vk-coord-y")
+    with pytest.raises(NamespaceOwned, match="holds generation 2 but the coordination table"):
+        again.app.claim()
+    again.app.close()

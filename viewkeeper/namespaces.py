@@ -1,0 +1,290 @@
+"""One sink namespace, one source: claims, data a sink lost, and take-over.
+
+Versions compare records of one item's history. Two sources writing one namespace (an
+OpenSearch index, a view's Redis bookkeeping) compare versions of unrelated streams, and the
+newer-looking one wins; a sink that lost its data (a Redis restarted without persistence, a
+replaced node, a deleted index) silently misses every item that does not change again; a
+coordination table deleted and made again restarts generations at 0, so every write after
+it is stale against what the sink holds. Each is caught here, through the :class:`Claim`
+every namespace carries (:mod:`viewkeeper.sinks.base`) and the view records of the
+coordination table (:class:`~viewkeeper.coordination.model.ViewState`).
+
+At start (:meth:`Namespaces.claim`, for ``run``, ``check``, ``rebuild``, dead-letter replay
+and the Lambda handler), per view:
+
+- no claim, and the coordination table never marked one: a new namespace. Claim it.
+- no claim, but the coordination table remembers a marker: the sink lost the view's data.
+  Report it (below), then claim it again with a new marker.
+- a claim of another owner — another source table, coordination table, or the same
+  coordination table's name made again (its id differs): refused, in one line naming both
+  owners and the fix (another index or view name, or ``viewkeeper rebuild --take-over``).
+- our claim at a generation the coordination table has not reached: refused (the table was
+  restored from an old backup, or its generation records were lost).
+- our claim with another marker than the one recorded: another process re-armed it after a
+  loss it may not have recorded: recorded now, and adopted.
+
+While running, sinks check the marker with their writes (the Redis script, atomically, per
+call; OpenSearch through :meth:`Namespaces.verify` every few seconds) and raise
+:class:`NamespaceLost`; :meth:`Namespaces.lost` then re-arms the namespace the same way, or
+stops the process when another deployment took it over (:class:`NamespaceOwned`).
+
+Reporting a loss is loud: an ERROR naming the view, the sink and the fix; the view marked
+``needs_rebuild`` in the coordination table (``status`` shows it); the metric
+``viewkeeper_sink_data_lost_total``; and, with ``worker.on_sink_loss: rebuild``, a rebuild
+of the view started by the daemon. The stream keeps being applied meanwhile (items that
+change are right at once); the rebuild restores the rest and clears the mark — only if no
+other loss was recorded while it ran (the recorded marker is still the one it started with).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass
+
+from viewkeeper.coordination.model import CoordinationStore
+from viewkeeper.ops import metrics
+from viewkeeper.projection.api import View
+from viewkeeper.projection.registry import ViewRegistry
+from viewkeeper.sinks.base import Claim, NamespaceLost, Owner, Sink, SinkError
+
+__all__ = ["NamespaceOwned", "Namespaces", "TakeOver"]
+
+log = logging.getLogger("viewkeeper.namespaces")
+
+SinkKey = tuple[str, str]
+
+
+class NamespaceOwned(SinkError):
+    """A namespace this deployment would write belongs to another owner (or is ahead of
+    this coordination table): a configuration problem, reported in one line with the fix."""
+
+
+@dataclass(frozen=True)
+class TakeOver:
+    """A namespace ``rebuild --take-over`` claimed from another owner."""
+
+    view: str
+    previous: Owner
+    marker: str
+
+
+def _where(sink: Sink, view: View) -> str:
+    target = f"index {view.index!r}" if view.kind == "opensearch" else "bookkeeping"
+    return f"{view.kind} connection {sink.name!r} ({getattr(sink, 'where', '?')}) {target}"
+
+
+class Namespaces:
+    """The claims of every view of one deployment (see the module doc). Thread-safe:
+    shard workers report losses from their threads."""
+
+    def __init__(
+        self,
+        registry: ViewRegistry,
+        sinks: Mapping[SinkKey, Sink],
+        store: CoordinationStore,
+        owners: Mapping[str, Owner],
+        *,
+        on_loss: Callable[[list[str]], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.registry = registry
+        self.sinks = sinks
+        self.store = store
+        self.owners = owners  # source table -> this deployment's owner of its views
+        self.on_loss = on_loss
+        self.clock = clock
+        self.markers: dict[str, str] = {}  # view -> the marker its namespace must carry
+        self.fatal: str | None = None  # set when another deployment took a namespace over
+        self._lock = threading.RLock()
+
+    def sink_of(self, view: View) -> Sink:
+        return self.sinks[(view.kind, view.connection)]
+
+    # --- at start -----------------------------------------------------------------------
+    def claim(
+        self, views: Iterable[View] | None = None, *, take_over: Collection[str] = ()
+    ) -> list[TakeOver]:
+        """Claim the namespaces of ``views`` (default: every view), re-arming lost ones;
+        raise NamespaceOwned for one of another owner unless its view is in
+        ``take_over`` — those are claimed for this deployment (their data is the other
+        deployment's: the caller wipes and rebuilds them) and returned."""
+        taken: list[TakeOver] = []
+        with self._lock:
+            states = self.store.view_states()
+            gens = self.store.generations()
+            for view in views if views is not None else list(self.registry):
+                sink = self.sink_of(view)
+                mine = self.owners[view.table]
+                held = sink.read_claim(view)
+                recorded = states.get(view.name)
+                gen = gens.get(view.name, 0)
+                if held is None:
+                    if recorded is None or recorded.marker is None:
+                        self._fresh(view, sink, mine, gen)
+                    else:
+                        self._rearm(view, sink, mine, gen, self._lost_text(view, sink))
+                elif held.owner != mine or held.generation > gen:
+                    if view.name not in take_over:
+                        raise NamespaceOwned(
+                            self._owned_text(view, sink, held.owner, mine)
+                            if held.owner != mine
+                            else self._behind_text(view, sink, held.generation, gen)
+                        )
+                    marker = uuid.uuid4().hex
+                    self.store.mark_needs_rebuild(
+                        view.name, f"taken over from {held.owner.describe()}", self.clock(), marker
+                    )
+                    sink.write_claim(view, Claim(mine, marker, gen))
+                    self._expect(view, sink, marker)
+                    taken.append(TakeOver(view.name, held.owner, marker))
+                else:
+                    if recorded is None or recorded.marker != held.marker:
+                        if recorded is not None and recorded.marker is not None:
+                            self._report(view, sink, held.marker, self._rearmed_text(view, sink))
+                        else:
+                            self.store.set_marker(view.name, held.marker)
+                    self._expect(view, sink, held.marker)
+        return taken
+
+    def _fresh(self, view: View, sink: Sink, mine: Owner, gen: int) -> None:
+        marker = uuid.uuid4().hex
+        self.store.set_marker(view.name, marker)
+        sink.write_claim(view, Claim(mine, marker, gen))
+        self._expect(view, sink, marker)
+        log.info("view %s: claimed %s for %s", view.name, _where(sink, view), mine.describe())
+
+    def _expect(self, view: View, sink: Sink, marker: str) -> None:
+        self.markers[view.name] = marker
+        sink.expect(view, marker)
+
+    # --- while running ------------------------------------------------------------------
+    def lost(self, sink: Sink, exc: NamespaceLost) -> None:
+        """A sink refused writes of ``exc.views``: their claim is not the expected one.
+        Re-arm (and report) a lost namespace, adopt one another process re-armed, or stop
+        for one another deployment took over (``fatal``, NamespaceOwned raised)."""
+        with self._lock:
+            states = self.store.view_states()
+            gens = self.store.generations()
+            for name in exc.views:
+                view = self.registry.get(name)
+                mine = self.owners[view.table]
+                held = sink.read_claim(view)
+                gen = gens.get(view.name, 0)
+                if held is None:
+                    self._rearm(view, sink, mine, gen, self._lost_text(view, sink))
+                elif held.owner != mine:
+                    self.fatal = (
+                        f"view {view.name}: {_where(sink, view)} was taken over by "
+                        f"{held.owner.describe()}; this deployment ({mine.describe()}) no "
+                        f"longer writes it: remove the view from this config"
+                    )
+                    raise NamespaceOwned(self.fatal)
+                elif held.marker != self.markers.get(view.name):
+                    recorded = states.get(view.name)
+                    if recorded is None or recorded.marker != held.marker:
+                        self._report(view, sink, held.marker, self._rearmed_text(view, sink))
+                    self._expect(view, sink, held.marker)
+
+    def verify(self) -> None:
+        """Compare every claim with what is expected (for sinks that cannot check with each
+        write, and for quiet streams); handle what changed as :meth:`lost` does."""
+        by_sink: dict[SinkKey, list[str]] = {}
+        for view in self.registry:
+            expected = self.markers.get(view.name)
+            if expected is None:
+                continue
+            held = self.sink_of(view).read_claim(view)
+            if held is None or held.marker != expected or held.owner != self.owners[view.table]:
+                by_sink.setdefault((view.kind, view.connection), []).append(view.name)
+        for key, names in by_sink.items():
+            self.lost(self.sinks[key], NamespaceLost("claim changed", names))
+
+    def announce(self, view: View, generation: int) -> str:
+        """A rebuild of ``view`` at ``generation`` begins: record the generation in its claim
+        (so a coordination table that falls behind it is noticed); return the marker the
+        rebuild starts with (see :meth:`rebuilt`)."""
+        with self._lock:
+            sink = self.sink_of(view)
+            held = sink.read_claim(view)
+            mine = self.owners[view.table]
+            if held is None or held.owner != mine:
+                self.claim([view])
+                held = sink.read_claim(view)
+                assert held is not None
+            sink.write_claim(view, Claim(mine, held.marker, max(generation, held.generation)))
+            return held.marker
+
+    def rebuilt(self, view: View, marker: str) -> bool:
+        """A rebuild of ``view`` that started with ``marker`` is done: clear its
+        needs_rebuild mark, unless a loss was recorded while it ran. True when cleared."""
+        cleared = self.store.clear_needs_rebuild(view.name, marker)
+        if cleared:
+            metrics.VIEW_NEEDS_REBUILD.labels(view.name).set(0)
+        return cleared
+
+    # --- reporting ----------------------------------------------------------------------
+    def _rearm(self, view: View, sink: Sink, mine: Owner, gen: int, why: str) -> None:
+        marker = uuid.uuid4().hex
+        self._report(view, sink, marker, why)
+        sink.write_claim(view, Claim(mine, marker, gen))
+        self._expect(view, sink, marker)
+
+    def _report(self, view: View, sink: Sink, marker: str, why: str) -> None:
+        self.store.mark_needs_rebuild(view.name, why, self.clock(), marker)
+        metrics.SINK_DATA_LOST.labels(view.name).inc()
+        metrics.VIEW_NEEDS_REBUILD.labels(view.name).set(1)
+        log.error(
+            "SINK DATA LOST: view %s: %s. Items that do not change again are missing or "
+            "stale there until the view is rebuilt: run `viewkeeper rebuild %s` (or set "
+            "worker.on_sink_loss: rebuild). The stream goes on being applied meanwhile.",
+            view.name,
+            why,
+            view.name,
+        )
+        if self.on_loss is not None:
+            self.on_loss([view.name])
+
+    @staticmethod
+    def _lost_text(view: View, sink: Sink) -> str:
+        return (
+            f"{_where(sink, view)} lost the view's data (its claim is gone: the server "
+            "restarted without persistence, was replaced or flushed, or the index was deleted)"
+        )
+
+    @staticmethod
+    def _rearmed_text(view: View, sink: Sink) -> str:
+        return (
+            f"{_where(sink, view)} was re-armed by another process after losing its data "
+            "(its marker changed)"
+        )
+
+    @staticmethod
+    def _owned_text(view: View, sink: Sink, theirs: Owner, mine: Owner) -> str:
+        if (theirs.source, theirs.coordination) == (mine.source, mine.coordination):
+            why = (
+                f"coordination table {mine.coordination} was deleted and made again (its id "
+                f"was {theirs.deployment[:8]}, is {mine.deployment[:8]}): generations started "
+                "again at 0 and every write would be stale"
+            )
+        else:
+            why = f"it is written by {theirs.describe()}, not by {mine.describe()}"
+        name = "index=" if view.kind == "opensearch" else "view name (name=)"
+        return (
+            f"view {view.name}: refusing to write {_where(sink, view)}: {why}. Fix: give the "
+            f"view another {name}, or take the namespace over with `viewkeeper rebuild "
+            f"{view.name} --take-over` (it deletes what the other deployment wrote there "
+            "and rebuilds the view from this table)"
+        )
+
+    @staticmethod
+    def _behind_text(view: View, sink: Sink, held: int, known: int) -> str:
+        return (
+            f"view {view.name}: {_where(sink, view)} holds generation {held} but the "
+            f"coordination table knows generation {known}: it was restored from an older "
+            "backup or lost its records, and every write would be stale. Fix: `viewkeeper "
+            f"rebuild {view.name} --take-over` rebuilds the view from scratch"
+        )
