@@ -150,7 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="a self-contained demo: local DynamoDB, views updating",
         description="Start a local DynamoDB with a stream (moto, in-process), "
         "fakeredis unless --redis-url is given, write, change and delete sample "
-        "orders, and show the views following along.",
+        "orders, and show the views following along. On a Redis or OpenSearch of yours it "
+        "writes only names of its own (keys 'viewkeeper-demo:...', indexes "
+        "'viewkeeper-demo-...'), removes what an earlier demo left there first, and "
+        "removes them at the end unless --keep.",
     )
     p.add_argument("--redis-url", help="use this Redis instead of fakeredis")
     p.add_argument(
@@ -162,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.6,
         help="seconds between demo steps (default 0.6; 0 for tests)",
     )
+    p.add_argument("--keep", action="store_true", help="leave the demo's keys and indexes in place")
     return parser
 
 
@@ -727,8 +731,11 @@ def _failure_line(exc: BaseException) -> str:
 
 
 def _check_connection(app: Any, kind: str, name: str) -> str:
-    """Build one connection's sink on its own, reach it and prepare its views; return
-    where it is. (App.sinks builds every sink at once: the first failure would stop it.)"""
+    """Build one connection's sink on its own, reach it, prepare its views and read their
+    claims (another deployment's namespace fails the check, NamespaceOwned); return where it
+    is, with a line per view. (App.sinks builds every sink at once: the first failure would
+    stop it.)"""
+    from viewkeeper.namespaces import NamespaceOwned, Namespaces
     from viewkeeper.sinks.connect import describe_target
 
     views = [v for v in app.registry if (v.kind, v.connection) == (kind, name)]
@@ -742,12 +749,22 @@ def _check_connection(app: Any, kind: str, name: str) -> str:
     try:
         sink.ping()
         sink.prepare(views)
+        spaces = Namespaces(
+            app.registry,
+            {(kind, name): sink},
+            app.store,
+            {v.table: app.owner(v.table) for v in views},
+        )
+        claims = [(view.name, *spaces.inspect(view, sink)) for view in views]
     finally:
         try:
             sink.close()
         except Exception as exc:  # closing is best effort
             log.debug("closing %s %s: %s", kind, name, exc)
-    return where
+    refused = [text for _, ok, text in claims if not ok]
+    if refused:
+        raise NamespaceOwned("; ".join(refused))
+    return where + "".join(f"\n    view {v}: {text}" for v, _, text in claims)
 
 
 def cmd_deadletters(args: argparse.Namespace) -> int:
@@ -798,7 +815,12 @@ def cmd_deadletters(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from viewkeeper.demo import run_demo
 
-    return run_demo(redis_url=args.redis_url, opensearch_url=args.opensearch_url, pace=args.pace)
+    return run_demo(
+        redis_url=args.redis_url,
+        opensearch_url=args.opensearch_url,
+        pace=args.pace,
+        keep=args.keep,
+    )
 
 
 _COMMANDS = {

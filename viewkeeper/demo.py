@@ -5,10 +5,18 @@ unless ``--redis-url`` is given, OpenSearch only with ``--opensearch-url``. It c
 ``orders`` table, runs the daemon on the example views in ``views/orders.py``, then writes,
 changes and deletes orders and prints, after each step, what changed in the views — then
 replays the whole stream to show that nothing changes twice.
+
+Pointed at a Redis or OpenSearch of the user's, it never writes the user's names: every key
+the views write gets the prefix :data:`REDIS_PREFIX` (``entry_prefix``, bookkeeping under it
+too) and every index :data:`INDEX_PREFIX` (``index_prefix``), so an ``orders`` index or an
+``order:o-1001`` key of an application is left alone. It removes what an earlier demo left
+under those names before it starts (a new demo is a new deployment, whose claims would
+otherwise refuse them), and removes its own at the end unless ``keep``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -17,7 +25,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["run_demo"]
+__all__ = ["INDEX_PREFIX", "REDIS_PREFIX", "run_demo"]
+
+REDIS_PREFIX = "viewkeeper-demo:"
+INDEX_PREFIX = "viewkeeper-demo-"
 
 BOLD, DIM, GREEN, RED, YELLOW, RESET = (
     "\033[1m",
@@ -42,25 +53,57 @@ def _colors(enabled: bool) -> None:
 
 
 def _redis_snapshot(client: Any) -> dict[str, str]:
-    """Every key the views own (bookkeeping under vk: left out), rendered for humans."""
+    """Every key the views own (the demo's prefix taken off, bookkeeping left out),
+    rendered for humans."""
     out: dict[str, str] = {}
-    for raw in sorted(client.scan_iter(count=1000)):
-        key = raw.decode() if isinstance(raw, bytes) else raw
+    for raw in sorted(client.scan_iter(match=REDIS_PREFIX + "*", count=1000)):
+        full = raw.decode() if isinstance(raw, bytes) else raw
+        key = full[len(REDIS_PREFIX) :]
         if key.startswith("vk:"):
             continue
-        kind = client.type(key)
+        kind = client.type(full)
         kind = kind.decode() if isinstance(kind, bytes) else kind
         if kind == "string":
-            v = client.get(key)
+            v = client.get(full)
             out[key] = v.decode() if isinstance(v, bytes) else str(v)
         elif kind == "zset":
-            members = client.zrange(key, 0, -1, withscores=True)
+            members = client.zrange(full, 0, -1, withscores=True)
             out[key] = "[" + ", ".join(f"{m.decode()}@{s:.0f}" for m, s in members) + "]"
         elif kind == "set":
-            out[key] = "{" + ", ".join(sorted(m.decode() for m in client.smembers(key))) + "}"
+            out[key] = "{" + ", ".join(sorted(m.decode() for m in client.smembers(full))) + "}"
         elif kind == "hash":
-            out[key] = str({k.decode(): v.decode() for k, v in client.hgetall(key).items()})
+            out[key] = str({k.decode(): v.decode() for k, v in client.hgetall(full).items()})
     return out
+
+
+def _remove_demo_names(rclient: Any, opensearch_url: str | None) -> int:
+    """Delete every key under REDIS_PREFIX and every index and stored script named
+    INDEX_PREFIX...: the demo's own names, nothing else. Returns how many were removed."""
+    removed = 0
+    batch: list[Any] = []
+    for key in rclient.scan_iter(match=REDIS_PREFIX + "*", count=1000):
+        batch.append(key)
+        if len(batch) >= 500:
+            removed += rclient.delete(*batch)
+            batch = []
+    if batch:
+        removed += rclient.delete(*batch)
+    if opensearch_url:
+        from opensearchpy import NotFoundError, OpenSearch
+
+        from viewkeeper.sinks.opensearch import SCRIPT_NAME
+
+        client = OpenSearch(hosts=[opensearch_url], timeout=30)
+        try:
+            found = client.indices.get(index=INDEX_PREFIX + "*", expand_wildcards="all")
+            for index in found:
+                client.indices.delete(index=index)
+                removed += 1
+            with contextlib.suppress(NotFoundError):
+                client.delete_script(id=INDEX_PREFIX + SCRIPT_NAME)
+        finally:
+            client.close()
+    return removed
 
 
 def _print_diff(before: dict[str, str], after: dict[str, str]) -> None:
@@ -84,6 +127,7 @@ def run_demo(
     opensearch_url: str | None = None,
     pace: float = 0.6,
     out: Any = None,
+    keep: bool = False,
 ) -> int:
     import boto3
     from moto.server import ThreadedMotoServer
@@ -147,13 +191,21 @@ def run_demo(
             "aws": {"region": "us-east-1", "endpoint_url": endpoint},
             "tables": {"orders": {"starting_position": "TRIM_HORIZON"}},
             "views": ["views.orders"],
-            "redis": {"cache": {"url": redis_url or "redis://127.0.0.1:6379/0"}},
+            "redis": {
+                "cache": {
+                    "url": redis_url or "redis://127.0.0.1:6379/0",
+                    "entry_prefix": REDIS_PREFIX,
+                    "key_prefix": REDIS_PREFIX + "vk:",
+                }
+            },
             "coordination": {"table": "viewkeeper-coordination"},
             "worker": {"poll_interval": 0.05, "lease_duration": 3.0},
             "metrics": {"port": None},
         }
         if opensearch_url:
-            raw["opensearch"] = {"search": {"hosts": [opensearch_url]}}
+            raw["opensearch"] = {
+                "search": {"hosts": [opensearch_url], "index_prefix": INDEX_PREFIX}
+            }
         config = parse_config(raw, "demo")
         if redis_url:
             import redis
@@ -163,7 +215,17 @@ def run_demo(
             import fakeredis
 
             rclient = fakeredis.FakeRedis()
-        sinks: dict[Any, Any] = {("redis", "cache"): RedisSink("cache", rclient)}
+        left = _remove_demo_names(rclient, opensearch_url)
+        print(
+            f"the demo writes only its own names: Redis keys '{REDIS_PREFIX}...'"
+            + (f", OpenSearch indexes '{INDEX_PREFIX}...'" if opensearch_url else "")
+            + (f" (removed {left} left by an earlier demo)" if left else "")
+        )
+        sinks: dict[Any, Any] = {
+            ("redis", "cache"): RedisSink(
+                "cache", rclient, entry_prefix=REDIS_PREFIX, key_prefix=REDIS_PREFIX + "vk:"
+            )
+        }
         sinks[("redis", "cache")].prepare([v for v in registry if v.kind == "redis"])
         app = App(config, registry=registry, sinks=None if opensearch_url else sinks)
         if opensearch_url:
@@ -259,16 +321,20 @@ def run_demo(
             f"{count('dead_lettered')}{RESET}"
         )
         if opensearch_url:
-            say(f"OpenSearch index 'orders' at {opensearch_url}")
+            say(f"OpenSearch index '{INDEX_PREFIX}orders' at {opensearch_url}")
             osink = app.sinks[("opensearch", "search")]
             view = registry.get("order_doc")
             for doc_id, body in sorted(osink.live_documents(view).items()):  # type: ignore[attr-defined]
                 print(f"    {doc_id}: {body}")
+        app.close()
+        if keep:
+            print(f"\nkept the demo's keys ('{REDIS_PREFIX}...') and indexes")
+        else:
+            _remove_demo_names(rclient, opensearch_url)
         print(
             f"\n{BOLD}Done.{RESET} The view code is 15 lines in views/orders.py; try "
             "`viewkeeper --help`."
         )
-        app.close()
         return 0
     finally:
         moto.stop()

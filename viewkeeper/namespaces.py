@@ -161,6 +161,24 @@ class Namespaces:
         self.markers[view.name] = marker
         sink.expect(view, marker)
 
+    def inspect(self, view: View, sink: Sink) -> tuple[bool, str]:
+        """What :meth:`claim` would do for ``view`` on ``sink``, without writing: (ok, one
+        line). For ``viewkeeper check``."""
+        held = sink.read_claim(view)
+        mine = self.owners[view.table]
+        recorded = self.store.view_states().get(view.name)
+        gen = self.store.generations().get(view.name, 0)
+        if held is None:
+            if recorded is not None and recorded.marker is not None:
+                return True, "LOST: " + self._lost_text(view, sink) + " (reported on `run`)"
+            return True, "not claimed yet: `run` claims it for this deployment"
+        if held.owner != mine:
+            return False, self._owned_text(view, sink, held.owner, mine)
+        if held.generation > gen:
+            return False, self._behind_text(view, sink, held.generation, gen)
+        state = " (needs_rebuild)" if recorded is not None and recorded.needs_rebuild else ""
+        return True, f"claimed by this deployment{state}"
+
     # --- while running ------------------------------------------------------------------
     def lost(self, sink: Sink, exc: NamespaceLost) -> None:
         """A sink refused writes of ``exc.views``: their claim is not the expected one.
