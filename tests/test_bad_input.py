@@ -800,6 +800,12 @@ CONFIG_VALUES: list[tuple[str, str, Any, list[str]]] = [
     # (case, section, value, what the line must say: key path, value, fix)
     ("batch_size too big", "worker", {"batch_size": 5000}, ["worker.batch_size", "5000", "1000"]),
     ("on_error unknown", "worker", {"on_error": "skip"}, ["worker.on_error", "'skip'", "halt"]),
+    (
+        "on_sink_loss unknown",
+        "worker",
+        {"on_sink_loss": "ignore"},
+        ["worker.on_sink_loss", "'ignore'", "rebuild"],
+    ),
     ("metrics port", "metrics", {"port": 70000}, ["metrics.port", "70000", "65535"]),
     (
         "redis url scheme",

@@ -44,6 +44,7 @@ class Deployment:
         views: str = "tests.views_e2e.fake_views",
         table: str = TABLE,
         coordination: str | None = None,
+        opensearch: dict[str, Any] | None = None,
         **worker: Any,
     ) -> None:
         tmp_path.mkdir(parents=True, exist_ok=True)
@@ -55,6 +56,7 @@ class Deployment:
             views=[views],
             worker={"poll_interval": 0.02, "lease_duration": 1.0, **worker},
             **({"coordination": {"table": coordination}} if coordination else {}),
+            **({"opensearch": opensearch} if opensearch else {}),
         )
         self.app = App.from_file(str(cfg), client=fake, store=store)
         self.threads: list[tuple[Supervisor, threading.Thread]] = []
@@ -303,3 +305,45 @@ def test_a_coordination_table_behind_the_sinks_generation_is_refused(
     with pytest.raises(NamespaceOwned, match="holds generation 2 but the coordination table"):
         again.app.claim()
     again.app.close()
+
+
+def test_an_opensearch_index_deleted_under_the_daemon_is_reported_and_rebuilt(
+    tmp_path: Path, redis_client: Any, os_client: Any, os_prefix: str, opensearch_url: str
+) -> None:
+    """The same for OpenSearch: the index was recreated empty behind the alias on the next
+    write (a SinkUnavailable retried away), and nothing said that its documents were gone."""
+    url = f"redis://127.0.0.1:{redis_client.connection_pool.connection_kwargs['port']}/0"
+    fake = FakeStream()
+    fake.create_table("rb-items", ("pk",))
+    for i in range(5):
+        fake.put_item("rb-items", {"pk": f"k{i}", "group": "a", "n": i})
+    dep = Deployment(
+        tmp_path, url, fake, MemoryStore(), views="tests.views_e2e.rebuild_v1", table="rb-items",
+        opensearch={"search": {"hosts": [opensearch_url], "index_prefix": os_prefix}},
+    )  # fmt: skip
+    alias = f"{os_prefix}items"
+
+    def count() -> int:
+        from opensearchpy import NotFoundError
+
+        try:
+            os_client.indices.refresh(index=alias)
+            return int(os_client.count(index=alias)["count"])
+        except NotFoundError:  # the index is gone until the sink makes it again
+            return -1
+
+    try:
+        dep.start()
+        wait_for(lambda: count() == 5, "the first drain")
+        os_client.indices.delete(index=f"{alias}.vk-live")
+        fake.put_item("rb-items", {"pk": "k1", "group": "b", "n": 10})
+        wait_for(
+            lambda: (s := dep.store.view_states().get("doc")) is not None and s.needs_rebuild,
+            "the loss to be reported",
+        )
+        wait_for(lambda: count() == 1, "the stream to go on into the new index")
+        dep.rebuild()
+        assert count() == 5  # k0..k4
+        assert not dep.store.view_states()["doc"].needs_rebuild
+    finally:
+        dep.stop()
