@@ -8,15 +8,16 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TextIO
 
 from viewkeeper.config import Config, check_view_connections, load_config
 from viewkeeper.coordination.dynamodb import DynamoDBStore
 from viewkeeper.coordination.model import CoordinationStore
 from viewkeeper.namespaces import Namespaces, TakeOver
 from viewkeeper.pipeline import Pipeline, SinkKey
+from viewkeeper.projection.api import View
 from viewkeeper.projection.registry import ViewRegistry, load_views
-from viewkeeper.rebuild import RebuildSettings
+from viewkeeper.rebuild import RebuildReport, RebuildSettings
 from viewkeeper.sinks.base import Owner, Sink, SinkUnavailable
 from viewkeeper.stream.client import HttpStreamClient, StreamClient
 from viewkeeper.stream.worker import WorkerSettings
@@ -192,24 +193,29 @@ class App:
 
         self.on_views_lost = start
 
+    def rebuild(self, views: list[View], settings: RebuildSettings, out: TextIO) -> RebuildReport:
+        """Rebuild ``views`` from a scan of their tables (see viewkeeper.rebuild), with
+        their claims announced and their needs_rebuild marks cleared."""
+        from viewkeeper.rebuild import rebuild
+
+        return rebuild(
+            views,
+            self.registry,
+            self.client,
+            self.store,
+            self.pipeline,
+            settings,
+            out=out,
+            namespaces=self.namespaces,
+        )
+
     def _auto_rebuild(self, names: list[str], running: set[str], lock: threading.Lock) -> None:
         import io
 
-        from viewkeeper.rebuild import rebuild
-
         try:
             log.warning("worker.on_sink_loss: rebuild: rebuilding %s", ", ".join(names))
-            out = io.StringIO()
-            report = rebuild(
-                [self.registry.get(n) for n in names],
-                self.registry,
-                self.client,
-                self.store,
-                self.pipeline,
-                self.rebuild_settings(),
-                out=out,
-                namespaces=self.namespaces,
-            )
+            views = [self.registry.get(n) for n in names]
+            report = self.rebuild(views, self.rebuild_settings(), io.StringIO())
             log.warning("worker.on_sink_loss: %s", report.summary())
         except Exception:
             log.exception("the rebuild of %s after a sink loss failed; run it by hand", names)

@@ -596,7 +596,7 @@ def _install_signals(stop: Any) -> _Signals:
 
 def cmd_rebuild(args: argparse.Namespace) -> int:
     from viewkeeper.projection.registry import ViewLoadError
-    from viewkeeper.rebuild import HandshakeTimeout, rebuild
+    from viewkeeper.rebuild import HandshakeTimeout
 
     app = _app(args)
     if args.all:
@@ -620,16 +620,7 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     try:
         taken = app.claim(take_over=tuple(v.name for v in views) if args.take_over else ())
         _take_over(app, taken, args.take_over_grace)
-        report = rebuild(
-            views,
-            app.registry,
-            app.client,
-            app.store,
-            app.pipeline,
-            settings,
-            out=sys.stdout,
-            namespaces=app.namespaces,
-        )
+        report = app.rebuild(views, settings, sys.stdout)
     except HandshakeTimeout as exc:
         print(f"viewkeeper: {exc}", file=sys.stderr)
         return 1
@@ -713,8 +704,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     for kind in ("redis", "opensearch"):
         for name in sorted(app.registry.connections(kind)):
             try:
-                where = _check_connection(app, kind, name)
+                where, claims = _check_connection(app, kind, name)
                 print(f"  {kind} {name}: ok ({where})")
+                for line in claims:
+                    print(f"    {line}")
             except Exception as exc:
                 print(f"  {kind} {name}: FAILED: {_failure_line(exc)}")
                 failures += 1
@@ -730,10 +723,10 @@ def _failure_line(exc: BaseException) -> str:
     return _one_line(f"{type(exc).__name__}: {exc}")
 
 
-def _check_connection(app: Any, kind: str, name: str) -> str:
+def _check_connection(app: Any, kind: str, name: str) -> tuple[str, list[str]]:
     """Build one connection's sink on its own, reach it, prepare its views and read their
     claims (another deployment's namespace fails the check, NamespaceOwned); return where it
-    is, with a line per view. (App.sinks builds every sink at once: the first failure would
+    is and a line per view. (App.sinks builds every sink at once: the first failure would
     stop it.)"""
     from viewkeeper.namespaces import NamespaceOwned, Namespaces
     from viewkeeper.sinks.connect import describe_target
@@ -764,7 +757,7 @@ def _check_connection(app: Any, kind: str, name: str) -> str:
     refused = [text for _, ok, text in claims if not ok]
     if refused:
         raise NamespaceOwned("; ".join(refused))
-    return where + "".join(f"\n    view {v}: {text}" for v, _, text in claims)
+    return where, [f"view {v}: {text}" for v, _, text in claims]
 
 
 def cmd_deadletters(args: argparse.Namespace) -> int:

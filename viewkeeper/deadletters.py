@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from viewkeeper.coordination.model import CoordinationStore, DeadLetter
 from viewkeeper.pipeline import Pipeline
-from viewkeeper.stream.records import DecodeError, decode_record
+from viewkeeper.stream.records import ChangeRecord, DecodeError, decode_record
 
 __all__ = ["SKEW_MARGIN", "ReplayReport", "drop", "expired", "format_deadletters", "replay"]
 
@@ -90,42 +90,10 @@ def replay(
     for dl in store.list_deadletters():
         if ids is not None and dl.id not in ids:
             continue
-        raw = dl.record or {}
-        if dl.record is None:
+        why, rec = _replayable(dl, retention, now)
+        if rec is None or dl.generation is None:
             report.skipped += 1
-            report.notes.append(
-                f"{dl.id}: its record was too large to keep; run "
-                f"`viewkeeper rebuild {dl.view}`, then drop it"
-            )
-            continue
-        if "dynamodb" not in raw:
-            report.skipped += 1
-            report.notes.append(
-                f"{dl.id}: an item the rebuild's scan could not project; fix the view and run "
-                f"`viewkeeper rebuild {dl.view}` again, then drop it"
-            )
-            continue
-        if expired(dl, retention, now):
-            report.skipped += 1
-            report.notes.append(
-                f"{dl.id}: older than the tombstone retention ({retention / 3600:g} h): "
-                "replaying it could bring back an item deleted since; run "
-                f"`viewkeeper rebuild {dl.view}` instead, then "
-                "`viewkeeper deadletters drop --expired`"
-            )
-            continue
-        if dl.generation is None:
-            report.skipped += 1
-            report.notes.append(
-                f"{dl.id}: written by a viewkeeper that did not store the record's generation, "
-                f"so it cannot be replayed safely; run `viewkeeper rebuild {dl.view}` instead"
-            )
-            continue
-        try:
-            rec = decode_record(raw)
-        except DecodeError as exc:
-            report.skipped += 1
-            report.notes.append(f"{dl.id}: the stored record does not decode ({exc})")
+            report.notes.append(f"{dl.id}: {why}")
             continue
         batch = pipeline.process(
             dl.table,
@@ -141,6 +109,33 @@ def replay(
         if not batch.dead_lettered:
             store.delete_deadletter(dl.id)
     return report
+
+
+def _replayable(dl: DeadLetter, retention: float, now: float) -> tuple[str, ChangeRecord | None]:
+    """(why not, None) for a dead letter that must not be replayed, else ("", its record)."""
+    rebuild = f"`viewkeeper rebuild {dl.view}`"
+    if dl.record is None:
+        return f"its record was too large to keep; run {rebuild}, then drop it", None
+    if "dynamodb" not in dl.record:
+        return (
+            f"an item the rebuild's scan could not project; fix the view and run {rebuild} "
+            "again, then drop it"
+        ), None
+    if expired(dl, retention, now):
+        return (
+            f"older than the tombstone retention ({retention / 3600:g} h): replaying it could "
+            f"bring back an item deleted since; run {rebuild} instead, then "
+            "`viewkeeper deadletters drop --expired`"
+        ), None
+    if dl.generation is None:
+        return (
+            "written by a viewkeeper that did not store the record's generation, so it cannot "
+            f"be replayed safely; run {rebuild} instead"
+        ), None
+    try:
+        return "", decode_record(dl.record)
+    except DecodeError as exc:
+        return f"the stored record does not decode ({exc})", None
 
 
 def drop(

@@ -395,24 +395,19 @@ class DynamoDBStore:
         )
 
     def release_lease(self, lease: Lease) -> None:
-        values: dict[str, Any] = {":one": _n(1)}
-        cond = self._owner_cond(lease, values)
-        try:
-            self._update(
-                f"lease#{lease.table}",
-                lease.shard_id,
-                "REMOVE #o ADD #c :one",
-                values,
-                cond,
-                {"#o": "owner", "#c": "counter"},
-            )
-        except ClientError as exc:
-            if not _conditional_failed(exc):
-                raise
+        self._free(lease, check_counter=False)
 
     def revoke_lease(self, lease: Lease) -> bool:
-        values: dict[str, Any] = {":c": _n(lease.counter), ":one": _n(1)}
-        cond = f"#c = :c AND {self._owner_cond(lease, values)}"
+        return self._free(lease, check_counter=True)
+
+    def _free(self, lease: Lease, *, check_counter: bool) -> bool:
+        """Remove the owner (and raise the counter) if ``lease.owner`` still holds it — and,
+        with ``check_counter``, only at the counter seen; False when it changed."""
+        values: dict[str, Any] = {":one": _n(1)}
+        cond = self._owner_cond(lease, values)
+        if check_counter:
+            values[":c"] = _n(lease.counter)
+            cond = f"#c = :c AND {cond}"
         try:
             self._update(
                 f"lease#{lease.table}",
