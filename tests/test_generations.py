@@ -192,12 +192,13 @@ def test_handshake_revokes_the_lease_of_a_worker_that_stopped_renewing() -> None
     lease = _lease_held_by(store, "w-stalled")
     store.put_worker(WorkerInfo("w-stalled", time.time(), {}, "h", 1, 1, 0.0))
     took = _handshake(store, timeout=10, lease_duration=1.0)
-    assert 1.0 <= took < 5
-    assert store.list_leases(TABLE)[0].owner is None
+    assert 2.0 <= took < 6  # unchanged for a lease duration, revoked, one more duration
+    revoked = store.list_leases(TABLE)[0]
+    assert revoked.owner is None and revoked.gens == store.generations()
     assert store.renew_lease(lease, 0.0, True) is None
 
 
-def test_handshake_passes_once_the_lease_holder_acknowledges() -> None:
+def test_handshake_passes_once_the_lease_holder_publishes_the_generation() -> None:
     import threading
     import time
 
@@ -207,15 +208,16 @@ def test_handshake_passes_once_the_lease_holder_acknowledges() -> None:
     lease = _lease_held_by(store, "w-live")
     store.put_worker(WorkerInfo("w-live", time.time(), {}, "h", 1, 1, 0.0))
 
-    def ack_later() -> None:
+    def publish_later() -> None:  # the holder adopts the generation and renews with it
+        nonlocal lease
         time.sleep(0.5)
-        store.put_worker(WorkerInfo("w-live", time.time(), store.generations(), "h", 1, 1, 0.0))
+        lease = store.renew_lease(lease, 0.0, True, gens=store.generations()) or lease
 
-    t = threading.Thread(target=ack_later, daemon=True)
+    t = threading.Thread(target=publish_later, daemon=True)
     t.start()
-    took = _handshake(store, timeout=10, lease_duration=30.0)
+    took = _handshake(store, timeout=10, lease_duration=1.0)
     t.join()
-    assert 0.4 < took < 5
+    assert 1.4 < took < 5  # the publication, then one lease duration for its answer
     assert store.list_leases(TABLE)[0].owner == "w-live"
     assert store.renew_lease(lease, 0.0, True) is not None
 
@@ -226,7 +228,9 @@ def test_a_lease_taken_during_a_rebuild_is_read_with_the_new_generation(bed: Bed
     round, a rebuild raised the generation and scanned (this supervisor held no lease, so
     the handshake did not wait for it), then the round took the lease and its worker
     stamped the old generation: the item's REMOVE went out as (G-1, seq), stale against
-    the scan's (G, 0), and the deleted item survived the sweep."""
+    the scan's (G, 0), and the deleted item survived the sweep. The handshake now writes
+    the generation into the free lease (its counter moves: the take fails and is made
+    again, from the lease's generations)."""
     import threading
     import time
 
@@ -250,18 +254,29 @@ def test_a_lease_taken_during_a_rebuild_is_read_with_the_new_generation(bed: Bed
             self.__dict__ = inner.__dict__
             self.done = False
 
-        def take_lease(self, lease: Lease, owner: str) -> Lease | None:
+        def take_lease(
+            self, lease: Lease, owner: str, gens: dict[str, int] | None = None
+        ) -> Lease | None:
             if not self.done:
                 self.done = True
                 (view,) = VIEWS
                 gen = self.raise_generation(view.name)
+                from viewkeeper.rebuild import handshake
+
+                handshake(  # the lease is free: the handshake writes the generation in it
+                    self,
+                    [TABLE],
+                    {view.name: gen},
+                    RebuildSettings(lease_duration=0.1),
+                    io.StringIO(),
+                )
                 scan = bed.pipeline().project_item(
                     _report(), view, TABLE, bed.fake.items(TABLE)[0], KEYS, Version(gen, "0")
                 )
                 assert isinstance(scan, Change)
                 bed.sink.apply([scan])
                 bed.fake.delete_item(TABLE, {"pk": "x"})  # after the scan read x
-            return super().take_lease(lease, owner)
+            return super().take_lease(lease, owner, gens)
 
     store = RebuildBeforeTheTake(bed.store)
     sup = Supervisor(

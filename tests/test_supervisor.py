@@ -128,18 +128,20 @@ class RecordingStore(MemoryStore):
         self.failed_takes = 0
         self.on_renew: Callable[[Lease], None] | None = None
 
-    def take_lease(self, lease: Lease, owner: str) -> Lease | None:
-        taken = super().take_lease(lease, owner)
+    def take_lease(self, lease: Lease, owner: str, gens: Any = None) -> Lease | None:
+        taken = super().take_lease(lease, owner, gens)
         if taken is not None:
             self.takes.append(Take(self.round, self.clock(), lease.shard_id, lease.owner, owner))
         else:
             self.failed_takes += 1
         return taken
 
-    def renew_lease(self, lease: Lease, lag: float | None, caught_up: bool) -> Lease | None:
+    def renew_lease(
+        self, lease: Lease, lag: float | None, caught_up: bool, **kwargs: Any
+    ) -> Lease | None:
         if self.on_renew is not None:
             self.on_renew(lease)
-        return super().renew_lease(lease, lag, caught_up)
+        return super().renew_lease(lease, lag, caught_up, **kwargs)
 
 
 class FlakyPipeline(Pipeline):
@@ -909,10 +911,14 @@ class Cluster:
         def sample() -> None:
             while not self._stop.is_set():
                 with contextlib.suppress(Exception):  # the table may not exist yet
+                    # stamped when the query leaves: its answer shows the table at some
+                    # instant after that (stamped on return, a slow query under load made a
+                    # take look later than the first applies that followed it)
+                    asked_at = time.time()
                     leases = client.list_leases("scale")
                     self.samples.append(
                         Sample(
-                            time.time(),
+                            asked_at,
                             {
                                 lease.shard_id: (
                                     pid_of(lease.owner),

@@ -44,7 +44,9 @@ class GatedStore(MemoryStore):
         self.threads: set[str] = set()
         self.sent_at: dict[Key, float] = {}
 
-    def renew_lease(self, lease: Lease, lag: float | None, caught_up: bool) -> Lease | None:
+    def renew_lease(
+        self, lease: Lease, lag: float | None, caught_up: bool, **kwargs: Any
+    ) -> Lease | None:
         with self._count_lock:
             self.calls += 1
             self.in_flight += 1
@@ -56,7 +58,7 @@ class GatedStore(MemoryStore):
                 self.barrier.wait()  # BrokenBarrierError (after its timeout) when sequential
             if lease.shard_id == self.fail_shard:
                 raise ConnectionError("DynamoDB unreachable (simulated)")
-            renewed = super().renew_lease(lease, lag, caught_up)
+            renewed = super().renew_lease(lease, lag, caught_up, **kwargs)
             if self.slow_by:
                 self.clock.advance(self.slow_by)
             return renewed
@@ -244,9 +246,9 @@ def test_run_retries_a_round_whose_renewal_failed(bed_factory: Callable[..., Bed
     original = bed.store.renew_lease
     failed = [0]
 
-    def fail_once(lease: Lease, lag: float | None, caught: bool) -> Lease | None:
+    def fail_once(lease: Lease, lag: float | None, caught: bool, **kwargs: Any) -> Lease | None:
         try:
-            return original(lease, lag, caught)
+            return original(lease, lag, caught, **kwargs)
         except ConnectionError:
             failed[0] += 1
             bed.store.fail_shard = None  # DynamoDB is back for the next round
@@ -327,14 +329,14 @@ class GatedTakes(GatedStore):
         self.fail_take: str | None = None
         self.take_threads: set[str] = set()
 
-    def take_lease(self, lease: Lease, owner: str) -> Lease | None:
+    def take_lease(self, lease: Lease, owner: str, gens: Any = None) -> Lease | None:
         with self._count_lock:
             self.take_threads.add(threading.current_thread().name)
         if self.take_barrier is not None:
             self.take_barrier.wait()
         if lease.shard_id == self.fail_take:
             raise ConnectionError("DynamoDB unreachable (simulated)")
-        return super().take_lease(lease, owner)
+        return super().take_lease(lease, owner, gens)
 
 
 def _with_gated_takes(bed: Bed) -> GatedTakes:

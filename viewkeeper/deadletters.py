@@ -91,6 +91,14 @@ def replay(
         if ids is not None and dl.id not in ids:
             continue
         why, rec = _replayable(dl, retention, now)
+        if rec is not None and dl.view not in pipeline.registry:
+            why, rec = (
+                (
+                    f"view {dl.view} is not in this config (renamed, or another config's view): "
+                    "replay it with the config that declares it, or drop it"
+                ),
+                None,
+            )
         if rec is None or dl.generation is None:
             report.skipped += 1
             report.notes.append(f"{dl.id}: {why}")
@@ -106,8 +114,8 @@ def replay(
         report.applied += batch.applied
         report.stale += batch.stale
         report.failed_again += batch.dead_lettered
-        if not batch.dead_lettered:
-            store.delete_deadletter(dl.id)
+        if batch.applied + batch.stale == 1 and not batch.dead_lettered:
+            store.delete_deadletter(dl.id)  # it ended: applied, or stale against newer data
     return report
 
 

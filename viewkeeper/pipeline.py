@@ -88,6 +88,7 @@ class BatchReport:
 class _Pending:
     change: Change
     record: ChangeRecord | None
+    scanned: Mapping[str, object] | None = None  # the rebuild's item, for its dead letter
 
 
 SinkKey = tuple[str, str]  # (kind, connection name)
@@ -247,6 +248,7 @@ class Pipeline:
                     pending.record,
                     RuntimeError(result.error or "rejected by the sink"),
                     pending.change.version.generation,
+                    scanned=pending.scanned,
                 )
             for col in result.collisions:
                 report.collisions += 1
@@ -290,12 +292,20 @@ class Pipeline:
             return None
         return Change(view, item_key, version, entries)
 
-    def apply_changes(self, changes: Sequence[Change], table: str) -> BatchReport:
-        """Apply ready-made changes (the rebuild scan), grouped by sink."""
+    def apply_changes(
+        self,
+        changes: Sequence[Change],
+        table: str,
+        items: Sequence[Mapping[str, object]] | None = None,
+    ) -> BatchReport:
+        """Apply ready-made changes (the rebuild scan: ``items`` are the scanned items the
+        changes came from, for the dead letters of the ones the sink rejects), grouped by
+        sink."""
         report = BatchReport()
         per_sink: dict[SinkKey, list[_Pending]] = defaultdict(list)
-        for ch in changes:
-            per_sink[(ch.view.kind, ch.view.connection)].append(_Pending(ch, None))
+        for i, ch in enumerate(changes):
+            pending = _Pending(ch, None, items[i] if items is not None else None)
+            per_sink[(ch.view.kind, ch.view.connection)].append(pending)
         for key, pendings in per_sink.items():
             self._apply(report, self.sinks[key], pendings, table)
         self.flush(report)

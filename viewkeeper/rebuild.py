@@ -4,18 +4,22 @@ The generation handshake (see ARCHITECTURE.md):
 
 1. Raise each view's generation ``G`` in the coordination table.
 2. Handshake (:func:`handshake`): wait until no process can still *read* a record of the
-   views' tables and stamp it with an older generation. Records carry the generation their
-   reader held when GetRecords answered (:mod:`viewkeeper.pipeline`), so only readers
-   matter, and only the leases say who reads: for every held lease of the tables, its
-   owner has acknowledged ``G`` (it adopted ``G`` before publishing it, so every page it
-   receives from then on carries ``G``), or its lease is revoked. A lease is revoked when
-   its counter stayed the same for a lease duration on *this* process's clock (the rule
-   takers use: no wall clock is compared, so skew cannot fool it): the holder stopped
-   renewing, its own lease guard already refuses pages that arrive after that, and its
-   next renewal fails. A process that takes a lease later reads the generations after
-   the take (:mod:`viewkeeper.supervisor`). Appliers that hold no lease (the Lambda
-   handler) read the generations at the start of each invocation, after its records
-   were read, and need no handshake.
+   views' tables and stamp it with an older generation. Records carry the generation
+   their reader's lease showed when GetRecords answered (:mod:`viewkeeper.pipeline`,
+   :mod:`viewkeeper.supervisor`), so only the leases matter: every lease of the tables
+   that may still be read must show ``G`` (``Lease.gens``). A holder publishes it with its
+   next renewal after it adopted it; a free lease gets it written here, so whoever takes
+   it starts from it; a held lease whose counter stayed the same for a lease duration on
+   *this* process's clock (the rule takers use: no wall clock is compared, so skew cannot
+   fool it) is revoked with it in the same write: its holder stopped renewing, its own
+   lease guard already refuses pages that arrive after that, and its next renewal fails.
+   Then one more lease duration: a holder stamps with what its lease shows only once its
+   renewal's answer is back, and until then its lease guard refuses pages that arrive after
+   a lease duration without one. A holder that lost its lease to a steal cannot publish
+   any more, and its taker started from what it had published: its stamps never exceed
+   the shard's newer holder's. Appliers that hold no lease (the Lambda handler) read the
+   generations at the start of each invocation, after its records were read, and need no
+   handshake.
 3. Scan the table in parallel segments; project each item and apply it at ``(G, 0)``.
    A record read after the handshake carries ``(G, seq)`` and beats it; one read before
    carries ``G - 1`` and loses — right, since the scan read the item after it.
@@ -133,35 +137,41 @@ def handshake(
     settings: RebuildSettings,
     out: TextIO,
 ) -> None:
-    """Return once every held, active lease of ``tables`` belongs to a worker that has
-    acknowledged ``wanted``, or was revoked (see the module doc); raise HandshakeTimeout
-    naming the workers that did neither in ``handshake_timeout``."""
+    """Return once every lease of ``tables`` that may still be read shows ``wanted`` in its
+    generations (see the module doc): a held lease once its holder published them (its
+    next renewal after it adopted them), or revoked with them once its counter stayed
+    unchanged for a lease duration; a free lease gets them written; then wait one more
+    lease duration. Raise HandshakeTimeout naming the holders that did neither in
+    ``handshake_timeout``."""
     deadline = time.monotonic() + settings.handshake_timeout
     seen: dict[tuple[str, str], _Seen] = {}
     revoked: list[str] = []
+    holders: set[str] = set()
     while True:
-        workers = {w.worker_id: w for w in store.list_workers()}
         behind: dict[str, list[Lease]] = {}
         for table in tables:
             leases = store.list_leases(table)
             read_at = time.monotonic()  # expiry counts from the read, never from before it
             for lease in leases:
-                if lease.owner is None or lease.state is not LeaseState.ACTIVE:
+                if lease.state is LeaseState.ENDED or _shows(lease, wanted):
+                    if lease.owner is not None:
+                        holders.add(lease.owner)
                     continue
-                worker = workers.get(lease.owner)
-                if worker is not None and all(
-                    worker.acked.get(view, 0) >= gen for view, gen in wanted.items()
-                ):
+                if lease.owner is None:
+                    store.publish_generations(lease, wanted)  # a taker starts from these
+                    behind.setdefault("(free, being marked)", []).append(lease)
                     continue
                 key = (table, lease.shard_id)
                 prev = seen.get(key)
                 if prev is None or (prev.counter, prev.owner) != (lease.counter, lease.owner):
                     seen[key] = _Seen(lease.counter, lease.owner, read_at)
-                elif read_at - prev.since >= settings.lease_duration and store.revoke_lease(lease):
+                elif read_at - prev.since >= settings.lease_duration and store.revoke_lease(
+                    lease, wanted
+                ):
                     revoked.append(f"{table}/{lease.shard_id} of {lease.owner}")
                     log.warning(
-                        "rebuild: revoked lease %s/%s of %s: it neither acknowledged "
-                        "generation %s nor renewed its lease for %.0fs",
+                        "rebuild: revoked lease %s/%s of %s: it neither published generation "
+                        "%s nor renewed its lease for %.0fs",
                         table,
                         lease.shard_id,
                         lease.owner,
@@ -171,32 +181,34 @@ def handshake(
                     continue
                 behind.setdefault(lease.owner, []).append(lease)
         if not behind:
-            acked = sorted({o for o in workers if o} & _owners(store, tables))
+            # A holder stamps with what its lease shows only once its renewal's answer is
+            # back; until then it stamps the generations before, or its lease guard refuses
+            # its pages (no renewal for a lease duration): after one more, it does neither.
+            time.sleep(settings.lease_duration)
             print(
-                f"handshake done: {len(acked)} reading worker(s) acknowledged "
-                f"the new generation" + (f"; revoked {', '.join(revoked)}" if revoked else ""),
+                f"handshake done: {len(holders)} reading worker(s) took up the new "
+                "generation" + (f"; revoked {', '.join(revoked)}" if revoked else ""),
                 file=out,
             )
             return
         if time.monotonic() > deadline:
+            workers = {w.worker_id: w for w in store.list_workers()}
             names = "; ".join(
                 _describe_worker(owner, workers.get(owner), leases, wanted)
                 for owner, leases in sorted(behind.items())
             )
             raise HandshakeTimeout(
                 f"rebuild waited {settings.handshake_timeout:.0f}s for the workers reading "
-                f"{', '.join(tables)} to acknowledge generation {wanted}; not acknowledged "
-                f"by: {names}. They renew their leases but do not take up the new "
-                "generation: check that they run this viewkeeper version and are healthy "
-                "(or stop them), then run the rebuild again"
+                f"{', '.join(tables)} to take up generation {wanted}; not taken up by: "
+                f"{names}. They renew their leases but do not publish the new generation: "
+                "check that they run this viewkeeper version and are healthy (or stop "
+                "them), then run the rebuild again"
             )
         time.sleep(0.2)
 
 
-def _owners(store: CoordinationStore, tables: Sequence[str]) -> set[str]:
-    return {
-        lease.owner for t in tables for lease in store.list_leases(t) if lease.owner is not None
-    }
+def _shows(lease: Lease, wanted: dict[str, int]) -> bool:
+    return all(lease.gens.get(view, 0) >= gen for view, gen in wanted.items())
 
 
 def _describe_worker(
@@ -343,6 +355,7 @@ def _scan_table(
             limiter.take(len(page.items))
             batch = BatchReport()
             changes: list[Change] = []
+            items: list[dict[str, Any]] = []
             for item in page.items:
                 for view in views:
                     ch = pipeline.project_item(
@@ -355,8 +368,9 @@ def _scan_table(
                     )
                     if ch is not None:
                         changes.append(ch)
+                        items.append(item)
             if changes:
-                batch.add(_apply_with_retry(pipeline, changes, table))
+                batch.add(_apply_with_retry(pipeline, changes, table, items))
             pipeline.flush(batch)  # the items whose projection failed
             with lock:
                 report.scanned += len(page.items)
@@ -407,13 +421,15 @@ def _scan_table(
         raise errors[0]
 
 
-def _apply_with_retry(pipeline: Pipeline, changes: list[Change], table: str) -> BatchReport:
+def _apply_with_retry(
+    pipeline: Pipeline, changes: list[Change], table: str, items: list[dict[str, Any]]
+) -> BatchReport:
     delay = 0.2
     for _ in range(30):
         try:
-            return pipeline.apply_changes(changes, table)
+            return pipeline.apply_changes(changes, table, items)
         except SinkUnavailable as exc:
             log.warning("rebuild: %s; retrying in %.1fs", exc, delay)
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
-    return pipeline.apply_changes(changes, table)
+    return pipeline.apply_changes(changes, table, items)

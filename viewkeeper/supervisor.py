@@ -29,12 +29,16 @@ A shard's children start only after the parent's lease is ENDED (all its records
 A worker that reaches SHARD_END wakes the supervisor to discover the children at once.
 
 Generations (the rebuild's handshake, see :mod:`viewkeeper.rebuild`): each round first
-reads the views' generations and adopts them — workers stamp every page that arrives from
-then on with them — and only then publishes them as acknowledged in the worker record.
-A round that took a lease reads them again before it starts the lease's worker: a rebuild
-that raised a generation after this round's first read, and listed the leases before the
-take, must not find a new holder stamping the old generation. Expiry of another worker's
-lease is measured from when its counter was *read*, not from the start of the round.
+reads the views' generations (``adopted``); its take and renewal writes publish them in each
+lease it holds (``Lease.gens``, merged with what the lease said), and a worker stamps the
+pages it receives with what its lease has published — never with a generation the lease
+table does not show yet. A taker starts from the lease's generations, so the stamps of a
+shard's records never go down when the shard changes hands (a steal included: the old
+holder cannot publish after the take, the new one starts at least where it was). A
+worker's view of its lease (valid, and its generations) belongs to its take (the lease's
+token): a worker of an earlier take by the same process sees its lease invalid. Expiry of
+another worker's lease is measured from when its counter was *read*, not from the start of
+the round.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from functools import partial
 
 from viewkeeper.coordination.model import CoordinationStore, Lease, LeaseState, WorkerInfo
 from viewkeeper.ops import metrics
@@ -112,6 +117,7 @@ class Supervisor:
         *,
         worker_id: str | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
         start: Callable[[], None] | None = None,
         verify: Callable[[], None] | None = None,
         fatal: Callable[[], str | None] | None = None,
@@ -126,6 +132,7 @@ class Supervisor:
         self.settings = settings
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.clock = clock
+        self.wall_clock = wall_clock  # epoch seconds: heartbeats, checkpoint times
         self.generations: dict[str, int] = {}
         self.pipeline = pipeline_factory(lambda view: self.generations.get(view, 0))
         self.table_info: dict[str, TableInfo] = {}
@@ -139,7 +146,7 @@ class Supervisor:
         self._wake = threading.Event()
         self._last_discovery = -math.inf
         self._last_tick = clock()
-        self.started_at = time.time()
+        self.started_at = wall_clock()
         if settings.renew_threads < 1:
             raise ValueError(f"renew_threads must be at least 1, not {settings.renew_threads}")
         # threads start on demand: never more than there are leases to renew at once
@@ -179,8 +186,11 @@ class Supervisor:
             self.table_info[table] = info
             assert info.stream_arn is not None
             shards = self.client.list_shards(info.stream_arn)
-            known = {lease.shard_id for lease in self.store.list_leases(table)}
+            leases = self.store.list_leases(table)
+            known = {lease.shard_id for lease in leases}
             first_sight = not known
+            if leases and all(lease.stream_arn != info.stream_arn for lease in leases):
+                self._stream_gap(table, leases[-1].stream_arn, info.stream_arn)
             position = self.settings.starting_positions.get(table, LATEST)
             ids = {s.shard_id for s in shards}
             for shard in shards:
@@ -202,6 +212,9 @@ class Supervisor:
                         parents,
                         checkpoint=checkpoint,
                         state=state,
+                        # read from TRIM_HORIZON: every record since now must be read (the
+                        # worker's retention check); a LATEST shard starts when first opened
+                        checkpoint_at=None if checkpoint == LATEST else self.wall_clock(),
                     )
                 ):
                     log.info(
@@ -212,6 +225,26 @@ class Supervisor:
                     )
         self._last_discovery = self.clock()
 
+    def _stream_gap(self, table: str, old: str, new: str) -> None:
+        """The table's stream is one the lease table has never seen: it was disabled and
+        enabled again (a new stream), and what was written in between is in no stream.
+        Reported before its first lease is made (a crash in between reports it again):
+        its views are marked needs_rebuild, loudly."""
+        why = (
+            f"the stream of table {table} was disabled and enabled again ({old} -> {new}): "
+            "writes made in between are in no stream"
+        )
+        for view in self.pipeline.registry.by_table(table):
+            self.store.mark_needs_rebuild(view.name, why, self.wall_clock(), None)
+        metrics.STREAM_GAPS.labels(table).inc()
+        log.error(
+            "DATA LOST TO A STREAM GAP: %s. The views of %s are marked needs_rebuild: run "
+            "`viewkeeper rebuild --table %s`",
+            why,
+            table,
+            table,
+        )
+
     # --- one round ----------------------------------------------------------------------
     def tick(self) -> None:
         now = self.clock()
@@ -219,7 +252,7 @@ class Supervisor:
         reason = self.fatal() if self.fatal is not None else None
         if reason is not None:
             raise SupervisorFatal(reason)
-        self.generations = self.store.generations()  # adopted, then acknowledged below
+        self.generations = self.store.generations()  # adopted: published by renewals below
         if now - self._last_discovery >= self.settings.discovery_interval or self._wake.is_set():
             self._wake.clear()
             self.discover()
@@ -229,9 +262,8 @@ class Supervisor:
         for table in self.tables:
             self._leases[table] = self.store.list_leases(table)
         listed_at = self.clock()  # expiry counts from here, not from the round's start
-        if not self.stopping.is_set() and self._acquire(listed_at, live):
-            # a lease taken now: its worker must not stamp generations read before the take
-            self.generations = self.store.generations()
+        if not self.stopping.is_set():
+            self._acquire(listed_at, live)
         self._reap_and_start(now)
         metrics.LEASES.set(len(self.held))
         if self.verify is not None and now - self._last_verify >= self.settings.verify_interval:
@@ -245,7 +277,7 @@ class Supervisor:
         self.store.put_worker(
             WorkerInfo(
                 worker_id=self.worker_id,
-                heartbeat_at=time.time(),
+                heartbeat_at=self.wall_clock(),
                 acked=dict(self.generations),
                 host=socket.gethostname(),
                 pid=os.getpid(),
@@ -255,7 +287,7 @@ class Supervisor:
         )
 
     def _live_workers(self) -> dict[str, int]:
-        horizon = time.time() - self.settings.lease_duration * 2
+        horizon = self.wall_clock() - self.settings.lease_duration * 2
         return {
             w.worker_id: w.leases
             for w in self.store.list_workers()
@@ -274,8 +306,13 @@ class Supervisor:
             run = self.running.get(key)
             lag = run.worker.lag if run else None
             caught = run.worker.caught_up if run else False
+            tip = run.worker.tip_seen_at if run else None
             futures[key] = self._renewer.submit(
-                self._sent, self.store.renew_lease, lease, lag, caught
+                self._sent,
+                partial(self.store.renew_lease, tip_at=tip, gens=self.generations),
+                lease,
+                lag,
+                caught,
             )
         if not futures:
             return
@@ -392,12 +429,16 @@ class Supervisor:
         outcomes: list[tuple[float, Lease | None] | BaseException] = []
         if len(leases) == 1:
             try:
-                outcomes.append(self._sent(self.store.take_lease, leases[0], self.worker_id))
+                outcomes.append(
+                    self._sent(self.store.take_lease, leases[0], self.worker_id, self.generations)
+                )
             except Exception as exc:
                 outcomes.append(exc)
         else:
             futures = [
-                self._renewer.submit(self._sent, self.store.take_lease, lease, self.worker_id)
+                self._renewer.submit(
+                    self._sent, self.store.take_lease, lease, self.worker_id, self.generations
+                )
                 for lease in leases
             ]
             wait(futures)
@@ -421,11 +462,21 @@ class Supervisor:
             raise error
         return taken_count
 
-    def lease_valid(self, key: tuple[str, str]) -> bool:
-        """True while this process renewed ``key`` within lease_duration (on its own clock):
-        past that, another process may have taken it, so its worker must not apply."""
+    def lease_valid(self, key: tuple[str, str], token: str | None = None) -> bool:
+        """True while this process renewed ``key`` within lease_duration (on its own clock)
+        — under the take whose ``token`` is given: past that, another process (or another
+        take of this one) may hold it, so its worker must not apply."""
         at = self._renewed_at.get(key)
+        held = self.held.get(key)
+        if token is not None and (held is None or held.token != token):
+            return False
         return at is not None and self.clock() - at < self.settings.lease_duration
+
+    def published(self, key: tuple[str, str], token: str | None) -> dict[str, int]:
+        """The generations lease ``key`` shows for the take ``token`` (what its worker
+        stamps with); nothing (all 0) for a take this process no longer holds."""
+        held = self.held.get(key)
+        return held.gens if held is not None and held.token == token else {}
 
     def _reap_and_start(self, now: float) -> None:
         for key, run in list(self.running.items()):
@@ -481,8 +532,9 @@ class Supervisor:
             self.settings.worker,
             stop=stop,
             on_shard_end=self._on_shard_end,
-            lease_valid=lambda: self.lease_valid(key),
-            generations=lambda: self.generations,
+            lease_valid=lambda: self.lease_valid(key, lease.token),
+            generations=lambda: self.published(key, lease.token),
+            clock=self.wall_clock,
         )
         thread = threading.Thread(
             target=worker.run_guarded, name=f"shard-{key[1][-12:]}", daemon=True

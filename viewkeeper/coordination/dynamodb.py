@@ -22,6 +22,7 @@ from __future__ import annotations
 import time
 import uuid
 import zlib
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -36,6 +37,7 @@ from viewkeeper.coordination.model import (
     LeaseState,
     ViewState,
     WorkerInfo,
+    merge_generations,
 )
 from viewkeeper.versions import padded_sequence
 
@@ -66,6 +68,10 @@ def _s(v: str) -> dict[str, Any]:
 
 def _n(v: float | int) -> dict[str, Any]:
     return {"N": repr(v) if isinstance(v, float) else str(v)}
+
+
+def _gens(gens: Mapping[str, int]) -> dict[str, Any]:
+    return {"M": {view: _n(gen) for view, gen in gens.items()}}
 
 
 def _conditional_failed(exc: ClientError) -> bool:
@@ -238,6 +244,7 @@ class DynamoDBStore:
             error=opt("error"),
             token=opt("token"),
             checkpoint_at=float(cp_at) if cp_at is not None else None,
+            gens={k: int(v["N"]) for k, v in item.get("gens", {}).get("M", {}).items()},
         )
 
     def list_leases(self, table: str) -> list[Lease]:
@@ -255,6 +262,8 @@ class DynamoDBStore:
         }
         if lease.checkpoint is not None:
             item["checkpoint"] = _s(lease.checkpoint)
+        if lease.checkpoint_at is not None:
+            item["checkpoint_at"] = _n(lease.checkpoint_at)
         try:
             self._db.put_item(
                 TableName=self.table, Item=item, ConditionExpression="attribute_not_exists(pk)"
@@ -271,20 +280,25 @@ class DynamoDBStore:
         values[":me"] = _s(lease.owner)
         return "#o = :me"
 
-    def take_lease(self, lease: Lease, owner: str) -> Lease | None:
+    def take_lease(
+        self, lease: Lease, owner: str, gens: Mapping[str, int] | None = None
+    ) -> Lease | None:
         values: dict[str, Any] = {
             ":new": _s(owner),
             ":c": _n(lease.counter),
             ":one": _n(1),
             ":t": _n(time.time()),
             ":tk": _s(uuid.uuid4().hex[:16]),
+            ":g": _gens(merge_generations(lease.gens, gens or {})),
         }
+        # the condition on the counter makes lease.gens the stored gens: merging them here
+        # never loses a generation another writer published
         cond = f"#c = :c AND {self._owner_cond(lease, values)}"
         try:
             item = self._update(
                 f"lease#{lease.table}",
                 lease.shard_id,
-                "SET #o = :new, updated_at = :t, #tk = :tk ADD #c :one",
+                "SET #o = :new, updated_at = :t, #tk = :tk, gens = :g ADD #c :one",
                 values,
                 cond,
                 {"#o": "owner", "#c": "counter", "#tk": "token"},
@@ -295,22 +309,34 @@ class DynamoDBStore:
             raise
         return self._lease(item)
 
-    def renew_lease(self, lease: Lease, lag: float | None, caught_up: bool) -> Lease | None:
+    def renew_lease(
+        self,
+        lease: Lease,
+        lag: float | None,
+        caught_up: bool,
+        *,
+        tip_at: float | None = None,
+        gens: Mapping[str, int] | None = None,
+    ) -> Lease | None:
         values: dict[str, Any] = {
             ":c": _n(lease.counter),
             ":one": _n(1),
             ":t": _n(time.time()),
             ":lag": _n(lag) if lag is not None else {"NULL": True},
             ":cu": {"BOOL": caught_up},
+            ":g": _gens(merge_generations(lease.gens, gens or {})),
         }
         cond = f"#c = :c AND {self._owner_cond(lease, values)}"
-        # while the reader is caught up, it is known to be at its checkpoint now
-        at = ", checkpoint_at = :t" if caught_up else ""
+        # the reader saw the end of the shard at tip_at: it is at its checkpoint since then
+        at = ""
+        if tip_at is not None:
+            at = ", checkpoint_at = :tip"
+            values[":tip"] = _n(tip_at)
         try:
             item = self._update(
                 f"lease#{lease.table}",
                 lease.shard_id,
-                f"SET updated_at = :t, #lag = :lag, caught_up = :cu{at} ADD #c :one",
+                f"SET updated_at = :t, #lag = :lag, caught_up = :cu, gens = :g{at} ADD #c :one",
                 values,
                 cond,
                 {"#o": "owner", "#c": "counter", "#lag": "lag"},
@@ -397,22 +423,50 @@ class DynamoDBStore:
     def release_lease(self, lease: Lease) -> None:
         self._free(lease, check_counter=False)
 
-    def revoke_lease(self, lease: Lease) -> bool:
-        return self._free(lease, check_counter=True)
+    def revoke_lease(self, lease: Lease, gens: Mapping[str, int] | None = None) -> bool:
+        return self._free(lease, check_counter=True, gens=gens)
 
-    def _free(self, lease: Lease, *, check_counter: bool) -> bool:
-        """Remove the owner (and raise the counter) if ``lease.owner`` still holds it — and,
-        with ``check_counter``, only at the counter seen; False when it changed."""
-        values: dict[str, Any] = {":one": _n(1)}
-        cond = self._owner_cond(lease, values)
-        if check_counter:
-            values[":c"] = _n(lease.counter)
-            cond = f"#c = :c AND {cond}"
+    def publish_generations(self, lease: Lease, gens: Mapping[str, int]) -> bool:
+        values: dict[str, Any] = {
+            ":c": _n(lease.counter),
+            ":one": _n(1),
+            ":g": _gens(merge_generations(lease.gens, gens)),
+        }
         try:
             self._update(
                 f"lease#{lease.table}",
                 lease.shard_id,
-                "REMOVE #o ADD #c :one",
+                "SET gens = :g ADD #c :one",
+                values,
+                "#c = :c AND attribute_not_exists(#o)",
+                {"#o": "owner", "#c": "counter"},
+            )
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                return False
+            raise
+        return True
+
+    def _free(
+        self, lease: Lease, *, check_counter: bool, gens: Mapping[str, int] | None = None
+    ) -> bool:
+        """Remove the owner (and raise the counter) if ``lease.owner`` still holds it — and,
+        with ``check_counter``, only at the counter seen (then ``gens`` may be merged in);
+        False when it changed."""
+        values: dict[str, Any] = {":one": _n(1)}
+        cond = self._owner_cond(lease, values)
+        expr = "REMOVE #o ADD #c :one"
+        if check_counter:
+            values[":c"] = _n(lease.counter)
+            cond = f"#c = :c AND {cond}"
+            if gens:
+                values[":g"] = _gens(merge_generations(lease.gens, gens))
+                expr = "SET gens = :g " + expr
+        try:
+            self._update(
+                f"lease#{lease.table}",
+                lease.shard_id,
+                expr,
                 values,
                 cond,
                 {"#o": "owner", "#c": "counter"},
@@ -426,9 +480,9 @@ class DynamoDBStore:
     def reset_lease(
         self, table: str, shard_id: str, checkpoint: str | None, state: LeaseState
     ) -> None:
-        values: dict[str, Any] = {":st": _s(state.value), ":one": _n(1)}
-        expr = "SET #st = :st"
-        removes = ["#e", "checkpoint_at"]
+        values: dict[str, Any] = {":st": _s(state.value), ":one": _n(1), ":t": _n(time.time())}
+        expr = "SET #st = :st, checkpoint_at = :t"  # the position is "now" for the next reader
+        removes = ["#e"]
         if checkpoint is not None:
             expr += ", checkpoint = :cp"
             values[":cp"] = _s(checkpoint)
@@ -529,14 +583,18 @@ class DynamoDBStore:
     def set_marker(self, view: str, marker: str) -> None:
         self._update("view", view, "SET marker = :m", {":m": _s(marker)})
 
-    def mark_needs_rebuild(self, view: str, reason: str, at: float, marker: str) -> None:
-        self._update(
-            "view",
-            view,
-            "SET marker = :m, needs_rebuild = :t, reason = if_not_exists(reason, :r), "
-            "since = if_not_exists(since, :at)",
-            {":m": _s(marker), ":t": {"BOOL": True}, ":r": _s(reason[:2000]), ":at": _n(at)},
-        )
+    def mark_needs_rebuild(self, view: str, reason: str, at: float, marker: str | None) -> None:
+        values: dict[str, Any] = {
+            ":t": {"BOOL": True},
+            ":r": _s(reason[:2000]),
+            ":at": _n(at),
+        }
+        sets = "needs_rebuild = :t, reason = if_not_exists(reason, :r), "
+        sets += "since = if_not_exists(since, :at)"
+        if marker is not None:
+            sets = "marker = :m, " + sets
+            values[":m"] = _s(marker)
+        self._update("view", view, "SET " + sets, values)
 
     def clear_needs_rebuild(self, view: str, marker: str) -> bool:
         try:
@@ -582,9 +640,11 @@ class DynamoDBStore:
             "created_at = if_not_exists(created_at, :t)",
         ]
         removes = []
+        gen_kept = None
         if dl.generation is not None:
             sets.append("generation = :gen")
             values[":gen"] = _n(dl.generation)
+            gen_kept = "attribute_not_exists(generation) OR generation <= :gen"
         if dl.record is not None:
             names["#rec"] = "record"
             blob = zlib.compress(orjson.dumps(dl.record, default=str))
@@ -599,25 +659,37 @@ class DynamoDBStore:
                 sets.append("#rec = :rec")
                 values[":rec"] = {"B": blob}
         expr = "SET " + ", ".join(sets) + (" REMOVE " + ", ".join(removes) if removes else "")
-        self._update("deadletter", dl.id, expr, values, names=names)
+        try:
+            self._update("deadletter", dl.id, expr, values, gen_kept, names)
+        except ClientError as exc:
+            if not _conditional_failed(exc):
+                raise
+            # stored with a higher generation (another reader of the shard): keep that one
 
     def list_deadletters(self, limit: int = 1000) -> list[DeadLetter]:
         return [self._deadletter(i) for i in self._query("deadletter")[:limit]]
 
     @staticmethod
     def _deadletter(i: dict[str, Any]) -> DeadLetter:
+        """Tolerant of missing attributes (moto may show an item half-updated to a
+        concurrent query; an item written by hand or by an older viewkeeper)."""
+
+        def text(name: str) -> str:
+            return str(i.get(name, {}).get("S", ""))
+
         blob = i.get("record", {}).get("B")
+        gen = i.get("generation", {}).get("N")
         return DeadLetter(
             id=i["sk"]["S"],
-            view=i["view"]["S"],
-            table=i["table"]["S"],
-            item_key=i["item_key"]["S"],
-            sequence=i["sequence"]["S"],
-            error=i["error"]["S"],
-            traceback=i["traceback"]["S"],
-            created_at=float(i["created_at"]["N"]),
+            view=text("view"),
+            table=text("table"),
+            item_key=text("item_key"),
+            sequence=text("sequence") or "0",
+            error=text("error"),
+            traceback=text("traceback"),
+            created_at=float(i.get("created_at", {}).get("N", "0")),
             record=orjson.loads(zlib.decompress(blob)) if blob else None,
-            generation=int(i["generation"]["N"]) if "generation" in i else None,
+            generation=int(gen) if gen is not None else None,
         )
 
     def get_deadletter(self, dl_id: str) -> DeadLetter | None:

@@ -6,7 +6,7 @@ import copy
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from viewkeeper.coordination.model import (
     DeadLetter,
@@ -15,6 +15,7 @@ from viewkeeper.coordination.model import (
     LeaseState,
     ViewState,
     WorkerInfo,
+    merge_generations,
 )
 from viewkeeper.versions import padded_sequence
 
@@ -37,17 +38,19 @@ class MemoryStore:
 
     def list_leases(self, table: str) -> list[Lease]:
         with self._lock:
-            return [copy.copy(v) for (t, _), v in sorted(self._leases.items()) if t == table]
+            return [self._copy(v) for (t, _), v in sorted(self._leases.items()) if t == table]
 
     def create_lease(self, lease: Lease) -> bool:
         with self._lock:
             key = (lease.table, lease.shard_id)
             if key in self._leases:
                 return False
-            self._leases[key] = copy.copy(lease)
+            self._leases[key] = self._copy(lease)
             return True
 
-    def take_lease(self, lease: Lease, owner: str) -> Lease | None:
+    def take_lease(
+        self, lease: Lease, owner: str, gens: Mapping[str, int] | None = None
+    ) -> Lease | None:
         with self._lock:
             cur = self._leases.get((lease.table, lease.shard_id))
             if cur is None or cur.counter != lease.counter or cur.owner != lease.owner:
@@ -56,9 +59,18 @@ class MemoryStore:
             cur.counter += 1
             cur.token = uuid.uuid4().hex[:16]
             cur.updated_at = self._clock()
-            return copy.copy(cur)
+            cur.gens = merge_generations(cur.gens, gens or {})
+            return self._copy(cur)
 
-    def renew_lease(self, lease: Lease, lag: float | None, caught_up: bool) -> Lease | None:
+    def renew_lease(
+        self,
+        lease: Lease,
+        lag: float | None,
+        caught_up: bool,
+        *,
+        tip_at: float | None = None,
+        gens: Mapping[str, int] | None = None,
+    ) -> Lease | None:
         with self._lock:
             cur = self._leases.get((lease.table, lease.shard_id))
             if cur is None or cur.owner != lease.owner or cur.counter != lease.counter:
@@ -67,9 +79,16 @@ class MemoryStore:
             cur.lag = lag
             cur.caught_up = caught_up
             cur.updated_at = self._clock()
-            if caught_up:
-                cur.checkpoint_at = cur.updated_at
-            return copy.copy(cur)
+            if tip_at is not None:
+                cur.checkpoint_at = tip_at
+            cur.gens = merge_generations(cur.gens, gens or {})
+            return self._copy(cur)
+
+    @staticmethod
+    def _copy(lease: Lease) -> Lease:
+        out = copy.copy(lease)
+        out.gens = dict(lease.gens)
+        return out
 
     def checkpoint(
         self,
@@ -107,13 +126,23 @@ class MemoryStore:
                 cur.owner = None
                 cur.counter += 1
 
-    def revoke_lease(self, lease: Lease) -> bool:
+    def revoke_lease(self, lease: Lease, gens: Mapping[str, int] | None = None) -> bool:
         with self._lock:
             cur = self._leases.get((lease.table, lease.shard_id))
             if cur is None or cur.owner != lease.owner or cur.counter != lease.counter:
                 return False
             cur.owner = None
             cur.counter += 1
+            cur.gens = merge_generations(cur.gens, gens or {})
+            return True
+
+    def publish_generations(self, lease: Lease, gens: Mapping[str, int]) -> bool:
+        with self._lock:
+            cur = self._leases.get((lease.table, lease.shard_id))
+            if cur is None or cur.owner is not None or cur.counter != lease.counter:
+                return False
+            cur.counter += 1
+            cur.gens = merge_generations(cur.gens, gens)
             return True
 
     def reset_lease(
@@ -122,7 +151,7 @@ class MemoryStore:
         with self._lock:
             cur = self._leases[(table, shard_id)]
             cur.checkpoint = checkpoint
-            cur.checkpoint_at = None
+            cur.checkpoint_at = self._clock()  # the position is "now" for the next reader
             cur.state = state
             cur.error = None
             cur.counter += 1
@@ -163,10 +192,11 @@ class MemoryStore:
         with self._lock:
             self._views.setdefault(view, ViewState(view)).marker = marker
 
-    def mark_needs_rebuild(self, view: str, reason: str, at: float, marker: str) -> None:
+    def mark_needs_rebuild(self, view: str, reason: str, at: float, marker: str | None) -> None:
         with self._lock:
             state = self._views.setdefault(view, ViewState(view))
-            state.marker = marker
+            if marker is not None:
+                state.marker = marker
             if not state.needs_rebuild:
                 state.needs_rebuild, state.reason, state.since = True, reason, at
 
@@ -184,6 +214,8 @@ class MemoryStore:
             old = self._dead.get(dl.id)
             if old is not None:
                 stored.created_at = old.created_at
+                if old.generation is not None and (stored.generation or -1) < old.generation:
+                    stored.generation = old.generation  # the highest reader's stamp stays
             self._dead[dl.id] = stored
 
     def list_deadletters(self, limit: int = 1000) -> list[DeadLetter]:

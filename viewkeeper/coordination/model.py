@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -14,6 +15,7 @@ __all__ = [
     "LeaseState",
     "ViewState",
     "WorkerInfo",
+    "merge_generations",
 ]
 
 
@@ -36,10 +38,20 @@ class Lease:
 
     ``checkpoint`` is the sequence number of the last record every sink acknowledged, or a
     position: None / ``TRIM_HORIZON`` (read from the oldest record), ``LATEST`` (the shard
-    was first seen at LATEST). ``checkpoint_at`` is when the reader was last known to be at
-    the checkpoint (epoch seconds: written with the checkpoint, and by renewals while the
-    reader is caught up); for ``LATEST`` it is also where reading starts again after a
-    restart (see the shard worker), and None means the shard was never opened.
+    was first seen at LATEST). ``checkpoint_at`` is when every record created before it is
+    known to be read up to the checkpoint (epoch seconds: the lease's creation for a shard
+    read from TRIM_HORIZON, every checkpoint write, and renewals with the time the reader
+    last saw the end of the shard — an empty GetRecords page); for ``LATEST`` it is also
+    where reading starts again after a restart (see the shard worker), and None means the
+    shard was never opened.
+
+    ``gens`` are the views' generations the holder stamps the records it reads with (see
+    :mod:`viewkeeper.pipeline`): a holder publishes a generation here (its take or a
+    renewal) before it stamps a record with it, a taker starts from what the lease says,
+    and the rebuild's handshake waits until every lease of its tables says its new
+    generation. So the stamps of the records of a shard never go down when the shard
+    changes hands: a record read by a new holder never loses to an older one read by the
+    holder before it.
     """
 
     table: str
@@ -56,6 +68,17 @@ class Lease:
     error: str | None = None
     token: str | None = None
     checkpoint_at: float | None = None
+    gens: dict[str, int] = field(default_factory=dict)
+
+
+def merge_generations(*maps: Mapping[str, int]) -> dict[str, int]:
+    """Per view, the highest of the generations in ``maps``."""
+    out: dict[str, int] = {}
+    for m in maps:
+        for view, gen in m.items():
+            if gen > out.get(view, -1):
+                out[view] = gen
+    return out
 
 
 @dataclass(slots=True)
@@ -119,8 +142,27 @@ class CoordinationStore(Protocol):
     # leases
     def list_leases(self, table: str) -> list[Lease]: ...
     def create_lease(self, lease: Lease) -> bool: ...
-    def take_lease(self, lease: Lease, owner: str) -> Lease | None: ...
-    def renew_lease(self, lease: Lease, lag: float | None, caught_up: bool) -> Lease | None: ...
+    def take_lease(
+        self, lease: Lease, owner: str, gens: Mapping[str, int] | None = None
+    ) -> Lease | None:
+        """Take ``lease`` as seen (its counter and owner); its ``gens`` become the merge of
+        the lease's and ``gens``. None when it changed since."""
+        ...
+
+    def renew_lease(
+        self,
+        lease: Lease,
+        lag: float | None,
+        caught_up: bool,
+        *,
+        tip_at: float | None = None,
+        gens: Mapping[str, int] | None = None,
+    ) -> Lease | None:
+        """Renew (raise the counter); publish ``gens`` (merged with the lease's); when
+        ``tip_at`` is given, the reader saw the end of the shard then: ``checkpoint_at``
+        moves to it. None when the lease was lost."""
+        ...
+
     def checkpoint(
         self,
         lease: Lease,
@@ -133,10 +175,16 @@ class CoordinationStore(Protocol):
         CoordinationUnavailable when the table cannot be written now."""
 
     def release_lease(self, lease: Lease) -> None: ...
-    def revoke_lease(self, lease: Lease) -> bool:
+    def revoke_lease(self, lease: Lease, gens: Mapping[str, int] | None = None) -> bool:
         """Free ``lease`` if its owner and counter are still the ones seen (the rebuild's
         handshake, for a holder that stopped renewing): its holder's next renewal and
-        checkpoint fail. False when the lease changed since it was seen."""
+        checkpoint fail. ``gens`` are merged into the lease's in the same write. False when
+        the lease changed since it was seen."""
+        ...
+
+    def publish_generations(self, lease: Lease, gens: Mapping[str, int]) -> bool:
+        """Merge ``gens`` into an unowned lease as seen (no owner, the same counter), raising
+        its counter: whoever takes it next stamps at least these. False when it changed."""
         ...
 
     def reset_lease(
@@ -159,9 +207,10 @@ class CoordinationStore(Protocol):
 
     def view_states(self) -> dict[str, ViewState]: ...
     def set_marker(self, view: str, marker: str) -> None: ...
-    def mark_needs_rebuild(self, view: str, reason: str, at: float, marker: str) -> None:
-        """Mark ``view`` as needing a rebuild and record its namespace's new ``marker``, in
-        one write; a view already marked keeps its first reason and time."""
+    def mark_needs_rebuild(self, view: str, reason: str, at: float, marker: str | None) -> None:
+        """Mark ``view`` as needing a rebuild and record its namespace's new ``marker`` (None:
+        the marker stays), in one write; a view already marked keeps its first reason and
+        time."""
 
     def clear_needs_rebuild(self, view: str, marker: str) -> bool:
         """Clear the mark if the recorded marker is still ``marker`` (the one a rebuild
@@ -171,7 +220,9 @@ class CoordinationStore(Protocol):
     # dead letters
     def put_deadletter(self, dl: DeadLetter) -> None:
         """Store ``dl``; a dead letter of the same id (the same record and view) is
-        replaced, keeping its ``created_at`` (the first failure)."""
+        replaced, keeping its ``created_at`` (the first failure) and the highest
+        ``generation`` it was stored with (two readers of one shard, during a lease
+        handover, stamp the same record; the newer stamp is the one that must win)."""
 
     def list_deadletters(self, limit: int = 1000) -> list[DeadLetter]: ...
     def get_deadletter(self, dl_id: str) -> DeadLetter | None: ...

@@ -70,6 +70,12 @@ BEFORE_START = Counter(
     "first opening (not part of the view's input; see starting_position).",
     ["table"],
 )
+STREAM_GAPS = Counter(
+    "viewkeeper_stream_gaps_total",
+    "A table's stream was disabled and enabled again: writes in between are in no stream, "
+    "its views need a rebuild.",
+    ["table"],
+)
 SINK_DATA_LOST = Counter(
     "viewkeeper_sink_data_lost_total",
     "Times a view's sink namespace was found to have lost its data (or re-armed after a loss).",

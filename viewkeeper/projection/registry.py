@@ -49,6 +49,9 @@ class ViewRegistry:
             known = ", ".join(sorted(self.views)) or "none"
             raise ViewLoadError(f"no view named {name!r}; loaded views: {known}") from None
 
+    def __contains__(self, name: object) -> bool:
+        return name in self.views
+
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(self.views.values())
 

@@ -277,7 +277,9 @@ class StreamClient(Protocol):
         limit: int | None = None,
     ) -> ScanPage:
         """One page of a parallel scan of ``table`` (segment ``segment`` of
-        ``total_segments``), for the rebuild."""
+        ``total_segments``), for the rebuild: a strongly consistent read (the rebuild's
+        argument needs every item as of after the handshake; an eventually consistent
+        Scan may return one from before a write the stream already delivered)."""
         ...
 
 
@@ -693,7 +695,12 @@ class HttpStreamClient(StreamClient):
             raise ValidationError(
                 f"segment {segment} is outside 0..{total_segments - 1}", operation="Scan"
             )
-        payload: dict[str, Any] = {"TableName": table, "ReturnConsumedCapacity": "TOTAL"}
+        # ConsistentRead: see StreamClient.scan (it doubles the read capacity consumed)
+        payload: dict[str, Any] = {
+            "TableName": table,
+            "ReturnConsumedCapacity": "TOTAL",
+            "ConsistentRead": True,
+        }
         if total_segments > 1:
             payload["Segment"] = segment
             payload["TotalSegments"] = total_segments

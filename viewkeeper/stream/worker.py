@@ -109,11 +109,12 @@ PAGE_BYTES = 1 << 20  # GetRecords returns at most 1 MB of records
 @dataclass(frozen=True, slots=True)
 class Stamp:
     """What held when GetRecords answered: the views' generations (None: let the pipeline
-    stamp at apply time — workers built without a generation source, in tests) and
-    whether the lease was valid."""
+    stamp at apply time — workers built without a generation source, in tests), whether
+    the lease was valid, and whether the page was read ahead (in the helper)."""
 
     generations: Mapping[str, int] | None
     valid: bool
+    ahead: bool = False
 
 
 def ended_at_a_limit(count: int, size: int, batch_size: int) -> bool:
@@ -161,6 +162,9 @@ class ShardWorker:
         )
         self.lag: float | None = None
         self.caught_up = False
+        # when a GetRecords call that came back empty was sent: every record created before
+        # then is read (the renewal moves the lease's checkpoint_at to it)
+        self.tip_seen_at: float | None = None
         self.records_read = 0
         self.finished = False
         self.crashed: str | None = None
@@ -204,14 +208,13 @@ class ShardWorker:
 
     def run(self) -> None:
         lease = self.lease
-        # when the reader was last known to be at its checkpoint (checkpoint writes, and
-        # renewals while caught up; never a renewal alone: a stalled worker must trip this)
-        at = lease.checkpoint_at if lease.checkpoint_at is not None else lease.updated_at
-        if (
-            (self.last_sequence is not None or self._latest_at is not None)
-            and at
-            and self.clock() - at > self.settings.retention
-        ):
+        # when every record created before was known to be read (the lease's creation,
+        # checkpoint writes, renewals after an empty page; never a renewal alone: a stalled
+        # worker must trip this). A LATEST shard never opened has no history to lose.
+        at = lease.checkpoint_at
+        if at is None and self.last_sequence is not None:
+            at = lease.updated_at  # a lease written before checkpoint_at existed
+        if at and self.clock() - at > self.settings.retention:
             self._trimmed(
                 f"the reader was last at checkpoint {lease.checkpoint} "
                 f"{(self.clock() - at) / 3600:.1f} h ago, longer than the stream's "
@@ -246,10 +249,10 @@ class ShardWorker:
             self._close_reader()
 
     # --- reading, one page ahead ----------------------------------------------------------
-    def _stamp(self) -> Stamp:
+    def _stamp(self, ahead: bool = False) -> Stamp:
         """Taken the moment a page arrives (see the module doc)."""
         gens = dict(self.generations()) if self.generations is not None else None
-        return Stamp(gens, self.lease_valid())
+        return Stamp(gens, self.lease_valid(), ahead)
 
     def _read(self, iterator: str) -> tuple[RecordsPage, Stamp]:
         """The page at ``iterator`` and its stamp: the one read ahead for it (decoded now, in
@@ -288,7 +291,7 @@ class ShardWorker:
     def _call_ahead(self, iterator: str) -> tuple[PendingPage, Stamp]:
         """In the helper: the call, then the stamp, taken when the answer arrived."""
         pending = self.client.read_records(iterator, self.settings.batch_size)
-        return pending, self._stamp()
+        return pending, self._stamp(ahead=True)
 
     def _close_reader(self) -> None:
         """Drop the page read ahead (its records are after the checkpoint: whoever holds the
@@ -301,15 +304,18 @@ class ShardWorker:
 
     def _page(self, iterator: str) -> str | None:
         """Read, apply and checkpoint one page; the next iterator, or None to stop here."""
+        asked_at = self.clock()
         try:
             page, stamp = self._read(iterator)
         except ExpiredIteratorError:
+            self.caught_up = False
             self._pause.close()
             log.info(
                 "iterator of %s/%s expired; resuming after %s", *self._labels, self.last_sequence
             )
             return self._with_retry(self._iterator)
         except (ThrottlingError, ServiceError) as exc:
+            self.caught_up = False
             self._pause.close()
             log.warning(
                 "GetRecords on %s/%s: %s; backing off %.1fs", *self._labels, exc, self._backoff
@@ -322,6 +328,8 @@ class ShardWorker:
         full = ended_at_a_limit(len(records), page.size, self.settings.batch_size)
         if records:
             self.caught_up = False  # a renewal must not say "caught up" while this is pending
+        elif not stamp.ahead:
+            self.tip_seen_at = asked_at  # nothing after the iterator when this was asked
         if records and not stamp.valid:
             return self._read_again(records)
         if records and self._skip_before is not None:
@@ -409,6 +417,8 @@ class ShardWorker:
         """Apply only while the supervisor renewed the lease within lease_duration: one that
         stalled may have lost it to another process without knowing yet. Wait for the next
         renewal (or for the stop that follows a lost lease)."""
+        if self.stop.is_set():
+            return False
         if self.lease_valid():
             return True
         log.warning("shard %s/%s: lease not renewed in time; holding the page", *self._labels)
