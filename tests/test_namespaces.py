@@ -10,7 +10,7 @@ import io
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +18,23 @@ import pytest
 import redis
 from prometheus_client import REGISTRY
 
-from tests.helpers import redis_view_keys, write_config
+from tests.helpers import redis_view_keys, registry_of, view_for, write_config
+from tests.test_sink_opensearch import ORDERS, up
 from tests.testbed import RedisServer
 from tests.views_e2e.fake_views import expected
+from viewkeeper import Value, redis_view
 from viewkeeper.app import App
 from viewkeeper.coordination.memory import MemoryStore
-from viewkeeper.namespaces import NamespaceOwned
+from viewkeeper.namespaces import NamespaceOwned, Namespaces
+from viewkeeper.projection.api import View
+from viewkeeper.projection.entries import Entry
 from viewkeeper.rebuild import rebuild
+from viewkeeper.sinks.base import Change, NamespaceLost, Owner
+from viewkeeper.sinks.opensearch import OpenSearchSink
+from viewkeeper.sinks.redis import RedisSink
 from viewkeeper.stream.fake import FakeStream
 from viewkeeper.supervisor import Supervisor, SupervisorFatal
+from viewkeeper.versions import Version
 
 TABLE = "fk"
 
@@ -347,3 +355,203 @@ def test_an_opensearch_index_deleted_under_the_daemon_is_reported_and_rebuilt(
         assert not dep.store.view_states()["doc"].needs_rebuild
     finally:
         dep.stop()
+
+
+# --- found by an adversarial review of the namespace logic ----------------------------------
+OWNER_A = Owner("arn:aws:dynamodb:us-east-1:1:table/orders", "vk-coord", "deployment-a")
+OWNER_B = Owner("arn:aws:dynamodb:us-east-1:1:table/orders-v2", "vk-coord-2", "deployment-b")
+
+
+@redis_view(table="atk", redis="cache", name="atk_vals")
+def atk_vals(item: dict[str, Any]) -> Iterator[Entry]:
+    yield Value(f"atk:{item['id']}", item["v"])
+
+
+VALS = view_for(atk_vals)
+
+
+def put(item: str, seq: int, value: str, gen: int = 1) -> Change:
+    return Change(VALS, item, Version(gen, str(seq)), [Value(f"atk:{item}", value)])
+
+
+def redis_namespaces(sink: RedisSink, store: MemoryStore) -> Namespaces:
+    return Namespaces(registry_of(VALS), {("redis", "cache"): sink}, store, {"atk": OWNER_A})
+
+
+def os_namespaces(
+    sink: OpenSearchSink, store: MemoryStore, *views: View, owner: Owner = OWNER_A
+) -> Namespaces:
+    return Namespaces(
+        registry_of(*views),
+        {("opensearch", "search"): sink},
+        store,
+        {v.table: owner for v in views},
+    )
+
+
+@pytest.fixture
+def make_sink(os_client: Any, os_prefix: str) -> Iterator[Callable[..., OpenSearchSink]]:
+    made: list[OpenSearchSink] = []
+
+    def factory(**kwargs: Any) -> OpenSearchSink:
+        kwargs.setdefault("index_prefix", os_prefix)
+        kwargs.setdefault("index_settings", {"number_of_replicas": 0})
+        sink = OpenSearchSink("search", os_client, **kwargs)
+        made.append(sink)
+        return sink
+
+    yield factory
+    for sink in made:
+        sink.close()
+
+
+def test_a_second_loss_during_the_automatic_rebuild_is_rebuilt_too(
+    tmp_path: Any, redis_client: Any
+) -> None:
+    """``worker.on_sink_loss: rebuild``: "a rebuild of the view started by the daemon ...
+    the rebuild restores the rest and clears the mark -- only if no other loss was recorded
+    while it ran". Redis loses its data; the automatic rebuild starts. While it scans,
+    Redis loses its data again (the node is replaced again, a second FLUSHALL). The second
+    loss is recorded (so the first rebuild rightly does not clear the mark), but its
+    ``on_loss`` is dropped: App._auto_rebuild's ``running`` set still holds the view, and
+    nothing starts a rebuild once the first one ends. The items scanned before the second
+    loss stayed missing, the view marked, for good (I1). The automatic rebuild now runs
+    again for a view still marked when it ends."""
+    url = f"redis://127.0.0.1:{redis_client.connection_pool.connection_kwargs['port']}/0"
+    fake = _fake()
+    dep = Deployment(tmp_path, url, fake, MemoryStore(), on_sink_loss="rebuild")
+    for i in range(40):
+        fake.put_item("fk", {"pk": f"k{i}", "v": i, "g": "a"})
+    real_scan = fake.scan
+    scans = [0]
+    armed = threading.Event()
+
+    def scan(*args: Any, **kwargs: Any) -> Any:
+        page = real_scan(*args, **kwargs)
+        if armed.is_set():
+            scans[0] += 1
+            if scans[0] == 3:  # half of the rebuild's segments are written: lost again
+                redis_client.flushall()
+        return page
+
+    setattr(fake, "scan", scan)  # noqa: B010 - an instance attribute over the method
+    try:
+        dep.start()
+        wait_for(lambda: _converged(redis_client, fake), "the first drain")
+        armed.set()
+        redis_client.flushall()  # the first loss: the automatic rebuild starts
+        wait_for(lambda: scans[0] >= 3, "the automatic rebuild's scan")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            state = dep.store.view_states()["fk_card"]
+            if _converged(redis_client, fake) and not state.needs_rebuild:
+                return
+            time.sleep(0.2)
+        have = set(redis_view_keys(redis_client))
+        missing = sorted(k for k in expected(fake.contents("fk")) if k not in have)
+        pytest.fail(
+            f"30 s after the second loss: needs_rebuild={state.needs_rebuild} "
+            f"({state.reason}); {len(missing)} keys missing, e.g. {missing[:5]}"
+        )
+    finally:
+        dep.stop()
+
+
+def test_a_take_over_is_not_undone_by_a_late_write_of_the_old_deployment(
+    make_sink: Callable[..., OpenSearchSink],
+) -> None:
+    """ "One namespace, one source": ``rebuild --take-over`` claims the index, waits
+    ``--take-over-grace`` (60 s) for the old daemons to notice (they verify() every 5 s),
+    wipes, rebuilds. A Redis sink refuses the old deployment's writes at once, per call;
+    the OpenSearch sink has no per-write fence: an old daemon paused past the grace (GC, a
+    frozen VM, a request retried behind 429s) lands its put after the wipe. Its document
+    carries the old deployment's generation (3, it ran rebuilds), above the new
+    deployment's first rebuild (1): the new scan's put of the same item is a noop (STALE,
+    same item key, higher generation), and the sweep (< 1) keeps it. The old table's data
+    stayed in the new deployment's index for good (I1). A take-over now raises the new
+    deployment's generation above the one the old claim announced."""
+    store_old, store_new = MemoryStore(), MemoryStore()
+    old = make_sink()
+    old.prepare([ORDERS])
+    ns_old = os_namespaces(old, store_old, ORDERS, owner=OWNER_A)
+    ns_old.claim()
+    for _ in range(3):  # three rebuilds of the old deployment (each announces its generation)
+        ns_old.announce(ORDERS, store_old.raise_generation(ORDERS.name))
+    old.apply([up(ORDERS, "o-1", 100, {"src": "old"}, gen=3)])
+
+    # the old daemon's next batch is built and its request held (paused process)
+    gate, held = threading.Event(), threading.Event()
+    real_post = old._post
+
+    def post(*args: Any) -> Any:
+        held.set()
+        gate.wait(30)
+        return real_post(*args)
+
+    setattr(old, "_post", post)  # noqa: B010 - an instance attribute over the method
+    errors: list[BaseException] = []
+
+    def run_old() -> None:
+        try:
+            old.apply([up(ORDERS, "o-1", 200, {"src": "old"}, gen=3),
+                       up(ORDERS, "o-3", 200, {"src": "old"}, gen=3)])  # fmt: skip
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=run_old)
+    t.start()
+    assert held.wait(10)
+
+    # the new deployment: take-over, (grace), wipe, rebuild at its generation 1
+    new = make_sink()
+    new.prepare([ORDERS])
+    ns_new = os_namespaces(new, store_new, ORDERS, owner=OWNER_B)
+    taken = ns_new.claim(take_over=(ORDERS.name,))
+    assert [x.view for x in taken] == [ORDERS.name]
+    new.wipe(ORDERS)
+    gate.set()  # the old daemon wakes up: its request goes out
+    t.join(30)
+    gen = store_new.raise_generation(ORDERS.name)
+    marker = ns_new.announce(ORDERS, gen)
+    new.apply([up(ORDERS, "o-1", 0, {"src": "new"}, gen=gen)])  # the new table holds o-1 only
+    new.sweep(ORDERS, gen, 0.0)
+    ns_new.rebuilt(ORDERS, marker)
+
+    docs = new.live_documents(ORDERS)
+    assert docs == {"o-1": {"src": "new"}}, f"the old deployment's documents stay: {docs}"
+
+
+def test_two_daemons_starting_together_do_not_report_a_loss_that_never_happened(
+    redis_client: Any,
+) -> None:
+    """Two daemons of one new deployment start at once (two replicas, a fleet restart
+    after the coordination table was created). Daemon A finds no claim and no recorded
+    marker: ``_fresh`` records its marker in the coordination table, then writes the claim
+    to Redis -- two round trips. Daemon B claims in between: no claim in Redis, but a
+    recorded marker, which is exactly the picture of a Redis that lost its data: B reports
+    "SINK DATA LOST", marks the view needs_rebuild (and, with on_sink_loss: rebuild,
+    rebuilds it) although nothing was ever written, let alone lost. A new claim is now
+    written to the sink before the coordination table records it (and read the other way
+    round), so that picture only ever means lost data."""
+    url = f"redis://127.0.0.1:{redis_client.connection_pool.connection_kwargs['port']}/0"
+    store = MemoryStore()
+    sink_a = RedisSink("cache", url=url, owner_buckets=16)
+    sink_b = RedisSink("cache", url=url, owner_buckets=16)
+    ns_a, ns_b = redis_namespaces(sink_a, store), redis_namespaces(sink_b, store)
+    real_write = sink_a.write_claim
+
+    def write_claim(view: View, claim: Any) -> None:
+        ns_b.claim()  # daemon B starts between A's two writes
+        real_write(view, claim)
+
+    setattr(sink_a, "write_claim", write_claim)  # noqa: B010 - an instance attribute over the method
+    ns_a.claim()
+    for ns, sink in ((ns_a, sink_a), (ns_b, sink_b)):
+        try:
+            sink.apply([put("i1", 1, "one")])
+        except NamespaceLost as exc:
+            ns.lost(sink, exc)
+    state = store.view_states()[VALS.name]
+    assert not state.needs_rebuild, f"a loss reported on a new namespace: {state.reason}"
+    sink_a.close()
+    sink_b.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
@@ -177,19 +178,22 @@ class App:
 
     def enable_auto_rebuild(self) -> None:
         """worker.on_sink_loss: rebuild — a view whose sink lost its data is rebuilt by this
-        process, in a thread, once at a time per view (the daemon's own supervisor
-        acknowledges the generation like any worker)."""
-        running: set[str] = set()
+        process, in a thread, one rebuild at a time; a loss reported while one runs (or a
+        mark it could not clear: another loss during its scan) starts another after it (the
+        daemon's own supervisor publishes the generation like any holder)."""
+        wanted: set[str] = set()
         lock = threading.Lock()
+        busy = [False]
 
         def start(views: list[str]) -> None:
             with lock:
-                todo = [v for v in views if v not in running]
-                running.update(todo)
-            if todo:
-                threading.Thread(
-                    target=self._auto_rebuild, args=(todo, running, lock), daemon=True
-                ).start()
+                wanted.update(views)
+                if busy[0]:
+                    return  # the running rebuild picks them up when it ends
+                busy[0] = True
+            threading.Thread(
+                target=self._auto_rebuild, args=(wanted, lock, busy), daemon=True
+            ).start()
 
         self.on_views_lost = start
 
@@ -209,19 +213,30 @@ class App:
             namespaces=self.namespaces,
         )
 
-    def _auto_rebuild(self, names: list[str], running: set[str], lock: threading.Lock) -> None:
+    def _auto_rebuild(self, wanted: set[str], lock: threading.Lock, busy: list[bool]) -> None:
         import io
 
-        try:
-            log.warning("worker.on_sink_loss: rebuild: rebuilding %s", ", ".join(names))
-            views = [self.registry.get(n) for n in names]
-            report = self.rebuild(views, self.rebuild_settings(), io.StringIO())
-            log.warning("worker.on_sink_loss: %s", report.summary())
-        except Exception:
-            log.exception("the rebuild of %s after a sink loss failed; run it by hand", names)
-        finally:
+        delay = 1.0
+        while True:
             with lock:
-                running.difference_update(names)
+                names = sorted(wanted)
+                wanted.clear()
+                if not names:
+                    busy[0] = False
+                    return
+            try:
+                log.warning("worker.on_sink_loss: rebuild: rebuilding %s", ", ".join(names))
+                views = [self.registry.get(n) for n in names]
+                report = self.rebuild(views, self.rebuild_settings(), io.StringIO())
+                log.warning("worker.on_sink_loss: %s", report.summary())
+                delay = 1.0
+            except Exception:
+                log.exception("the rebuild of %s after a sink loss failed; trying again", names)
+                time.sleep(delay)
+                delay = min(delay * 2, 60.0)
+            states = self.store.view_states()
+            with lock:  # a mark the rebuild could not clear: lost again while it ran
+                wanted.update(n for n in names if n in states and states[n].needs_rebuild)
 
     def claim(self, take_over: tuple[str, ...] = ()) -> list[TakeOver]:
         """Claim every view's sink namespace for this deployment, once (refusing another

@@ -134,11 +134,16 @@ class Namespaces:
                             if held.owner != mine
                             else self._behind_text(view, sink, held.generation, gen)
                         )
+                    # this deployment's generation goes above the other's, so that its
+                    # rebuild beats whatever of the other lands late (a paused daemon's
+                    # request after the wipe) and its sweep removes it
+                    while gen <= held.generation:
+                        gen = self.store.raise_generation(view.name)
                     marker = uuid.uuid4().hex
+                    sink.write_claim(view, Claim(mine, marker, gen))
                     self.store.mark_needs_rebuild(
                         view.name, f"taken over from {held.owner.describe()}", self.clock(), marker
                     )
-                    sink.write_claim(view, Claim(mine, marker, gen))
                     self._expect(view, sink, marker)
                     taken.append(TakeOver(view.name, held.owner, marker))
                 else:
@@ -151,9 +156,12 @@ class Namespaces:
         return taken
 
     def _fresh(self, view: View, sink: Sink, mine: Owner, gen: int) -> None:
+        """The sink first, then the coordination table (and :meth:`claim` reads them the
+        other way round): "a recorded marker but no claim" then only ever means lost data,
+        never another process's claim half made."""
         marker = uuid.uuid4().hex
-        self.store.set_marker(view.name, marker)
         sink.write_claim(view, Claim(mine, marker, gen))
+        self.store.set_marker(view.name, marker)
         self._expect(view, sink, marker)
         log.info("view %s: claimed %s for %s", view.name, _where(sink, view), mine.describe())
 
@@ -204,7 +212,11 @@ class Namespaces:
                 elif held.marker != self.markers.get(view.name):
                     recorded = states.get(view.name)
                     if recorded is None or recorded.marker != held.marker:
-                        self._report(view, sink, held.marker, self._rearmed_text(view, sink))
+                        if recorded is not None and recorded.needs_rebuild:
+                            # another process re-armed a loss that is reported already
+                            self.store.set_marker(view.name, held.marker)
+                        else:
+                            self._report(view, sink, held.marker, self._rearmed_text(view, sink))
                     self._expect(view, sink, held.marker)
 
     def verify(self) -> None:
@@ -246,9 +258,11 @@ class Namespaces:
 
     # --- reporting ----------------------------------------------------------------------
     def _rearm(self, view: View, sink: Sink, mine: Owner, gen: int, why: str) -> None:
+        """A new marker in the sink, then the report (marked with it): a crash in between
+        is found again, as a marker the coordination table does not know."""
         marker = uuid.uuid4().hex
-        self._report(view, sink, marker, why)
         sink.write_claim(view, Claim(mine, marker, gen))
+        self._report(view, sink, marker, why)
         self._expect(view, sink, marker)
 
     def _report(self, view: View, sink: Sink, marker: str, why: str) -> None:

@@ -46,7 +46,7 @@ from viewkeeper.namespaces import Namespaces
 from viewkeeper.pipeline import BatchReport, Pipeline
 from viewkeeper.projection.api import View
 from viewkeeper.projection.registry import ViewRegistry
-from viewkeeper.sinks.base import Change, SinkUnavailable
+from viewkeeper.sinks.base import Change, NamespaceLost, SinkUnavailable
 from viewkeeper.stream.client import StreamClient
 from viewkeeper.stream.errors import ThrottlingError
 from viewkeeper.versions import Version
@@ -276,8 +276,7 @@ def rebuild(
                     file=out,
                 )
                 continue
-            sink = pipeline.sink_for(view)
-            report.retracted += sink.sweep(view, generations[view.name], time.time(), keep)
+            report.retracted += _sweep(pipeline, view, generations[view.name], keep)
         # only now that the scan and the sweep are done: a rebuild that fails before keeps
         # the mark, and the shard stays unread until one succeeds
         all_views = {v.name for v in registry.by_table(table)} <= {v.name for v in table_views}
@@ -289,6 +288,21 @@ def rebuild(
     report.seconds = time.monotonic() - started
     print(report.summary(), file=out)
     return report
+
+
+def _sweep(pipeline: Pipeline, view: View, generation: int, keep: set[str]) -> int:
+    """The sink's sweep; a namespace found lost on the way (the sink's claim changed) is
+    handed to the pipeline's handler — it re-arms and reports it, and this rebuild will not
+    clear the view's mark — and the sweep goes on."""
+    sink = pipeline.sink_for(view)
+    for attempt in range(4):
+        try:
+            return sink.sweep(view, generation, time.time(), keep)
+        except NamespaceLost as exc:
+            if pipeline.on_lost is None or attempt == 3:
+                raise
+            pipeline.on_lost(sink, exc)
+    raise AssertionError("unreachable")
 
 
 def _resume_trimmed_shards(
