@@ -98,8 +98,8 @@ class _Bench:
         from opensearchpy import OpenSearch
 
         from viewkeeper.coordination.memory import MemoryStore
-        from viewkeeper.pipeline import Pipeline
         from viewkeeper.projection.registry import ViewRegistry
+        from viewkeeper.runtime.pipeline import Pipeline
         from viewkeeper.sinks.opensearch import OpenSearchSink
 
         self.prefix = f"bench-{uuid.uuid4().hex[:8]}-"

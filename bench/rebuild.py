@@ -1,4 +1,4 @@
-"""Rebuild: items/s of :func:`viewkeeper.rebuild.rebuild` (generation handshake with no
+"""Rebuild: items/s of :func:`viewkeeper.runtime.rebuild.rebuild` (generation handshake with no
 live worker, parallel scan, project, apply, final sweep) into the REAL Redis and the REAL
 OpenSearch, from a synthetic scan source and through moto.
 
@@ -99,9 +99,9 @@ def _items(count: int, seed: int = 11) -> list[dict[str, Any]]:
 
 def _rebuild(view: Any, sink: Any, client: Any, store: Any) -> Any:
     """One rebuild of ``view``; ``store`` keeps the generations between rebuilds."""
-    from viewkeeper.pipeline import Pipeline
     from viewkeeper.projection.registry import ViewRegistry
-    from viewkeeper.rebuild import RebuildSettings, rebuild
+    from viewkeeper.runtime.pipeline import Pipeline
+    from viewkeeper.runtime.rebuild import RebuildSettings, rebuild
 
     registry = ViewRegistry()
     registry.add(view)

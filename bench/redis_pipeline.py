@@ -238,8 +238,8 @@ class _Ours:
 
     def __init__(self, client: Any, view: Any) -> None:
         from viewkeeper.coordination.memory import MemoryStore
-        from viewkeeper.pipeline import Pipeline
         from viewkeeper.projection.registry import ViewRegistry
+        from viewkeeper.runtime.pipeline import Pipeline
         from viewkeeper.sinks.redis import RedisSink
 
         registry = ViewRegistry()

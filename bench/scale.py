@@ -1,6 +1,6 @@
 """Scale: 500 idle shards in one process, and memory while draining a 1M-record backlog.
 
-Both run a real :class:`~viewkeeper.supervisor.Supervisor` (leases in a
+Both run a real :class:`~viewkeeper.runtime.supervisor.Supervisor` (leases in a
 :class:`~viewkeeper.coordination.memory.MemoryStore`, one worker thread per shard) on the
 in-process :class:`~viewkeeper.stream.fake.FakeStream`, applying a ``Value`` view to the
 REAL Redis through :class:`~viewkeeper.sinks.redis.RedisSink`.
@@ -85,10 +85,10 @@ def _view(table: str) -> Any:
 
 def _supervisor(fake: Any, table: str, client: Any, position: str) -> Any:
     from viewkeeper.coordination.memory import MemoryStore
-    from viewkeeper.pipeline import Pipeline
     from viewkeeper.projection.registry import ViewRegistry
+    from viewkeeper.runtime.pipeline import Pipeline
+    from viewkeeper.runtime.supervisor import Supervisor, SupervisorSettings
     from viewkeeper.sinks.redis import RedisSink
-    from viewkeeper.supervisor import Supervisor, SupervisorSettings
 
     view = _view(table)
     registry = ViewRegistry()

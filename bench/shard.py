@@ -3,7 +3,7 @@
 :class:`RecordedShard` is a stream of one shard whose GetRecords answers are recorded page
 bodies: each call parses its body exactly as :class:`~viewkeeper.stream.client.HttpStreamClient`
 parses a response (``parse_records`` on the bytes), and the last page ends the shard. A
-:class:`~viewkeeper.stream.worker.ShardWorker` reads it from TRIM_HORIZON to SHARD_END through
+:class:`~viewkeeper.runtime.worker.ShardWorker` reads it from TRIM_HORIZON to SHARD_END through
 the pipeline and sinks under test, checkpointing into a ``MemoryStore`` — the whole path of
 the daemon's loop (GC pause per page, read-ahead, metrics, checkpoints) without moto, whose
 own speed would be the figure (DESIGN.md §8).
@@ -86,7 +86,7 @@ def worker_feed(
     crashed or did not read every record."""
     from viewkeeper.coordination.memory import MemoryStore
     from viewkeeper.coordination.model import Lease
-    from viewkeeper.stream.worker import ShardWorker, WorkerSettings
+    from viewkeeper.runtime.worker import ShardWorker, WorkerSettings
 
     expected = sum(body.count(b'"SequenceNumber"') for body in pages)
 

@@ -31,8 +31,9 @@ from tests.views_e2e import bad_views
 from viewkeeper import SetMember, opensearch_view, redis_view
 from viewkeeper.coordination.memory import MemoryStore
 from viewkeeper.coordination.model import Lease, LeaseState
-from viewkeeper.pipeline import BatchReport, Pipeline
 from viewkeeper.projection.entries import Value
+from viewkeeper.runtime.pipeline import BatchReport, Pipeline
+from viewkeeper.runtime.worker import ShardWorker, WorkerSettings
 from viewkeeper.sinks.base import Sink
 from viewkeeper.sinks.opensearch import OpenSearchSink
 from viewkeeper.sinks.redis import RedisSink
@@ -44,7 +45,6 @@ from viewkeeper.stream.records import (
     encode_image,
     encode_key,
 )
-from viewkeeper.stream.worker import ShardWorker, WorkerSettings
 
 TABLE = bad_views.TABLE
 KEYS = ("pk",)
@@ -581,7 +581,7 @@ def test_a_2_kb_item_key_is_applied_in_redis_and_its_collisions_name_it(
         record({"pk": other, "redis": "hostile", "key": "shared", "value": "1"}),
         record({"pk": LONG_KEY + "2", "redis": "hostile", "key": "shared", "value": "2"}),
     ]
-    with caplog.at_level(logging.WARNING, "viewkeeper.pipeline"):
+    with caplog.at_level(logging.WARNING, "viewkeeper.runtime.pipeline"):
         report = pipe.process(TABLE, KEYS, recs)
     accounted(report, len(recs), 1, store)
     assert report.applied == 3 and report.collisions >= 1

@@ -25,9 +25,9 @@ from viewkeeper.config import (
 from viewkeeper.coordination.memory import MemoryStore
 from viewkeeper.ops.logs import redact
 from viewkeeper.projection.api import View
+from viewkeeper.runtime.supervisor import SupervisorSettings
+from viewkeeper.runtime.worker import WorkerSettings
 from viewkeeper.stream.fake import FakeStream
-from viewkeeper.stream.worker import WorkerSettings
-from viewkeeper.supervisor import SupervisorSettings
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -14,13 +14,13 @@ from tests.helpers import redis_view_keys
 from tests.views_e2e.fake_views import expected
 from viewkeeper.coordination.memory import MemoryStore
 from viewkeeper.coordination.model import Lease
-from viewkeeper.deadletters import replay
-from viewkeeper.pipeline import Pipeline
 from viewkeeper.projection.registry import load_views
+from viewkeeper.runtime.deadletters import replay
+from viewkeeper.runtime.pipeline import Pipeline
+from viewkeeper.runtime.worker import ShardWorker, WorkerSettings
 from viewkeeper.sinks.base import Change, Result, SinkUnavailable
 from viewkeeper.sinks.redis import RedisSink
 from viewkeeper.stream.fake import FakeStream
-from viewkeeper.stream.worker import ShardWorker, WorkerSettings
 
 VIEWS = load_views(["tests.views_e2e.fake_views"])
 TABLE, KEYS = "fk", ("pk",)
@@ -146,7 +146,7 @@ def test_a_dead_letter_older_than_the_tombstone_retention_is_not_replayed(
     """Suspected in #13, confirmed: a dead letter replayed after its item's tombstone was
     purged (48 h) brought the deleted item back. Replay refuses dead letters older than
     the retention and says what to do; `deadletters drop` removes them."""
-    from viewkeeper.deadletters import drop
+    from viewkeeper.runtime.deadletters import drop
 
     monkeypatch.setenv("VK_TEST_BOOM", "1")
     bed = Bed(redis_client)
@@ -186,7 +186,7 @@ def test_an_item_the_rebuild_cannot_project_keeps_its_entries_through_the_sweep(
     item is dead-lettered and the sweep leaves it alone."""
     import io
 
-    from viewkeeper.rebuild import RebuildSettings, rebuild
+    from viewkeeper.runtime.rebuild import RebuildSettings, rebuild
 
     bed = Bed(redis_client)
     bed.fake.put_item(TABLE, {"pk": "x", "v": 1, "g": "a"})

@@ -17,10 +17,10 @@ import pytest
 from tests.helpers import redis_view_keys
 from tests.views_e2e.fake_views import expected
 from viewkeeper.coordination.memory import MemoryStore
-from viewkeeper.deadletters import replay
-from viewkeeper.pipeline import Pipeline
 from viewkeeper.projection.registry import load_views
-from viewkeeper.rebuild import RebuildSettings, rebuild
+from viewkeeper.runtime.deadletters import replay
+from viewkeeper.runtime.pipeline import Pipeline
+from viewkeeper.runtime.rebuild import RebuildSettings, rebuild
 from viewkeeper.sinks.redis import RedisSink
 from viewkeeper.stream.fake import FakeStream
 from viewkeeper.versions import Version
@@ -134,7 +134,7 @@ def _handshake(store: MemoryStore, timeout: float, lease_duration: float = 1.0) 
     """Run only the handshake of a rebuild of every view; seconds it took."""
     import time
 
-    from viewkeeper.rebuild import handshake
+    from viewkeeper.runtime.rebuild import handshake
 
     gens = {v.name: store.raise_generation(v.name) for v in VIEWS}
     started = time.monotonic()
@@ -157,7 +157,7 @@ def test_handshake_waits_for_a_live_worker_whatever_its_clock_says() -> None:
     import time
 
     from viewkeeper.coordination.model import WorkerInfo
-    from viewkeeper.rebuild import HandshakeTimeout
+    from viewkeeper.runtime.rebuild import HandshakeTimeout
 
     store = MemoryStore()
     lease = _lease_held_by(store, "w-skewed")
@@ -235,9 +235,9 @@ def test_a_lease_taken_during_a_rebuild_is_read_with_the_new_generation(bed: Bed
     import time
 
     from viewkeeper.coordination.model import Lease
+    from viewkeeper.runtime.supervisor import Supervisor, SupervisorSettings
+    from viewkeeper.runtime.worker import WorkerSettings
     from viewkeeper.sinks.base import Change
-    from viewkeeper.stream.worker import WorkerSettings
-    from viewkeeper.supervisor import Supervisor, SupervisorSettings
     from viewkeeper.versions import Version
 
     bed.fake.put_item(TABLE, {"pk": "x", "v": 1, "g": "a"})
@@ -261,7 +261,7 @@ def test_a_lease_taken_during_a_rebuild_is_read_with_the_new_generation(bed: Bed
                 self.done = True
                 (view,) = VIEWS
                 gen = self.raise_generation(view.name)
-                from viewkeeper.rebuild import handshake
+                from viewkeeper.runtime.rebuild import handshake
 
                 handshake(  # the lease is free: the handshake writes the generation in it
                     self,
@@ -299,7 +299,7 @@ def test_a_lease_taken_during_a_rebuild_is_read_with_the_new_generation(bed: Bed
 
 
 def _report() -> Any:
-    from viewkeeper.pipeline import BatchReport
+    from viewkeeper.runtime.pipeline import BatchReport
 
     return BatchReport()
 
@@ -316,7 +316,7 @@ def test_a_page_read_while_the_lease_was_in_doubt_is_read_again_with_fresh_gener
     import time
 
     from viewkeeper.coordination.model import Lease
-    from viewkeeper.stream.worker import ShardWorker, WorkerSettings
+    from viewkeeper.runtime.worker import ShardWorker, WorkerSettings
 
     bed.fake.put_item(TABLE, {"pk": "x", "v": 1, "g": "a"})
     arn = bed.fake.describe_table(TABLE).stream_arn

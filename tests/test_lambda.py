@@ -18,8 +18,8 @@ from tests.testbed import free_port
 from viewkeeper.coordination.memory import MemoryStore
 from viewkeeper.ops import lambda_handler
 from viewkeeper.ops.lambda_handler import handle_event, table_of
-from viewkeeper.pipeline import Pipeline
 from viewkeeper.projection.registry import load_views
+from viewkeeper.runtime.pipeline import Pipeline
 from viewkeeper.sinks.redis import RedisSink
 
 TABLE = "e2e-orders"
@@ -195,7 +195,7 @@ def test_a_warm_lambda_container_applies_updates_after_a_rebuild(
     (G-1, seq), stale against the scan's (G, 0), and the batch still succeeded: the update
     was lost. Now each invocation reads the generations after its records were read."""
     from viewkeeper.app import App
-    from viewkeeper.rebuild import rebuild
+    from viewkeeper.runtime.rebuild import rebuild
 
     dynamodb.put_item(TableName=TABLE, Item=_item("o1", "new"))
     first = {"Records": [lambda_record("5" * 21 + "1", "o1", "new")]}

@@ -12,12 +12,12 @@ from typing import Any
 
 from viewkeeper.coordination.memory import MemoryStore
 from viewkeeper.coordination.model import Lease
-from viewkeeper.pipeline import Pipeline
 from viewkeeper.projection.registry import ViewRegistry, load_views
+from viewkeeper.runtime.pipeline import Pipeline
+from viewkeeper.runtime.supervisor import Supervisor, SupervisorSettings
+from viewkeeper.runtime.worker import ShardWorker, WorkerSettings
 from viewkeeper.sinks.base import APPLIED, Change, Result, SinkUnavailable
 from viewkeeper.stream.fake import FakeStream, ManualClock
-from viewkeeper.stream.worker import ShardWorker, WorkerSettings
-from viewkeeper.supervisor import Supervisor, SupervisorSettings
 
 TABLE = "fk"
 

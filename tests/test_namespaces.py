@@ -25,15 +25,15 @@ from tests.views_e2e.fake_views import expected
 from viewkeeper import Value, redis_view
 from viewkeeper.app import App
 from viewkeeper.coordination.memory import MemoryStore
-from viewkeeper.namespaces import NamespaceOwned, Namespaces
 from viewkeeper.projection.api import View
 from viewkeeper.projection.entries import Entry
-from viewkeeper.rebuild import rebuild
+from viewkeeper.runtime.namespaces import NamespaceOwned, Namespaces
+from viewkeeper.runtime.rebuild import rebuild
+from viewkeeper.runtime.supervisor import Supervisor, SupervisorFatal
 from viewkeeper.sinks.base import Change, NamespaceLost, Owner
 from viewkeeper.sinks.opensearch import OpenSearchSink
 from viewkeeper.sinks.redis import RedisSink
 from viewkeeper.stream.fake import FakeStream
-from viewkeeper.supervisor import Supervisor, SupervisorFatal
 from viewkeeper.versions import Version
 
 TABLE = "fk"
@@ -153,7 +153,7 @@ def test_a_redis_that_comes_back_empty_is_reported_within_seconds_and_rebuilt(
     try:
         dep.start()
         wait_for(lambda: _converged(client, fake), "the first drain")
-        with caplog.at_level(logging.ERROR, logger="viewkeeper.namespaces"):
+        with caplog.at_level(logging.ERROR, logger="viewkeeper.runtime.namespaces"):
             private_redis.kill()  # a node replaced: it comes back empty
             private_redis.start()
             fake.put_item(TABLE, {"pk": "k1", "v": 100, "g": "a"})

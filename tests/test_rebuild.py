@@ -17,7 +17,7 @@ from tests.helpers import redis_view_keys, write_config
 from viewkeeper.app import App
 from viewkeeper.coordination.model import Lease, WorkerInfo
 from viewkeeper.projection.registry import load_views
-from viewkeeper.rebuild import HandshakeTimeout, RebuildSettings, rebuild
+from viewkeeper.runtime.rebuild import HandshakeTimeout, RebuildSettings, rebuild
 from viewkeeper.stream.records import decode_image
 
 TABLE = "rb-items"

@@ -22,15 +22,15 @@ import pytest
 from tests.helpers import redis_view_keys
 from tests.views_e2e.fake_views import expected
 from viewkeeper.coordination.memory import MemoryStore
-from viewkeeper.pipeline import Pipeline
 from viewkeeper.projection.registry import load_views
-from viewkeeper.rebuild import RebuildSettings, rebuild
+from viewkeeper.runtime.pipeline import Pipeline
+from viewkeeper.runtime.rebuild import RebuildSettings, rebuild
+from viewkeeper.runtime.supervisor import Supervisor, SupervisorSettings
+from viewkeeper.runtime.worker import WorkerSettings
 from viewkeeper.sinks.redis import RedisSink
 from viewkeeper.stream.errors import ServiceError
 from viewkeeper.stream.fake import FakeStream
 from viewkeeper.stream.records import encode_key
-from viewkeeper.stream.worker import WorkerSettings
-from viewkeeper.supervisor import Supervisor, SupervisorSettings
 
 VIEWS = load_views(["tests.views_e2e.fake_views"])
 (VIEW,) = VIEWS
@@ -493,7 +493,7 @@ def test_steal_after_rebuild_old_holder_dead_letter_overwrites_generation_replay
         print("stored dead letter generation after A's write:", dl.generation)
 
         monkeypatch.setenv("VK_TEST_BOOM", "0")  # the view is fixed; the operator replays
-        from viewkeeper.deadletters import replay
+        from viewkeeper.runtime.deadletters import replay
 
         report = replay(
             store,
@@ -710,7 +710,7 @@ def test_replay_does_not_delete_dead_letters_of_a_view_it_does_not_know(
     letter is deleted, counted as "replayed": the record is gone from every list without
     having been applied."""
     from tests.helpers import registry_of
-    from viewkeeper.deadletters import replay
+    from viewkeeper.runtime.deadletters import replay
 
     monkeypatch.setenv("VK_TEST_BOOM", "1")
     fake = FakeStream()

@@ -31,9 +31,9 @@ from tests.testbed import RedisServer, free_port
 from tests.views_e2e import bad_views
 from viewkeeper.config import ConfigError, MetricsConfig, parse_config, redacted
 from viewkeeper.coordination.memory import MemoryStore
-from viewkeeper.ops import metrics
 from viewkeeper.ops.logs import setup_logging
-from viewkeeper.pipeline import Pipeline
+from viewkeeper.runtime import metrics
+from viewkeeper.runtime.pipeline import Pipeline
 from viewkeeper.sinks.base import Sink, SinkUnavailable
 from viewkeeper.sinks.connect import opensearch_client, redis_client
 from viewkeeper.sinks.opensearch import OpenSearchSink

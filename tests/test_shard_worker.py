@@ -18,14 +18,14 @@ from tests.helpers import redis_view_keys
 from tests.views_e2e.fake_views import expected
 from viewkeeper.coordination.memory import MemoryStore
 from viewkeeper.coordination.model import CoordinationUnavailable, Lease, LeaseState
-from viewkeeper.pipeline import Pipeline
 from viewkeeper.projection.registry import load_views
+from viewkeeper.runtime.pipeline import Pipeline
+from viewkeeper.runtime.supervisor import StreamNotReadable, Supervisor, SupervisorSettings
+from viewkeeper.runtime.worker import ShardWorker, WorkerSettings
 from viewkeeper.sinks.base import Change, Result
 from viewkeeper.sinks.redis import RedisSink
 from viewkeeper.stream.errors import ExpiredIteratorError, ServiceError, ThrottlingError
 from viewkeeper.stream.fake import FakeStream
-from viewkeeper.stream.worker import ShardWorker, WorkerSettings
-from viewkeeper.supervisor import StreamNotReadable, Supervisor, SupervisorSettings
 
 REGISTRY_VIEWS = load_views(["tests.views_e2e.fake_views"])
 

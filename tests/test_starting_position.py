@@ -13,12 +13,12 @@ import pytest
 
 from tests.helpers import redis_view_keys
 from viewkeeper.coordination.memory import MemoryStore
-from viewkeeper.pipeline import Pipeline
 from viewkeeper.projection.registry import load_views
+from viewkeeper.runtime.pipeline import Pipeline
+from viewkeeper.runtime.supervisor import Supervisor, SupervisorSettings
+from viewkeeper.runtime.worker import WorkerSettings
 from viewkeeper.sinks.redis import RedisSink
 from viewkeeper.stream.fake import FakeStream
-from viewkeeper.stream.worker import WorkerSettings
-from viewkeeper.supervisor import Supervisor, SupervisorSettings
 
 VIEWS = load_views(["tests.views_e2e.fake_views"])
 TABLE = "fk"

@@ -49,7 +49,7 @@ import yaml
 from botocore.exceptions import ClientError
 from prometheus_client import REGISTRY
 
-import viewkeeper.supervisor as supervisor_module
+import viewkeeper.runtime.supervisor as supervisor_module
 from tests.fakestream_server import FakeStreamServer
 from tests.helpers import REPO, redis_view_keys, vk_env, write_config
 from tests.testbed.dynamo import boto3_client
@@ -57,8 +57,10 @@ from tests.views_e2e import fake_views, scale_views
 from viewkeeper.coordination.dynamodb import DynamoDBStore
 from viewkeeper.coordination.memory import MemoryStore
 from viewkeeper.coordination.model import Lease, LeaseState
-from viewkeeper.pipeline import BatchReport, Pipeline
 from viewkeeper.projection.registry import load_views
+from viewkeeper.runtime.pipeline import BatchReport, Pipeline
+from viewkeeper.runtime.supervisor import Supervisor, SupervisorSettings
+from viewkeeper.runtime.worker import WorkerSettings
 from viewkeeper.sinks.base import Change, Result
 from viewkeeper.sinks.redis import RedisSink
 from viewkeeper.stream.client import HttpStreamClient
@@ -72,8 +74,6 @@ from viewkeeper.stream.errors import (
 )
 from viewkeeper.stream.fake import FakeStream, ManualClock
 from viewkeeper.stream.records import ChangeRecord
-from viewkeeper.stream.worker import WorkerSettings
-from viewkeeper.supervisor import Supervisor, SupervisorSettings
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def failures_metric(table: str) -> float:
 # 1. Several supervisors in one process, tick by tick on a manual clock
 # =========================================================================================
 class _Time:
-    """Replaces the ``time`` module inside viewkeeper.supervisor: wall-clock reads (worker
+    """Replaces the ``time`` module inside viewkeeper.runtime.supervisor: wall-clock reads (worker
     heartbeats, the live-worker horizon) come from the manual clock; monotonic stays real
     (it bounds the joins in ``shutdown``)."""
 
@@ -496,7 +496,7 @@ def test_a_crashing_worker_is_restarted_with_backoff_and_reported(
         assert key not in sup.running  # not restarted at once
 
     restarts: list[float] = []
-    with caplog.at_level(logging.ERROR, logger="viewkeeper.supervisor"):
+    with caplog.at_level(logging.ERROR, logger="viewkeeper.runtime.supervisor"):
         sup.tick()
         other.tick()
         assert key in sup.running
@@ -565,7 +565,7 @@ def test_the_crash_count_starts_again_after_the_worker_recovered(
     run = sup.running[key]
     wait_until(lambda: not run.thread.is_alive(), 10, "the worker to crash again")
     caplog.clear()
-    with caplog.at_level(logging.ERROR, logger="viewkeeper.supervisor"):
+    with caplog.at_level(logging.ERROR, logger="viewkeeper.runtime.supervisor"):
         sup.tick()
     (message,) = [r.getMessage() for r in caplog.records if "crashed (" in r.getMessage()]
     assert "crashed (1 times in a row)" in message, message

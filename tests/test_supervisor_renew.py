@@ -19,11 +19,11 @@ import pytest
 
 from viewkeeper.coordination.memory import MemoryStore
 from viewkeeper.coordination.model import Lease
-from viewkeeper.pipeline import Pipeline
 from viewkeeper.projection.registry import ViewRegistry
+from viewkeeper.runtime.pipeline import Pipeline
+from viewkeeper.runtime.supervisor import Supervisor, SupervisorSettings
+from viewkeeper.runtime.worker import WorkerSettings
 from viewkeeper.stream.fake import FakeStream, ManualClock
-from viewkeeper.stream.worker import WorkerSettings
-from viewkeeper.supervisor import Supervisor, SupervisorSettings
 
 Key = tuple[str, str]
 

@@ -20,15 +20,15 @@ from tests.helpers import redis_view_keys
 from tests.views_e2e.fake_views import expected
 from viewkeeper.coordination.memory import MemoryStore
 from viewkeeper.coordination.model import Lease, LeaseState
-from viewkeeper.pipeline import Pipeline
 from viewkeeper.projection.registry import load_views
+from viewkeeper.runtime.pipeline import Pipeline
+from viewkeeper.runtime.worker import PAGE_BYTES, ShardWorker, WorkerSettings, ended_at_a_limit
 from viewkeeper.sinks.base import Change, Result
 from viewkeeper.sinks.redis import RedisSink
 from viewkeeper.stream.client import PendingPage, RecordsPage
 from viewkeeper.stream.errors import ExpiredIteratorError, ServiceError, ThrottlingError
 from viewkeeper.stream.fake import FakeStream
 from viewkeeper.stream.records import ChangeRecord
-from viewkeeper.stream.worker import PAGE_BYTES, ShardWorker, WorkerSettings, ended_at_a_limit
 
 VIEWS = load_views(["tests.views_e2e.fake_views"])
 PAGE = 50

@@ -14,15 +14,15 @@ from typing import Any, TextIO
 from viewkeeper.config import Config, check_view_connections, load_config
 from viewkeeper.coordination.dynamodb import DynamoDBStore
 from viewkeeper.coordination.model import CoordinationStore
-from viewkeeper.namespaces import Namespaces, TakeOver
-from viewkeeper.pipeline import Pipeline, SinkKey
 from viewkeeper.projection.api import View
 from viewkeeper.projection.registry import ViewRegistry, load_views
-from viewkeeper.rebuild import RebuildReport, RebuildSettings
+from viewkeeper.runtime.namespaces import Namespaces, TakeOver
+from viewkeeper.runtime.pipeline import Pipeline, SinkKey
+from viewkeeper.runtime.rebuild import RebuildReport, RebuildSettings
+from viewkeeper.runtime.supervisor import Supervisor, SupervisorSettings
+from viewkeeper.runtime.worker import WorkerSettings
 from viewkeeper.sinks.base import Owner, Sink, SinkUnavailable
 from viewkeeper.stream.client import HttpStreamClient, StreamClient
-from viewkeeper.stream.worker import WorkerSettings
-from viewkeeper.supervisor import Supervisor, SupervisorSettings
 
 __all__ = ["App"]
 
@@ -152,7 +152,7 @@ class App:
                 self._key_names[table] = self.client.describe_table(table).key_names
             return self._key_names[table]
 
-    # --- one namespace, one source (viewkeeper.namespaces) --------------------------------
+    # --- one namespace, one source (viewkeeper.runtime.namespaces) --------------------------------
     def owner(self, table: str) -> Owner:
         """This deployment as the owner of ``table``'s views' namespaces."""
         info = self.client.describe_table(table)
@@ -198,9 +198,9 @@ class App:
         self.on_views_lost = start
 
     def rebuild(self, views: list[View], settings: RebuildSettings, out: TextIO) -> RebuildReport:
-        """Rebuild ``views`` from a scan of their tables (see viewkeeper.rebuild), with
+        """Rebuild ``views`` from a scan of their tables (see viewkeeper.runtime.rebuild), with
         their claims announced and their needs_rebuild marks cleared."""
-        from viewkeeper.rebuild import rebuild
+        from viewkeeper.runtime.rebuild import rebuild
 
         return rebuild(
             views,
@@ -240,7 +240,7 @@ class App:
 
     def claim(self, take_over: tuple[str, ...] = ()) -> list[TakeOver]:
         """Claim every view's sink namespace for this deployment, once (refusing another
-        owner's with NamespaceOwned unless taken over); see viewkeeper.namespaces."""
+        owner's with NamespaceOwned unless taken over); see viewkeeper.runtime.namespaces."""
         taken = self.namespaces.claim(take_over=take_over)
         self._claimed = True
         return taken

@@ -223,10 +223,10 @@ def explain_failure(exc: BaseException) -> tuple[str, int] | None:
     from botocore import exceptions as boto
 
     from viewkeeper.coordination.dynamodb import CoordinationTableError
-    from viewkeeper.namespaces import NamespaceOwned
+    from viewkeeper.runtime.namespaces import NamespaceOwned
+    from viewkeeper.runtime.supervisor import StreamNotReadable, SupervisorFatal
     from viewkeeper.sinks.base import SinkError, SinkUnavailable
     from viewkeeper.stream.errors import StreamError
-    from viewkeeper.supervisor import StreamNotReadable, SupervisorFatal
 
     if isinstance(exc, Failure):
         return _one_line(str(exc)), exc.code
@@ -455,7 +455,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _claim_namespaces(app: Any) -> None:
-    """Claim the views' sink namespaces (viewkeeper.namespaces) before the first lease: a
+    """Claim the views' sink namespaces (viewkeeper.runtime.namespaces) before the first lease: a
     namespace of another deployment ends the run (exit 78); a sink that is down is waited
     for like any sink the daemon needs (--until-caught-up fails at once instead)."""
     from viewkeeper.sinks.base import SinkUnavailable
@@ -475,7 +475,7 @@ def _claim_namespaces(app: Any) -> None:
 
 def serve_metrics(host: str, port: int) -> None:
     """Start the Prometheus endpoint, or raise Failure naming host:port and the fix."""
-    from viewkeeper.ops import metrics
+    from viewkeeper.runtime import metrics
 
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
@@ -501,7 +501,7 @@ def serve_metrics(host: str, port: int) -> None:
 def _preflight(app: Any) -> None:
     """Everything `run` needs before its first lease, checked in order; the first failure
     raises (one line, see :func:`explain_failure`)."""
-    from viewkeeper.supervisor import StreamNotReadable
+    from viewkeeper.runtime.supervisor import StreamNotReadable
 
     app.store.ensure()
     for table in app.tables:
@@ -596,7 +596,7 @@ def _install_signals(stop: Any) -> _Signals:
 
 def cmd_rebuild(args: argparse.Namespace) -> int:
     from viewkeeper.projection.registry import ViewLoadError
-    from viewkeeper.rebuild import HandshakeTimeout
+    from viewkeeper.runtime.rebuild import HandshakeTimeout
 
     app = _app(args)
     if args.all:
@@ -728,7 +728,7 @@ def _check_connection(app: Any, kind: str, name: str) -> tuple[str, list[str]]:
     claims (another deployment's namespace fails the check, NamespaceOwned); return where it
     is and a line per view. (App.sinks builds every sink at once: the first failure would
     stop it.)"""
-    from viewkeeper.namespaces import NamespaceOwned, Namespaces
+    from viewkeeper.runtime.namespaces import NamespaceOwned, Namespaces
     from viewkeeper.sinks.connect import describe_target
 
     views = [v for v in app.registry if (v.kind, v.connection) == (kind, name)]
@@ -761,7 +761,7 @@ def _check_connection(app: Any, kind: str, name: str) -> tuple[str, list[str]]:
 
 
 def cmd_deadletters(args: argparse.Namespace) -> int:
-    from viewkeeper.deadletters import drop, expired, format_deadletters, replay
+    from viewkeeper.runtime.deadletters import drop, expired, format_deadletters, replay
 
     app = _app(args)
     _check_store(app)

@@ -183,10 +183,10 @@ class WorkerConfig:
     """``on_error``: what a record that cannot be applied does: ``deadletter`` it and go on,
     or ``halt`` the shard (nothing is skipped; an operator decides). ``worker_id`` None means
     one is made up at start (host, pid, random). ``renew_threads``: lease renewals in flight
-    at once (one conditional write each; see :mod:`viewkeeper.supervisor`). ``prefetch``: a
+    at once (one conditional write each; see :mod:`viewkeeper.runtime.supervisor`). ``prefetch``: a
     shard worker reads the next page while it applies a full one (see
-    :mod:`viewkeeper.stream.worker`). ``on_sink_loss``: what the daemon does when a sink
-    lost a view's data (see :mod:`viewkeeper.namespaces`): ``report`` it (an ERROR, the view
+    :mod:`viewkeeper.runtime.worker`). ``on_sink_loss``: what the daemon does when a sink
+    lost a view's data (see :mod:`viewkeeper.runtime.namespaces`): ``report`` it (an ERROR, the view
     marked needs_rebuild, a metric) and wait for an operator's rebuild, or also ``rebuild``
     the view itself."""
 

@@ -46,7 +46,7 @@ class Lease:
     shard was never opened.
 
     ``gens`` are the views' generations the holder stamps the records it reads with (see
-    :mod:`viewkeeper.pipeline`): a holder publishes a generation here (its take or a
+    :mod:`viewkeeper.runtime.pipeline`): a holder publishes a generation here (its take or a
     renewal) before it stamps a record with it, a taker starts from what the lease says,
     and the rebuild's handshake waits until every lease of its tables says its new
     generation. So the stamps of the records of a shard never go down when the shard
@@ -115,7 +115,7 @@ class DeadLetter:
 @dataclass(slots=True)
 class ViewState:
     """What the deployment knows about one view's sink namespace (see
-    :mod:`viewkeeper.namespaces`): the marker it last wrote there, and whether the view
+    :mod:`viewkeeper.runtime.namespaces`): the marker it last wrote there, and whether the view
     needs a rebuild because the sink lost its data (``reason``, since ``since``)."""
 
     view: str

@@ -54,7 +54,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from viewkeeper.coordination.model import CoordinationStore
-from viewkeeper.pipeline import HaltShard, Pipeline
+from viewkeeper.runtime.pipeline import HaltShard, Pipeline
 from viewkeeper.sinks.base import SinkUnavailable
 from viewkeeper.stream.records import ChangeRecord, decode_records, invalid_record
 
@@ -149,7 +149,7 @@ def handler(event: Mapping[str, Any], context: object) -> dict[str, Any]:
         path = os.environ.get("VIEWKEEPER_CONFIG", "viewkeeper.yaml")
         app = App.from_file(path)
         app.store.ensure()
-        app.claim()  # refuses a namespace of another deployment (viewkeeper.namespaces)
+        app.claim()  # refuses a namespace of another deployment (viewkeeper.runtime.namespaces)
         _RUNTIME = (app.pipeline(), app.key_names, app.store)
     pipeline, key_names_of, store = _RUNTIME
     return handle_event(event, pipeline, key_names_of, store.generations())

@@ -18,7 +18,7 @@ its data had to be started again. A sink told to :meth:`Sink.expect` a marker ch
 with its writes and raises :class:`NamespaceLost` — writing nothing — when the claim is
 gone or changed (the server came back empty, the index was deleted, another process
 re-armed it after such a loss, or another deployment took it over).
-:mod:`viewkeeper.namespaces` decides what that means.
+:mod:`viewkeeper.runtime.namespaces` decides what that means.
 """
 
 from __future__ import annotations

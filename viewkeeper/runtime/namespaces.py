@@ -46,14 +46,14 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from viewkeeper.coordination.model import CoordinationStore
-from viewkeeper.ops import metrics
 from viewkeeper.projection.api import View
 from viewkeeper.projection.registry import ViewRegistry
+from viewkeeper.runtime import metrics
 from viewkeeper.sinks.base import Claim, NamespaceLost, Owner, Sink, SinkError
 
 __all__ = ["NamespaceOwned", "Namespaces", "TakeOver"]
 
-log = logging.getLogger("viewkeeper.namespaces")
+log = logging.getLogger("viewkeeper.runtime.namespaces")
 
 SinkKey = tuple[str, str]
 

@@ -28,7 +28,7 @@ beyond what the store granted).
 A shard's children start only after the parent's lease is ENDED (all its records applied).
 A worker that reaches SHARD_END wakes the supervisor to discover the children at once.
 
-Generations (the rebuild's handshake, see :mod:`viewkeeper.rebuild`): each round first
+Generations (the rebuild's handshake, see :mod:`viewkeeper.runtime.rebuild`): each round first
 reads the views' generations (``adopted``); its take and renewal writes publish them in each
 lease it holds (``Lease.gens``, merged with what the lease said), and a worker stamps the
 pages it receives with what its lease has published — never with a generation the lease
@@ -56,15 +56,15 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from viewkeeper.coordination.model import CoordinationStore, Lease, LeaseState, WorkerInfo
-from viewkeeper.ops import metrics
-from viewkeeper.pipeline import Pipeline
+from viewkeeper.runtime import metrics
+from viewkeeper.runtime.pipeline import Pipeline
+from viewkeeper.runtime.worker import LATEST, ShardWorker, WorkerSettings
 from viewkeeper.sinks.base import SinkUnavailable
 from viewkeeper.stream.client import StreamClient, TableInfo
-from viewkeeper.stream.worker import LATEST, ShardWorker, WorkerSettings
 
 __all__ = ["StreamNotReadable", "Supervisor", "SupervisorFatal", "SupervisorSettings"]
 
-log = logging.getLogger("viewkeeper.supervisor")
+log = logging.getLogger("viewkeeper.runtime.supervisor")
 
 
 class StreamNotReadable(Exception):
@@ -88,7 +88,7 @@ class SupervisorSettings:
     # renewals in flight at once: I/O-bound calls, and botocore's default connection pool
     # (max_pool_connections=10) is shared with the workers' checkpoints, so a few suffice
     renew_threads: int = 8
-    # how often the sinks' claims are compared with what is expected (viewkeeper.namespaces)
+    # how often the sinks' claims are compared with what is expected (viewkeeper.runtime.namespaces)
     verify_interval: float = 5.0
 
 

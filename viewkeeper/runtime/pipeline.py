@@ -46,17 +46,17 @@ from dataclasses import dataclass, field
 import orjson
 
 from viewkeeper.coordination.model import CoordinationStore, DeadLetter
-from viewkeeper.ops import metrics
 from viewkeeper.projection.api import View
 from viewkeeper.projection.project import ProjectionError, project
 from viewkeeper.projection.registry import ViewRegistry
+from viewkeeper.runtime import metrics
 from viewkeeper.sinks.base import Change, NamespaceLost, Outcome, Result, Sink
 from viewkeeper.stream.records import NO_SEQUENCE, ChangeRecord, DecodeError, encode_key
 from viewkeeper.versions import Version, padded_sequence
 
 __all__ = ["BatchReport", "HaltShard", "Pipeline", "deadletter_id"]
 
-log = logging.getLogger("viewkeeper.pipeline")
+log = logging.getLogger("viewkeeper.runtime.pipeline")
 
 
 class HaltShard(Exception):
@@ -113,7 +113,7 @@ class Pipeline:
         self.on_error = on_error
         self.clock = clock
         # a sink refused a batch because a namespace's claim changed (lost data, a take-over:
-        # viewkeeper.namespaces); the handler re-arms it (or raises) and the batch is re-sent
+        # runtime/namespaces.py); the handler re-arms it (or raises) and the batch is re-sent
         self.on_lost = on_lost
 
     def sink_for(self, view: View) -> Sink:

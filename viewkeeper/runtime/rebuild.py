@@ -5,8 +5,8 @@ The generation handshake (see ARCHITECTURE.md):
 1. Raise each view's generation ``G`` in the coordination table.
 2. Handshake (:func:`handshake`): wait until no process can still *read* a record of the
    views' tables and stamp it with an older generation. Records carry the generation
-   their reader's lease showed when GetRecords answered (:mod:`viewkeeper.pipeline`,
-   :mod:`viewkeeper.supervisor`), so only the leases matter: every lease of the tables
+   their reader's lease showed when GetRecords answered (:mod:`viewkeeper.runtime.pipeline`,
+   :mod:`viewkeeper.runtime.supervisor`), so only the leases matter: every lease of the tables
    that may still be read must show ``G`` (``Lease.gens``). A holder publishes it with its
    next renewal after it adopted it; a free lease gets it written here, so whoever takes
    it starts from it; a held lease whose counter stayed the same for a lease duration on
@@ -42,10 +42,10 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from viewkeeper.coordination.model import CoordinationStore, Lease, LeaseState, WorkerInfo
-from viewkeeper.namespaces import Namespaces
-from viewkeeper.pipeline import BatchReport, Pipeline
 from viewkeeper.projection.api import View
 from viewkeeper.projection.registry import ViewRegistry
+from viewkeeper.runtime.namespaces import Namespaces
+from viewkeeper.runtime.pipeline import BatchReport, Pipeline
 from viewkeeper.sinks.base import Change, NamespaceLost, SinkUnavailable
 from viewkeeper.stream.client import StreamClient
 from viewkeeper.stream.errors import ThrottlingError
@@ -53,7 +53,7 @@ from viewkeeper.versions import Version
 
 __all__ = ["HandshakeTimeout", "RebuildReport", "RebuildSettings", "handshake", "rebuild"]
 
-log = logging.getLogger("viewkeeper.rebuild")
+log = logging.getLogger("viewkeeper.runtime.rebuild")
 
 
 MAX_KEPT = 10_000  # items a sweep leaves be (failed scans); beyond it the sweep is skipped

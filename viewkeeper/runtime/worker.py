@@ -1,6 +1,6 @@
 """The shard worker: read a page, project and apply it, then move the checkpoint.
 
-One worker runs per leased shard, in its own thread (see :mod:`viewkeeper.supervisor` for
+One worker runs per leased shard, in its own thread (see :mod:`viewkeeper.runtime.supervisor` for
 why threads). The loop is the whole data path of DESIGN.md §5::
 
     GetRecords → decode → Pipeline.process (project per view, apply per sink) → checkpoint
@@ -36,7 +36,7 @@ Every page is stamped when GetRecords answers (in the helper thread for a page r
 the views' generations this process holds then, and whether its lease was valid then
 (renewed within the lease duration). The page is applied at those generations however
 late it is applied (a sink outage, a retry), so a record read before a rebuild's handshake
-always loses to the rebuild's scan (see :mod:`viewkeeper.pipeline`). A page that arrived
+always loses to the rebuild's scan (see :mod:`viewkeeper.runtime.pipeline`). A page that arrived
 while the lease was in doubt is not applied at all: this process may have stalled past
 its lease, and a rebuild may have gone on without its acknowledgement (it revokes the
 lease of a worker that does not answer); the page is read again, with fresh generations,
@@ -65,8 +65,8 @@ from viewkeeper.coordination.model import (
     LeaseLost,
     LeaseState,
 )
-from viewkeeper.ops import metrics
-from viewkeeper.pipeline import HaltShard, Pipeline
+from viewkeeper.runtime import metrics
+from viewkeeper.runtime.pipeline import HaltShard, Pipeline
 from viewkeeper.sinks.base import SinkUnavailable
 from viewkeeper.stream.client import PendingPage, RecordsPage, StreamClient, gc_paused
 from viewkeeper.stream.errors import (

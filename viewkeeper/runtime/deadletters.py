@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from viewkeeper.coordination.model import CoordinationStore, DeadLetter
-from viewkeeper.pipeline import Pipeline
+from viewkeeper.runtime.pipeline import Pipeline
 from viewkeeper.stream.records import ChangeRecord, DecodeError, decode_record
 
 __all__ = ["SKEW_MARGIN", "ReplayReport", "drop", "expired", "format_deadletters", "replay"]
