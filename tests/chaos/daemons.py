@@ -6,6 +6,9 @@ so a failing run shows every life of the slot). ``kill()`` is SIGKILL (no shutdo
 all: the lease stays owned until it expires), ``terminate()`` is the graceful SIGTERM drain,
 ``pause()``/``resume()`` are SIGSTOP/SIGCONT (a process that stops answering while believing
 it still holds its lease: the zombie case).
+
+:func:`run_cli` runs one command to its end; :class:`CliJob` runs one in the background (a
+``rebuild`` during which the test moves the lease), its output readable while it runs.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import IO
 
 from tests.helpers import REPO, vk_env
 
-__all__ = ["Daemon", "Exit", "run_cli"]
+__all__ = ["CliJob", "Daemon", "Exit", "run_cli"]
 
 _EXCEPTION_LINE = re.compile(
     r"^((?:viewkeeper: |[A-Za-z_][\w.]*(?:Error|Exception|Unavailable|Lost)\b).*)$", re.M
@@ -62,6 +65,62 @@ def run_cli(
                 f"in {time.monotonic() - started:.1f}s\n{res.stdout}{res.stderr}"
             )
     return res
+
+
+class CliJob:
+    """One ``viewkeeper`` command in the background: a non-blocking :func:`run_cli`. Its
+    stdout and stderr go, unbuffered, to ``out`` as they are written, so the test can tell
+    which phase it has reached (:meth:`output`); :meth:`poll` gives the exit code once it has
+    ended, and then appends the output to ``log`` as run_cli does."""
+
+    def __init__(self, args: Sequence[str], *, out: Path, log: Path | None = None) -> None:
+        self.args = list(args)
+        self.out = out
+        self.log = log
+        self.returncode: int | None = None
+        self.seconds = 0.0
+        self._started = time.monotonic()
+        env = {**vk_env(), "PYTHONUNBUFFERED": "1"}
+        with out.open("wb") as sink:  # the child keeps its own descriptor
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "viewkeeper.cli", *self.args],
+                cwd=REPO,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def output(self) -> str:
+        try:
+            return self.out.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def poll(self) -> int | None:
+        """The exit code once the command has ended, else None."""
+        if self.returncode is None and self._proc.poll() is not None:
+            self.returncode = self._proc.returncode
+            self.seconds = time.monotonic() - self._started
+            if self.log is not None:
+                with self.log.open("a") as out:
+                    out.write(
+                        f"\n==== viewkeeper {' '.join(self.args)} (background) -> exit "
+                        f"{self.returncode} in {self.seconds:.1f}s\n{self.output()}"
+                    )
+        return self.returncode
+
+    def kill(self) -> None:
+        if self._proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(10.0)
 
 
 class Daemon:

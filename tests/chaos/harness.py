@@ -14,9 +14,11 @@ final drain and the rebuilds use the services directly.
 
 Faults are methods here; the ones with a duration schedule their own end (``pending``), and
 :meth:`Harness.tick` runs what is due and restarts daemons that died on their own (as
-systemd's ``Restart=`` would), counting those exits. Services are started and stopped from
-the calling (main) thread only: the test bed's processes die with the thread that forked
-them.
+systemd's ``Restart=`` would), counting those exits. A background rebuild (``jobs``) is
+watched by ``tick`` too: it acts when the rebuild reaches its phase, and asserts its exit
+status when it ends. Services are started and stopped from the calling (main) thread only:
+the test bed's processes die with the thread that forked them (the second Redis that the
+READONLY fault fails over to included).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import shutil
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -39,7 +41,7 @@ import yaml
 from opensearchpy import OpenSearch
 
 from tests.chaos.checker import CheckReport, check_sinks
-from tests.chaos.daemons import Daemon, run_cli
+from tests.chaos.daemons import CliJob, Daemon, run_cli
 from tests.chaos.proxy import CutMode, TcpProxy
 from tests.testbed import RedisServer
 from viewkeeper.coordination.dynamodb import DynamoDBStore
@@ -61,12 +63,26 @@ class _Pending:
     due: float
     what: str
     action: Callable[[], None]
+    tag: str = ""  # "redis": the end of a fault of the chaos Redis
+
+
+@dataclass
+class _Job:
+    """A background rebuild: ``action`` runs once its output shows ``marker``."""
+
+    cli: CliJob
+    phase: str
+    marker: str
+    action: Callable[[], None] | None
+    owner_at_start: str | None
 
 
 @dataclass
 class Figures:
     faults: Counter[str] = field(default_factory=Counter)
     timeline: list[str] = field(default_factory=list)
+    # what the faults did: refusals Redis answered, rebuilds and the leases they saw move
+    effects: Counter[str] = field(default_factory=Counter)
 
 
 class Harness:
@@ -105,6 +121,9 @@ class Harness:
         }
         self.direct_config = self.write_config(workdir / "vk-direct.yaml", direct=True)
         self.tool_log = workdir / "tools.log"
+        self.jobs: list[_Job] = []
+        self.redis_second: RedisServer | None = None  # started by the first READONLY fault
+        self._rebuilds = 0
         self.checkpoints: list[str] = []
         self._polled = 0.0
         self._owner: str | None = None
@@ -162,12 +181,21 @@ class Harness:
         self.figures.faults[kind] += 1
         self.note(f"FAULT {kind} {detail}".rstrip())
 
-    def later(self, delay: float, what: str, action: Callable[[], None]) -> None:
-        self.pending.append(_Pending(time.monotonic() + delay, what, action))
+    def later(self, delay: float, what: str, action: Callable[[], None], tag: str = "") -> None:
+        self.pending.append(_Pending(time.monotonic() + delay, what, action, tag))
 
     def busy(self) -> bool:
-        """A fault with a duration is still in progress."""
-        return bool(self.pending)
+        """A fault with a duration, or a background rebuild, is still in progress."""
+        return bool(self.pending or self.jobs)
+
+    def redis_busy(self) -> bool:
+        """The chaos Redis is down or in a fault, or a rebuild (which must write it) runs:
+        Redis faults do not overlap each other or a background rebuild."""
+        return (
+            not self.redis_server.is_running()
+            or any(p.tag == "redis" for p in self.pending)
+            or bool(self.jobs)
+        )
 
     def tick(self) -> None:
         """Run the due ends of faults; restart daemons that exited on their own."""
@@ -182,6 +210,7 @@ class Harness:
             if code is not None:  # as systemd's Restart=on-failure, RestartSec=1
                 self.note(f"daemon {slot} EXITED on its own: {d.unexpected_exits[-1]}")
                 self.later(1.0, f"restart daemon {slot} after its exit", partial(self.start, slot))
+        self._watch_jobs()
         if now - self._polled >= 0.3:
             self._polled = now
             lease = self.lease()
@@ -207,6 +236,32 @@ class Harness:
             for p in todo:
                 self.note(f"{p.what} (early)")
                 p.action()
+
+    def _watch_jobs(self) -> None:
+        for job in list(self.jobs):
+            if job.action is not None and job.marker in job.cli.output():
+                action, job.action = job.action, None
+                action()
+            if job.cli.poll() is not None:
+                self.jobs.remove(job)
+                self._rebuild_ended(job)
+
+    def wait_jobs(self, timeout: float = 180.0) -> None:
+        """Tick until the background rebuilds have ended (each asserted)."""
+
+        def ended() -> bool:
+            self.tick()
+            return not self.jobs
+
+        self.wait_for(ended, timeout, "the rebuilds to end")
+
+    def finish_jobs(self, timeout: float = 180.0) -> None:
+        """Let the background rebuilds end, acting on no more daemons."""
+        for job in self.jobs:
+            if job.action is not None:
+                job.action = None
+                self.note(f"rebuild: its {job.phase} comes after the faults: no handover")
+        self.wait_jobs(timeout)
 
     # --- daemons ---------------------------------------------------------------------------------
     def start(self, slot: str) -> None:
@@ -284,7 +339,7 @@ class Harness:
             self.redis_server.kill()
         else:
             self.redis_server.stop()
-        self.later(down_for, "redis started", self._redis_start)
+        self.later(down_for, "redis started", self._redis_start, tag="redis")
 
     def _redis_start(self) -> None:
         self.redis_server.start()
@@ -324,6 +379,196 @@ class Harness:
         self.redis_server.start()  # empty: the daemons write what the stream brings next
         self.rebuild()
 
+    # --- the chaos Redis refusing writes -----------------------------------------------------
+    # What the two faults below rely on, tried by hand against Redis 7.0.15 (the test bed's):
+    # - REPLICAOF host port makes a server a replica: it drops its data and loads the
+    #   primary's (a full sync, diskless by default, which the primary starts only after
+    #   repl-diskless-sync-delay: 5 s unless set, so it is set to 0 first). The replica is
+    #   in sync once the primary's INFO replication lists it with state=online.
+    # - FAILOVER TO host port TIMEOUT ms, sent to a primary, answers OK at once and works in
+    #   the background (INFO's master_failover_state: waiting-for-sync, failover-in-progress,
+    #   no-failover). It pauses its clients' writes (as CLIENT PAUSE WRITE: a write, or a
+    #   script that may write, waits; it does not fail) until the target replica has
+    #   acknowledged every write, then turns itself into a replica of the target and makes
+    #   the target a primary (PSYNC ... FAILOVER); it then resyncs from it partially (same
+    #   data, nothing flushed). From then on every write to it, EVALSHA of viewkeeper's
+    #   apply script included (a ``#!lua`` shebang without no-writes: refused whole, before
+    #   it runs), answers "READONLY You can't write against a read only replica."; reads
+    #   work. The writes paused while it waited for the target are answered READONLY too.
+    #   A target that does not catch up within TIMEOUT aborts it (no FORCE): the primary
+    #   stays one and the paused writes go through. The target must be an online replica.
+    # - FAILOVER TO <chaos Redis> sent to the new primary fails back the same way; then
+    #   REPLICAOF NO ONE detaches the second server (it keeps its copy, unused).
+    # - CONFIG SET maxmemory N with maxmemory-policy noeviction: once used_memory passes N,
+    #   every command that may grow memory (SET, HSET, EVALSHA of a script that may write,
+    #   again refused whole before it runs) answers "OOM command not allowed when used
+    #   memory > 'maxmemory'."; reads and DEL work. CONFIG SET maxmemory 0 lifts the limit.
+    # - INFO errorstats counts the error replies by code (errorstat_READONLY,
+    #   errorstat_OOM) since the server started: how a test knows the daemons were refused.
+    def refusals(self, code: str) -> int:
+        """Error replies ``code`` (READONLY, OOM) the chaos Redis has sent since it started."""
+        stats = self.redis.info("errorstats").get(f"errorstat_{code}") or {}
+        return int(stats.get("count", 0)) if isinstance(stats, dict) else 0
+
+    def _role(self, client: redis.Redis) -> str:
+        return str(client.info("replication")["role"])
+
+    def redis_read_only(self, seconds: float) -> bool:
+        """A real failover: a second Redis becomes a replica of the chaos Redis, and once it
+        is in sync ``FAILOVER TO`` it makes the chaos Redis a read-only replica of it (every
+        write answers READONLY: the daemons must hold their batches). After ``seconds`` the
+        chaos Redis is failed back to (see :meth:`_fail_back`). False, and nothing changed,
+        when the replica did not get in sync or the failover was aborted."""
+        if self.redis_second is None:
+            self.redis_second = RedisServer()  # no persistence: it only lends its role
+        second = self.redis_second
+        second.start()
+        primary = self.redis
+        replica = redis.Redis.from_url(second.url, socket_timeout=5)
+        try:
+            primary.config_set("repl-diskless-sync-delay", 0)  # reset by a Redis restart
+            replica.execute_command("REPLICAOF", "127.0.0.1", self.redis_server.port)
+
+            def in_sync() -> bool:
+                info = primary.info("replication")
+                return any(
+                    isinstance(v, dict)
+                    and v.get("port") == second.port
+                    and v.get("state") == "online"
+                    for k, v in info.items()
+                    if k.startswith("slave")
+                )
+
+            synced = _poll(in_sync, 10.0)
+            if synced:
+                primary.execute_command("FAILOVER", "TO", "127.0.0.1", second.port, "TIMEOUT", 3000)
+                synced = _poll(lambda: self._role(primary) == "slave", 6.0)
+            if not synced:
+                self.note(
+                    "redis READONLY fault skipped: the replica did not sync, or FAILOVER aborted"
+                )
+                replica.execute_command("REPLICAOF", "NO", "ONE")
+                return False
+        finally:
+            replica.close()
+        self.fault(
+            "redis READONLY (failover)", f"to the replica on port {second.port} for {seconds:.1f}s"
+        )
+        self.later(
+            seconds,
+            "redis failback",
+            partial(self._fail_back, self.refusals("READONLY")),
+            tag="redis",
+        )
+        return True
+
+    def _fail_back(self, refused_before: int) -> None:
+        """``FAILOVER TO`` the chaos Redis, sent to the second one; waits until the chaos
+        Redis is a primary again (``REPLICAOF NO ONE`` on it if the failover does not get
+        there: it holds what the second one holds, which no one else writes), then detaches
+        the second one."""
+        assert self.redis_second is not None
+        refused = self.refusals("READONLY") - refused_before
+        self.figures.effects["READONLY replies"] += refused
+        second = redis.Redis.from_url(self.redis_second.url, socket_timeout=5)
+        try:
+            second.execute_command(
+                "FAILOVER", "TO", "127.0.0.1", self.redis_server.port, "TIMEOUT", 3000
+            )
+            if not _poll(lambda: self._role(self.redis) == "master", 8.0):
+                self.note("redis failback did not complete: REPLICAOF NO ONE on the chaos Redis")
+                self.redis.execute_command("REPLICAOF", "NO", "ONE")
+            second.execute_command("REPLICAOF", "NO", "ONE")
+        finally:
+            second.close()
+        self.note(f"redis is a primary again ({refused} READONLY replies while it was not)")
+
+    def redis_oom(self, seconds: float, headroom: int) -> None:
+        """``maxmemory`` set ``headroom`` bytes above used_memory (below it when negative)
+        with ``noeviction``: writes pass until the memory reaches it, then answer OOM (the
+        daemons must hold their batches, never dead-letter them); lifted after ``seconds``."""
+        self.redis.config_set("maxmemory-policy", "noeviction")
+        used = int(self.redis.info("memory")["used_memory"])
+        limit = max(1, used + headroom)
+        self.redis.config_set("maxmemory", limit)
+        self.fault(
+            "redis OOM (maxmemory)", f"{limit} bytes, {headroom:+d} over used, for {seconds:.1f}s"
+        )
+        self.later(
+            seconds,
+            "redis maxmemory 0",
+            partial(self._lift_maxmemory, self.refusals("OOM")),
+            tag="redis",
+        )
+
+    def _lift_maxmemory(self, refused_before: int) -> None:
+        refused = self.refusals("OOM") - refused_before
+        self.figures.effects["OOM replies"] += refused
+        self.redis.config_set("maxmemory", 0)
+        self.note(f"redis maxmemory lifted ({refused} OOM replies under it)")
+
+    # --- rebuilds --------------------------------------------------------------------------------
+    def rebuild_handover(
+        self, how: str, phase: str, down_for: float, items_per_second: float
+    ) -> None:
+        """`viewkeeper rebuild --all` in the background (its scan slowed to
+        ``items_per_second``); once it is in ``phase`` -- "handshake": it raised the
+        generation and waits for the readers to acknowledge it; "scan": the handshake is done
+        -- the lease holder of that moment gets ``how`` ("kill -9": restarted after
+        ``down_for``; "SIGSTOP": resumed after ``down_for``), so the lease moves while the
+        rebuild runs. Its exit status is asserted when it ends (:meth:`tick`)."""
+        self.fault("rebuild + lease handover", f"{how} of the holder in the {phase}")
+        args = ["rebuild", "--all", "-c", str(self.direct_config)]
+        args += ["--max-items-per-second", f"{items_per_second:.1f}"]
+        self._rebuilds += 1
+        job = CliJob(args, out=self.workdir / f"rebuild-{self._rebuilds}.out", log=self.tool_log)
+        marker = "raised generation" if phase == "handshake" else "handshake done"
+        lease = self.lease()
+        self.jobs.append(
+            _Job(
+                job,
+                phase,
+                marker,
+                partial(self._hand_over, how, phase, down_for),
+                lease.owner if lease is not None else None,
+            )
+        )
+        self.note(f"rebuild started in the background (pid {job.pid})")
+
+    def _hand_over(self, how: str, phase: str, down_for: float) -> None:
+        slot = self.holder()
+        d = self.daemons[slot] if slot is not None else None
+        if d is None or not d.alive() or d.paused:
+            self.note(f"rebuild in its {phase}: no live lease holder to take the lease from")
+            return
+        self.note(f"rebuild in its {phase}: {how} of the lease holder {slot} for {down_for:.1f}s")
+        self.figures.effects[f"holder {how} during a rebuild"] += 1
+        if how == "kill -9":
+            d.kill()
+            self.later(down_for, f"restart daemon {slot}", partial(self.start, slot))
+        else:
+            d.pause()
+            self.later(down_for, f"SIGCONT daemon {slot}", d.resume)
+
+    def _rebuild_ended(self, job: _Job) -> None:
+        self.figures.effects["background rebuilds"] += 1
+        if job.action is not None:
+            self.note(f"rebuild ended before its {job.phase} was seen: no handover")
+        out = job.cli.output()
+        lines = [x for x in out.splitlines() if x.startswith(("rebuilt ", "handshake done"))]
+        lease = self.lease()
+        owner = lease.owner if lease is not None else None
+        moved = owner != job.owner_at_start
+        self.figures.effects["rebuilds that saw the lease move"] += moved
+        self.figures.effects["leases revoked by a rebuild"] += sum("; revoked " in x for x in lines)
+        self.note(
+            f"rebuild exit {job.cli.returncode} in {job.cli.seconds:.1f}s, lease "
+            f"{job.owner_at_start} -> {owner}: {' / '.join(lines) or out[-300:]}"
+        )
+        assert job.cli.returncode == 0, (
+            f"rebuild failed (exit {job.cli.returncode}):\n{out[-3000:]}"
+        )
+
     def rebuild(self) -> None:
         started = time.monotonic()
         res = run_cli(["rebuild", "--all", "-c", str(self.direct_config)], log=self.tool_log)
@@ -336,6 +581,8 @@ class Harness:
     # --- the end ---------------------------------------------------------------------------------
     def restore_everything(self) -> None:
         self.finish_pending()
+        self.finish_jobs()
+        self.finish_pending()  # what a rebuild's handover scheduled
         self.os_proxy.restore()
         for proxy in self.ddb_proxies.values():
             proxy.restore()
@@ -371,8 +618,8 @@ class Harness:
             opensearch=self.os_sink,
         )
 
-    def stream_history(self, pk: str, sk: int) -> list[str]:
-        """The item's records in the stream, oldest first: sequence, event, new image."""
+    def _stream_records(self) -> Iterator[dict[str, Any]]:
+        """Every record in the table's stream, oldest first."""
         from tests.testbed.dynamo import boto3_client
 
         streams = boto3_client("dynamodbstreams", self.dynamodb_url)
@@ -381,19 +628,30 @@ class Harness:
         it = streams.get_shard_iterator(
             StreamArn=arn, ShardId=shard["ShardId"], ShardIteratorType="TRIM_HORIZON"
         )["ShardIterator"]
-        out: list[str] = []
         while it:
             page = streams.get_records(ShardIterator=it, Limit=1000)
-            for r in page["Records"]:
-                d = r["dynamodb"]
-                if d["Keys"]["pk"]["S"] != pk or int(d["Keys"]["sk"]["N"]) != sk:
-                    continue
-                image = {k: next(iter(v.values())) for k, v in d.get("NewImage", {}).items()}
-                image = {k: v for k, v in image.items() if k not in ("pk", "sk")}
-                out.append(f"{d['SequenceNumber']} {r['eventName']:<6} {image}")
+            yield from page["Records"]
             if not page["Records"]:
                 break
             it = page.get("NextShardIterator")
+
+    def stream_end(self) -> str | None:
+        """The newest sequence number in the table's stream (None while it is empty)."""
+        last = None
+        for r in self._stream_records():
+            last = r["dynamodb"]["SequenceNumber"]
+        return last
+
+    def stream_history(self, pk: str, sk: int) -> list[str]:
+        """The item's records in the stream, oldest first: sequence, event, new image."""
+        out: list[str] = []
+        for r in self._stream_records():
+            d = r["dynamodb"]
+            if d["Keys"]["pk"]["S"] != pk or int(d["Keys"]["sk"]["N"]) != sk:
+                continue
+            image = {k: next(iter(v.values())) for k, v in d.get("NewImage", {}).items()}
+            image = {k: v for k, v in image.items() if k not in ("pk", "sk")}
+            out.append(f"{d['SequenceNumber']} {r['eventName']:<6} {image}")
         return out
 
     def diagnose(self, report: CheckReport) -> str:
@@ -439,8 +697,12 @@ class Harness:
 
     def close(self) -> None:
         (self.workdir / "timeline.txt").write_text("\n".join(self.figures.timeline) + "\n")
+        for job in self.jobs:
+            job.cli.kill()
         for d in self.daemons.values():
             d.close()
+        if self.redis_second is not None:
+            self.redis_second.close()
         with contextlib.suppress(Exception):
             self.os_proxy.close()
         for proxy in self.ddb_proxies.values():
@@ -450,3 +712,13 @@ class Harness:
         self.os_client.close()
         with contextlib.suppress(Exception):
             self.db.delete_table(TableName=self.coord_table)
+
+
+def _poll(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    """Whether ``predicate`` became true within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
