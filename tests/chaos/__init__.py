@@ -7,6 +7,8 @@
   entries, deletes and re-creates, through boto3 on moto.
 - :mod:`tests.chaos.checker`: the projection of a full table scan compared with what the sinks
   hold: missing, stale and orphaned entries per sink (I1).
+- :mod:`tests.chaos.lambda_applier`: the Lambda handler fed as Lambda's poller feeds it, in a
+  thread, beside the daemons.
 - :mod:`tests.chaos.harness`: all of the above wired together, the faults as methods, the
   final drain and check, and a diagnosis (stored version, owner record, stream history) of
   every OpenSearch difference.
