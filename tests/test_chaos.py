@@ -5,10 +5,15 @@ What runs (tests/chaos/harness.py draws the picture): a seeded writer on a small
 and re-creates; tests/chaos/workload.py) through boto3 on moto; two `viewkeeper run`
 daemons sharing the table's one shard (one holds the lease, the other waits; lease 2 s);
 the test's own Redis with AOF (``appendfsync always``); the shared OpenSearch node behind a
-TCP proxy (tests/chaos/proxy.py); each daemon's DynamoDB traffic behind its own proxy. The
-views (tests/views_e2e/chaos_views.py) cover Value, HashField and a SortedSetMember keyed by
-a mutable attribute, a SetMember keyed by status, an OpenSearch view that returns None in
-one state, and one with a custom ``doc_id`` that moves with a mutable attribute.
+TCP proxy (tests/chaos/proxy.py); each daemon's DynamoDB traffic behind its own proxy; and,
+beside the daemons, a Lambda-style applier (tests/chaos/lambda_applier.py): a thread of the
+test reads the stream with boto3 as Lambda's poller does, in batches of 1-100 records, and
+calls ``viewkeeper.ops.lambda_handler.handler`` with Lambda events, retrying from the record
+a ``batchItemFailures`` answer names; it holds no lease and writes the same Redis and
+OpenSearch directly (``VIEWKEEPER_CHAOS_LAMBDA=0`` leaves it out). The views
+(tests/views_e2e/chaos_views.py) cover Value, HashField and a SortedSetMember keyed by a
+mutable attribute, a SetMember keyed by status, an OpenSearch view that returns None in one
+state, and one with a custom ``doc_id`` that moves with a mutable attribute.
 
 Faults come every 0.6-2.2 s, each once a live daemon has held the lease for a moment (so
 they hit work in progress; a shuffled deck makes every kind happen at least once, then
@@ -16,12 +21,40 @@ weighted draws): kill -9 of the lease holder or of the standby (restarted 0-3 s 
 SIGTERM, SIGSTOP for 0.5-5 s (a zombie that wakes up after losing its lease), Redis kill -9
 or restart (AOF keeps the data), OpenSearch refused / reset / stalled for 1-7 s, one
 daemon's DynamoDB refused / reset / stalled for 1-5 s, the lease holder killed while its
-batch retries against an OpenSearch that is out, and the shard's checkpoint moved
-back (to an older checkpoint, or removed: TRIM_HORIZON) while the daemons are down. The
-long mode adds Redis losing everything (AOF deleted), repaired by `viewkeeper rebuild --all`
-while the writer and the daemons keep running (I6).
+batch retries against an OpenSearch that is out, the shard's checkpoint moved
+back (to an older checkpoint, or removed: TRIM_HORIZON) while the daemons are down, and:
 
-At the end: the writer stops, everything is restored, the daemons drain on SIGTERM, one
+- Redis READONLY: a real failover. A second redis-server (started at the first such fault)
+  becomes a replica of the chaos Redis (REPLICAOF); once in sync, ``FAILOVER TO`` it makes
+  the chaos Redis a read-only replica, whose every write answers READONLY, for 1-4 s; then
+  it is failed back (``FAILOVER TO`` the chaos Redis, sent to the second one) and the
+  second one detached. The Redis commands' semantics this relies on are written down in
+  tests/chaos/harness.py.
+- Redis OOM: ``maxmemory`` 0-16 KB above used_memory (``noeviction``) for 1-4 s, then 0.
+- A rebuild with a lease handover: `viewkeeper rebuild --all` in the background (its scan
+  slowed to last a few seconds); when it reaches its handshake or its scan, the lease holder
+  of that moment is killed (-9) or stopped (SIGSTOP) for 0.5-4 s, so the lease moves while
+  the rebuild runs; its exit status is asserted when it ends.
+- The Lambda applier's container recycled: its next invocation is a cold start.
+
+Redis faults do not overlap each other or a background rebuild (which must write Redis). In
+all of them the daemons and the Lambda handler must hold their batches (a Redis refusing
+writes is a sink that is unavailable, not a bad record): the final check sees no dead
+letter. With the Lambda applier on, the run goes on until a rebuild has run at least once
+(its last faults are rebuild handovers until one can start): the handler reads the
+generations at every invocation instead of taking part in the handshake, and I6 must hold
+for it too. The long mode adds Redis losing everything (AOF deleted), repaired by
+`viewkeeper rebuild --all` while the writer and the daemons keep running (I6).
+
+What cannot be injected here: trimmed parent shards. moto's stream has one shard that never
+closes, splits or trims, so a parent trimmed before its children were read (I5: reported
+loudly, the shard marked ``needs_rebuild``, `rebuild` unblocks its children) cannot happen
+through moto; tests/test_trimmed_shards.py covers it on the fake stream.
+
+At the end: the writer stops, everything is restored (a background rebuild runs to its end),
+the Lambda applier reads the stream to its end and stops (a real mapping never stops
+half-way: one abandoned behind the daemons after a rebuild would leave older records
+stamped with the new generation over newer ones), the daemons drain on SIGTERM, one
 `viewkeeper run --until-caught-up` drains the rest, and every sink is compared with the
 projection of a full table scan (tests/chaos/checker.py): missing, stale and orphaned
 entries must all be 0 for Redis, for OpenSearch (through the alias) and for viewkeeper's
@@ -30,11 +63,13 @@ letter would be a sink error mistaken for a bad record), and no daemon that got 
 start-up may have exited on its own.
 
 Why Redis runs with AOF here: a Redis that restarts empty loses viewkeeper's bookkeeping
-(owner records, tombstones) with the data, and no daemon can tell; a cache that must stay
-exact is run with ``appendonly yes`` (the sink's docs already ask for ``noeviction`` for the
-same reason). Losing Redis anyway is a separate, explicit scenario: the damage is measured,
-then `viewkeeper rebuild` repairs it (test_redis_losing_everything_is_repaired_by_rebuild,
-and the long mode's "redis data loss + rebuild" fault).
+(owner records, tombstones) with the data; the daemons notice (the views' claim marker is
+gone: SINK DATA LOST, ``needs_rebuild``) but cannot bring back the items that do not change
+again until a rebuild runs. A cache that must stay exact is run with ``appendonly yes``
+(the sink's docs already ask for ``noeviction`` for the same reason). Losing Redis anyway
+is a separate, explicit scenario: the damage is measured, then `viewkeeper rebuild` repairs
+it (test_redis_losing_everything_is_repaired_by_rebuild, and the long mode's "redis data
+loss + rebuild" fault).
 
 Run::
 
@@ -117,6 +152,7 @@ import pytest
 
 from tests.chaos.checker import read_redis
 from tests.chaos.harness import CHECKPOINT_WRITE, TABLE, Harness
+from tests.chaos.lambda_applier import LambdaApplier
 from tests.chaos.workload import Writer, make_keys
 from tests.testbed import RedisServer
 from viewkeeper.coordination.model import LeaseState
@@ -124,6 +160,8 @@ from viewkeeper.coordination.model import LeaseState
 MODE = os.environ.get("VIEWKEEPER_CHAOS", "short").strip().lower() or "short"
 SEED = int(os.environ.get("VIEWKEEPER_CHAOS_SEED") or random.SystemRandom().randrange(2**31))
 AOF = ("--appendonly", "yes", "--appendfsync", "always")
+# The Lambda-style applier beside the daemons in the random run (VIEWKEEPER_CHAOS_LAMBDA=0: off)
+LAMBDA = os.environ.get("VIEWKEEPER_CHAOS_LAMBDA", "1").strip().lower() not in ("0", "no", "off")
 
 # Daemons that exit on their own are restarted (as systemd's Restart=on-failure would) and
 # counted. Exiting at start-up when DynamoDB cannot be reached is viewkeeper's documented
@@ -149,6 +187,10 @@ _KINDS = {
     "opensearch+kill": 2,
     "dynamodb": 2,
     "rewind": 1,
+    "redis-readonly": 1,
+    "redis-oom": 1,
+    "rebuild-handover": 1,
+    "lambda-cold": 1,  # only with the Lambda applier
 }
 PLANS = {
     "short": Plan(keys=30, seconds=25, gap=(0.6, 2.2), writer_pause=0.015, kinds=_KINDS),
@@ -223,6 +265,28 @@ def make_harness(
         server.close()
 
 
+@pytest.fixture
+def make_lambda(dynamodb_url: str) -> Iterator[Callable[[Harness], LambdaApplier]]:
+    """``make_lambda(harness)`` -> a Lambda-style applier on the harness's table and direct
+    config (not started); stopped afterwards."""
+    made: list[LambdaApplier] = []
+
+    def factory(h: Harness) -> LambdaApplier:
+        lam = LambdaApplier(
+            dynamodb_url=dynamodb_url,
+            table=TABLE,
+            config=h.direct_config,
+            rng=random.Random(SEED ^ 0x1A3BDA),
+            note=h.note,
+        )
+        made.append(lam)
+        return lam
+
+    yield factory
+    for lam in made:
+        lam.stop()
+
+
 @contextlib.contextmanager
 def explained(h: Harness, capsys: pytest.CaptureFixture[str]) -> Iterator[None]:
     """On failure: the seed, the timeline and the daemons' logs."""
@@ -240,7 +304,7 @@ def _alive(h: Harness) -> list[str]:
     return [s for s, d in h.daemons.items() if d.alive() and not d.paused]
 
 
-def inject(h: Harness, kind: str, rng: random.Random) -> bool:
+def inject(h: Harness, kind: str, rng: random.Random, lam: LambdaApplier | None = None) -> bool:
     """Inject one fault of ``kind`` if the current state allows it; False if skipped."""
     alive = _alive(h)
     holder = h.holder()
@@ -263,9 +327,29 @@ def inject(h: Harness, kind: str, rng: random.Random) -> bool:
             h.kill(slot, down)
         return True
     if kind == "redis":
-        if not h.redis_server.is_running():
+        if h.redis_busy():
             return False
         h.redis_restart(rng.choice(("kill -9", "SIGTERM")), rng.uniform(0.0, 3.0))
+        return True
+    if kind == "redis-readonly":  # a failover makes it a replica; failed back 1-4 s later
+        return not h.redis_busy() and h.redis_read_only(rng.uniform(1.0, 4.0))
+    if kind == "redis-oom":  # maxmemory just above used_memory for 1-4 s
+        if h.redis_busy():
+            return False
+        h.redis_oom(rng.uniform(1.0, 4.0), headroom=rng.randint(0, 16) * 1024)
+        return True
+    if kind == "rebuild-handover":  # the lease moves while a rebuild runs
+        if h.redis_busy() or holder not in alive:
+            return False
+        how, phase = rng.choice(("kill -9", "SIGSTOP")), rng.choice(("handshake", "scan"))
+        down = rng.uniform(0.5, 4.0)
+        h.rebuild_handover(how, phase, down, items_per_second=PLAN.keys / rng.uniform(1.0, 3.0))
+        return True
+    if kind == "lambda-cold":  # Lambda recycles the applier's container
+        if lam is None or not lam.alive():
+            return False
+        h.fault("lambda cold start")
+        lam.recycle()
         return True
     if kind == "opensearch":
         if h.os_proxy.mode != "open":
@@ -299,25 +383,42 @@ def inject(h: Harness, kind: str, rng: random.Random) -> bool:
 
 
 @pytest.mark.timeout(PLAN.seconds + 300)
-def test_random_faults_converge(make_harness: Factory, capsys: pytest.CaptureFixture[str]) -> None:
-    """I1-I5 (and I6 in the long mode) under random faults; see the module docstring."""
+def test_random_faults_converge(
+    make_harness: Factory,
+    make_lambda: Callable[[Harness], LambdaApplier],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """I1-I6 under random faults; see the module docstring."""
     plan = PLAN
+    kinds = {k: w for k, w in plan.kinds.items() if LAMBDA or not k.startswith("lambda")}
     say(capsys, f"\nchaos mode {MODE}, seed {SEED} (VIEWKEEPER_CHAOS_SEED={SEED} to replay)")
     h, writer = make_harness(keys=plan.keys, writer_pause=plan.writer_pause)
+    lam = make_lambda(h) if LAMBDA else None
     rng = random.Random(SEED ^ 0x5EED)
     started = time.monotonic()
     with explained(h, capsys):
         h.start_all()
         writer.start()
         h.wait_for(lambda: h.lease() is not None, 60, "the first lease")
-        deck = list(plan.kinds)
+        if lam is not None:
+            lam.start()
+        deck = list(kinds)
         rng.shuffle(deck)
-        names, weights = list(plan.kinds), list(plan.kinds.values())
+        names, weights = list(kinds), list(kinds.values())
         end = time.monotonic() + plan.seconds
+
+        def rebuilt() -> bool:
+            return bool(
+                h.figures.faults["rebuild + lease handover"]
+                or h.figures.faults["redis data loss + rebuild"]
+            )
+
         next_at = time.monotonic() + rng.uniform(*plan.gap)
         work_for = rng.uniform(0.2, 1.2)
         working_since: float | None = None
-        while time.monotonic() < end:
+        # With the Lambda applier, the run goes on until a rebuild has happened at least once
+        # (its last faults are rebuild-handover until one is allowed).
+        while time.monotonic() < end or (lam is not None and not rebuilt()):
             h.tick()
             now = time.monotonic()
             if h.working is None:
@@ -329,17 +430,24 @@ def test_random_faults_converge(make_harness: Factory, capsys: pytest.CaptureFix
             at_work = working_since is not None and now - working_since >= work_for
             if now >= next_at and (at_work or now >= next_at + 8.0):
                 work_for = rng.uniform(0.2, 1.2)
-                kind = deck[-1] if deck else rng.choices(names, weights)[0]
-                done = inject(h, kind, rng)
-                if deck and done:
+                forced = lam is not None and not rebuilt() and now > end - 6.0
+                if forced:
+                    assert now < end + 60, "no rebuild could be started for a minute"
+                    kind = "rebuild-handover"
+                else:
+                    kind = deck[-1] if deck else rng.choices(names, weights)[0]
+                done = inject(h, kind, rng, lam)
+                if deck and done and not forced:
                     deck.pop()
-                elif deck:  # a kind the state does not allow now goes to the back of the deck
+                elif deck and not forced:  # a kind the state does not allow now: to the back
                     deck.insert(0, deck.pop())
                 next_at = time.monotonic() + rng.uniform(*plan.gap)
             time.sleep(0.05)
         writer.finish()
         h.note(f"writer stopped after {writer.total} operations")
         h.restore_everything()
+        if lam is not None:
+            lam.finish()  # reads the stream to its end first, as a real mapping would
         h.stop_all()
         h.drain()
         dead = h.deadletters()
@@ -354,6 +462,8 @@ def test_random_faults_converge(make_harness: Factory, capsys: pytest.CaptureFix
                     f"operations: {writer.total} ({dict(writer.ops)}), {writer.bursts} bursts, "
                     f"{len(writer.errors)} failed calls",
                     f"faults: {sum(h.figures.faults.values())} ({dict(h.figures.faults)})",
+                    f"fault effects: {dict(h.figures.effects)}",
+                    f"lambda applier: {lam.summary() if lam is not None else 'off'}",
                     f"daemon starts: { {s: d.starts for s, d in h.daemons.items()} }; "
                     f"checkpoints seen moving during the faults: {len(h.checkpoints)}",
                     f"daemon logs: {dict(h.log_counts())}",
