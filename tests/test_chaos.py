@@ -135,6 +135,13 @@ test_kill_9_between_owner_record_and_document_delete_of_a_custom_id_view reprodu
 Also fixed since, now regular tests at the end of this file: a running daemon exiting on a
 1.4 s DynamoDB outage, a daemon exiting at start while OpenSearch was down, and the loser of two
 simultaneous first starts exiting on CreateTable's ResourceInUseException.
+
+The faults added for chaos/edges, one at a time, as focused tests at the end of this file: a
+Redis refusing writes (READONLY after a failover, then OOM) holds the daemon's checkpoint
+and dead-letters nothing; two rebuilds during which the lease moves (kill -9, then SIGSTOP,
+of the holder in the handshake); the Lambda applier alone (no daemon, no
+drain) through a rebuild that falls between reading a batch and invoking the handler, then
+an OOM longer than the sink's retries (a ``batchItemFailures`` answer, retried).
 """
 
 from __future__ import annotations
@@ -145,6 +152,7 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -766,3 +774,129 @@ def test_kill_9_between_owner_record_and_document_delete_of_a_custom_id_view(
     report = h.check()
     say(capsys, f"\ncustom doc_id, W1/W2 crash: {report.summary().splitlines()[2]}")
     assert report.ok, report.summary() + "\n" + h.diagnose(report)
+
+
+# --- READONLY, OOM, a lease handover in a rebuild, the Lambda handler: one at a time ----
+def test_a_redis_that_refuses_writes_holds_the_batches(
+    make_harness: Factory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """READONLY: the chaos Redis is failed over to a replica (FAILOVER TO) and is a read-only
+    replica itself. OOM: its maxmemory is set below used_memory (noeviction). Either way it
+    refuses every call of the apply script whole (INFO errorstats counts the refusals): the
+    daemon must hold its batch with its checkpoint, dead-letter nothing, and catch up once
+    the Redis takes writes again (one after the other, on one daemon)."""
+    h, writer = make_harness(slots=("a",))
+    with explained(h, capsys):
+        writer.write(40)
+        h.start("a")
+        h.wait_caught_up()
+        h.wait_for(lambda: h.check().ok, 30, "the daemon to apply the first writes")
+        seen = []
+        for refusal in ("READONLY", "OOM"):
+            refused = h.refusals(refusal)
+            if refusal == "READONLY":
+                assert h.redis_read_only(60.0), "the failover did not happen"
+            else:
+                h.redis_oom(60.0, headroom=-256 * 1024)
+            end = h.stream_end()  # nothing written after this can be applied
+            assert end is not None
+            writer.write(40)
+            told = partial(lambda code, before: h.refusals(code) > before, refusal, refused)
+            h.wait_for(told, 20, f"Redis to answer {refusal}")
+            time.sleep(1.0)  # a few more retries
+            lease = h.lease()
+            assert lease is not None and lease.checkpoint is not None
+            assert int(lease.checkpoint) <= int(end), (
+                f"{refusal}: the checkpoint moved to {lease.checkpoint} while Redis refused "
+                f"writes (the last record before was {end})"
+            )
+            waiting = h.check()
+            assert waiting.redis.total > 0, f"{refusal}: the new writes are in Redis"
+            h.finish_pending()  # fail back, or lift maxmemory
+            h.wait_for(lambda: h.check().ok, 60, f"the daemon to catch up after {refusal}")
+            h.tick()
+            assert h.daemons["a"].alive(), f"the daemon exited: {h.daemons['a'].unexpected_exits}"
+            seen.append(f"{refusal} x{h.refusals(refusal) - refused} (checkpoint held)")
+        assert not h.deadletters()
+        say(capsys, f"\nRedis refusing writes: {', '.join(seen)}; no dead letter")
+
+
+def test_the_lease_moves_while_a_rebuild_runs(
+    make_harness: Factory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """I6 with a lease handover inside the rebuild, twice while the writer keeps going. Once
+    the rebuild has raised the generation, its holder may not have acknowledged it yet:
+    ``kill -9`` of it (its lease is revoked by the rebuild or taken by the standby after it
+    expires, and the standby reads the new generation at the take), then ``SIGSTOP`` of the
+    next holder for 4 s (a zombie that wakes up after its lease was revoked or taken, with
+    a page it read before, stamped with the old generation unless it had acknowledged the
+    new one). Each rebuild must succeed, see the lease move, and the sinks converge."""
+    h, writer = make_harness(writer_pause=0.01)
+    with explained(h, capsys):
+        writer.write(60)
+        h.start_all()
+        h.wait_caught_up()
+        writer.start()
+        effects = h.figures.effects
+
+        def holder_at_work() -> bool:
+            h.tick()
+            return h.working is not None
+
+        for how in ("kill -9", "SIGSTOP"):
+            h.wait_for(holder_at_work, 30, "a live lease holder")
+            # a slow scan (a few seconds): the standby takes the lease over before it ends,
+            # also when the holder had acknowledged the generation before the fault
+            h.rebuild_handover(how, "handshake", down_for=4.0, items_per_second=6.0)
+            h.wait_jobs(timeout=90)  # asserts the rebuild's exit status
+            assert effects[f"holder {how} during a rebuild"] == 1, "the rebuild ended first"
+            h.finish_pending()
+        assert effects["rebuilds that saw the lease move"] == 2, h.figures.timeline[-12:]
+        writer.finish()
+        h.restore_everything()
+        h.stop_all()
+        h.drain()
+        report = h.check()
+        say(capsys, f"\nrebuilds with a handover: {report.summary().splitlines()[1:4]}")
+        assert report.ok, report.summary() + "\n" + h.diagnose(report)
+        assert not h.deadletters()
+        running = [e for d in h.daemons.values() for e in d.unexpected_exits if e.was_running]
+        assert not running, f"running daemons exited: {running}"
+
+
+def test_a_lambda_applier_alone_through_a_rebuild_and_a_refusing_redis(
+    make_harness: Factory,
+    make_lambda: Callable[[Harness], LambdaApplier],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The Lambda handler, fed as Lambda's poller feeds it, is the only applier (no daemon,
+    no drain: what it leaves is checked). Its first batch is read, then the items change
+    again and `viewkeeper rebuild --all` runs, then the handler gets that batch: it reads
+    the generations then, stamps the new one, and the newer records it reads next put right
+    what the scan's newer state lost to. Then Redis refuses writes (OOM) for longer than the
+    sink retries (5 s): the handler answers batchItemFailures, the poller retries from that
+    record. The sinks must end exact, with no dead letter. (A handler that kept the
+    generations of its cold start would lose every record after the rebuild to the scan.)"""
+    h, writer = make_harness(slots=("a",))  # daemon a is never started
+    lam = make_lambda(h)
+    with explained(h, capsys):
+        writer.write(40)
+        hold = lam.hold_next()
+        lam.start()
+        assert hold.reached.wait(30), "the lambda applier read no batch"
+        writer.write(30)
+        h.rebuild()
+        hold.release.set()
+        writer.write(30)
+        h.wait_for(lambda: lam.invocations >= 2, 30, "the applier to go on after the rebuild")
+        h.redis_oom(60.0, headroom=-256 * 1024)
+        writer.write(30)
+        h.wait_for(lambda: lam.batch_failures > 0, 30, "the handler to report a batch failure")
+        h.finish_pending()
+        writer.write(20)
+        lam.finish(timeout=60)
+        report = h.check()
+        say(capsys, f"\nlambda alone: {lam.summary()}; {report.summary().splitlines()[1:4]}")
+        assert report.ok, report.summary() + "\n" + h.diagnose(report)
+        assert not h.deadletters()
+        assert lam.function_errors == 0
