@@ -681,6 +681,7 @@ class Harness:
             "checkpoints retried (table down)": "not written (",
             "dead-lettered": "dead-lettered",
             "GetRecords retried": "backing off",
+            "sink data lost reported": "SINK DATA LOST",
         }
         counts: Counter[str] = Counter()
         for d in self.daemons.values():
