@@ -876,25 +876,29 @@ def test_a_lambda_applier_alone_through_a_rebuild_and_a_refusing_redis(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """The Lambda handler, fed as Lambda's poller feeds it, is the only applier (no daemon,
-    no drain: what it leaves is checked). Its first batch is read, then the items change
-    again and `viewkeeper rebuild --all` runs, then the handler gets that batch: it reads
-    the generations then, stamps the new one, and the newer records it reads next put right
-    what the scan's newer state lost to. Then Redis refuses writes (OOM) for longer than the
-    sink retries (5 s): the handler answers batchItemFailures, the poller retries from that
-    record. The sinks must end exact, with no dead letter. (A handler that kept the
-    generations of its cold start would lose every record after the rebuild to the scan.)"""
+    no drain: what it leaves is checked). After its cold start, a batch is read, then the
+    items change again and `viewkeeper rebuild --all` runs, then the handler gets that
+    batch: it reads the generations then, stamps the new one, and the newer records it
+    reads next put right what the scan's newer state lost to. Then Redis refuses writes
+    (OOM) for longer than the sink retries (5 s): the handler answers batchItemFailures,
+    the poller retries from that record. The sinks must end exact, with no dead letter. (A
+    handler that kept the generations of its cold start would lose every record after the
+    rebuild to the scan.)"""
     h, writer = make_harness(slots=("a",))  # daemon a is never started
     lam = make_lambda(h)
     with explained(h, capsys):
         writer.write(40)
-        hold = lam.hold_next()
         lam.start()
+        h.wait_for(lambda: lam.records > 0, 30, "the applier's first invocation")
+        hold = lam.hold_next()
+        writer.write(30)
         assert hold.reached.wait(30), "the lambda applier read no batch"
         writer.write(30)
         h.rebuild()
         hold.release.set()
         writer.write(30)
-        h.wait_for(lambda: lam.invocations >= 2, 30, "the applier to go on after the rebuild")
+        invoked = lam.invocations
+        h.wait_for(lambda: lam.invocations > invoked, 30, "the applier to go on")
         h.redis_oom(60.0, headroom=-256 * 1024)
         writer.write(30)
         h.wait_for(lambda: lam.batch_failures > 0, 30, "the handler to report a batch failure")
