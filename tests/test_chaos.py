@@ -143,6 +143,23 @@ and dead-letters nothing; two rebuilds during which the lease moves (kill -9, th
 of the holder in the handshake); the Lambda applier alone (no daemon, no
 drain) through a rebuild that falls between reading a batch and invoking the handler, then
 an OOM longer than the sink's retries (a ``batchItemFailures`` answer, retried).
+
+Found by the runs of chaos/edges, pinned as strict xfails at the end of this file (not
+fixed here: the package is not this branch's):
+
+- A document refused for a concurrent dynamic mapping update is dead-lettered. Two requests
+  bringing a new field at once, as a long and as a float, race on the index mapping; the
+  loser gets 400 illegal_argument_exception "mapper [n] cannot be changed from type [long]
+  to [float]", which the OpenSearch sink takes for the document's fault, while the same
+  document sent again is taken. Seed 404 (short mode): the Lambda handler and daemon b1
+  wrote the fresh ``chaos-items`` index at once, and record 1100000000017454423097 of k5|0
+  was dead-lettered for chaos_doc (every sink exact otherwise). Any number attribute of a
+  view can do it when several writers start on a new index.
+- Two processes claiming a fresh deployment at once: one reads the view states after the
+  other recorded its marker and the sink before it wrote its claim, and reports SINK DATA
+  LOST (ERROR, ``needs_rebuild``, a rebuild with ``on_sink_loss: rebuild``) for a sink
+  that lost nothing. One of the two daemons did, for chaos_doc, at the start of 4 of the
+  first 5 random runs (seeds 101, 202, 303, 404); the figures count these reports.
 """
 
 from __future__ import annotations
@@ -150,6 +167,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -161,7 +179,7 @@ import pytest
 
 from tests.chaos.checker import read_redis
 from tests.chaos.harness import CHECKPOINT_WRITE, TABLE, Harness
-from tests.chaos.lambda_applier import LambdaApplier
+from tests.chaos.lambda_applier import LambdaApplier, wire_record
 from tests.chaos.workload import Writer, make_keys
 from tests.testbed import RedisServer
 from viewkeeper.coordination.model import LeaseState
@@ -910,3 +928,116 @@ def test_a_lambda_applier_alone_through_a_rebuild_and_a_refusing_redis(
         assert report.ok, report.summary() + "\n" + h.diagnose(report)
         assert not h.deadletters()
         assert lam.function_errors == 0
+
+
+# --- found by the random runs of chaos/edges, pinned (strict xfail: once fixed, the mark goes) -
+@pytest.mark.xfail(
+    strict=True,
+    reason="a process that claims between another's set_marker and write_claim reports SINK "
+    "DATA LOST and marks the view needs_rebuild on a fresh deployment",
+)
+def test_two_first_claims_at_once_report_no_lost_data(
+    make_harness: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The random run's two daemons start at once, on a fresh deployment; in 4 of its first 5
+    runs (seeds 101, 202, 303, 404) one of them logged ``SINK DATA LOST: view chaos_doc ...
+    its claim is gone`` at start-up, while the other logged ``claimed``. Namespaces._fresh
+    records the new marker in the coordination table (set_marker), then writes the claim to
+    the sink (write_claim); a process whose Namespaces.claim reads the view states and the
+    sink's claim in between sees "marker recorded, no claim": the signature of a sink that
+    lost its data. It reports the loss (ERROR, needs_rebuild, metric, on_sink_loss: rebuild
+    starts a rebuild) and re-arms the namespace with a marker of its own, which the first
+    process's claim then overwrites (a second report follows when it notices). Here the
+    second process claims at exactly that moment; no view may end marked needs_rebuild."""
+    from viewkeeper.app import App
+
+    h, writer = make_harness(slots=("a",))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", os.environ.get("AWS_ACCESS_KEY_ID", "testing"))
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", os.environ.get("AWS_SECRET_ACCESS_KEY", "x"))
+    writer.write(10)
+    first, second = App.from_file(str(h.direct_config)), App.from_file(str(h.direct_config))
+    try:
+        first.store.ensure()
+        view = first.registry.get("chaos_doc")
+        sink = first.namespaces.sink_of(view)
+        write_claim = sink.write_claim
+        interleaved: list[str] = []
+
+        def late_claim(v: Any, claim: Any) -> None:
+            if v.name == view.name and not interleaved:
+                interleaved.append(v.name)  # the marker is recorded, the claim not written
+                second.claim()
+            write_claim(v, claim)
+
+        monkeypatch.setattr(sink, "write_claim", late_claim)
+        first.claim()
+        assert interleaved, "the first process never wrote the claim of chaos_doc"
+        states = first.store.view_states()
+    finally:
+        first.close()
+        second.close()
+    lost = {name: s.reason for name, s in states.items() if s.needs_rebuild}
+    assert not lost, lost
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the OpenSearch sink dead-letters a document refused for a concurrent dynamic "
+    "mapping update (400 illegal_argument_exception: mapper [n] cannot be changed from type "
+    "[long] to [float]); sent again, it is taken",
+)
+def test_concurrent_first_writes_of_a_number_field_are_not_dead_lettered(
+    make_harness: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OpenSearch maps a new field dynamically, with its first document. Two requests that
+    bring the same new field at once, one as an integer (long) and one as a decimal (float),
+    race on the mapping update, and the loser's document is refused: 400
+    illegal_argument_exception "mapper [n] cannot be changed from type [long] to [float]".
+    The field is mapped by then, and the same document sent again is taken (coerced to the
+    mapped type): the refusal is the index's passing state, not the record's fault, yet the
+    sink takes it as the document's and the record is dead-lettered (I5: a sink error
+    mistaken for a bad record). Views get DynamoDB numbers as int or Decimal, so any number
+    attribute can do this when several writers start on a new index: shard workers, a
+    Lambda beside them (the random run, seed 404: the handler and daemon b1 wrote the fresh
+    ``chaos-items`` index at once, record 1100000000017454423097 of k5|0 was dead-lettered
+    for chaos_doc), a Lambda with a parallelization factor above 1. Here eight appliers
+    write the first eight documents at once, half of them with an integer ``n``."""
+    from viewkeeper.app import App
+    from viewkeeper.ops.lambda_handler import handle_event
+
+    h, writer = make_harness(slots=("a",))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", os.environ.get("AWS_ACCESS_KEY_ID", "testing"))
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", os.environ.get("AWS_SECRET_ACCESS_KEY", "x"))
+    for i in range(8):
+        item = {"pk": {"S": f"k{i}"}, "sk": {"N": "0"}, "status": {"S": "new"}}
+        item |= {"owner": {"S": "ana"}, "n": {"N": str(i) if i % 2 == 0 else f"{i}.5"}}
+        writer.db.put_item(TableName=TABLE, Item=item)
+    arn = writer.db.describe_table(TableName=TABLE)["Table"]["LatestStreamArn"]
+    records = [wire_record(r, arn) for r in h.stream_records()]
+    assert len(records) == 8
+    app = App.from_file(str(h.direct_config))
+    try:
+        app.store.ensure()
+        app.claim()
+        generations = app.store.generations()
+        start = threading.Barrier(len(records))
+        errors: list[BaseException] = []
+
+        def apply(record: dict[str, Any]) -> None:
+            pipeline = app.pipeline()  # one per applier, on the app's sinks (as shard workers)
+            start.wait()
+            try:
+                handle_event({"Records": [record]}, pipeline, app.key_names, generations)
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        appliers = [threading.Thread(target=apply, args=(r,)) for r in records]
+        for t in appliers:
+            t.start()
+        for t in appliers:
+            t.join(60)
+        assert not errors, errors
+        dead = app.store.list_deadletters()
+    finally:
+        app.close()
+    assert not dead, [(d.item_key, d.view, d.error[:200]) for d in dead]

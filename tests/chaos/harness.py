@@ -618,7 +618,7 @@ class Harness:
             opensearch=self.os_sink,
         )
 
-    def _stream_records(self) -> Iterator[dict[str, Any]]:
+    def stream_records(self) -> Iterator[dict[str, Any]]:
         """Every record in the table's stream, oldest first."""
         from tests.testbed.dynamo import boto3_client
 
@@ -638,14 +638,14 @@ class Harness:
     def stream_end(self) -> str | None:
         """The newest sequence number in the table's stream (None while it is empty)."""
         last = None
-        for r in self._stream_records():
+        for r in self.stream_records():
             last = r["dynamodb"]["SequenceNumber"]
         return last
 
     def stream_history(self, pk: str, sk: int) -> list[str]:
         """The item's records in the stream, oldest first: sequence, event, new image."""
         out: list[str] = []
-        for r in self._stream_records():
+        for r in self.stream_records():
             d = r["dynamodb"]
             if d["Keys"]["pk"]["S"] != pk or int(d["Keys"]["sk"]["N"]) != sk:
                 continue

@@ -37,7 +37,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from tests.testbed.dynamo import boto3_client
 from viewkeeper.ops import lambda_handler
 
-__all__ = ["Hold", "LambdaApplier"]
+__all__ = ["Hold", "LambdaApplier", "wire_record"]
 
 
 def _wire_value(value: Mapping[str, Any]) -> dict[str, Any]:
