@@ -139,10 +139,10 @@ simultaneous first starts exiting on CreateTable's ResourceInUseException.
 
 The faults added for chaos/edges, one at a time, as focused tests at the end of this file: a
 Redis refusing writes (READONLY after a failover, then OOM) holds the daemon's checkpoint
-and dead-letters nothing; two rebuilds during which the lease moves (kill -9, then SIGSTOP,
-of the holder in the handshake); the Lambda applier alone (no daemon, no
-drain) through a rebuild that falls between reading a batch and invoking the handler, then
-an OOM longer than the sink's retries (a ``batchItemFailures`` answer, retried).
+and dead-letters nothing; a rebuild during which the lease moves (SIGSTOP of the holder in
+the handshake); the Lambda applier alone (no daemon, no drain) through a rebuild that falls
+between reading a batch and invoking the handler, then an OOM longer than the sink's
+retries (a ``batchItemFailures`` answer, retried).
 
 Found by the runs of chaos/edges, pinned as strict xfails at the end of this file (not
 fixed here: the package is not this branch's):
@@ -848,40 +848,40 @@ def test_a_redis_that_refuses_writes_holds_the_batches(
 def test_the_lease_moves_while_a_rebuild_runs(
     make_harness: Factory, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """I6 with a lease handover inside the rebuild, twice while the writer keeps going. Once
-    the rebuild has raised the generation, its holder may not have acknowledged it yet:
-    ``kill -9`` of it (its lease is revoked by the rebuild or taken by the standby after it
-    expires, and the standby reads the new generation at the take), then ``SIGSTOP`` of the
-    next holder for 4 s (a zombie that wakes up after its lease was revoked or taken, with
-    a page it read before, stamped with the old generation unless it had acknowledged the
-    new one). Each rebuild must succeed, see the lease move, and the sinks converge."""
+    """I6 with a lease handover inside the rebuild, while the writer keeps going. Once the
+    rebuild has raised the generation, the lease holder is stopped (SIGSTOP) for 4 s: it
+    may not have acknowledged the generation yet, so the rebuild revokes its lease (or the
+    standby takes it once expired, reading the new generation at the take) before it
+    scans; the holder wakes up as a zombie, with a page it read before, stamped with the
+    old generation unless it had acknowledged the new one. The rebuild must succeed, see
+    the lease move, and the sinks converge. (kill -9 instead of SIGSTOP, and the scan
+    instead of the handshake, are drawn by the random run's rebuild-handover fault.)"""
     h, writer = make_harness(writer_pause=0.01)
     with explained(h, capsys):
         writer.write(60)
         h.start_all()
         h.wait_caught_up()
         writer.start()
-        effects = h.figures.effects
 
         def holder_at_work() -> bool:
             h.tick()
             return h.working is not None
 
-        for how in ("kill -9", "SIGSTOP"):
-            h.wait_for(holder_at_work, 30, "a live lease holder")
-            # a slow scan (a few seconds): the standby takes the lease over before it ends,
-            # also when the holder had acknowledged the generation before the fault
-            h.rebuild_handover(how, "handshake", down_for=4.0, items_per_second=6.0)
-            h.wait_jobs(timeout=90)  # asserts the rebuild's exit status
-            assert effects[f"holder {how} during a rebuild"] == 1, "the rebuild ended first"
-            h.finish_pending()
-        assert effects["rebuilds that saw the lease move"] == 2, h.figures.timeline[-12:]
+        h.wait_for(holder_at_work, 30, "a live lease holder")
+        # A slow scan (about 5 s for the ~25 items): the standby takes the lease over before
+        # it ends also when the holder had acknowledged the generation just before the
+        # fault and the handshake did not wait for the move (seed 808 at 6 items/s).
+        h.rebuild_handover("SIGSTOP", "handshake", down_for=4.0, items_per_second=3.0)
+        h.wait_jobs(timeout=90)  # asserts the rebuild's exit status
+        effects = h.figures.effects
+        assert effects["holder SIGSTOP during a rebuild"] == 1, "the rebuild ended first"
+        assert effects["rebuilds that saw the lease move"] == 1, h.figures.timeline[-8:]
         writer.finish()
         h.restore_everything()
         h.stop_all()
         h.drain()
         report = h.check()
-        say(capsys, f"\nrebuilds with a handover: {report.summary().splitlines()[1:4]}")
+        say(capsys, f"\nrebuild with a handover: {report.summary().splitlines()[1:4]}")
         assert report.ok, report.summary() + "\n" + h.diagnose(report)
         assert not h.deadletters()
         running = [e for d in h.daemons.values() for e in d.unexpected_exits if e.was_running]
