@@ -214,6 +214,8 @@ class LambdaApplier:
                 hold, self._hold = self._hold, None
                 hold.reached.set()
                 hold.release.wait()
+                if self._stop.is_set():
+                    return
             failed_at = self._invoke([wire_record(r, arn) for r in records])
             if failed_at is None:
                 it = page["NextShardIterator"]
