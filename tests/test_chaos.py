@@ -156,8 +156,7 @@ the handshake); the Lambda applier alone (no daemon, no drain) through a rebuild
 between reading a batch and invoking the handler, then an OOM longer than the sink's
 retries (a ``batchItemFailures`` answer, retried).
 
-Found by the runs of chaos/edges, pinned as strict xfails at the end of this file (not
-fixed here: the package is not this branch's):
+Found by the runs of chaos/edges, pinned at the end of this file:
 
 - A document refused for a concurrent dynamic mapping update is dead-lettered. Two requests
   bringing a new field at once, as a long and as a float, race on the index mapping; the
@@ -168,11 +167,13 @@ fixed here: the package is not this branch's):
   dead-lettered (404: 1100000000017454423097 of k5|0 for chaos_doc; 1010:
   1100000000017454423010 of k9|0 for chaos_owner_doc), every sink exact otherwise. Any
   number attribute of a view can do it when several writers start on a new index.
-- Two processes claiming a fresh deployment at once: one reads the view states after the
-  other recorded its marker and the sink before it wrote its claim, and reports SINK DATA
+- Two processes claiming a fresh deployment at once: one read the view states after the
+  other recorded its marker and the sink before it wrote its claim, and reported SINK DATA
   LOST (ERROR, ``needs_rebuild``, a rebuild with ``on_sink_loss: rebuild``) for a sink
   that lost nothing. One of the two daemons did, for chaos_doc, at the start of 4 of the
-  first 5 random runs (seeds 101, 202, 303, 404); the figures count these reports.
+  first 5 random runs (seeds 101, 202, 303, 404); the figures count these reports. Fixed
+  since (a new claim goes to the sink before the coordination table records it):
+  test_two_first_claims_at_once_report_no_lost_data is a regular test now.
 """
 
 from __future__ import annotations
@@ -944,11 +945,6 @@ def test_a_lambda_applier_alone_through_a_rebuild_and_a_refusing_redis(
 
 
 # --- found by the random runs of chaos/edges, pinned (strict xfail: once fixed, the mark goes) -
-@pytest.mark.xfail(
-    strict=True,
-    reason="a process that claims between another's set_marker and write_claim reports SINK "
-    "DATA LOST and marks the view needs_rebuild on a fresh deployment",
-)
 def test_two_first_claims_at_once_report_no_lost_data(
     make_harness: Factory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
