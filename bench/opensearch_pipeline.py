@@ -151,10 +151,10 @@ class _Bench:
     def apply_only(self, pages: Sequence[bytes]) -> Callable[[], None]:
         """Just ``sink.apply``: the pages decoded, deduplicated and projected beforehand
         (what ``Pipeline.process`` hands the sink), so only the sink's work is timed."""
+        from viewkeeper.projection.keys import encode_key
         from viewkeeper.projection.project import project
         from viewkeeper.sinks.base import Change
         from viewkeeper.stream.client import gc_paused, parse_records
-        from viewkeeper.stream.records import encode_key
         from viewkeeper.versions import Version
 
         batches = []
@@ -185,8 +185,8 @@ class _Bench:
         """One ``_bulk`` body per page: the newest record of each item, as the sink sees it.
         ``scripted``: each document is written as the sink writes it — a scripted upsert
         through the sink's stored painless script — instead of a plain ``index``."""
+        from viewkeeper.projection.keys import encode_key
         from viewkeeper.stream.client import parse_records
-        from viewkeeper.stream.records import encode_key
         from viewkeeper.versions import Version
 
         index = orjson.dumps(self.raw_index)

@@ -32,6 +32,7 @@ from viewkeeper import SetMember, opensearch_view, redis_view
 from viewkeeper.coordination.memory import MemoryStore
 from viewkeeper.coordination.model import Lease, LeaseState
 from viewkeeper.projection.entries import Value
+from viewkeeper.projection.keys import encode_key
 from viewkeeper.runtime.pipeline import BatchReport, Pipeline
 from viewkeeper.runtime.worker import ShardWorker, WorkerSettings
 from viewkeeper.sinks.base import Sink
@@ -43,7 +44,6 @@ from viewkeeper.stream.records import (
     DecodeError,
     decode_record,
     encode_image,
-    encode_key,
 )
 
 TABLE = bad_views.TABLE

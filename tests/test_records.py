@@ -1,4 +1,5 @@
-"""The DynamoDB JSON decoder, ChangeRecord and encode_key (viewkeeper.stream.records)."""
+"""The DynamoDB JSON decoder and ChangeRecord (viewkeeper.stream.records), and an item's id
+(viewkeeper.projection.keys.encode_key)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from boto3.dynamodb.types import Binary, TypeDeserializer, TypeSerializer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from viewkeeper.projection.keys import ItemKeyError, encode_key
 from viewkeeper.stream.records import (
     NO_SEQUENCE,
     ChangeRecord,
@@ -25,7 +27,6 @@ from viewkeeper.stream.records import (
     decode_records,
     decode_value,
     encode_image,
-    encode_key,
     encode_value,
 )
 
@@ -557,11 +558,11 @@ def test_encode_key_numbers_are_canonical_whatever_their_decoded_form() -> None:
 
 
 def test_encode_key_errors() -> None:
-    with pytest.raises(DecodeError, match="item lacks key attribute 'sk'"):
+    with pytest.raises(ItemKeyError, match="item lacks key attribute 'sk'"):
         encode_key({"pk": "a"}, ("pk", "sk"))
-    with pytest.raises(DecodeError, match="cannot be BOOL"):
+    with pytest.raises(ItemKeyError, match="cannot be BOOL"):
         encode_key({"pk": True}, ("pk",))
-    with pytest.raises(DecodeError, match="is not a string, number or binary"):
+    with pytest.raises(ItemKeyError, match="is not a string, number or binary"):
         encode_key({"pk": [1]}, ("pk",))
 
 

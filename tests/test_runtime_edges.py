@@ -22,6 +22,7 @@ import pytest
 from tests.helpers import redis_view_keys
 from tests.views_e2e.fake_views import expected
 from viewkeeper.coordination.memory import MemoryStore
+from viewkeeper.projection.keys import encode_key
 from viewkeeper.projection.registry import load_views
 from viewkeeper.runtime.pipeline import Pipeline
 from viewkeeper.runtime.rebuild import RebuildSettings, rebuild
@@ -30,7 +31,6 @@ from viewkeeper.runtime.worker import WorkerSettings
 from viewkeeper.sinks.redis import RedisSink
 from viewkeeper.stream.errors import ServiceError
 from viewkeeper.stream.fake import FakeStream
-from viewkeeper.stream.records import encode_key
 
 VIEWS = load_views(["tests.views_e2e.fake_views"])
 (VIEW,) = VIEWS

@@ -32,6 +32,7 @@ from tests.views_e2e import bad_views
 from viewkeeper.config import ConfigError, MetricsConfig, parse_config, redacted
 from viewkeeper.coordination.memory import MemoryStore
 from viewkeeper.ops.logs import setup_logging
+from viewkeeper.projection.keys import encode_key
 from viewkeeper.runtime import metrics
 from viewkeeper.runtime.pipeline import Pipeline
 from viewkeeper.sinks.base import Sink, SinkUnavailable
@@ -40,7 +41,7 @@ from viewkeeper.sinks.opensearch import OpenSearchSink
 from viewkeeper.sinks.redis import RedisSink
 from viewkeeper.stream.client import HttpStreamClient
 from viewkeeper.stream.errors import StreamError
-from viewkeeper.stream.records import ChangeRecord, decode_record, encode_image, encode_key
+from viewkeeper.stream.records import ChangeRecord, decode_record, encode_image
 
 TABLE = bad_views.TABLE
 KEYS = ("pk",)

@@ -240,7 +240,7 @@ def opensearch_view(
 ) -> Callable[[F], F]:
     """Declare an OpenSearch view: the function returns one document body (a dict) for the
     item, or None for "no document". ``index`` is the name readers search and get by.
-    The document id is the item key (see :func:`viewkeeper.stream.records.encode_key`)
+    The document id is the item key (see :func:`viewkeeper.projection.keys.encode_key`)
     unless ``doc_id`` (a function of the item) is given.
     """
     misused = _misused(

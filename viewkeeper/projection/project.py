@@ -17,7 +17,7 @@ from viewkeeper.projection.entries import (
     SortedSetMember,
     Value,
 )
-from viewkeeper.stream.records import encode_key
+from viewkeeper.projection.keys import encode_key
 
 __all__ = ["ProjectionError", "project", "shown"]
 

@@ -47,11 +47,12 @@ import orjson
 
 from viewkeeper.coordination.model import CoordinationStore, DeadLetter
 from viewkeeper.projection.api import View
+from viewkeeper.projection.keys import ItemKeyError, encode_key
 from viewkeeper.projection.project import ProjectionError, project
 from viewkeeper.projection.registry import ViewRegistry
 from viewkeeper.runtime import metrics
 from viewkeeper.sinks.base import Change, NamespaceLost, Outcome, Result, Sink
-from viewkeeper.stream.records import NO_SEQUENCE, ChangeRecord, DecodeError, encode_key
+from viewkeeper.stream.records import NO_SEQUENCE, ChangeRecord, DecodeError
 from viewkeeper.versions import Version, padded_sequence
 
 __all__ = ["BatchReport", "HaltShard", "Pipeline", "deadletter_id"]
@@ -155,7 +156,7 @@ class Pipeline:
             for rec in records:
                 try:
                     item_key = encode_key(rec.keys, key_names)
-                except DecodeError as exc:
+                except ItemKeyError as exc:
                     self._dead(report, view, table, "?", rec, exc, generation)
                     continue
                 latest.setdefault(item_key, []).append(rec)
@@ -175,7 +176,7 @@ class Pipeline:
         """The item key of a malformed record for its dead letter, when its Keys decoded."""
         try:
             return encode_key(rec.keys, key_names) if rec.keys else "?"
-        except DecodeError:
+        except ItemKeyError:
             return "?"
 
     def _newest_projectable(
@@ -278,12 +279,12 @@ class Pipeline:
         try:
             item_key = encode_key(item, key_names)
             entries = project(view, dict(item), item_key, key_names)
-        except (ProjectionError, DecodeError) as exc:
+        except (ProjectionError, ItemKeyError) as exc:
             self._dead(
                 report,
                 view,
                 table,
-                "?" if isinstance(exc, DecodeError) else exc.item_key,
+                "?" if isinstance(exc, ItemKeyError) else exc.item_key,
                 None,
                 exc,
                 version.generation,

@@ -54,6 +54,7 @@ from typing import Any
 
 import orjson
 
+from viewkeeper.projection.keys import encode_key
 from viewkeeper.stream.client import (
     ITERATOR_TYPES,
     PendingPage,
@@ -70,7 +71,7 @@ from viewkeeper.stream.errors import (
     TrimmedDataAccessError,
     ValidationError,
 )
-from viewkeeper.stream.records import PageHead, encode_image, encode_key
+from viewkeeper.stream.records import PageHead, encode_image
 
 __all__ = ["FakeStream", "ManualClock"]
 

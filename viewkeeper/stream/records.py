@@ -55,7 +55,6 @@ __all__ = [
     "decode_records",
     "decode_value",
     "encode_image",
-    "encode_key",
     "encode_value",
     "invalid_record",
 ]
@@ -697,37 +696,3 @@ def _number_text(value: int | Decimal) -> str:
     if isinstance(value, Decimal) and not value.is_finite():
         raise DecodeError(f"N value {value} is not a finite number")
     return str(value)
-
-
-# --- item keys -----------------------------------------------------------------------------
-def _key_part(value: Any) -> str:
-    if isinstance(value, str):
-        return value.replace("\\", "\\\\").replace("|", "\\|")
-    if isinstance(value, bool):
-        raise DecodeError("a key attribute cannot be BOOL")
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, Decimal):
-        normalized = value.normalize()
-        if normalized == normalized.to_integral_value():
-            return str(int(normalized))
-        return format(normalized, "f")
-    if isinstance(value, bytes):
-        return base64.b64encode(value).decode("ascii")
-    raise DecodeError(f"key value {value!r} is not a string, number or binary")
-
-
-def encode_key(item: Mapping[str, Any], key_names: tuple[str, ...]) -> str:
-    """The stable text id of an item: its key values in key-schema order (hash, then range).
-
-    Strings are taken as they are with ``\\`` and ``|`` escaped by a backslash, numbers in
-    canonical decimal form (``10``, ``1.5``), binary as base64; parts are joined by ``|``.
-    A table keyed by ``order_id`` = ``"o-1"`` gives ``o-1``; with a range key ``2`` it gives
-    ``o-1|2``. This is the default OpenSearch document id and the owner-record id in Redis.
-    """
-    try:
-        if len(key_names) == 1:
-            return _key_part(item[key_names[0]])
-        return "|".join(_key_part(item[name]) for name in key_names)
-    except KeyError as exc:
-        raise DecodeError(f"item lacks key attribute {exc}; key schema is {key_names}") from None
