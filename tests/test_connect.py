@@ -12,8 +12,10 @@ import redis
 from opensearchpy import Urllib3AWSV4SignerAuth
 
 from tests.testbed import free_port
+from viewkeeper.app import opensearch_client_for as opensearch_client
+from viewkeeper.app import redis_client_for as redis_client
 from viewkeeper.config import Config, ConfigError, parse_config
-from viewkeeper.sinks.connect import describe_target, opensearch_client, redis_client
+from viewkeeper.sinks.connect import describe_target
 
 PASSWORD = "c0nnect-pw-5e1d"
 

@@ -29,6 +29,8 @@ from opensearchpy import OpenSearch
 from tests.helpers import registry_of, view_for, vk, vk_env, write_config
 from tests.testbed import RedisServer, free_port
 from tests.views_e2e import bad_views
+from viewkeeper.app import opensearch_client_for as opensearch_client
+from viewkeeper.app import redis_client_for as redis_client
 from viewkeeper.config import ConfigError, MetricsConfig, parse_config, redacted
 from viewkeeper.coordination.memory import MemoryStore
 from viewkeeper.ops.logs import setup_logging
@@ -36,7 +38,6 @@ from viewkeeper.projection.keys import encode_key
 from viewkeeper.runtime import metrics
 from viewkeeper.runtime.pipeline import Pipeline
 from viewkeeper.sinks.base import Sink, SinkUnavailable
-from viewkeeper.sinks.connect import opensearch_client, redis_client
 from viewkeeper.sinks.opensearch import OpenSearchSink
 from viewkeeper.sinks.redis import RedisSink
 from viewkeeper.stream.client import HttpStreamClient

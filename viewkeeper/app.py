@@ -11,7 +11,17 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
-from viewkeeper.config import Config, check_view_connections, load_config
+from viewkeeper.config import (
+    AwsConfig,
+    BasicAuth,
+    Config,
+    ConfigError,
+    OpenSearchConnection,
+    RedisConnection,
+    SigV4Auth,
+    check_view_connections,
+    load_config,
+)
 from viewkeeper.coordination.dynamodb import DynamoDBStore
 from viewkeeper.coordination.model import CoordinationStore
 from viewkeeper.projection.api import View
@@ -24,9 +34,62 @@ from viewkeeper.runtime.worker import WorkerSettings
 from viewkeeper.sinks.base import Owner, Sink, SinkUnavailable
 from viewkeeper.stream.client import HttpStreamClient, StreamClient
 
-__all__ = ["App"]
+__all__ = ["App", "opensearch_client_for", "redis_client_for"]
 
 log = logging.getLogger("viewkeeper.app")
+
+
+def redis_client_for(conn: RedisConnection, **overrides: Any) -> Any:
+    """The client of one ``redis:`` connection of the config (see sinks/connect.py)."""
+    from viewkeeper.sinks.connect import RedisTls, redis_client
+
+    options: dict[str, Any] = {
+        "socket_timeout": conn.socket_timeout,
+        "connect_timeout": conn.connect_timeout,
+        "health_check_interval": conn.health_check_interval,
+    }
+    return redis_client(
+        conn.url,
+        password=conn.password.reveal() if conn.password is not None else None,
+        tls=RedisTls(
+            conn.ssl_cert_reqs,
+            conn.ssl_check_hostname,
+            conn.ssl_ca_file,
+            conn.ssl_cert_file,
+            conn.ssl_key_file,
+        )
+        if conn.tls
+        else None,
+        **(options | overrides),
+    )
+
+
+def opensearch_client_for(conn: OpenSearchConnection, aws: AwsConfig, **overrides: Any) -> Any:
+    """The client of one ``opensearch:`` connection of the config (see sinks/connect.py);
+    SigV4 without AWS credentials is a ConfigError naming the connection."""
+    from viewkeeper.sinks.connect import MissingCredentials, opensearch_client, sigv4_auth
+
+    http_auth: Any = None
+    where = f"opensearch.{conn.name}.auth"
+    if isinstance(conn.auth, BasicAuth):
+        http_auth = (conn.auth.username, conn.auth.password.reveal())
+    elif isinstance(conn.auth, SigV4Auth):
+        try:
+            http_auth = sigv4_auth(
+                conn.auth.region, conn.auth.service, profile=aws.profile, where=where
+            )
+        except MissingCredentials as exc:
+            raise ConfigError(str(exc), path=where) from None
+    return opensearch_client(
+        conn.hosts,
+        http_auth=http_auth,
+        verify_certs=conn.verify_certs,
+        ca_certs=conn.ca_certs,
+        timeout=conn.timeout,
+        max_retries=conn.max_retries,
+        http_compress=conn.http_compress,
+        **overrides,
+    )
 
 
 class App:
@@ -102,8 +165,6 @@ class App:
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
-        from viewkeeper.sinks.connect import opensearch_client, redis_client
-
         retention = self.config.tombstones.retention_hours * 3600
         if kind == "redis":
             from viewkeeper.sinks.redis import RedisSink
@@ -113,7 +174,7 @@ class App:
                 name,
                 # the sink retries within its own time budget; redis-py's retries would
                 # stretch it
-                redis_client(rconf, retry=Retry(NoBackoff(), 0)),
+                redis_client_for(rconf, retry=Retry(NoBackoff(), 0)),
                 key_prefix=rconf.key_prefix,
                 entry_prefix=rconf.entry_prefix,
                 owner_buckets=rconf.owner_buckets,
@@ -124,7 +185,7 @@ class App:
         oconf = self.config.opensearch[name]
         return OpenSearchSink(
             name,
-            opensearch_client(oconf, self.config.aws),
+            opensearch_client_for(oconf, self.config.aws),
             index_prefix=oconf.index_prefix,
             tombstone_retention=retention,
         )

@@ -526,9 +526,10 @@ def probe_redis_tls(name: str, conn: Any) -> None:
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    from viewkeeper.sinks.connect import describe_target, redis_client
+    from viewkeeper.app import redis_client_for
+    from viewkeeper.sinks.connect import describe_target
 
-    client = redis_client(conn, retry=Retry(NoBackoff(), 0))
+    client = redis_client_for(conn, retry=Retry(NoBackoff(), 0))
     try:
         client.ping()
     except Exception as exc:
