@@ -1,0 +1,240 @@
+"""``viewkeeper run``: the daemon's start-up checks, its signals, systemd notification and
+metrics endpoint around the supervisor's loop."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import signal
+import socket
+import time
+from typing import Any
+
+from viewkeeper import __version__
+from viewkeeper.cli.common import _app
+from viewkeeper.cli.failures import Failure, _certificate_error
+
+log = logging.getLogger("viewkeeper.cli")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """The daemon.
+
+    Start-up checks the metrics endpoint, the coordination table and every source table's
+    stream before the first lease is taken; the first that cannot be used ends the process
+    with one line naming it (exit 1, so systemd's Restart=on-failure tries again; 78 for a
+    config or coordination table that cannot work). A Redis or OpenSearch that is down at
+    start is logged as an error and waited for, as one that goes down later is: shards hold
+    their checkpoints and retry, STATUS and the lag metrics show it, and a deploy during a
+    cache restart does not leave the unit failed. With --until-caught-up (batch use) it
+    fails at once instead.
+    """
+    from viewkeeper.ops.sdnotify import Notifier, WatchdogThread
+
+    app = _app(args)
+    app.wait_for_sinks = not args.until_caught_up
+    try:
+        mconf = app.config.metrics
+        if mconf.port is not None:
+            serve_metrics(mconf.host, mconf.port)
+            log.info("metrics on http://%s:%d/metrics", mconf.host, mconf.port)
+        _preflight(app)
+        _claim_namespaces(app)
+        if app.config.worker.on_sink_loss == "rebuild":
+            app.enable_auto_rebuild()
+        sup = app.supervisor()
+        notifier = Notifier()
+        signals = _install_signals(sup.request_stop)
+
+        def status_line() -> str:
+            shards, worst = sup.summary()
+            return f"{shards} shards, worst lag {worst:.1f}s"
+
+        draining = [False]
+
+        def status_or_drain() -> str:
+            if sup.stopping.is_set() and not draining[0]:
+                draining[0] = True
+                notifier.stopping("draining: finishing batches in flight, releasing leases")
+            return status_line()
+
+        watchdog: WatchdogThread | None = None
+        if notifier.enabled:
+            # WATCHDOG=1 only while the supervisor loop keeps turning (or is draining, which
+            # TimeoutStopSec bounds); STATUS is refreshed even without WatchdogSec.
+            watchdog = WatchdogThread(
+                notifier, notifier.watchdog_interval() or 5.0, sup.healthy, status_or_drain
+            )
+        ready = [False]
+        last_purge = [time.monotonic()]
+
+        def on_tick(s: Any) -> None:
+            if not ready[0]:
+                ready[0] = True
+                notifier.ready(status_line())
+                if watchdog is not None:
+                    watchdog.start()
+                log.info(
+                    "viewkeeper %s running as %s on tables %s",
+                    __version__,
+                    s.worker_id,
+                    ", ".join(app.tables),
+                )
+            if time.monotonic() - last_purge[0] > 3600:
+                last_purge[0] = time.monotonic()
+                _purge_tombstones(app)
+
+        try:
+            sup.run(until_caught_up=args.until_caught_up, on_tick=on_tick)
+        finally:
+            notifier.stopping("draining")
+            if watchdog is not None:
+                watchdog.stop()
+            signals.restore()
+    finally:
+        app.close()
+    log.info("stopped cleanly")
+    return 0
+
+
+def _claim_namespaces(app: Any) -> None:
+    """Claim the views' sink namespaces (viewkeeper.runtime.namespaces) before the first lease: a
+    namespace of another deployment ends the run (exit 78); a sink that is down is waited
+    for like any sink the daemon needs (--until-caught-up fails at once instead)."""
+    from viewkeeper.sinks.base import SinkUnavailable
+
+    delay = 1.0
+    while True:
+        try:
+            app.claim()
+            return
+        except SinkUnavailable as exc:
+            if not app.wait_for_sinks:
+                raise
+            log.error("%s; waiting for it to claim the views' namespaces", exc)
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+
+def serve_metrics(host: str, port: int) -> None:
+    """Start the Prometheus endpoint, or raise Failure naming host:port and the fix."""
+    from viewkeeper.runtime import metrics
+
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        metrics.serve(port, host)
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        if isinstance(exc, socket.gaierror):
+            fix = "set metrics.host to an address of this machine, like 127.0.0.1"
+        elif exc.errno == errno.EADDRINUSE:
+            fix = (
+                "another process listens there (a viewkeeper still stopping?): stop it, "
+                "choose another metrics.port, or set metrics.port: null to turn metrics off"
+            )
+        elif exc.errno == errno.EACCES:
+            fix = "ports below 1024 need privileges: use a higher metrics.port, like 9464"
+        elif exc.errno == errno.EADDRNOTAVAIL:
+            fix = "metrics.host is not an address of this machine: use 127.0.0.1 or 0.0.0.0"
+        else:
+            fix = "check metrics.host and metrics.port"
+        raise Failure(f"metrics endpoint: cannot listen on {where} ({reason}); {fix}") from exc
+
+
+def _preflight(app: Any) -> None:
+    """Everything `run` needs before its first lease, checked in order; the first failure
+    raises (one line, see :func:`explain_failure`)."""
+    from viewkeeper.runtime.supervisor import StreamNotReadable
+
+    app.store.ensure()
+    for table in app.tables:
+        info = app.client.describe_table(table)  # a missing table: ResourceNotFoundError
+        if not info.stream_arn or info.stream_view_type not in ("NEW_IMAGE", "NEW_AND_OLD_IMAGES"):
+            raise StreamNotReadable(
+                f"table {table!r} streams {info.stream_view_type or 'nothing'}; views need "
+                "the new image: enable DynamoDB Streams on it with view type "
+                "NEW_AND_OLD_IMAGES (or NEW_IMAGE)"
+            )
+    for name in sorted(app.registry.connections("redis")):
+        probe_redis_tls(name, app.config.redis[name])
+    app.sinks  # noqa: B018 - builds, connects and prepares every sink
+
+
+def probe_redis_tls(name: str, conn: Any) -> None:
+    """One quick connection to a ``rediss://`` Redis: a certificate that does not verify is
+    permanent (retrying cannot fix it), so it is reported at once with the fix, as Failure.
+    Anything else is left to the sink, which retries what may be temporary."""
+    if not conn.tls:
+        return
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    from viewkeeper.app import redis_client_for
+    from viewkeeper.sinks.connect import describe_target
+
+    client = redis_client_for(conn, retry=Retry(NoBackoff(), 0))
+    try:
+        client.ping()
+    except Exception as exc:
+        cert = _certificate_error(exc)
+        if cert is None:
+            return
+        reason = cert.verify_message or cert.reason or "unknown reason"
+        if "mismatch" in str(reason).lower():
+            fix = (
+                f"connect with the name the certificate was issued for, or set "
+                f"redis.{name}.ssl_check_hostname: false"
+            )
+        else:
+            fix = (
+                f"set redis.{name}.ssl_ca_file to the CA certificate that signed the "
+                "server's certificate"
+            )
+        raise Failure(
+            f"redis {name} at {describe_target(conn.url)}: TLS certificate verify failed: "
+            f"{reason}; {fix}"
+        ) from exc
+    finally:
+        client.close()
+
+
+def _purge_tombstones(app: Any) -> None:
+    cutoff = time.time() - app.config.tombstones.retention_hours * 3600
+    for view in app.registry:
+        try:
+            n = app.pipeline().sink_for(view).purge_tombstones(view, cutoff)
+            if n:
+                log.info("purged %d tombstones of %s", n, view.name)
+        except Exception as exc:
+            log.warning("purging tombstones of %s failed: %s", view.name, exc)
+
+
+class _Signals:
+    """First SIGTERM/SIGINT: warm shutdown (drain). A duplicate within a second is ignored
+    (systemd and a terminal may both send one). A later second signal exits at once."""
+
+    def __init__(self, stop: Any) -> None:
+        self.stop = stop
+        self.first_at: float | None = None
+        self.previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def handle(self, signum: int, frame: object) -> None:
+        now = time.monotonic()
+        if self.first_at is None:
+            self.first_at = now
+            self.stop()  # sets events only
+        elif now - self.first_at > 1.0:
+            os._exit(1)
+
+    def restore(self) -> None:
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+
+def _install_signals(stop: Any) -> _Signals:
+    sig = _Signals(stop)
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, sig.handle)
+    return sig
