@@ -53,7 +53,8 @@ import orjson
 
 from viewkeeper.stream.errors import ResourceNotFoundError, ServiceError, StreamError
 from viewkeeper.stream.fake import FakeStream
-from viewkeeper.stream.records import DecodeError, decode_image, encode_image
+from viewkeeper.stream.records import DecodeError
+from viewkeeper.stream.values import decode_image, encode_image
 
 __all__ = ["FakeStreamServer", "error_body", "main"]
 

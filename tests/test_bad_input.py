@@ -39,12 +39,8 @@ from viewkeeper.sinks.base import Sink
 from viewkeeper.sinks.opensearch import OpenSearchSink
 from viewkeeper.sinks.redis import RedisSink
 from viewkeeper.stream.client import RecordsPage, parse_records
-from viewkeeper.stream.records import (
-    ChangeRecord,
-    DecodeError,
-    decode_record,
-    encode_image,
-)
+from viewkeeper.stream.records import ChangeRecord, DecodeError, decode_record
+from viewkeeper.stream.values import encode_image
 
 TABLE = bad_views.TABLE
 KEYS = ("pk",)

@@ -18,7 +18,7 @@ from viewkeeper.app import App
 from viewkeeper.coordination.model import Lease, WorkerInfo
 from viewkeeper.projection.registry import load_views
 from viewkeeper.runtime.rebuild import HandshakeTimeout, RebuildSettings, rebuild
-from viewkeeper.stream.records import decode_image
+from viewkeeper.stream.values import decode_image
 
 TABLE = "rb-items"
 

@@ -21,14 +21,11 @@ from viewkeeper.stream.records import (
     ChangeRecord,
     DecodeError,
     PageHead,
-    decode_image,
     decode_page,
     decode_record,
     decode_records,
-    decode_value,
-    encode_image,
-    encode_value,
 )
+from viewkeeper.stream.values import decode_image, decode_value, encode_image, encode_value
 
 SEQ21 = "100000000000000000123"
 SEQ40 = "9" * 40

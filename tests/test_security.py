@@ -42,7 +42,8 @@ from viewkeeper.sinks.opensearch import OpenSearchSink
 from viewkeeper.sinks.redis import RedisSink
 from viewkeeper.stream.client import HttpStreamClient
 from viewkeeper.stream.errors import StreamError
-from viewkeeper.stream.records import ChangeRecord, decode_record, encode_image
+from viewkeeper.stream.records import ChangeRecord, decode_record
+from viewkeeper.stream.values import encode_image
 
 TABLE = bad_views.TABLE
 KEYS = ("pk",)

@@ -31,7 +31,7 @@ from viewkeeper.projection.api import View
 from viewkeeper.projection.registry import ViewRegistry
 from viewkeeper.sinks.opensearch import OpenSearchSink
 from viewkeeper.sinks.redis import RedisSink
-from viewkeeper.stream.records import decode_image
+from viewkeeper.stream.values import decode_image
 
 __all__ = [
     "CheckReport",

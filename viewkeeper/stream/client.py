@@ -54,13 +54,8 @@ from viewkeeper.stream.errors import (
     ValidationError,
     error_class_for,
 )
-from viewkeeper.stream.records import (
-    ChangeRecord,
-    DecodeError,
-    PageHead,
-    decode_image,
-    encode_value,
-)
+from viewkeeper.stream.records import ChangeRecord, DecodeError, PageHead
+from viewkeeper.stream.values import decode_image, encode_value
 
 if TYPE_CHECKING:
     import boto3

@@ -71,7 +71,8 @@ from viewkeeper.stream.errors import (
     TrimmedDataAccessError,
     ValidationError,
 )
-from viewkeeper.stream.records import PageHead, encode_image
+from viewkeeper.stream.records import PageHead
+from viewkeeper.stream.values import encode_image
 
 __all__ = ["FakeStream", "ManualClock"]
 
