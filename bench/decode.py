@@ -1,6 +1,6 @@
 """Decode: GetRecords page bodies → change records, ours vs boto3's.
 
-Ours is exactly what :class:`~viewkeeper.stream.client.HttpStreamClient` does with a response
+Ours is exactly what :class:`~viewkeeper.stream.http.HttpStreamClient` does with a response
 body: :func:`~viewkeeper.stream.client.parse_records` (``decode_page``: a typed msgspec
 parse that builds objects for Keys and NewImage only, + the decoder of
 ``viewkeeper.stream.records``). The baseline is what a boto3 consumer pays: botocore's own

@@ -180,7 +180,7 @@ def _get_records_ms(url: str) -> float:
     """p50 of an empty GetRecords round trip at the end of the stream (viewkeeper's client)."""
     import boto3
 
-    from viewkeeper.stream.client import HttpStreamClient
+    from viewkeeper.stream.http import HttpStreamClient
 
     session = boto3.Session(
         aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"

@@ -10,7 +10,7 @@ OpenSearch, from a synthetic scan source and through moto.
   Each sink is rebuilt twice: the first build (empty sink) and a rebuild over that build
   (every item rewritten at the new generation, nothing left to sweep).
 - **Through moto**: :data:`MOTO_ITEMS` items written with ``batch_write_item``, then rebuilt
-  with 4 segments through :class:`~viewkeeper.stream.client.HttpStreamClient` into Redis.
+  with 4 segments through :class:`~viewkeeper.stream.http.HttpStreamClient` into Redis.
   Baseline: the same client scanning the same table with the same 4 threads and page size
   and doing nothing with the items — moto's own Scan rate, the ceiling here.
 
@@ -188,7 +188,7 @@ def _moto(count: int) -> list[Row]:
     from bench.redis_pipeline import _card, make_view
     from viewkeeper.coordination.memory import MemoryStore
     from viewkeeper.sinks.redis import RedisSink
-    from viewkeeper.stream.client import HttpStreamClient
+    from viewkeeper.stream.http import HttpStreamClient
 
     url = service_url(ENV_DYNAMODB)
     session = boto3.Session(

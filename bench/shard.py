@@ -1,7 +1,7 @@
 """Recorded pages through the daemon's own shard worker.
 
 :class:`RecordedShard` is a stream of one shard whose GetRecords answers are recorded page
-bodies: each call parses its body exactly as :class:`~viewkeeper.stream.client.HttpStreamClient`
+bodies: each call parses its body exactly as :class:`~viewkeeper.stream.http.HttpStreamClient`
 parses a response (``parse_records`` on the bytes), and the last page ends the shard. A
 :class:`~viewkeeper.runtime.worker.ShardWorker` reads it from TRIM_HORIZON to SHARD_END through
 the pipeline and sinks under test, checkpointing into a ``MemoryStore`` — the whole path of

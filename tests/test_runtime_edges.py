@@ -572,7 +572,7 @@ def test_rebuild_scan_is_eventually_consistent_and_beats_a_newer_record(
     import boto3
     import orjson
 
-    from viewkeeper.stream.client import HttpStreamClient
+    from viewkeeper.stream.http import HttpStreamClient
 
     make_table(dynamodb, TABLE, hash_key="pk")
 

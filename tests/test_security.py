@@ -40,8 +40,8 @@ from viewkeeper.runtime.pipeline import Pipeline
 from viewkeeper.sinks.base import Sink, SinkUnavailable
 from viewkeeper.sinks.opensearch import OpenSearchSink
 from viewkeeper.sinks.redis import RedisSink
-from viewkeeper.stream.client import HttpStreamClient
 from viewkeeper.stream.errors import StreamError
+from viewkeeper.stream.http import HttpStreamClient
 from viewkeeper.stream.records import ChangeRecord, decode_record
 from viewkeeper.stream.values import encode_image
 

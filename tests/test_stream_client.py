@@ -20,7 +20,6 @@ from boto3.dynamodb.types import Binary, TypeDeserializer, TypeSerializer
 
 from tests.helpers import Canned
 from viewkeeper.stream.client import (
-    HttpStreamClient,
     StreamClient,
     gc_paused,
     parse_records,
@@ -38,6 +37,7 @@ from viewkeeper.stream.errors import (
     TrimmedDataAccessError,
     ValidationError,
 )
+from viewkeeper.stream.http import HttpStreamClient
 from viewkeeper.stream.records import ChangeRecord
 
 ACCESS_KEY = "AKIAVIEWKEEPERTEST01"

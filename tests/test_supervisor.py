@@ -63,7 +63,6 @@ from viewkeeper.runtime.supervisor import Supervisor, SupervisorSettings
 from viewkeeper.runtime.worker import WorkerSettings
 from viewkeeper.sinks.base import Change, Result
 from viewkeeper.sinks.redis import RedisSink
-from viewkeeper.stream.client import HttpStreamClient
 from viewkeeper.stream.errors import (
     ExpiredIteratorError,
     ResourceNotFoundError,
@@ -73,6 +72,7 @@ from viewkeeper.stream.errors import (
     ValidationError,
 )
 from viewkeeper.stream.fake import FakeStream, ManualClock
+from viewkeeper.stream.http import HttpStreamClient
 from viewkeeper.stream.records import ChangeRecord
 
 log = logging.getLogger(__name__)

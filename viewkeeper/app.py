@@ -32,7 +32,8 @@ from viewkeeper.runtime.rebuild import RebuildReport, RebuildSettings
 from viewkeeper.runtime.supervisor import Supervisor, SupervisorSettings
 from viewkeeper.runtime.worker import WorkerSettings
 from viewkeeper.sinks.base import Owner, Sink, SinkUnavailable
-from viewkeeper.stream.client import HttpStreamClient, StreamClient
+from viewkeeper.stream.client import StreamClient
+from viewkeeper.stream.http import HttpStreamClient
 
 __all__ = ["App", "opensearch_client_for", "redis_client_for"]
 
