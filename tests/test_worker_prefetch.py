@@ -22,7 +22,8 @@ from viewkeeper.coordination.memory import MemoryStore
 from viewkeeper.coordination.model import Lease, LeaseState
 from viewkeeper.projection.registry import load_views
 from viewkeeper.runtime.pipeline import Pipeline
-from viewkeeper.runtime.worker import PAGE_BYTES, ShardWorker, WorkerSettings, ended_at_a_limit
+from viewkeeper.runtime.reading import PAGE_BYTES, ended_at_a_limit
+from viewkeeper.runtime.worker import ShardWorker, WorkerSettings
 from viewkeeper.sinks.base import Change, Result
 from viewkeeper.sinks.redis import RedisSink
 from viewkeeper.stream.client import PendingPage, RecordsPage

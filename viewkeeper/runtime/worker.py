@@ -8,18 +8,11 @@ why threads). The loop is the whole data path of DESIGN.md §5::
 The checkpoint moves only after :meth:`Pipeline.process` returned, i.e. after every sink
 acknowledged every record of the page (I4).
 
-A page that ended at a limit of GetRecords (``batch_size`` records, or half of its 1 MB
-cap: :func:`ended_at_a_limit`) means more records are waiting: the next read follows at
-once, and it is made while the page is applied, in a helper thread
-(``WorkerSettings.prefetch``, as KCL's prefetching publisher does;
-:meth:`StreamClient.read_records`), so a backlog pays the service's round trip while the
-page is decoded and applied, not after. Only the wait and the envelope (record count, next
-iterator) move to the helper — the call for page N+2 leaves as soon as page N+1 is taken —
-while the records' decode stays in the worker's thread, because two threads of Python work
-only take turns on the GIL (decoding ahead made the CPU-bound path 5-10 % slower,
-bench/README.md). The page read ahead is applied only
-after the current one is checkpointed, so sink writes and checkpoints keep their order; a
-worker that stops drops it (its records are after the checkpoint: they are read again).
+A page that ended at a limit of GetRecords means more records are waiting: the next read
+follows at once, and is made while the page is applied (:mod:`viewkeeper.runtime.reading`).
+The page read ahead is applied only after the current one is checkpointed, so sink writes
+and checkpoints keep their order; a worker that stops drops it (its records are after the
+checkpoint: they are read again).
 After a page that ended short of the limits the worker waits ``busy_poll_interval``
 (records are flowing) or, after an empty page, ``poll_interval``.
 
@@ -32,7 +25,7 @@ records written more than :data:`LATEST_MARGIN` before that time (counted in
 ``viewkeeper_records_before_start_total``), so nothing written since the first opening is
 skipped, however long the table stays quiet.
 
-Every page is stamped when GetRecords answers (in the helper thread for a page read ahead):
+Every page is stamped when GetRecords answers (:class:`~viewkeeper.runtime.reading.Stamp`):
 the views' generations this process holds then, and whether its lease was valid then
 (renewed within the lease duration). The page is applied at those generations however
 late it is applied (a sink outage, a retry), so a record read before a rebuild's handshake
@@ -55,7 +48,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from viewkeeper.coordination.model import (
@@ -67,8 +59,9 @@ from viewkeeper.coordination.model import (
 )
 from viewkeeper.runtime import metrics
 from viewkeeper.runtime.pipeline import HaltShard, Pipeline
+from viewkeeper.runtime.reading import PageReader, Stamp, ended_at_a_limit
 from viewkeeper.sinks.base import SinkUnavailable
-from viewkeeper.stream.client import PendingPage, RecordsPage, StreamClient, gc_paused
+from viewkeeper.stream.client import StreamClient, gc_paused
 from viewkeeper.stream.errors import (
     ExpiredIteratorError,
     ResourceNotFoundError,
@@ -78,7 +71,7 @@ from viewkeeper.stream.errors import (
 )
 from viewkeeper.stream.records import NO_SEQUENCE, ChangeRecord
 
-__all__ = ["ShardWorker", "WorkerSettings", "ended_at_a_limit"]
+__all__ = ["ShardWorker", "WorkerSettings"]
 
 log = logging.getLogger("viewkeeper.worker")
 
@@ -101,31 +94,6 @@ class WorkerSettings:
     retention: float = 24 * 3600.0  # the stream's retention: older checkpoints are trimmed
     # make the next GetRecords call while a page that ended at a limit is applied
     prefetch: bool = True
-
-
-PAGE_BYTES = 1 << 20  # GetRecords returns at most 1 MB of records
-
-
-@dataclass(frozen=True, slots=True)
-class Stamp:
-    """What held when GetRecords answered: the views' generations (None: let the pipeline
-    stamp at apply time — workers built without a generation source, in tests), whether
-    the lease was valid, and whether the page was read ahead (in the helper)."""
-
-    generations: Mapping[str, int] | None
-    valid: bool
-    ahead: bool = False
-
-
-def ended_at_a_limit(count: int, size: int, batch_size: int) -> bool:
-    """Whether a page of ``count`` records in a body of ``size`` bytes stopped at
-    GetRecords' limits — ``batch_size`` records, or about its 1 MB: more records are then
-    likely waiting. A page of large items ends at 1 MB with far fewer than 1000 records;
-    counting half of it as full allows for the record that did not fit (an item is up to
-    400 KB, a record with both images twice that). The body's JSON is larger than the sizes
-    DynamoDB counts, so a page that only looks full is possible: it costs one early read,
-    which comes back short."""
-    return count >= batch_size or size >= PAGE_BYTES // 2
 
 
 class ShardWorker:
@@ -171,9 +139,14 @@ class ShardWorker:
         self._pause = contextlib.ExitStack()
         self._backoff = 0.1
         self._labels = (lease.table, lease.shard_id)
-        self._reader: ThreadPoolExecutor | None = None  # made on the first full page
-        # (iterator, its call): the page read ahead, stamped when it arrived
-        self._ahead: tuple[str, Future[tuple[PendingPage, Stamp]]] | None = None
+        self.reader = PageReader(
+            client,
+            settings.batch_size,
+            prefetch=settings.prefetch,
+            thread_name=f"vk-read-{lease.shard_id[-12:]}",
+            lease_valid=lease_valid,
+            generations=generations,
+        )
         # LATEST: when this shard was first opened (None: never, or not at LATEST), and
         # records created before this are before the start (None: none to skip)
         self._latest_at = lease.checkpoint_at if lease.checkpoint == LATEST else None
@@ -246,67 +219,13 @@ class ShardWorker:
             log.error("shard %s/%s halted (worker.on_error=halt): %s", *self._labels, exc)
             self._set_state(LeaseState.HALTED, str(exc))
         finally:
-            self._close_reader()
-
-    # --- reading, one page ahead ----------------------------------------------------------
-    def _stamp(self, ahead: bool = False) -> Stamp:
-        """Taken the moment a page arrives (see the module doc)."""
-        gens = dict(self.generations()) if self.generations is not None else None
-        return Stamp(gens, self.lease_valid(), ahead)
-
-    def _read(self, iterator: str) -> tuple[RecordsPage, Stamp]:
-        """The page at ``iterator`` and its stamp: the one read ahead for it (decoded now, in
-        this thread, once the call for the next page has left), or a GetRecords call now. An
-        error of the read-ahead call is raised here, as if the call were made now."""
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None:
-            if ahead[0] == iterator:
-                pending, stamp = ahead[1].result()
-                self._maybe_read_ahead(pending.next_iterator, pending.count, pending.size)
-                return pending.decode(), stamp
-            ahead[1].cancel()  # not the page asked for (cannot happen today): never used
-        page = self.client.get_records(iterator, self.settings.batch_size)
-        stamp = self._stamp()
-        self._maybe_read_ahead(page.next_iterator, len(page.records), page.size)
-        return page, stamp
-
-    def _maybe_read_ahead(self, iterator: str | None, count: int, size: int) -> None:
-        """Make the call for the page after one of ``count`` records and ``size`` bytes now,
-        in the helper, if that page ended at a limit (more records are waiting)."""
-        if (
-            self.settings.prefetch
-            and iterator is not None
-            and ended_at_a_limit(count, size, self.settings.batch_size)
-        ):
-            self._read_ahead(iterator)
-
-    def _read_ahead(self, iterator: str) -> None:
-        if self._reader is None:
-            self._reader = ThreadPoolExecutor(
-                1, thread_name_prefix=f"vk-read-{self.lease.shard_id[-12:]}"
-            )
-        future = self._reader.submit(self._call_ahead, iterator)
-        self._ahead = (iterator, future)
-
-    def _call_ahead(self, iterator: str) -> tuple[PendingPage, Stamp]:
-        """In the helper: the call, then the stamp, taken when the answer arrived."""
-        pending = self.client.read_records(iterator, self.settings.batch_size)
-        return pending, self._stamp(ahead=True)
-
-    def _close_reader(self) -> None:
-        """Drop the page read ahead (its records are after the checkpoint: whoever holds the
-        shard next reads them again) and wait for its call, so no thread outlives the
-        worker."""
-        self._ahead = None
-        if self._reader is not None:
-            self._reader.shutdown(wait=True, cancel_futures=True)
-            self._reader = None
+            self.reader.close()
 
     def _page(self, iterator: str) -> str | None:
         """Read, apply and checkpoint one page; the next iterator, or None to stop here."""
         asked_at = self.clock()
         try:
-            page, stamp = self._read(iterator)
+            page, stamp = self.reader.read(iterator)
         except ExpiredIteratorError:
             self.caught_up = False
             self._pause.close()
@@ -345,7 +264,7 @@ class ShardWorker:
         metrics.CAUGHT_UP.labels(*self._labels).set(1 if self.caught_up else 0)
         next_iterator = page.next_iterator
         if not full:
-            self._close_reader()  # caught up (or nearly): no thread per quiet shard
+            self.reader.close()  # caught up (or nearly): no thread per quiet shard
         del page, records  # freed while the collector is still paused
         self._pause.close()
         if next_iterator is None:
@@ -394,7 +313,7 @@ class ShardWorker:
         wait for the lease to be renewed, and read from its first record again — the
         records then carry the generations of a process that has caught up with the
         coordination table. None when stopped first (the next holder reads it)."""
-        self._close_reader()
+        self.reader.close()
         self._pause.close()
         log.warning(
             "shard %s/%s: a page arrived while the lease was not renewed in time; "
