@@ -1,4 +1,4 @@
-"""Lease renewal runs concurrently in a bounded pool (Supervisor._renew).
+"""Lease renewal runs concurrently in a bounded pool (runtime/leases.py, Leases.renew).
 
 No services: one :class:`Supervisor` on a :class:`FakeStream` table with empty shards, a
 :class:`MemoryStore` whose ``renew_lease`` can be gated (a :class:`threading.Barrier` that only
@@ -172,11 +172,11 @@ def test_renewed_at_is_when_the_renewal_was_sent_not_when_it_returned(
     bed.sup.tick()
     assert bed.clock() == round_start + 6.0
     assert set(bed.store.sent_at) == set(bed.sup.held)
-    for key, at in bed.sup._renewed_at.items():
+    for key, at in bed.sup.leases.renewed_at.items():
         assert round_start <= at <= bed.store.sent_at[key], (key, at, bed.store.sent_at[key])
     # so validity ends no later than lease_duration after the write was sent
     bed.clock.now = max(bed.store.sent_at.values()) + bed.sup.settings.lease_duration
-    assert not any(bed.sup.lease_valid(key) for key in bed.sup.held)
+    assert not any(bed.sup.leases.valid(key) for key in bed.sup.held)
 
 
 def test_a_lost_lease_is_dropped_and_its_worker_stopped_while_the_others_stay(
@@ -185,7 +185,7 @@ def test_a_lost_lease_is_dropped_and_its_worker_stopped_while_the_others_stay(
     bed = bed_factory(6, renew_threads=3)
     bed.take_all()
     before = bed.counters()
-    renewed_at = dict(bed.sup._renewed_at)
+    renewed_at = dict(bed.sup.leases.renewed_at)
     lost = sorted(bed.sup.held)[2]
     stop = bed.sup.running[lost].stop
     stolen = bed.store.take_lease(bed.sup.held[lost], "thief")  # another process took it
@@ -194,14 +194,14 @@ def test_a_lost_lease_is_dropped_and_its_worker_stopped_while_the_others_stay(
     bed.store.barrier = threading.Barrier(3, timeout=20)  # concurrently; 1 of 6 is refused
     bed.sup.tick()
     assert bed.store.calls == 6
-    assert lost not in bed.sup.held and lost not in bed.sup._renewed_at
+    assert lost not in bed.sup.held and lost not in bed.sup.leases.renewed_at
     assert lost not in bed.sup.running
     assert stop.is_set()
     kept = set(before) - {lost}
     assert set(bed.sup.held) == kept
     for key in kept:
         assert bed.sup.held[key].counter == before[key] + 1 == bed.counters()[key]
-        assert bed.sup._renewed_at[key] > renewed_at[key]
+        assert bed.sup.leases.renewed_at[key] > renewed_at[key]
         assert not bed.sup.running[key].stop.is_set()
     assert bed.store.list_leases("fk")[sorted(before).index(lost)].owner == "thief"
 
@@ -212,7 +212,7 @@ def test_a_failing_renewal_fails_the_round_and_loses_nothing(
     bed = bed_factory(12, renew_threads=4)
     bed.take_all()
     held_before = dict(bed.sup.held)
-    renewed_at = dict(bed.sup._renewed_at)
+    renewed_at = dict(bed.sup.leases.renewed_at)
     failing = sorted(bed.sup.held)[5]
     bed.store.fail_shard = failing[1]
     bed.clock.advance(2.0)
@@ -220,7 +220,7 @@ def test_a_failing_renewal_fails_the_round_and_loses_nothing(
         bed.sup.tick()  # as before: the exception leaves tick(); run() logs it and retries
     # the failing lease is kept (not lost), its validity not extended, its worker running
     assert bed.sup.held[failing] == held_before[failing]
-    assert bed.sup._renewed_at[failing] == renewed_at[failing]
+    assert bed.sup.leases.renewed_at[failing] == renewed_at[failing]
     assert not bed.sup.running[failing].stop.is_set()
     # nothing dropped; every renewal that reached the store is recorded (else it is lost)
     assert set(bed.sup.held) == set(held_before)
@@ -228,7 +228,7 @@ def test_a_failing_renewal_fails_the_round_and_loses_nothing(
     for key, lease in bed.sup.held.items():
         assert lease.counter == store[key], key
         moved = lease.counter != held_before[key].counter
-        assert (bed.sup._renewed_at[key] > renewed_at[key]) == moved, key
+        assert (bed.sup.leases.renewed_at[key] > renewed_at[key]) == moved, key
     # the store comes back: the next round renews every lease, none lost
     bed.store.fail_shard = None
     bed.store.reset_counts()
@@ -343,6 +343,7 @@ def _with_gated_takes(bed: Bed) -> GatedTakes:
     store = GatedTakes(bed.clock)
     bed.store = store
     bed.sup.store = store
+    bed.sup.leases.store = store
     return store
 
 

@@ -8,37 +8,19 @@ plain loop, and the GIL is released while it waits. An idle worker costs one sle
 shards. CPU-bound throughput beyond one core comes from running more processes: instances
 share shards through the lease table, as KCL workers do.
 
-Leases (as KCL): each lease has an owner and a counter. The owner renews every
-``lease_duration / 3`` by raising the counter with a conditional write. Another process that
-sees a lease's counter unchanged for ``lease_duration`` (on its own clock, so no clock skew
-matters) may take it with a conditional write on the counter it saw. Balancing aims at a fair
-share (ceil(leases / live workers)); a process under its share first takes free or expired
-leases, then steals at most one lease per round from the most loaded worker, and only from one
-holding at least two more than itself, so leases do not ping-pong.
-
-Renewals are one conditional write per lease (5-10 ms each against DynamoDB), so a process
-with hundreds of leases renews them concurrently, ``renew_threads`` (default 8) at a time from
-one pool kept for the supervisor's life: 500 leases take ~0.5 s a round instead of ~4 s, well
-inside the renewal period. Taking free leases (start-up, a dead peer's leases) and releasing
-them at shutdown use the same pool, never more takes in flight than the fair share still
-wants. The results are applied on the supervisor's thread; a lease counts as renewed from the
-moment its write was *sent* (never from when it returned, which would stretch its validity
-beyond what the store granted).
+Leases (taking, renewing, balancing, validity) are :mod:`viewkeeper.runtime.leases`'s: the
+supervisor's round renews them, lists the lease table, and acquires up to the fair share.
 
 A shard's children start only after the parent's lease is ENDED (all its records applied).
 A worker that reaches SHARD_END wakes the supervisor to discover the children at once.
 
 Generations (the rebuild's handshake, see :mod:`viewkeeper.runtime.rebuild`): each round first
 reads the views' generations (``adopted``); its take and renewal writes publish them in each
-lease it holds (``Lease.gens``, merged with what the lease said), and a worker stamps the
-pages it receives with what its lease has published — never with a generation the lease
-table does not show yet. A taker starts from the lease's generations, so the stamps of a
-shard's records never go down when the shard changes hands (a steal included: the old
-holder cannot publish after the take, the new one starts at least where it was). A
-worker's view of its lease (valid, and its generations) belongs to its take (the lease's
-token): a worker of an earlier take by the same process sees its lease invalid. Expiry of
-another worker's lease is measured from when its counter was *read*, not from the start of
-the round.
+lease it holds, and a worker stamps the pages it receives with what its lease has published
+— never with a generation the lease table does not show yet. A taker starts from the
+lease's generations, so the stamps of a shard's records never go down when the shard changes
+hands (a steal included: the old holder cannot publish after the take, the new one starts at
+least where it was).
 """
 
 from __future__ import annotations
@@ -51,12 +33,11 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from functools import partial
 
 from viewkeeper.coordination.model import CoordinationStore, Lease, LeaseState, WorkerInfo
 from viewkeeper.runtime import metrics
+from viewkeeper.runtime.leases import Leases, Progress, takeable
 from viewkeeper.runtime.pipeline import Pipeline
 from viewkeeper.runtime.worker import LATEST, ShardWorker, WorkerSettings
 from viewkeeper.sinks.base import SinkUnavailable
@@ -99,13 +80,6 @@ class _Running:
     stop: threading.Event
 
 
-@dataclass
-class _Seen:
-    counter: int
-    owner: str | None
-    since: float
-
-
 class Supervisor:
     def __init__(
         self,
@@ -137,22 +111,15 @@ class Supervisor:
         self.pipeline = pipeline_factory(lambda view: self.generations.get(view, 0))
         self.table_info: dict[str, TableInfo] = {}
         self.running: dict[tuple[str, str], _Running] = {}
-        self.held: dict[tuple[str, str], Lease] = {}
         self.failures: dict[tuple[str, str], tuple[int, float]] = {}  # count, retry-at
-        self._seen: dict[tuple[str, str], _Seen] = {}
-        self._renewed_at: dict[tuple[str, str], float] = {}  # on self.clock
         self._leases: dict[str, list[Lease]] = {}
         self.stopping = threading.Event()
         self._wake = threading.Event()
         self._last_discovery = -math.inf
         self._last_tick = clock()
         self.started_at = wall_clock()
-        if settings.renew_threads < 1:
-            raise ValueError(f"renew_threads must be at least 1, not {settings.renew_threads}")
-        # threads start on demand: never more than there are leases to renew at once
-        self._renewer = ThreadPoolExecutor(
-            max_workers=settings.renew_threads,
-            thread_name_prefix=f"viewkeeper-renew-{self.worker_id}",
+        self.leases = Leases(
+            store, self.worker_id, settings.lease_duration, settings.renew_threads, clock
         )
 
     # --- discovery ----------------------------------------------------------------------
@@ -263,7 +230,7 @@ class Supervisor:
             self._leases[table] = self.store.list_leases(table)
         listed_at = self.clock()  # expiry counts from here, not from the round's start
         if not self.stopping.is_set():
-            self._acquire(listed_at, live)
+            self.leases.acquire(self._leases, listed_at, live, self.generations)
         self._reap_and_start(now)
         metrics.LEASES.set(len(self.held))
         if self.verify is not None and now - self._last_verify >= self.settings.verify_interval:
@@ -294,189 +261,29 @@ class Supervisor:
             if w.heartbeat_at >= horizon or w.worker_id == self.worker_id
         }
 
-    def _renew(self) -> None:
-        """Renew every held lease, ``renew_threads`` at a time. A lease the store refuses
-        (None) is lost: dropped, its worker stopped. An exception (DynamoDB unreachable, ...)
-        fails the round, as the sequential loop did: renewals not yet started are not
-        started, the ones already sent are awaited and their results kept (a renewal that
-        reached the store raised the counter, so forgetting it would lose the lease next
-        round), and the first exception in ``held`` order is raised."""
-        futures: dict[tuple[str, str], Future[tuple[float, Lease | None]]] = {}
-        for key, lease in self.held.items():
-            run = self.running.get(key)
-            lag = run.worker.lag if run else None
-            caught = run.worker.caught_up if run else False
-            tip = run.worker.tip_seen_at if run else None
-            futures[key] = self._renewer.submit(
-                self._sent,
-                partial(self.store.renew_lease, tip_at=tip, gens=self.generations),
-                lease,
-                lag,
-                caught,
-            )
-        if not futures:
-            return
-        _, pending = wait(futures.values(), return_when=FIRST_EXCEPTION)
-        if pending:  # one failed: start no more, but wait for those already sent
-            for fut in pending:
-                fut.cancel()
-            wait(pending)
-        error: BaseException | None = None
-        for key, fut in futures.items():
-            if fut.cancelled():
-                continue
-            exc = fut.exception()
-            if exc is not None:
-                if error is None:
-                    error = exc
-                continue
-            started, renewed = fut.result()
-            if renewed is None:
-                log.warning("lost lease %s/%s to another worker", *key)
-                self._drop(key)
-            else:
-                self.held[key] = renewed
-                self._renewed_at[key] = started
-        if error is not None:
-            raise error
+    @property
+    def held(self) -> dict[tuple[str, str], Lease]:
+        """The leases this process holds."""
+        return self.leases.held
 
-    def _sent(
-        self, write: Callable[..., Lease | None], *args: object
-    ) -> tuple[float, Lease | None]:
-        """In a pool thread: the time a lease write (renew, take) was sent — the
-        conservative start of the validity it grants — and the store's answer."""
-        started = self.clock()
-        return started, write(*args)
+    def _renew(self) -> None:
+        """Renew every held lease (:meth:`Leases.renew`); stop the workers of those lost."""
+        for key in self.leases.renew(self._progress, self.generations):
+            self._drop(key)
+
+    def _progress(self, key: tuple[str, str]) -> Progress:
+        run = self.running.get(key)
+        if run is None:
+            return Progress()
+        w = run.worker
+        return Progress(w.lag, w.caught_up, w.tip_seen_at)
 
     def _drop(self, key: tuple[str, str]) -> None:
-        self.held.pop(key, None)
+        self.leases.forget(key)
         self.failures.pop(key, None)
-        self._renewed_at.pop(key, None)
         run = self.running.pop(key, None)
         if run is not None:
             run.stop.set()
-
-    def _takeable(self, lease: Lease, by_id: Mapping[str, Lease]) -> bool:
-        if lease.state is not LeaseState.ACTIVE:
-            return False
-        return all(by_id[p].state is LeaseState.ENDED for p in lease.parents if p in by_id)
-
-    def _expired(self, key: tuple[str, str], lease: Lease, now: float) -> bool:
-        if lease.owner is None:
-            return True
-        seen = self._seen.get(key)
-        if seen is None or seen.counter != lease.counter or seen.owner != lease.owner:
-            self._seen[key] = _Seen(lease.counter, lease.owner, now)
-            return False
-        return now - seen.since >= self.settings.lease_duration
-
-    def _acquire(self, now: float, live: dict[str, int]) -> bool:
-        """Take free, expired or (one) stolen leases up to the fair share; True when one
-        was taken."""
-        candidates: list[Lease] = []
-        owned_by: dict[str, list[Lease]] = {}
-        expired_owners: set[str] = set()
-        total = 0
-        for table, leases in self._leases.items():
-            by_id = {lease.shard_id: lease for lease in leases}
-            for lease in leases:
-                if not self._takeable(lease, by_id):
-                    continue
-                total += 1
-                key = (table, lease.shard_id)
-                if key in self.held:
-                    continue
-                if self._expired(key, lease, now):
-                    candidates.append(lease)
-                    if lease.owner is not None:
-                        expired_owners.add(lease.owner)
-                elif lease.owner is not None:
-                    owned_by.setdefault(lease.owner, []).append(lease)
-        # a worker whose every lease has expired is gone, whatever its last heartbeat says
-        dead = expired_owners - owned_by.keys() - {self.worker_id}
-        target = math.ceil(total / max(1, len(live.keys() - dead)))
-        mine = len(self.held)
-        took = False
-        while candidates and mine < target:  # never more takes in flight than still wanted
-            chunk, candidates = candidates[: target - mine], candidates[target - mine :]
-            taken = self._take_many(chunk)
-            mine += taken
-            took = took or taken > 0
-        if mine < target and owned_by:
-            busiest, theirs = max(owned_by.items(), key=lambda kv: len(kv[1]))
-            if len(theirs) >= mine + 2:
-                victim = sorted(theirs, key=lambda lease: lease.shard_id)[-1]
-                log.info(
-                    "stealing lease %s/%s from %s (%d leases, fair share %d)",
-                    victim.table,
-                    victim.shard_id,
-                    busiest,
-                    len(theirs),
-                    target,
-                )
-                took = self._take(victim) or took
-        return took
-
-    def _take(self, lease: Lease) -> bool:
-        return self._take_many([lease]) == 1
-
-    def _take_many(self, leases: list[Lease]) -> int:
-        """Take ``leases`` (conditional writes), ``renew_threads`` at a time in the renewal
-        pool: hundreds of free leases at start-up or after a peer died are taken in a
-        fraction of the round they took one by one. Every take that reached the store is
-        recorded, even when another one raised (that exception is raised afterwards, as the
-        sequential loop did); a lease counts as renewed from when its take was sent."""
-        outcomes: list[tuple[float, Lease | None] | BaseException] = []
-        if len(leases) == 1:
-            try:
-                outcomes.append(
-                    self._sent(self.store.take_lease, leases[0], self.worker_id, self.generations)
-                )
-            except Exception as exc:
-                outcomes.append(exc)
-        else:
-            futures = [
-                self._renewer.submit(
-                    self._sent, self.store.take_lease, lease, self.worker_id, self.generations
-                )
-                for lease in leases
-            ]
-            wait(futures)
-            outcomes = [fut.exception() or fut.result() for fut in futures]
-        error: BaseException | None = None
-        taken_count = 0
-        for lease, outcome in zip(leases, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
-                error = error or outcome
-                continue
-            started, taken = outcome
-            if taken is None:
-                continue
-            log.info(
-                "took lease %s/%s (checkpoint %s)", lease.table, lease.shard_id, taken.checkpoint
-            )
-            self.held[(lease.table, lease.shard_id)] = taken
-            self._renewed_at[(lease.table, lease.shard_id)] = started
-            taken_count += 1
-        if error is not None:
-            raise error
-        return taken_count
-
-    def lease_valid(self, key: tuple[str, str], token: str | None = None) -> bool:
-        """True while this process renewed ``key`` within lease_duration (on its own clock)
-        — under the take whose ``token`` is given: past that, another process (or another
-        take of this one) may hold it, so its worker must not apply."""
-        at = self._renewed_at.get(key)
-        held = self.held.get(key)
-        if token is not None and (held is None or held.token != token):
-            return False
-        return at is not None and self.clock() - at < self.settings.lease_duration
-
-    def published(self, key: tuple[str, str], token: str | None) -> dict[str, int]:
-        """The generations lease ``key`` shows for the take ``token`` (what its worker
-        stamps with); nothing (all 0) for a take this process no longer holds."""
-        held = self.held.get(key)
-        return held.gens if held is not None and held.token == token else {}
 
     def _reap_and_start(self, now: float) -> None:
         for key, run in list(self.running.items()):
@@ -486,9 +293,8 @@ class Supervisor:
                 continue
             del self.running[key]
             if run.worker.finished or key not in self.held:
-                lease = self.held.pop(key, None)
-                if lease is not None and run.worker.finished:
-                    self.store.release_lease(lease)
+                if run.worker.finished:
+                    self.leases.release(key)
                 continue
             if run.worker.crashed is not None:
                 count, _ = self.failures.get(key, (0, 0.0))
@@ -507,9 +313,7 @@ class Supervisor:
             else:
                 # stopped for a reason it already reported (trimmed, halted, stream gone):
                 # give the lease back so that `status` shows its state, and do not loop on it
-                lease = self.held.pop(key, None)
-                if lease is not None:
-                    self.store.release_lease(lease)
+                self.leases.release(key)
         if self.stopping.is_set():
             return
         for key, lease in self.held.items():
@@ -532,8 +336,8 @@ class Supervisor:
             self.settings.worker,
             stop=stop,
             on_shard_end=self._on_shard_end,
-            lease_valid=lambda: self.lease_valid(key, lease.token),
-            generations=lambda: self.published(key, lease.token),
+            lease_valid=lambda: self.leases.valid(key, lease.token),
+            generations=lambda: self.leases.published(key, lease.token),
             clock=self.wall_clock,
         )
         thread = threading.Thread(
@@ -552,7 +356,7 @@ class Supervisor:
             leases = self._leases.get(table, [])
             by_id = {lease.shard_id: lease for lease in leases}
             for lease in leases:
-                if not self._takeable(lease, by_id):
+                if not takeable(lease, by_id):
                     continue
                 run = self.running.get((table, lease.shard_id))
                 if run is None or not run.worker.caught_up:
@@ -620,19 +424,14 @@ class Supervisor:
         deadline = time.monotonic() + self.settings.shutdown_timeout
         for run in self.running.values():
             run.thread.join(max(0.0, deadline - time.monotonic()))
-        releases: dict[tuple[str, str], Future[None]] = {}
-        for key, lease in list(self.held.items()):
+        done = []
+        for key in self.held:
             still = self.running.get(key)
             if still is not None and still.thread.is_alive():
                 log.warning("worker for %s/%s did not stop in time; its lease will expire", *key)
-                continue
-            # in the renewal pool: hundreds of leases are released in a fraction of a second
-            releases[key] = self._renewer.submit(self.store.release_lease, lease)
-        for key, fut in releases.items():
-            exc = fut.exception()
-            if exc is not None:  # best effort: the lease expires anyway
-                log.warning("could not release lease %s/%s: %s", *key, exc)
-        self.held.clear()
+            else:
+                done.append(key)
+        self.leases.release_all(done)
         self.running.clear()
         try:
             self.store.delete_worker(self.worker_id)
@@ -640,4 +439,4 @@ class Supervisor:
             log.warning("could not remove worker record: %s", exc)
         metrics.LEASES.set(0)
         # after the rounds (run() calls this once its loop has left tick()): nothing in flight
-        self._renewer.shutdown(wait=True, cancel_futures=True)
+        self.leases.close()
