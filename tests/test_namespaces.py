@@ -169,7 +169,7 @@ def test_a_redis_that_comes_back_empty_is_reported_within_seconds_and_rebuilt(
         assert noticed < 10
         assert "SINK DATA LOST" in caplog.text and "rebuild fk_card" in caplog.text
         assert lost_metric() == before + 1
-        from viewkeeper.status import collect, format_table
+        from viewkeeper.ops.status import collect, format_table
 
         text = format_table(collect(dep.store, [TABLE]))
         assert "ATTENTION view fk_card needs a rebuild" in text

@@ -80,7 +80,7 @@ def _check_store(app: Any) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from viewkeeper.status import collect, format_table
+    from viewkeeper.ops.status import collect, format_table
 
     app = _app(args)
     _check_store(app)
@@ -232,7 +232,7 @@ def cmd_deadletters(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from viewkeeper.demo import run_demo
+    from viewkeeper.ops.demo import run_demo
 
     return run_demo(
         redis_url=args.redis_url,
