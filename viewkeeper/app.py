@@ -163,9 +163,6 @@ class App:
     def build_sink(self, kind: str, name: str) -> Sink:
         """One connection's sink, built (not yet prepared) from the config: the daemon builds
         them all, `check` builds each on its own so one failure does not hide the others."""
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
-
         retention = self.config.tombstones.retention_hours * 3600
         if kind == "redis":
             from viewkeeper.sinks.redis import RedisSink
@@ -173,9 +170,7 @@ class App:
             rconf = self.config.redis[name]
             return RedisSink(
                 name,
-                # the sink retries within its own time budget; redis-py's retries would
-                # stretch it
-                redis_client_for(rconf, retry=Retry(NoBackoff(), 0)),
+                redis_client_for(rconf, retries=False),
                 key_prefix=rconf.key_prefix,
                 entry_prefix=rconf.entry_prefix,
                 owner_buckets=rconf.owner_buckets,

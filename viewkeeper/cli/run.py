@@ -168,13 +168,10 @@ def probe_redis_tls(name: str, conn: Any) -> None:
     Anything else is left to the sink, which retries what may be temporary."""
     if not conn.tls:
         return
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
-
     from viewkeeper.app import redis_client_for
     from viewkeeper.sinks.connect import describe_target
 
-    client = redis_client_for(conn, retry=Retry(NoBackoff(), 0))
+    client = redis_client_for(conn, retries=False)
     try:
         client.ping()
     except Exception as exc:

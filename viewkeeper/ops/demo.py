@@ -16,7 +16,6 @@ otherwise refuse them), and removes its own at the end unless ``keep``.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import sys
@@ -89,18 +88,16 @@ def _remove_demo_names(rclient: Any, opensearch_url: str | None) -> int:
     if batch:
         removed += rclient.delete(*batch)
     if opensearch_url:
-        from opensearchpy import NotFoundError, OpenSearch
-
+        from viewkeeper.sinks.connect import opensearch_client
         from viewkeeper.sinks.opensearch import SCRIPT_NAME
 
-        client = OpenSearch(hosts=[opensearch_url], timeout=30)
+        client = opensearch_client([opensearch_url])
         try:
             found = client.indices.get(index=INDEX_PREFIX + "*", expand_wildcards="all")
             for index in found:
                 client.indices.delete(index=index)
                 removed += 1
-            with contextlib.suppress(NotFoundError):
-                client.delete_script(id=INDEX_PREFIX + SCRIPT_NAME)
+            client.delete_script(id=INDEX_PREFIX + SCRIPT_NAME, ignore=[404])
         finally:
             client.close()
     return removed
@@ -208,9 +205,9 @@ def run_demo(
             }
         config = parse_config(raw, "demo")
         if redis_url:
-            import redis
+            from viewkeeper.sinks.connect import redis_client
 
-            rclient: Any = redis.Redis.from_url(redis_url)
+            rclient: Any = redis_client(redis_url)
         else:
             import fakeredis
 

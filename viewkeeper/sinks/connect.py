@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 import boto3
 import redis
 from opensearchpy import OpenSearch, Urllib3AWSV4SignerAuth, Urllib3HttpConnection
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from viewkeeper.sinks.base import SinkError
 
@@ -78,13 +80,16 @@ def redis_client(
     connect_timeout: float = 5.0,
     health_check_interval: int = 30,
     tls: RedisTls | None = None,
+    retries: bool = True,
     **overrides: Any,
 ) -> redis.Redis:
     """A client for one Redis.
 
     ``rediss://`` URLs verify the server certificate and host name unless ``tls`` says
-    otherwise, against ``tls.ca_file`` or the system CAs. ``overrides`` go to
-    ``redis.Redis`` last (e.g. ``decode_responses=True``).
+    otherwise, against ``tls.ca_file`` or the system CAs. ``retries=False`` turns off
+    redis-py's own retries (the sinks retry within their time budget, which redis-py's
+    would stretch; a probe wants the first answer). ``overrides`` go to ``redis.Redis``
+    last (e.g. ``decode_responses=True``).
     """
     kwargs: dict[str, Any] = {
         "socket_timeout": socket_timeout,
@@ -104,6 +109,8 @@ def redis_client(
             ssl_certfile=tls.cert_file,
             ssl_keyfile=tls.key_file,
         )
+    if not retries:
+        kwargs["retry"] = Retry(NoBackoff(), 0)
     kwargs.update(overrides)
     return redis.Redis.from_url(url, **kwargs)
 
