@@ -46,7 +46,8 @@ reply is one byte per change plus details for the rare ones (errors, collisions)
 the client pays neither a command nor a reply parse, which took two thirds of the sink's time
 when it sent one script call per change (``bench/redis_pipeline.py``: 8.9 → 3.5 µs of client
 CPU per record). A call Redis refuses as a whole (none is foreseen) is resent one change per
-call.
+call; each of those checks the claims again (a claim refusal there is NamespaceLost too), and
+an answer the client does not know is never read as applied (SinkError: the batch is held).
 
 A change is all or nothing. Redis does not roll back a script that fails halfway, so nothing
 may fail after a change's first write:
@@ -735,7 +736,9 @@ class RedisSink:
         if any(_again(b.reply) for b in batches):
             self._with_retry(partial(self._resend, batches, stamp))
         self._refuse_lost(batches)
-        for b in self._split_refused(batches, stamp):
+        batches = self._split_refused(batches, stamp)
+        self._refuse_lost(batches)  # a change resent alone checks the claims again
+        for b in batches:
             self._results(changes, b, results)
         out = [r for r in results if r is not None]
         if len(out) != len(changes):  # a batch lost on the way: never checkpoint past it
@@ -862,7 +865,10 @@ class RedisSink:
             for i in b.indexes:
                 results[i] = self._rejected(changes[i], reply)
             return
-        codes, details = reply[0], iter(reply[1:])
+        codes = reply[0] if isinstance(reply, list) and reply else None
+        if not isinstance(codes, bytes) or len(codes) != len(b.indexes):
+            raise self._unexpected(reply)
+        details = iter(reply[1:])
         for i, entries, code in zip(b.indexes, b.entries, codes, strict=True):
             if code == 49:  # b"1"
                 results[i] = APPLIED
@@ -870,8 +876,18 @@ class RedisSink:
                 results[i] = STALE
             elif code == 101:  # b"e": a Redis error stopped this change
                 results[i] = self._rejected(changes[i], next(details))
-            else:
+            elif code == 120:  # b"x": see _result
                 results[i] = self._result(changes[i], entries, next(details))
+            else:  # never read an answer this client does not know as applied
+                raise self._unexpected(reply)
+
+    def _unexpected(self, reply: Any) -> SinkError:
+        return SinkError(
+            f"redis sink {self.name!r} ({self.where}): the apply script answered "
+            f"{self._scrub(repr(reply))[:200]}, which this client does not know; nothing is "
+            "reported applied (is another version of redis_apply.lua loaded under its sha, "
+            "or a proxy in the way?)"
+        )
 
     def _rejected(self, change: Change, error: Exception | bytes) -> Result:
         text = _text(error) if isinstance(error, bytes) else str(error)
