@@ -69,6 +69,14 @@ may fail after a change's first write:
   changes before it in the call were complete, and sent again they answer stale.
   Either way the sink retries, then raises SinkUnavailable: the batch is held, never
   dead-lettered for the server's state.
+- Credentials and permissions are the server's state too: a call refused whole with NOAUTH,
+  WRONGPASS or NOPERM (the user lost ``+evalsha``: an ACL file reloaded, a rotation half
+  done) is retried, then SinkUnavailable — never resent change by change and dead-lettered.
+  An ACL that refuses one of the keys a change touches (NOPERM inside the script) ends the
+  whole call the same way. That refusal may come after the change's first write (ACLs
+  cannot be checked before): the change is then half-written, but not reported — its owner
+  record is written last and still holds the older version, so the retry, once the ACL is
+  fixed, writes the whole change again (retracting an entry already gone is a no-op).
 - Sizes: an argument over ``proto-max-bulk-len`` or a change over ``client-query-buffer-limit``
   (read at prepare with CONFIG GET; Redis' defaults, 512 MB and 1 GB, where CONFIG is
   refused) is an ERROR before anything is sent. Sent, Redis would close the connection
@@ -95,6 +103,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import (
     AuthenticationError,
     ClusterDownError,
+    NoPermissionError,
     NoScriptError,
     OutOfMemoryError,
     ReadOnlyError,
@@ -155,6 +164,7 @@ _TRANSIENT_CODES = frozenset(
         "TRYAGAIN",
         "NOREPLICAS",
         "MISCONF",
+        "NOPERM",  # an ACL that refuses a command or a key: the server's configuration
     }
 )
 _SHEBANG = b"#!lua\n"  # the apply script's first line (see RedisSink._load_apply_script)
@@ -318,11 +328,15 @@ def _describe(t: str, key: bytes, sub: bytes) -> str:
 
 
 def _is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, AuthenticationError):
-        return False
+    """Whether ``exc`` is the server's state, not the command's: the batch is held and
+    retried, never dead-lettered. That includes refused credentials and permissions (NOAUTH,
+    WRONGPASS, NOPERM): a whole call refused for them says nothing about its changes (a
+    credential rotation, an ACL file reloaded), and they may come back."""
     if isinstance(
         exc,
-        redis.ConnectionError
+        AuthenticationError  # NOAUTH, WRONGPASS
+        | NoPermissionError  # NOPERM
+        | redis.ConnectionError
         | redis.TimeoutError
         | OutOfMemoryError
         | ReadOnlyError
@@ -1024,6 +1038,13 @@ class RedisSink:
                 f"redis sink {self.name!r} at {self.where}: authentication "
                 f"failed ({self._scrub(str(exc))}); check the URL's "
                 "password or the credential file"
+            ) from None
+        except NoPermissionError as exc:
+            raise SinkUnavailable(
+                f"redis sink {self.name!r} at {self.where}: permission refused after retrying "
+                f"for {self.retry_seconds:g}s ({self._scrub(str(exc))}); the batch is held: "
+                "give the user the commands (+evalsha +script|load +hgetall ...) and keys "
+                "(~*) viewkeeper writes"
             ) from None
         except Exception as exc:
             if not _is_transient(exc):

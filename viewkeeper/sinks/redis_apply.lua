@@ -262,8 +262,10 @@ end
 -- whole call ends with that error, which the client retries. Redis refuses the first write
 -- of a call in that state, so nothing of this change was written; the changes before it in
 -- the call were applied completely, and sent again they answer stale.
+-- NOPERM (an ACL refusing a key) may come after this change's first write: its owner record
+-- is written last, so the client's retry writes the whole change again (redis.py).
 local TRANSIENT = { OOM = true, READONLY = true, MASTERDOWN = true, BUSY = true, LOADING = true,
-  CLUSTERDOWN = true, TRYAGAIN = true, NOREPLICAS = true, MISCONF = true }
+  CLUSTERDOWN = true, TRYAGAIN = true, NOREPLICAS = true, MISCONF = true, NOPERM = true }
 
 local function message(err)
   if type(err) == 'table' then return err.err or err.message or 'error' end
