@@ -8,7 +8,8 @@ Key layout (public, read by checkers; ``vk:`` is ``key_prefix``, which views may
                                 identity, value = view id + item key,
                                 bucket = int(identity, big-endian) % 2147483629 % owner_buckets
     vk:{view}:ns          hash  the view's claim (viewkeeper.namespaces): source, coordination,
-                                deployment, marker, generation
+                                deployment, marker, generation; n, its write counter (below);
+                                lost, why a script erased its marker
     vk:views              hash  view name -> short id; "#<id>" -> name; "#" = last id given
     vk:meta               hash  owner_buckets (changing it would strand every owner record)
 
@@ -17,6 +18,26 @@ Every script call first checks the claim of each view it writes (its marker, see
 (restarted without persistence, a replaced node, a FLUSHALL), or a namespace another process
 re-armed or another deployment took over, is noticed by the first write after it, atomically
 (:class:`~viewkeeper.sinks.base.NamespaceLost`).
+
+A Redis that comes back *from an older state* keeps the marker but not the writes
+acknowledged since: restarted from its last RDB snapshot (the default ``save`` policy) or
+from an AOF written with ``appendfsync everysec``, or a replica promoted before it had every
+write. So each claim also holds a write counter ``n``, which every call increments once (after
+all claim checks, before its first change) and returns; the sink remembers the highest it
+saw per view (under the expected marker) and sends it with each call. A claim whose counter
+is below it went back in time: the script erases its marker (``lost`` says why) and answers
+``{'L', i, 'back'}`` without writing any change, and the sink raises NamespaceLost. With the
+marker gone the namespace looks to everyone as after an empty restart —
+:meth:`viewkeeper.namespaces.Namespaces.lost` re-arms it, reports SINK DATA LOST and marks the
+view needs_rebuild; the other processes' next calls are refused ('L') and adopt the new claim;
+``viewkeeper check`` and the next start see it lost — so nothing more is needed. A new marker
+starts the counter's check again (:meth:`RedisSink.expect`); :meth:`RedisSink.write_claim`
+keeps ``n``. Several processes share the counter: each one's mark trails the counter, so
+their calls never look like a rollback to each other. A process notices a rollback that lost
+some of *its* writes at its next call — unless the counter was carried past its mark first by
+processes that lost none (each call adds one), or it restarted meanwhile (the marks are in
+memory only: a host that reboots Redis and viewkeeper together is not noticed). One process
+noticing is enough: the erased marker stops every other one.
 
 ``L(n)`` is one byte when ``n < 253``, else byte 253 and four bytes big-endian.
 
@@ -88,6 +109,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import threading
 import time
 import zlib
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -462,6 +484,9 @@ class RedisSink:
         self._owner_prefix: dict[str, bytes] = {}
         self._generations: dict[int, bytes] = {}
         self._markers: dict[str, bytes] = {}  # view -> the marker its claim must hold
+        # view -> the highest write counter seen in its claim under that marker (rollbacks)
+        self._seen: dict[str, int] = {}
+        self._seen_lock = threading.Lock()
         self._ready = False
 
     @classmethod
@@ -552,18 +577,32 @@ class RedisSink:
         }
 
         def write() -> None:
+            # the write counter (n) stays: a claim written again under the same marker (a
+            # rebuild's announce) must not look like a server that went back in time
             pipe = self._client.pipeline(transaction=True)
-            pipe.delete(key)
+            pipe.hdel(key, "lost")
             pipe.hset(key, mapping=fields)
-            pipe.execute()
+            try:
+                pipe.execute()
+            except redis.ResponseError as exc:
+                if "WRONGTYPE" not in str(exc):
+                    raise
+                self._client.delete(key)  # not a hash: overwritten, no claim in it
+                self._client.hset(key, mapping=fields)
 
         self._with_retry(write)
 
     def expect(self, view: View, marker: str | None) -> None:
-        if marker is None:
-            self._markers.pop(view.name, None)
-        else:
-            self._markers[view.name] = _b(marker)
+        """From now on, each script call checks ``view``'s claim: its marker and its write
+        counter (see the module doc); a new marker starts the counter's check again."""
+        want = None if marker is None else _b(marker)
+        with self._seen_lock:
+            if self._markers.get(view.name) != want:
+                self._seen.pop(view.name, None)
+            if want is None:
+                self._markers.pop(view.name, None)
+            else:
+                self._markers[view.name] = want
 
     def wipe(self, view: View) -> int:
         """Retract every entry the view's owner records own (at a version above any a
@@ -752,6 +791,7 @@ class RedisSink:
         self._refuse_lost(batches)
         batches = self._split_refused(batches, stamp)
         self._refuse_lost(batches)  # a change resent alone checks the claims again
+        self._learn_counters(batches)
         for b in batches:
             self._results(changes, b, results)
         out = [r for r in results if r is not None]
@@ -813,8 +853,9 @@ class RedisSink:
     def _command(self, batch: _Batch, stamp: bytes) -> bytes:
         head = [b"EVALSHA", self._apply_sha, b"0", stamp, self._claims, self._nbuckets]
         head.append(b"%d" % len(batch.checks))
-        for _, key, marker in batch.checks:
-            head += (key, marker)
+        seen = self._seen
+        for view, key, marker in batch.checks:
+            head += (key, marker, b"%d" % seen.get(view, 0))
         return _resp(head + [a for change in batch.args for a in change])
 
     def _resend(self, batches: list[_Batch], stamp: bytes) -> None:
@@ -853,25 +894,61 @@ class RedisSink:
         return out
 
     def _refuse_lost(self, batches: list[_Batch]) -> None:
-        """A call refused for a claim that does not hold its marker wrote nothing (and the
-        calls after it check the same claims): raise NamespaceLost for those views. The view
-        ids and bookkeeping meta of a Redis that lost its data are gone too: learnt again."""
-        lost = sorted(
-            {
-                b.checks[int(b.reply[1]) - 1][0]
-                for b in batches
-                if isinstance(b.reply, list) and b.reply and b.reply[0] == b"L"
-            }
-        )
-        if lost:
-            self._view_ids.clear()
-            self._view_names.clear()
-            self._ready = False
-            raise NamespaceLost(
-                f"redis sink {self.name!r} ({self.where}): the claim of view(s) "
-                f"{', '.join(lost)} does not hold the expected marker; nothing was written",
-                lost,
+        """A call refused for a claim (``{'L', i}``: it does not hold its marker; ``{'L', i,
+        'back'}``: its write counter went back, and the script erased its marker) wrote
+        none of its changes (and the calls after it check the same claims): raise
+        NamespaceLost for those views. The view ids and bookkeeping meta of a Redis that
+        lost its data are gone too: learnt again."""
+        lost: set[str] = set()
+        back: set[str] = set()
+        for b in batches:
+            reply = b.reply
+            if isinstance(reply, list) and reply and reply[0] == b"L":
+                view = b.checks[int(reply[1]) - 1][0]
+                lost.add(view)
+                if len(reply) > 2 and reply[2] == b"back":
+                    back.add(view)
+        if not lost:
+            return
+        self._view_ids.clear()
+        self._view_names.clear()
+        self._ready = False
+        for view in sorted(back):
+            log.error(
+                "redis sink %s (%s): view %s went back in time: its claim's write counter is "
+                "below what this process saw (Redis restarted from an older RDB or AOF "
+                "snapshot, or a replica that had not received every write was promoted); "
+                "writes acknowledged since are lost. Its claim's marker is erased, so that "
+                "every process sees the namespace as lost and the view is rebuilt",
+                self.name,
+                self.where,
+                view,
             )
+        why = "does not hold the expected marker"
+        if back:
+            why += f" (view(s) {', '.join(sorted(back))}: the server went back in time)"
+        raise NamespaceLost(
+            f"redis sink {self.name!r} ({self.where}): the claim of view(s) "
+            f"{', '.join(sorted(lost))} {why}; nothing was written",
+            sorted(lost),
+        )
+
+    def _learn_counters(self, batches: list[_Batch]) -> None:
+        """Remember the highest write counter each view's claim answered (see the module
+        doc): a later call that finds it lower knows the server went back in time."""
+        seen = self._seen
+        with self._seen_lock:
+            for b in batches:
+                reply = b.reply
+                if not (isinstance(reply, list) and len(reply) > 1 and b.checks):
+                    continue
+                counters = reply[1]
+                if not isinstance(counters, list) or len(counters) != len(b.checks):
+                    raise self._unexpected(reply)
+                for (view, _, marker), n in zip(b.checks, counters, strict=True):
+                    # counters of another marker are not this one's (expect() reset it)
+                    if self._markers.get(view) == marker and n > seen.get(view, 0):
+                        seen[view] = n
 
     def _results(self, changes: Sequence[Change], b: _Batch, results: list[Result | None]) -> None:
         reply = b.reply
@@ -882,7 +959,7 @@ class RedisSink:
         codes = reply[0] if isinstance(reply, list) and reply else None
         if not isinstance(codes, bytes) or len(codes) != len(b.indexes):
             raise self._unexpected(reply)
-        details = iter(reply[1:])
+        details = iter(reply[2:])  # reply[1]: the claims' write counters
         for i, entries, code in zip(b.indexes, b.entries, codes, strict=True):
             if code == 49:  # b"1"
                 results[i] = APPLIED
