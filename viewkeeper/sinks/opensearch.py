@@ -114,7 +114,16 @@ the condition fails (409), within the same :meth:`OpenSearchSink.apply`:
   post-checked like it.
 
 Other daemons, deletes, sweeps and primary failovers only make a fast path lose and fall
-back; nothing depends on the cache being right. ``stats`` counts the paths taken.
+back; nothing depends on the cache being right — within one physical index. An index deleted
+and made again (by this daemon or another, after a loss) starts ``_seq_no`` and
+``_primary_term`` again at (0, 1), so an entry of the old index could match a newer document
+of the new one. Entries are therefore keyed by the live index's uuid, and a batch that would
+use one first reads the uuid of the index there now (one small request per apply and view,
+only then); a uuid that changed drops the view's entries. They are also dropped when the
+view's claim changes marker (:meth:`OpenSearchSink.expect`), its alias is found missing,
+it is prepared onto another index, or wiped. What is left: an index deleted, made again and
+its document written by another daemon between that read and the put (one round trip).
+``stats`` counts the paths taken.
 
 Why this gives I3 (no resurrection) without ``index.gc_deletes``
 -----------------------------------------------------------------
@@ -503,6 +512,7 @@ class _Plan:
     acked: list[str] | None = None  # ids whose delete was acknowledged in this apply
     deleted: bool = False  # a delete of this change removed a document
     kept: bool = False  # a delete of this change found a newer or another item's document
+    uuid: str | None = None  # the live index's uuid as known when its put was built
     key_id: str = field(default="", init=False)  # the _id of the item's owner record
     doc_key: str | None = field(default=None, init=False)  # the _id of the document put
 
@@ -626,7 +636,9 @@ class OpenSearchSink:
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self.cas_cache_size = cas_cache_size
+        # (uuid of the live index, document id) -> what this sink last wrote there
         self._cache: OrderedDict[tuple[str, str], _Known] = OrderedDict()
+        self._uuids: dict[str, str] = {}  # view -> its live index's uuid, as last seen
         self._new_share = 0.5  # share of recent uncached puts that created their document
         self.stats: dict[str, int] = dict.fromkeys(
             ("put_script", "put_cas", "put_create", "fallback", "post_check_fix"), 0
@@ -774,6 +786,9 @@ class OpenSearchSink:
                 headers=_JSON,
                 body=dumps({"properties": OWNERS_MAPPINGS["properties"]}),
             )
+        uuid = self._live_uuid(names.live)
+        if uuid != self._uuids.get(view.name):
+            self._forget_view(view.name, uuid)  # made again: what was written there is gone
         self._prepared[view.name] = names
 
     def _create_index(self, index: str, body: Mapping[str, Any]) -> bool:
@@ -811,20 +826,21 @@ class OpenSearchSink:
         """Apply a batch (see the module doc for the phases); one Result per change."""
         plans = [self._plan(ch) for ch in changes]
         early, late = self._early(plans)
+        uuids: dict[str, str | None] = {}  # the live indexes' uuids, read once per apply
         if not early:
             self._owner_phase(plans)
-            checks = self._live_phase(plans)
+            checks = self._live_phase(plans, uuids)
             if checks:
                 self._post_check(checks)
         else:
             # Puts of default-id documents read and write no owner record before their
             # post-check: they leave first, and the owner phase (W1) of the others, their
             # live ops and the puts' post-check overlap with them on the server.
-            first = self._live_send(early, background=True)
+            first = self._live_send(early, background=True, uuids=uuids)
             second: _Live | None = None
             try:
                 self._owner_phase(late)
-                second = self._live_send(late, background=True)
+                second = self._live_send(late, background=True, uuids=uuids)
                 checks = self._live_collect(first)
                 if checks:
                     self._post_check(checks)
@@ -956,11 +972,18 @@ class OpenSearchSink:
                 p.rec_v, p.gone = rec_v, gone
                 p.unpend = pending or None
 
-    def _live_phase(self, plans: list[_Plan]) -> list[_Check]:
+    def _live_phase(
+        self, plans: list[_Plan], uuids: dict[str, str | None] | None = None
+    ) -> list[_Check]:
         """The live ops of ``plans``, sent and answered; returns the puts to post-check."""
-        return self._live_collect(self._live_send(plans))
+        return self._live_collect(self._live_send(plans, uuids=uuids))
 
-    def _live_send(self, plans: list[_Plan], background: bool = False) -> _Live:
+    def _live_send(
+        self,
+        plans: list[_Plan],
+        background: bool = False,
+        uuids: dict[str, str | None] | None = None,
+    ) -> _Live:
         """Build the live ops and send them. A big batch is cut into ``bulk_concurrency``
         segments by document id (the ops of one change stay in one segment, in order, and
         the requests of a segment go one after the other: :meth:`_bulk` with one group;
@@ -968,12 +991,13 @@ class OpenSearchSink:
         another item's put end the same in either order, as claims, see the module doc);
         each segment is sent as soon as it is built, so building the next one overlaps
         with the server working on the previous one. ``background``: even one segment is
-        sent from the pool, so that the caller can go on (:meth:`apply`)."""
+        sent from the pool, so that the caller can go on (:meth:`apply`). ``uuids``: the
+        live indexes' uuids read in this apply (:meth:`_lookup`)."""
         ops: list[_Op] = []
         # stale changes come along only to delete their owner record's pending documents
         todo = [p for p in plans if p.outcome is None or (p.gone and p.outcome is Outcome.STALE)]
         known = self._lookup(
-            [(p.names.alias, p.doc_key) for p in todo if p.doc_key and p.outcome is None]
+            [p for p in todo if p.doc_key and p.outcome is None], {} if uuids is None else uuids
         )
         try_create = self._new_share >= 0.5 and self.cas_cache_size > 0
         k = self.bulk_concurrency if len(todo) >= self.min_split else 1
@@ -1156,12 +1180,69 @@ class OpenSearchSink:
         )
         return _Op(p, "put", doc_id, lines, payload, "cas", cached=True)
 
-    def _lookup(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], _Known]:
-        if self.cas_cache_size <= 0 or not keys:
+    def _lookup(
+        self, puts: list[_Plan], uuids: dict[str, str | None]
+    ) -> dict[tuple[str, str], _Known]:
+        """What this sink last wrote to the documents of ``puts``, keyed (alias, document id)
+        — only what it wrote to the live index that is there now. Entries are kept per
+        physical index (its uuid): an index deleted and made again restarts ``_seq_no`` and
+        ``_primary_term`` at (0, 1), so an entry of the old one would let a stale put through
+        the ``if_seq_no`` fast path over a newer document of the new one. So when an entry is
+        found, the live index's uuid is read (once per apply and view, into ``uuids``); a
+        uuid that changed drops the view's entries. Each put also notes the uuid it was
+        built under (``_Plan.uuid``), which is what :meth:`_remember` keys its answer by."""
+        for p in puts:
+            p.uuid = self._uuids.get(p.change.view.name)
+        if self.cas_cache_size <= 0 or not puts:
             return {}
         cache = self._cache
         with self._lock:
-            return {k: hit for k in keys if (hit := cache.get(k)) is not None}
+            hits = [
+                (p, hit)
+                for p in puts
+                if p.uuid is not None and (hit := cache.get((p.uuid, str(p.doc_key)))) is not None
+            ]
+        if not hits:
+            return {}
+        for p, _ in hits:
+            name = p.change.view.name
+            if name not in uuids:
+                uuids[name] = self._live_uuid(p.names.live)
+                if uuids[name] != self._uuids.get(name):
+                    self._forget_view(name, uuids[name])
+        known: dict[tuple[str, str], _Known] = {}
+        for p, hit in hits:
+            if uuids[p.change.view.name] == p.uuid:
+                known[(p.names.alias, str(p.doc_key))] = hit
+            else:
+                p.uuid = uuids[p.change.view.name]
+        return known
+
+    def _live_uuid(self, live: str) -> str | None:
+        """The uuid of index ``live`` now; None when it is missing."""
+
+        def get() -> Any:
+            return self.client.transport.perform_request(
+                "GET",
+                f"/{live}/_settings/index.uuid",
+                params={"ignore": 404},
+                timeout=self.request_timeout,
+            )
+
+        found = self._call(get) or {}
+        uuid = ((found.get(live) or {}).get("settings") or {}).get("index", {}).get("uuid")
+        return uuid if isinstance(uuid, str) else None
+
+    def _forget_view(self, name: str, uuid: str | None = None) -> None:
+        """Forget what this sink wrote to ``name``'s live index (fast-path entries), and
+        take ``uuid`` as its uuid from now on (None: unknown until prepared again)."""
+        with self._lock:
+            old = self._uuids.pop(name, None)
+            if uuid is not None:
+                self._uuids[name] = uuid
+            if old is not None:
+                for key in [k for k in self._cache if k[0] == old]:
+                    del self._cache[key]
 
     def _remember(self, learnt: list[tuple[_Plan, str, Mapping[str, Any] | None]]) -> None:
         """Keep what this sink just wrote to each document: ``_seq_no``/``_primary_term``,
@@ -1177,7 +1258,9 @@ class OpenSearchSink:
         cache = self._cache
         with self._lock:
             for p, doc_id, item in learnt:
-                key = (p.names.alias, doc_id)
+                if p.uuid is None:  # the index was not known when the put was built
+                    continue
+                key = (p.uuid, doc_id)
                 if (
                     item is not None
                     and item.get("result") in ("created", "updated")
@@ -1199,10 +1282,11 @@ class OpenSearchSink:
             while len(cache) > self.cas_cache_size:
                 cache.popitem(last=False)
 
-    def _forget(self, alias: str, doc_id: str) -> None:
-        if self.cas_cache_size > 0:
+    def _forget(self, p: _Plan, doc_id: str) -> None:
+        uuid = self._uuids.get(p.change.view.name)
+        if self.cas_cache_size > 0 and uuid is not None:
             with self._lock:
-                self._cache.pop((alias, doc_id), None)
+                self._cache.pop((uuid, doc_id), None)
 
     def _del_op(self, p: _Plan, kind: str, doc_id: str, version: str) -> _Op:
         lines = (
@@ -1254,7 +1338,7 @@ class OpenSearchSink:
                     p.collisions.append(Collision(entry, other))
                     log.debug("collision on %s: items %r and %r", entry, p.change.item_key, other)
         for op, item in zip(fixes, self._run(fixes, require_alias=True), strict=True):
-            self._forget(op.plan.names.alias, op.doc_id)
+            self._forget(op.plan, op.doc_id)
             if self._failed(op, item):
                 continue
             result = item.get("result")
@@ -1347,6 +1431,7 @@ class OpenSearchSink:
                     names = ops[i].plan.names
                     name = ops[i].plan.change.view.name
                     self._prepared.pop(name, None)
+                    self._forget_view(name)
                     if name in self._markers:  # its data is gone: viewkeeper.namespaces
                         raise NamespaceLost(
                             f"OpenSearch sink {self.name!r} ({self.where}): alias "
@@ -1616,6 +1701,8 @@ class OpenSearchSink:
         raises NamespaceLost (it would be recreated empty), and
         :meth:`viewkeeper.namespaces.Namespaces.verify` compares the claim every few
         seconds."""
+        if self._markers.get(view.name) != marker:  # the data may have been started again
+            self._forget_view(view.name, self._uuids.get(view.name))
         if marker is None:
             self._markers.pop(view.name, None)
         else:
@@ -1627,8 +1714,7 @@ class OpenSearchSink:
         everything: dict[str, Any] = {"query": {"match_all": {}}}
         deleted = self._delete_by_query(names.live, everything)
         self._delete_by_query(names.owners, everything)
-        with self._lock:
-            self._cache.clear()
+        self._forget_view(view.name, self._uuids.get(view.name))  # same index, no entries
         return deleted
 
     def purge_tombstones(self, view: View, older_than: float) -> int:
