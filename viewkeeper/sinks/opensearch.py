@@ -390,6 +390,8 @@ SCRIPT_NAME = "viewkeeper-apply-v4"
 """Stored script id (after the sink's ``index_prefix``); bump N when the .painless changes."""
 LIVE_SUFFIX = ".vk-live"
 OWNERS_SUFFIX = ".vk-owners"
+OWNERS_FORMAT = 1
+"""``_meta.viewkeeper.format`` of an owner index viewkeeper makes."""
 META = "_vk"
 
 _NDJSON = {"content-type": "application/x-ndjson"}
@@ -700,6 +702,7 @@ class OpenSearchSink:
             if held is not None and held != names:
                 raise SinkError(f"two different views are named {view.name!r}")
         self._call(self._put_script)
+        self._put_owners_template()
         for view in mine:
             if view.name not in self._prepared:
                 self._call(lambda v=view: self._prepare_view(v))  # type: ignore[misc]
@@ -713,6 +716,55 @@ class OpenSearchSink:
             headers=_JSON,
             timeout=self.request_timeout,
         )
+
+    @property
+    def owners_template(self) -> str:
+        """The name of the index template of the owner indexes (see
+        :meth:`_put_owners_template`)."""
+        return f"{self.index_prefix}viewkeeper-owners"
+
+    def _put_owners_template(self) -> None:
+        """An index template giving any ``P*.vk-owners`` index viewkeeper's owner mappings.
+
+        The owner phase (W1) cannot use ``require_alias``: a write to an owner index that
+        was deleted (the cluster lost it, ``DELETE orders*``) creates it again. With dynamic
+        mappings (``v``, ``item``, ``doc`` as text) it could never be given viewkeeper's
+        again, and the view could not be re-armed until someone deleted it by hand. With this
+        template it gets the right mappings — and no ``_meta``: it holds no claim, so the
+        view is seen lost and re-armed (:meth:`read_claim`, :meth:`_prepare_view`). A node
+        that refuses the template (no ``indices:admin/index_template/put`` permission) is
+        only warned about: :meth:`_prepare_view` then replaces an owner index it finds with
+        other mappings. The priority grows with the prefix, so that the templates of two
+        prefixes never share one (OpenSearch refuses overlapping patterns at one priority)."""
+        body = {
+            "index_patterns": [f"{self.index_prefix}*{OWNERS_SUFFIX}"],
+            "priority": 2_000_000_000 + len(self.index_prefix),
+            "template": {"settings": self.index_settings, "mappings": OWNERS_MAPPINGS},
+            "_meta": {"viewkeeper": {"role": "owners-template", "format": OWNERS_FORMAT}},
+        }
+
+        def put() -> bool:
+            try:
+                self.client.transport.perform_request(
+                    "PUT",
+                    f"/_index_template/{self.owners_template}",
+                    body=dumps(body),
+                    headers=_JSON,
+                    timeout=self.request_timeout,
+                )
+            except (AuthorizationException, AuthenticationException):
+                return False
+            return True
+
+        if not self._call(put):
+            log.warning(
+                "OpenSearch sink %s (%s): cannot store the index template %s (permission "
+                "refused): an owner index deleted under viewkeeper would be made again with "
+                "dynamic mappings, and replaced at the next prepare",
+                self.name,
+                self.where,
+                self.owners_template,
+            )
 
     def _exists(self, path: str) -> bool:
         return bool(self.client.transport.perform_request("HEAD", path, params={"ignore": 404}))
@@ -771,25 +823,69 @@ class OpenSearchSink:
                     headers=_JSON,
                     body=dumps({"actions": [{"add": {"index": names.live, "alias": names.alias}}]}),
                 )
-        owners_meta = {"viewkeeper": {"view": view.name, "role": "owners", "format": 1}}
-        if not self._create_index(
-            names.owners,
-            {
-                "settings": self.index_settings,
-                "mappings": {**OWNERS_MAPPINGS, "_meta": owners_meta},
-            },
-        ):
-            # made by an older viewkeeper: map the fields added since (``pending``)
-            tp.perform_request(
-                "PUT",
-                f"/{names.owners}/_mapping",
-                headers=_JSON,
-                body=dumps({"properties": OWNERS_MAPPINGS["properties"]}),
-            )
+        owners_meta = {"viewkeeper": {"view": view.name, "role": "owners", "format": OWNERS_FORMAT}}
+        owners_body = {
+            "settings": self.index_settings,
+            "mappings": {**OWNERS_MAPPINGS, "_meta": owners_meta},
+        }
+        if not self._create_index(names.owners, owners_body):
+            found = tp.perform_request("GET", f"/{names.owners}/_mapping")
+            mappings = found.get(names.owners, {}).get("mappings", {})
+            if (mappings.get("_meta") or {}).get("viewkeeper"):
+                # made by viewkeeper, maybe an older one: map the fields added since
+                tp.perform_request(
+                    "PUT",
+                    f"/{names.owners}/_mapping",
+                    headers=_JSON,
+                    body=dumps({"properties": OWNERS_MAPPINGS["properties"]}),
+                )
+            else:
+                self._adopt_owners(view, names, owners_body)
         uuid = self._live_uuid(names.live)
         if uuid != self._uuids.get(view.name):
             self._forget_view(view.name, uuid)  # made again: what was written there is gone
         self._prepared[view.name] = names
+
+    def _adopt_owners(self, view: View, names: ViewIndexes, body: Mapping[str, Any]) -> None:
+        """An owner index viewkeeper did not make (no ``_meta``): a write made it after the
+        one viewkeeper made was deleted (see :meth:`_put_owners_template`). It holds no
+        claim, so the view is lost (:meth:`read_claim`) and is re-armed and rebuilt. It is
+        given viewkeeper's mappings and ``_meta`` (no claim), or, when its mappings cannot
+        take them (made without the template: dynamic text fields), deleted and made again:
+        what it holds was written after the loss, by batches that were refused (the live
+        phase found the alias missing) or that the rebuild writes again."""
+        tp = self.client.transport
+        try:
+            tp.perform_request(
+                "PUT",
+                f"/{names.owners}/_mapping",
+                headers=_JSON,
+                body=dumps({**OWNERS_MAPPINGS, "_meta": body["mappings"]["_meta"]}),
+            )
+            log.warning(
+                "view %s: owner index %s was made again by a write, not by viewkeeper (it "
+                "was lost): given viewkeeper's mappings; the view is re-armed and rebuilt",
+                view.name,
+                names.owners,
+            )
+            return
+        except TransportError as exc:
+            if _is_transient(exc) or exc.status_code != 400:
+                raise
+            reason = _error_text(_reason_of(exc.info))
+        log.warning(
+            "view %s: owner index %s was made again by a write with other mappings (%s): "
+            "deleting it and making it again; the view is re-armed and rebuilt",
+            view.name,
+            names.owners,
+            _short(reason, 300),
+        )
+        tp.perform_request("DELETE", f"/{names.owners}", params={"ignore": 404})
+        if not self._create_index(names.owners, body):
+            raise SinkError(
+                f"OpenSearch {self.where}: owner index {names.owners!r} of view {view.name!r} "
+                "was made again while viewkeeper replaced it; start again"
+            )
 
     def _create_index(self, index: str, body: Mapping[str, Any]) -> bool:
         """Create ``index``; False when it exists already (another daemon may have won)."""
