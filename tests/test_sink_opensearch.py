@@ -22,7 +22,15 @@ from tests.helpers import view_for
 from viewkeeper.projection.api import View, opensearch_view
 from viewkeeper.projection.entries import Document, Value
 from viewkeeper.sinks import opensearch as opensearch_module
-from viewkeeper.sinks.base import Change, Outcome, Result, SinkError, SinkUnavailable
+from viewkeeper.sinks.base import (
+    Change,
+    Claim,
+    Outcome,
+    Owner,
+    Result,
+    SinkError,
+    SinkUnavailable,
+)
 from viewkeeper.sinks.opensearch import (
     LIVE_SUFFIX,
     OWNERS_SUFFIX,
@@ -1328,6 +1336,36 @@ def test_a_deleted_alias_is_reported_unavailable_then_recreated(
         sink.apply([up(ORDERS, "o-1", 1, {"n": 1})])
     assert outcomes(sink.apply([up(ORDERS, "o-1", 1, {"n": 1})])) == ["applied"]
     assert sink.live_documents(ORDERS) == {"o-1": {"n": 1}}
+
+
+@needs_os
+def test_the_claim_lives_in_both_indexes_and_an_owner_index_made_by_a_write_is_replaced(
+    sink: OpenSearchSink, os_client: OpenSearch
+) -> None:
+    """F2/F3: read_claim needs the same claim in both indexes' _meta; an owner index made
+    again by a write without the template (dynamic mappings: text where viewkeeper maps
+    keywords) holds none, and write_claim replaces it; an owner index of format 1 (older
+    viewkeeper, no claim there) is trusted until the claim is written again."""
+    claim = Claim(Owner("arn:t", "coord", "dep"), "m1", 2)
+    sink.write_claim(CARDS, claim)
+    assert sink.read_claim(CARDS) == claim
+    names = sink.indexes(CARDS)
+    os_client.transport.perform_request("DELETE", f"/_index_template/{sink.owners_template}")
+    os_client.indices.delete(index=names.owners)
+    os_client.index(index=names.owners, id="x", body={"v": "1:1", "item": "x", "doc": "d"})
+    assert sink.read_claim(CARDS) is None  # lost: no claim in the owner index
+    sink.write_claim(CARDS, Claim(claim.owner, "m2", 2))  # re-armed: the index is replaced
+    assert sink.read_claim(CARDS) == Claim(claim.owner, "m2", 2)
+    mapping = os_client.indices.get_mapping(index=names.owners)[names.owners]["mappings"]
+    assert mapping["properties"]["doc"]["type"] == "keyword"
+    assert outcomes(sink.apply([up(CARDS, "i", 1, {"card": "a"})])) == ["applied"]
+
+    legacy = {"viewkeeper": {"view": CARDS.name, "role": "owners", "format": 1}}
+    os_client.indices.put_mapping(index=names.owners, body={"_meta": legacy})
+    assert sink.read_claim(CARDS) == Claim(claim.owner, "m2", 2)
+    legacy["viewkeeper"]["format"] = 2  # type: ignore[index]
+    os_client.indices.put_mapping(index=names.owners, body={"_meta": legacy})
+    assert sink.read_claim(CARDS) is None  # made by this viewkeeper without a claim: lost
 
 
 @needs_os

@@ -30,6 +30,31 @@ Filtered aliases are not applied to GET by id, so tombstones cannot live in the 
 index at all: a separate index is the only way they never show. If a concrete index named
 ``P{index}`` already exists, :meth:`OpenSearchSink.prepare` refuses and says how to fix it.
 
+Claims and lost indexes. The view's :class:`~viewkeeper.sinks.base.Claim` lives in the
+``_meta`` of *both* its indexes (``_meta.viewkeeper.claim``): each index dies with its own
+``_meta``, and either one lost is the view's data lost — the live documents, or the
+tombstones and the only record of which document a ``doc_id=`` item owns.
+:meth:`OpenSearchSink.read_claim` returns a claim only when both hold the same one (owner and
+marker; the higher generation), so :meth:`~viewkeeper.namespaces.Namespaces.verify` (every few
+seconds) and the next start see either loss, re-arm the view (the claim written to both
+again) and mark it needs_rebuild. A write cannot check the claim: the live phase goes through
+the alias with ``require_alias`` and raises NamespaceLost when it is missing, but the owner
+phase (W1) writes the owner index by name, and OpenSearch makes a missing one again. The
+index template ``{P}viewkeeper-owners`` gives such an index viewkeeper's mappings and no
+``_meta`` (so no claim); :meth:`OpenSearchSink._prepare_view` recognises an owner index
+without viewkeeper's ``_meta`` as made after a loss and adopts it (or, with other mappings,
+replaces it), so re-arming always works. An owner index of ``format`` 1 (made before the
+claim was kept there) without a claim is trusted until the claim is next written.
+
+Between the loss of an owner index and the rebuild (up to ``verify_interval`` before it is
+noticed, then the rebuild's time), readers may see: an item deleted before the loss come back
+(a stale put — a replay, a lease handover's late page — no longer meets its tombstone); and,
+in a ``doc_id=`` view, the old document of an item that moved or was deleted after the loss
+stay beside the new one (its owner record, which named it, is gone). Items that change
+meanwhile are right. The rebuild writes every item again at its new generation and its sweep
+deletes every document of an older one, which removes both. Between the loss of the live
+index and the rebuild, items that do not change are missing.
+
 Ids. An ``_id`` holds at most 512 bytes of UTF-8 (OpenSearch refuses a longer one with the
 whole ``_bulk``); DynamoDB keys reach 2048 + 1024 bytes. :func:`item_id` is the one mapping
 from an item key to an ``_id`` — the owner record's id, and the document id of a view with
@@ -390,10 +415,13 @@ SCRIPT_NAME = "viewkeeper-apply-v4"
 """Stored script id (after the sink's ``index_prefix``); bump N when the .painless changes."""
 LIVE_SUFFIX = ".vk-live"
 OWNERS_SUFFIX = ".vk-owners"
-OWNERS_FORMAT = 1
-"""``_meta.viewkeeper.format`` of an owner index viewkeeper makes."""
+OWNERS_FORMAT = 2
+"""``_meta.viewkeeper.format`` of an owner index viewkeeper makes: 2 since it holds the
+view's claim too (:meth:`OpenSearchSink.read_claim`); 1 was made by older versions."""
 META = "_vk"
 
+_CLAIM_READS = 5  # reads of two claims that differ before read_claim says lost
+_CLAIM_REREAD = 0.2  # seconds between them (a claim being written: a request or two)
 _NDJSON = {"content-type": "application/x-ndjson"}
 _JSON = {"content-type": "application/json"}
 _RETRY_STATUS = frozenset({409, 429, 500, 502, 503, 504})
@@ -1743,54 +1771,66 @@ class OpenSearchSink:
         return deleted
 
     # ------------------------------------------------------------------------------------
-    # claims (viewkeeper.namespaces): in the live index's _meta, which lives and dies with it
+    # claims (viewkeeper.namespaces): in both indexes' _meta, which live and die with them
     def read_claim(self, view: View) -> Claim | None:
-        live = ViewIndexes.of(view, self.index_prefix).live
+        """The view's claim: the one both its indexes' ``_meta`` hold (see the section
+        *Claims* of the module doc), or None — either index missing, made again (an owner
+        index made by a write, or by viewkeeper after a loss, holds none), or the two
+        holding different claims after a few re-reads (a claim being written is written to
+        the owner index, then to the live one)."""
+        names = ViewIndexes.of(view, self.index_prefix)
 
         def get() -> Any:
             return self.client.transport.perform_request(
-                "GET", f"/{live}/_mapping", params={"ignore": 404}, timeout=self.request_timeout
-            )
-
-        found = self._call(get) or {}
-        meta = (found.get(live, {}).get("mappings", {}).get("_meta") or {}).get("viewkeeper")
-        claim = (meta or {}).get("claim")
-        if not isinstance(claim, Mapping) or not claim.get("marker"):
-            return None
-        owner = Owner(
-            str(claim.get("source", "?")),
-            str(claim.get("coordination", "?")),
-            str(claim.get("deployment", "?")),
-        )
-        return Claim(owner, str(claim["marker"]), int(claim.get("generation", 0) or 0))
-
-    def write_claim(self, view: View, claim: Claim) -> None:
-        if view.name not in self._prepared:
-            self._call(lambda: self._prepare_view(view))
-        live = ViewIndexes.of(view, self.index_prefix).live
-        meta = {
-            "viewkeeper": {
-                "view": view.name,
-                "role": "live",
-                "format": 1,
-                "claim": {
-                    "source": claim.owner.source,
-                    "coordination": claim.owner.coordination,
-                    "deployment": claim.owner.deployment,
-                    "marker": claim.marker,
-                    "generation": claim.generation,
-                },
-            }
-        }
-        self._call(
-            lambda: self.client.transport.perform_request(
-                "PUT",
-                f"/{live}/_mapping",
-                headers=_JSON,
-                body=dumps({"_meta": meta}),
+                "GET",
+                f"/{names.live},{names.owners}/_mapping",
+                params={"ignore": 404, "ignore_unavailable": "true"},
                 timeout=self.request_timeout,
             )
-        )
+
+        for attempt in range(_CLAIM_READS):
+            if attempt:
+                time.sleep(_CLAIM_REREAD)
+            found = self._call(get) or {}
+            live = _vk_meta(found, names.live)
+            owners = _vk_meta(found, names.owners)
+            held = _claim_of(live)
+            if held is None or owners is None:
+                return None
+            theirs = _claim_of(owners)
+            if theirs is None:
+                if owners.get("format") == 1:  # made before owner indexes held the claim
+                    return held
+                return None
+            if (theirs.owner, theirs.marker) == (held.owner, held.marker):
+                # a rebuild's announce writes the owner index first: the higher one is newer
+                return Claim(held.owner, held.marker, max(held.generation, theirs.generation))
+        return None
+
+    def write_claim(self, view: View, claim: Claim) -> None:
+        """Store ``claim`` in the ``_meta`` of both the view's indexes: the owner index
+        first, then the live one (see :meth:`read_claim`). The view is prepared again
+        first: an index lost and made again by a write is replaced or adopted there."""
+        self._call(lambda: self._prepare_view(view))
+        names = ViewIndexes.of(view, self.index_prefix)
+        held = {
+            "source": claim.owner.source,
+            "coordination": claim.owner.coordination,
+            "deployment": claim.owner.deployment,
+            "marker": claim.marker,
+            "generation": claim.generation,
+        }
+        for index, role, fmt in ((names.owners, "owners", OWNERS_FORMAT), (names.live, "live", 1)):
+            meta = {"viewkeeper": {"view": view.name, "role": role, "format": fmt, "claim": held}}
+            self._call(
+                lambda index=index, meta=meta: self.client.transport.perform_request(  # type: ignore[misc]
+                    "PUT",
+                    f"/{index}/_mapping",
+                    headers=_JSON,
+                    body=dumps({"_meta": meta}),
+                    timeout=self.request_timeout,
+                )
+            )
 
     def expect(self, view: View, marker: str | None) -> None:
         """OpenSearch cannot check a marker with each ``_bulk``: a write to a deleted index
@@ -1919,6 +1959,28 @@ class OpenSearchSink:
                         headers=_JSON,
                         body=dumps({"scroll_id": [scroll_id]}),
                     )
+
+
+def _vk_meta(mappings: Mapping[str, Any], index: str) -> dict[str, Any] | None:
+    """``_meta.viewkeeper`` of ``index`` in a ``_mapping`` answer: None when the index is not
+    in it (missing), ``{}`` when it has none (not made by viewkeeper)."""
+    if index not in mappings:
+        return None
+    meta = ((mappings[index] or {}).get("mappings") or {}).get("_meta") or {}
+    found = meta.get("viewkeeper")
+    return dict(found) if isinstance(found, Mapping) else {}
+
+
+def _claim_of(meta: Mapping[str, Any] | None) -> Claim | None:
+    claim = (meta or {}).get("claim")
+    if not isinstance(claim, Mapping) or not claim.get("marker"):
+        return None
+    owner = Owner(
+        str(claim.get("source", "?")),
+        str(claim.get("coordination", "?")),
+        str(claim.get("deployment", "?")),
+    )
+    return Claim(owner, str(claim["marker"]), int(claim.get("generation", 0) or 0))
 
 
 def _jstr(text: str) -> bytes:
