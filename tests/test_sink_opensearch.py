@@ -1037,6 +1037,44 @@ def test_mapping_rejection_is_an_error_for_that_change_only(
     assert set(sink.live_documents(ORDERS)) == {"o-0", "o-1", "o-3"}
 
 
+@needs_os
+def test_a_refused_move_keeps_the_last_good_document_through_stale_changes_and_replays(
+    make_sink: Callable[..., OpenSearchSink], os_client: OpenSearch
+) -> None:
+    """F9: a put OpenSearch refuses leaves its item as it was — its last good document, and an
+    owner record naming it again ('keep'), so that a stale change does not take it for a
+    pending delete; the same change applied again with a body the mapping takes (a dead
+    letter replayed once the view is fixed) moves the item; a new item whose first put is
+    refused gets nothing. One request at a time and two at once."""
+    for concurrency in (1, 2):
+        sink = make_sink(bulk_concurrency=concurrency)
+        sink.prepare([CARDS])
+        i, j = f"i{concurrency}", f"j{concurrency}"
+        a, b, c = f"a{concurrency}", f"b{concurrency}", f"c{concurrency}"
+        assert outcomes(sink.apply([up(CARDS, i, 10, {"card": a, "total": 5})])) == ["applied"]
+        refused = [
+            up(CARDS, i, 11, {"card": b, "total": {"amount": 7}}),
+            up(CARDS, j, 11, {"card": c, "total": {"amount": 7}}),
+        ]
+        assert outcomes(sink.apply(refused)) == ["error", "error"]
+        record = os_client.get(index=sink.indexes(CARDS).owners, id=i)["_source"]
+        assert (record["v"], record["doc"], record.get("was")) == ("1:11", a, None)
+        stale = [up(CARDS, i, 9, {"card": a, "total": 4}), up(CARDS, j, 9, {"card": c, "total": 1})]
+        assert outcomes(sink.apply(stale)) == ["stale", "stale"]
+        docs = {k: v for k, v in sink.live_documents(CARDS).items() if k.endswith(str(concurrency))}
+        assert docs == {a: {"card": a, "total": 5}}
+        fixed = [
+            up(CARDS, i, 11, {"card": b, "total": 7}),
+            up(CARDS, j, 11, {"card": c, "total": 7}),
+        ]
+        assert outcomes(sink.apply(fixed)) == ["applied", "applied"]
+        docs = {k: v for k, v in sink.live_documents(CARDS).items() if k.endswith(str(concurrency))}
+        assert docs == {b: {"card": b, "total": 7}, c: {"card": c, "total": 7}}
+        assert outcomes(sink.apply([rm(CARDS, i, 12), rm(CARDS, j, 12)])) == ["applied"] * 2
+        docs = {k: v for k, v in sink.live_documents(CARDS).items() if k.endswith(str(concurrency))}
+        assert docs == {}
+
+
 LONG_KEY = "k" * 2048  # DynamoDB's largest partition key
 
 

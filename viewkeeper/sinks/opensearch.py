@@ -15,14 +15,16 @@ Layout (per view, ``P`` = the sink's ``index_prefix``, ``""`` in production)
     ``_source_excludes=_vk``).
 ``P{index}.vk-owners``
     **Owner records**, keyed by the item's id (below), not under the alias: ``{v, g, item, doc?,
-    pending?, deleted_at?}``. A *tombstone* is an owner record without ``doc``: the version
+    pending?, was?, deleted_at?}``. A *tombstone* is an owner record without ``doc``: the version
     of a delete, kept (``deleted_at``, epoch ms) until :meth:`OpenSearchSink.purge_tombstones`.
     For views with the default document id (the item key) only tombstones are written — the
     live document is its own owner record. For views with a custom ``doc_id=`` every change
     writes the owner record too, because only it can say which document an item owned when
     the item is removed (a REMOVE is never projected) or when its document id moves.
     ``pending`` lists the other documents the item may still own — ones it owned before and
-    whose deletes are not acknowledged yet (see *Pending deletes* below). Records written by
+    whose deletes are not acknowledged yet (see *Pending deletes* below); ``was``, the
+    document the record named before the put that moved it (``""``: none), so that a put
+    OpenSearch refuses can be undone (*A put OpenSearch refuses* below). Records written by
     older scripts are read the same way: ``prev_doc`` (``viewkeeper-apply-v1``: one id) and
     ``prev_docs`` (``viewkeeper-apply-v2``: the last four ids, never cleared).
 
@@ -67,7 +69,7 @@ change is ERROR — a bug of the view, said so — and nothing of it is written.
 
 The stored script (``opensearch_apply.painless``, id ``P + SCRIPT_NAME``)
 ------------------------------------------------------------------------
-One painless script with four ops, run as ``_bulk`` ``update`` actions with
+One painless script with five ops, run as ``_bulk`` ``update`` actions with
 ``retry_on_conflict`` so concurrent writers to one document serialise on the primary:
 
 - ``put``: scripted upsert of a live document; ``noop`` when the stored version *of the
@@ -79,11 +81,16 @@ One painless script with four ops, run as ``_bulk`` ``update`` actions with
   removes the deleting item's claim, only when it is older than ``v``: the document itself
   (``ctx.op = 'delete'``, or the next parked claim takes it) or a parked claim. Another
   item's claim is never touched.
-- ``own``: scripted upsert of an owner record, same version rule; the new record's
-  ``pending`` is the stored ``pending`` (+ ``prev_docs``, ``prev_doc``) + ``doc``, less the
-  new ``doc``.
+- ``own``: scripted upsert of an owner record, same version rule — except that the same
+  version naming another document is taken (the same change applied again after ``keep``
+  undid its move); the new record's ``pending`` is the stored ``pending`` (+ ``prev_docs``,
+  ``prev_doc``) + ``doc``, less the new ``doc``; a put that moves the record notes the
+  stored ``doc`` in ``was``.
 - ``unpend``: plain scripted update of an owner record: drop the ids ``done`` from
   ``pending`` if (and only if) the stored version is exactly ``v``.
+- ``keep``: plain scripted update of an owner record whose put of ``doc`` at ``v`` was
+  refused: if the record is still that one (``v``, ``doc``, a ``was``), it names ``was``
+  again (or, ``was`` empty, becomes a tombstone) and lists ``doc`` in ``pending``.
 
 One batch, step by step
 -----------------------
@@ -91,13 +98,14 @@ One batch, step by step
    writes its owner record and reads it back (``v``, ``doc``, ``pending``). A ``noop`` whose
    stored version is *newer* makes the change STALE; a ``noop`` at the *same* version is a
    replay (a crash after this step) and the change goes on, so the later steps are redone.
-   Either way the record's ``pending`` documents are deleted again in step 2, at the
-   record's version — and a STALE upsert's own document too, when it is not the record's.
+   Either way the record's ``pending`` documents are deleted again (step 2, or step 5 for
+   an upsert), at the record's version — and a STALE upsert's own document too, when it is
+   not the record's.
 2. *Live phase* (U1/W2: ``_bulk`` through the alias with ``require_alias``, so a deleted
    index is never silently auto-created): upserts ``put`` the document; deletes of a
-   default-id view ``del`` the document of the item's id; and every ``pending`` document other
-   than the one put is ``del``-ed at the record's version (for a custom-id delete these are
-   all its ops: W1 moved its document to ``pending``).
+   default-id view ``del`` the document of the item's id; a delete's (and a STALE change's)
+   ``pending`` documents are ``del``-ed at the record's version (for a custom-id delete these
+   are all its ops: W1 moved its document to ``pending``).
 3. *Post-check* (U2: one realtime ``mget`` of owner records) for every ``put`` that answered
    ``created`` or ``noop``, or ``updated`` a document another item held (or whose claim now
    waits behind another item's): where the owner record is newer than the put and names
@@ -105,10 +113,13 @@ One batch, step by step
 4. *fix* (one ``_bulk``) ``del``-s the put's claim at the owner record's version. The same
    ``mget`` reads the other item's record: a collision is reported only if it names the
    document too.
-5. *Unpend* (W3, one ``_bulk``, only for records that had ``pending``): once the deletes of
-   step 2 are acknowledged (deleted, ``updated``: the item's claim left a document other
-   items claim too, ``noop`` or 404), ``unpend`` drops them from the record
-   they were read from.
+5. *Finish* (:meth:`OpenSearchSink._unpend_phase`). W2' (one ``_bulk``, only for upserts with
+   ``pending``): an upsert's ``pending`` documents other than the one put are ``del``-ed at
+   its version once the put was answered — never when OpenSearch refused it: then ``keep``
+   undoes the move W1 made (next to W3). W3 (one ``_bulk``, only for records that had
+   ``pending``): once the deletes of step 2 or W2' are acknowledged (deleted, ``updated``:
+   the item's claim left a document other items claim too, ``noop`` or 404), ``unpend``
+   drops them from the record they were read from.
 
 Overlap (``bulk_concurrency`` > 1): the puts of default-id documents read and write no owner
 record before their post-check, so they are sent first, from the sink's pool, and steps 1-4
@@ -200,11 +211,12 @@ post-check of the put of ``I`` below ``R.v`` that made it. The writes:
 - W1 (``own`` at a newer version) moves the stored ``doc`` and ``pending`` (and the older
   scripts' ``prev_doc``/``prev_docs``) into the new record's ``pending``, less the new
   ``doc``: nothing is dropped, however many documents are pending.
-- W2 deletes each pending ``x`` with ``del`` at ``R.v`` for ``I``: only ``I``'s claim,
-  only below ``R.v``, so never one ``I`` must keep — ``I``'s document at ``R.v`` is
-  ``R.doc``, never pending, and a newer change of ``I`` that writes ``x`` puts it above
-  ``R.v`` (W2 is then a ``noop``, or runs first and the put re-creates ``x``). Another
-  item's claim is never removed: if ``I`` held ``x``, the next parked claim takes it.
+- W2 (for an upsert: W2', once its put was answered) deletes each pending ``x`` with ``del``
+  at ``R.v`` for ``I``: only ``I``'s claim, only below ``R.v``, so never one ``I`` must
+  keep — ``I``'s document at ``R.v`` is ``R.doc``, never pending, and a newer change of ``I``
+  that writes ``x`` puts it above ``R.v`` (W2 is then a ``noop``, or runs first and the put
+  re-creates ``x``). Another item's claim is never removed: if ``I`` held ``x``, the next
+  parked claim takes it.
 - W3 (``unpend``) drops ``x`` only from the record of the very version whose W2 on ``x``
   was acknowledged. From then on ``x`` holds nothing of ``I`` below ``R.v`` — unless a put
   of ``I`` below ``R.v`` still in flight re-creates it, answering ``created`` (or
@@ -215,19 +227,41 @@ post-check of the put of ``I`` below ``R.v`` that made it. The writes:
 - U1 answering ``updated`` over ``I``'s own older document on ``x`` replaces a document the
   rule already covers (its delete, W2 or a post-check, is still to come and is made at a
   version above the put's), so it needs no post-check.
+- ``keep`` (after a refused put of ``b`` moving ``R.doc`` from ``a``) makes ``a`` the record's
+  ``doc`` again and lists ``b`` in ``pending``: ``I``'s claims are on ``a`` (now ``R.doc``)
+  and on ``b`` only if another applier of the same change did put it (now pending).
+
+A put OpenSearch refuses (a body the mapping refuses; ERROR, dead-lettered) leaves its item
+as it was. W1 has moved the record to the new document ``b`` (``was``: ``a``) before the put
+is sent, so the put's pending deletes wait for its answer (W2') and are never sent for a
+refused put, and ``keep`` names ``a`` again: a later stale change of ``I`` (a lease
+handover's late page, a daemon not yet on a rebuild's generation — the refused change may be
+the rebuild's own ``(G, 0)`` scan, whose item the sweep then spares) finds ``a`` to be the
+record's document and leaves it. The refused change applied again (its dead letter replayed
+once the view or the mapping is fixed) passes W1 at the same version, since it names
+another document than the record, and moves the item as any change would. An item that had
+no document (new, or deleted) gets a tombstone at the refused version, listing ``b``. Between
+the refusal and ``keep`` (one request), or if ``keep`` fails or the apply is killed before
+it, the record names ``b`` with ``a`` pending — the rule above holds all the same: a newer
+change or a delete inherits ``a`` (and ``b``) in ``pending`` and deletes both once its own
+put is in, a rebuild writes the item at its new generation or its sweep deletes ``a``, the
+killed apply's replay is refused again and runs ``keep``; only a stale change may then
+delete ``a`` too early, leaving the item without a document (never with a wrong one) until
+its next change.
 
 Kill -9 between any two writes (each write is one ``_bulk`` or ``mget``; the checkpoint does
 not move, so the batch comes again, or a newer record of the item comes in its place when
 the restarted daemon's page holds both and applies only the newest):
 
 - after W1: the record lists the old document. The replay is a same-version ``noop`` and
-  redoes W2; a newer change's W1 inherits ``pending`` and its W2 deletes the document at
-  its own version; a stale change re-issues the deletes too.
+  redoes W2 (W2'); a newer change's W1 inherits ``pending`` and its W2 deletes the document
+  at its own version; a stale change re-issues the deletes too.
 - after U1/W2, before U2: the put's document, if stale, goes as the previous section says
   (the replay post-checks it, or is STALE at W1 and deletes it); W3 was not done, so
   ``pending`` still lists what W2 deleted, and the next apply of the item deletes it again
   (404: acknowledged) and unpends it.
-- after U2, before W3: the same; all of it is idempotent.
+- after U2, before W2' or W3: the same; all of it is idempotent.
+- after a refused U1, before ``keep``: the replay is refused again and runs ``keep``.
 - after W3: done.
 
 Concurrency. Two appliers briefly (lease handover: the old holder's last batch and the new
@@ -245,11 +279,12 @@ What is left: an applier that lost its lease and is killed between U1 and U2 of 
 whose U1 landed after the newer change's W3 and after the new lease holder's replay of the
 same record (the lease guard keeps that window short) leaves the document until the next
 rebuild, as for default-id views. A daemon running an older script (a rolling upgrade)
-writes records without ``pending``, and its puts compare versions across items and drop
-parked claims (``viewkeeper-apply-v3`` and older): upgrade every daemon. Custom-id moves and
-deletes cost one more ``_bulk`` per batch (W3); default-id upserts are unchanged (no owner
-record is read or written), and default-id deletes do W3 only when a hand-built change gave
-the item another document id.
+writes records without ``pending`` or ``was``, and its puts compare versions across items
+and drop parked claims (``viewkeeper-apply-v3`` and older), or delete a refused put's old
+document (``-v4``): upgrade every daemon.
+Custom-id moves cost two more ``_bulk`` per batch (W2' and W3) and deletes one (W3);
+default-id upserts are unchanged (no owner record is read or written), and default-id deletes
+do W3 only when a hand-built change gave the item another document id.
 
 Documents passed between items: versions are compared only within one item
 --------------------------------------------------------------------------
@@ -323,8 +358,9 @@ action answers the refusal and its change is ERROR (view, item, document id, Ope
 reason; ids and keys cut after 100 characters), the others go on. It ends: at most 2n - 1
 requests for n actions, also when the refusal is nobody's fault (then every change is
 ERROR: dead-lettered, not a shard stopped on the same page forever). A change stops at the
-phase where its op failed: a failed W1 sends no W2, a failed put is not post-checked, an
-ERROR change writes no W3.
+phase where its op failed: a failed W1 sends no W2, a failed put is not post-checked and
+sends no pending delete (W2'), and its record's move is undone (``keep``, see *A put
+OpenSearch refuses*), an ERROR change writes no W3.
 
 Cost
 ----
@@ -411,7 +447,7 @@ MAX_ID_BYTES = 512
 ID_DIGEST_PREFIX = "vk:sha256:"
 """The start of the ``_id`` of an item key that cannot be its own id (:func:`item_id`)."""
 
-SCRIPT_NAME = "viewkeeper-apply-v4"
+SCRIPT_NAME = "viewkeeper-apply-v5"
 """Stored script id (after the sink's ``index_prefix``); bump N when the .painless changes."""
 LIVE_SUFFIX = ".vk-live"
 OWNERS_SUFFIX = ".vk-owners"
@@ -452,6 +488,7 @@ OWNERS_MAPPINGS: dict[str, Any] = {
         "pending": {"type": "keyword"},
         "prev_doc": {"type": "keyword", "index": False, "doc_values": False},
         "prev_docs": {"type": "keyword", "index": False, "doc_values": False},
+        "was": {"type": "keyword", "index": False, "doc_values": False},
         "deleted_at": {"type": "date", "format": "epoch_millis"},
     },
 }
@@ -538,6 +575,8 @@ class _Plan:
     owner_moved: bool = False
     rec_v: str | None = None  # the owner record's version after the owner phase
     gone: list[str] | None = None  # documents to delete at rec_v (item-checked)
+    later: list[str] | None = None  # a put's pending deletes: sent once the put is answered
+    recorded: bool = False  # W1 wrote (or found) the owner record of this very change
     unpend: list[str] | None = None  # the record's pending ids: forget them once deleted
     acked: list[str] | None = None  # ids whose delete was acknowledged in this apply
     deleted: bool = False  # a delete of this change removed a document
@@ -703,6 +742,7 @@ class OpenSearchSink:
         )
         self._del_pre = b'{"script":{"id":' + sid + b',"params":{"op":"del","v":'
         self._unpend_pre = b'{"script":{"id":' + sid + b',"params":{"op":"unpend","v":'
+        self._keep_pre = b'{"script":{"id":' + sid + b',"params":{"op":"keep","v":'
         self._action_tail = b',"retry_on_conflict":%d,"_id":' % retry_on_conflict
         self._heads: dict[tuple[bytes, str], bytes] = {}
 
@@ -1070,6 +1110,7 @@ class OpenSearchSink:
                 p.outcome = Outcome.STALE  # a newer change of this item is already recorded
             else:
                 p.owner_moved = result != "noop"
+                p.recorded = True
             if not isinstance(rec_v, str):
                 continue
             # Whatever the outcome, the record's pending documents are deleted again (at
@@ -1246,9 +1287,9 @@ class OpenSearchSink:
                         p, doc_id, jid, payload, known.get((p.names.alias, doc_id)), try_create
                     )
                 )
-                for x in p.gone or ():
-                    if x != doc_id:
-                        ops.append(self._del_op(p, "gone", x, p.version))
+                # the documents it moves away from are deleted once the put is answered (in
+                # _unpend_phase): a put OpenSearch refuses leaves the item its last good one
+                p.later = [x for x in p.gone or () if x != doc_id] or None
             elif p.tracked:  # custom doc_id: only the owner record knows the document(s)
                 if not p.gone:
                     p.outcome = Outcome.APPLIED if p.owner_moved else Outcome.STALE
@@ -1473,12 +1514,47 @@ class OpenSearchSink:
                     self.stats["post_check_fix"] += result in ("deleted", "updated")
 
     def _unpend_phase(self, plans: list[_Plan]) -> None:
-        """W3: owner records forget the pending documents whose deletes were acknowledged
-        in this apply — only the record of the version the deletes were made at (a newer
-        record may own one again, or delete it at its own version)."""
+        """The end of an apply. W2': the pending deletes of each put that was answered
+        (applied, or a noop: the document holds the item's claim) — never of a put
+        OpenSearch refused: that item keeps its document, and ``keep`` (below) undoes the
+        move W1 made. Then W3: owner records forget the pending documents whose deletes were
+        acknowledged in this apply — only the record of the version the deletes were made at
+        (a newer record may own one again, or delete it at its own version)."""
+        # puts refused (or never sent) after W1 moved the record to them; not a change that
+        # fails below, in W2': its put is in, the record is right
+        refused = {
+            id(p)
+            for p in plans
+            if p.outcome is Outcome.ERROR and p.recorded and p.tracked and p.doc_key is not None
+        }
+        later = [
+            self._del_op(p, "gone", x, p.version)
+            for p in plans
+            if p.later and p.outcome is not Outcome.ERROR
+            for x in p.later
+        ]
+        if later:
+            for op, item in zip(later, self._run(later, require_alias=True), strict=True):
+                if not self._failed(op, item):
+                    if op.plan.acked is None:
+                        op.plan.acked = []
+                    op.plan.acked.append(op.doc_id)
         ops: list[_Op] = []
+        now_ms = int(self.clock() * 1000)
         for p in plans:
-            if not p.unpend or not p.acked or p.rec_v is None or p.outcome is Outcome.ERROR:
+            if p.outcome is Outcome.ERROR:
+                if id(p) in refused:
+                    lines = (
+                        self._action(p.names.owners, p.key_id)
+                        + self._keep_pre
+                        + dumps(p.version)
+                        + b',"doc":'
+                        + dumps(p.doc_key)
+                        + b',"now":%d}}}\n' % now_ms
+                    )
+                    ops.append(_Op(p, "keep", p.key_id, lines))
+                continue
+            if not p.unpend or not p.acked or p.rec_v is None:
                 continue
             done = [x for x in p.unpend if x in p.acked]
             if not done:
@@ -1496,7 +1572,20 @@ class OpenSearchSink:
         if not ops:
             return
         for op, item in zip(ops, self._run(ops, require_alias=False), strict=True):
-            self._failed(op, item)
+            if op.kind == "unpend":
+                self._failed(op, item)
+            elif item.get("status", 0) >= 400 and item.get("status") != 404:
+                # the change stays ERROR with its own reason; its record keeps the move
+                # (safe, see the module doc) until the change is applied again
+                log.warning(
+                    "view %s, item %s: could not undo the owner record's move to %s after its "
+                    "put was refused: HTTP %s %s",
+                    op.plan.change.view.name,
+                    shown(op.plan.change.item_key),
+                    shown(str(op.plan.doc_key)),
+                    item.get("status"),
+                    _short(_error_text(item.get("error"))),
+                )
 
     def _mget(self, index: str, ids: list[str]) -> list[dict[str, Any]]:
         resp = self._post(
