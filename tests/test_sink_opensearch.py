@@ -1075,6 +1075,26 @@ def test_a_refused_move_keeps_the_last_good_document_through_stale_changes_and_r
         assert docs == {}
 
 
+@needs_os
+def test_a_custom_id_put_whose_owner_record_was_swept_is_undone_by_its_post_check(
+    make_sink: Callable[..., OpenSearchSink],
+) -> None:
+    """F11: a record named a document when W1 wrote it; gone at the post-check, a sweep to a
+    newer generation took it (the item was not found): the put is undone (STALE), also when
+    the item had no document before, and a later change of the new generation still writes."""
+    a, b = make_sink(bulk_concurrency=1), make_sink(bulk_concurrency=1)
+    a.prepare([CARDS])
+    [put] = [a._plan(up(CARDS, "n", 20, {"card": "x"}, gen=1))]
+    a._owner_phase([put])
+    b.sweep(CARDS, 2, 0.0)
+    a._post_check(a._live_phase([put]))
+    a._unpend_phase([put])
+    assert a._result(put).outcome is Outcome.STALE
+    assert a.live_documents(CARDS) == {}
+    assert outcomes(b.apply([up(CARDS, "n", 5, {"card": "x"}, gen=2)])) == ["applied"]
+    assert a.live_documents(CARDS) == {"x": {"card": "x"}}
+
+
 LONG_KEY = "k" * 2048  # DynamoDB's largest partition key
 
 

@@ -109,7 +109,8 @@ One batch, step by step
 3. *Post-check* (U2: one realtime ``mget`` of owner records) for every ``put`` that answered
    ``created`` or ``noop``, or ``updated`` a document another item held (or whose claim now
    waits behind another item's): where the owner record is newer than the put and names
-   another (or no) document, the change is STALE and
+   another (or no) document — or, for a put that wrote its record in W1, is gone (see
+   *Concurrency* below: a rebuild's sweep) — the change is STALE and
 4. *fix* (one ``_bulk``) ``del``-s the put's claim at the owner record's version. The same
    ``mget`` reads the other item's record: a collision is reported only if it names the
    document too.
@@ -274,14 +275,23 @@ item: the stream's ``(G, seq)`` W1 either comes later and inherits the scan's do
 documents, and its own document when that is not the record's. The sweep deletes the
 documents of older generations and the owner records (with ``doc``) of older generations;
 a record's pending documents are older than the record, so the sweep takes them as well.
+A put of an older generation ``g`` in flight across the sweep — its W1 before it, its U1
+after it — finds its record gone at the post-check. Nothing else removes a record that names
+a document (a tombstone is purged only as such; a wipe or a lost owner index is a take-over
+or a reported loss): the sweep took it, so the rebuild's scan did not find the item, and the
+sweep would have deleted the put's document had it landed earlier. The post-check does it
+instead: a missing record is newer than such a put, the fix deletes the item's claim below
+``(g + 1, 0)`` (nothing the item writes at the new generation), and the change is STALE.
 
 What is left: an applier that lost its lease and is killed between U1 and U2 of a stale put
 whose U1 landed after the newer change's W3 and after the new lease holder's replay of the
 same record (the lease guard keeps that window short) leaves the document until the next
-rebuild, as for default-id views. A daemon running an older script (a rolling upgrade)
-writes records without ``pending`` or ``was``, and its puts compare versions across items
-and drop parked claims (``viewkeeper-apply-v3`` and older), or delete a refused put's old
-document (``-v4``): upgrade every daemon.
+rebuild, as for default-id views. So does an older generation's put whose apply is killed
+between U1 (after the sweep) and its post-check, when the restarted daemon's page then
+applies only the item's delete (its W1 finds no record, hence no pending document). A daemon
+running an older script (a rolling upgrade) writes records without ``pending`` or ``was``,
+and its puts compare versions across items and drop parked claims (``viewkeeper-apply-v3``
+and older), or delete a refused put's old document (``-v4``): upgrade every daemon.
 Custom-id moves cost two more ``_bulk`` per batch (W2' and W3) and deletes one (W3);
 default-id upserts are unchanged (no owner record is read or written), and default-id deletes
 do W3 only when a hand-built change gave the item another document id.
@@ -1496,6 +1506,14 @@ class OpenSearchSink:
                     if isinstance(owner_v, str) and Version.decode(owner_v) > p.change.version:
                         fixes.append(self._del_op(p, "fix", doc_id, owner_v))
                         continue  # not this item's document any more: no collision of its
+                elif src is None and p.tracked:
+                    # W1 wrote this put's record, and it is gone: only a rebuild's sweep (to
+                    # a newer generation: the item was not found), a wipe or a lost owner
+                    # index removes a record that names a document. Deleted as the sweep
+                    # would have: this item's claim below the next generation's start.
+                    g = Version(p.change.version.generation + 1, "0").encode()
+                    fixes.append(self._del_op(p, "fix", doc_id, g))
+                    continue
                 if other is not None and _claims(records[item_id(other)], other, doc_id):
                     entry = f"{p.change.view.index}/{doc_id}"
                     if p.collisions is None:
