@@ -1427,6 +1427,28 @@ def test_the_claim_lives_in_both_indexes_and_an_owner_index_made_by_a_write_is_r
 
 
 @needs_os
+def test_an_owner_index_made_by_a_write_gets_viewkeepers_mappings_a_refused_template_warns(
+    make_sink: Callable[..., OpenSearchSink],
+    os_client: OpenSearch,
+    os_prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sink = make_sink()
+    sink.prepare([CARDS])
+    owners = sink.indexes(CARDS).owners
+    os_client.indices.delete(index=owners)
+    os_client.index(index=owners, id="x", body={"v": "1:1", "item": "x", "doc": "d"})
+    mapping = os_client.indices.get_mapping(index=owners)[owners]["mappings"]
+    assert mapping["properties"]["doc"]["type"] == "keyword" and "_meta" not in mapping
+    # another template at the owner template's priority, over the same names: refused
+    os_client.transport.perform_request("DELETE", f"/_index_template/{sink.owners_template}")
+    other = {"index_patterns": [f"{os_prefix}*"], "priority": 2_000_000_000 + len(os_prefix)}
+    os_client.transport.perform_request("PUT", f"/_index_template/{os_prefix}other", body=other)
+    make_sink().prepare([CARDS])
+    assert "cannot store the index template" in caplog.text
+
+
+@needs_os
 def test_bulk_throughput_report(
     make_sink: Callable[..., OpenSearchSink],
     opensearch_url: str,

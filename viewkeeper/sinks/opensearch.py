@@ -810,10 +810,11 @@ class OpenSearchSink:
         again, and the view could not be re-armed until someone deleted it by hand. With this
         template it gets the right mappings — and no ``_meta``: it holds no claim, so the
         view is seen lost and re-armed (:meth:`read_claim`, :meth:`_prepare_view`). A node
-        that refuses the template (no ``indices:admin/index_template/put`` permission) is
-        only warned about: :meth:`_prepare_view` then replaces an owner index it finds with
-        other mappings. The priority grows with the prefix, so that the templates of two
-        prefixes never share one (OpenSearch refuses overlapping patterns at one priority)."""
+        that refuses the template (no ``indices:admin/index_template/put`` permission, another
+        template at its priority) is only warned about: :meth:`_prepare_view` then replaces
+        an owner index it finds with other mappings. The priority grows with the prefix, so
+        that the templates of two prefixes never share one (OpenSearch refuses overlapping
+        patterns at one priority)."""
         body = {
             "index_patterns": [f"{self.index_prefix}*{OWNERS_SUFFIX}"],
             "priority": 2_000_000_000 + len(self.index_prefix),
@@ -821,7 +822,7 @@ class OpenSearchSink:
             "_meta": {"viewkeeper": {"role": "owners-template", "format": OWNERS_FORMAT}},
         }
 
-        def put() -> bool:
+        def put() -> str | None:
             try:
                 self.client.transport.perform_request(
                     "PUT",
@@ -830,18 +831,24 @@ class OpenSearchSink:
                     headers=_JSON,
                     timeout=self.request_timeout,
                 )
-            except (AuthorizationException, AuthenticationException):
-                return False
-            return True
+            except (AuthorizationException, AuthenticationException) as exc:
+                return _exc_text(exc)
+            except TransportError as exc:
+                if _is_transient(exc):
+                    raise
+                return _exc_text(exc)  # refused (e.g. another template at its priority)
+            return None
 
-        if not self._call(put):
+        refused = self._call(put)
+        if refused is not None:
             log.warning(
-                "OpenSearch sink %s (%s): cannot store the index template %s (permission "
-                "refused): an owner index deleted under viewkeeper would be made again with "
-                "dynamic mappings, and replaced at the next prepare",
+                "OpenSearch sink %s (%s): cannot store the index template %s (%s): an owner "
+                "index deleted under viewkeeper would be made again with other mappings, and "
+                "replaced when the view is re-armed",
                 self.name,
                 self.where,
                 self.owners_template,
+                _short(_scrub(refused), 300),
             )
 
     def _exists(self, path: str) -> bool:
