@@ -1057,3 +1057,19 @@ def test_a_claim_whose_write_counter_goes_back_is_lost_and_two_writers_never_loo
     assert client.hget("vk:card:ns", "lost") is None
     for s in (a, b):
         s.close()
+
+
+def test_a_claim_key_overwritten_with_another_type_is_a_lost_claim(client: Any) -> None:
+    owner = Owner("arn:t", "coord", "dep")
+    sink = RedisSink("cache", client, retry_seconds=1)
+    sink.write_claim(CARD, Claim(owner, "m1"))
+    sink.prepare([CARD])
+    sink.expect(CARD, "m1")
+    client.set("vk:card:ns", "not a hash")
+    with pytest.raises(NamespaceLost):
+        sink.apply([change(CARD, "o1", 1, order("o1"))])
+    assert sink.read_claim(CARD) is None
+    sink.write_claim(CARD, Claim(owner, "m2"))
+    sink.expect(CARD, "m2")
+    assert outcomes(sink.apply([change(CARD, "o1", 1, order("o1"))])) == ["applied"]
+    sink.close()

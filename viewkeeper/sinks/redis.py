@@ -559,7 +559,15 @@ class RedisSink:
         return self._prefix + _b(name) + b":ns"
 
     def read_claim(self, view: View) -> Claim | None:
-        raw = self._with_retry(lambda: self._client.hgetall(self._claim_key(view)))
+        def read() -> Any:
+            try:
+                return self._client.hgetall(self._claim_key(view))
+            except redis.ResponseError as exc:
+                if "WRONGTYPE" in str(exc):
+                    return None  # overwritten by something else: no claim (the script says 'L')
+                raise
+
+        raw = self._with_retry(read)
         if not raw or b"marker" not in raw:
             return None
         f = {k.decode(): _text(v) for k, v in raw.items()}
