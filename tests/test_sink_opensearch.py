@@ -22,7 +22,15 @@ from tests.helpers import view_for
 from viewkeeper.projection.api import View, opensearch_view
 from viewkeeper.projection.entries import Document, Value
 from viewkeeper.sinks import opensearch as opensearch_module
-from viewkeeper.sinks.base import Change, Outcome, Result, SinkError, SinkUnavailable
+from viewkeeper.sinks.base import (
+    Change,
+    Claim,
+    Outcome,
+    Owner,
+    Result,
+    SinkError,
+    SinkUnavailable,
+)
 from viewkeeper.sinks.opensearch import (
     LIVE_SUFFIX,
     OWNERS_SUFFIX,
@@ -1029,6 +1037,64 @@ def test_mapping_rejection_is_an_error_for_that_change_only(
     assert set(sink.live_documents(ORDERS)) == {"o-0", "o-1", "o-3"}
 
 
+@needs_os
+def test_a_refused_move_keeps_the_last_good_document_through_stale_changes_and_replays(
+    make_sink: Callable[..., OpenSearchSink], os_client: OpenSearch
+) -> None:
+    """F9: a put OpenSearch refuses leaves its item as it was — its last good document, and an
+    owner record naming it again ('keep'), so that a stale change does not take it for a
+    pending delete; the same change applied again with a body the mapping takes (a dead
+    letter replayed once the view is fixed) moves the item; a new item whose first put is
+    refused gets nothing. One request at a time and two at once."""
+    for concurrency in (1, 2):
+        sink = make_sink(bulk_concurrency=concurrency)
+        sink.prepare([CARDS])
+        i, j = f"i{concurrency}", f"j{concurrency}"
+        a, b, c = f"a{concurrency}", f"b{concurrency}", f"c{concurrency}"
+        assert outcomes(sink.apply([up(CARDS, i, 10, {"card": a, "total": 5})])) == ["applied"]
+        refused = [
+            up(CARDS, i, 11, {"card": b, "total": {"amount": 7}}),
+            up(CARDS, j, 11, {"card": c, "total": {"amount": 7}}),
+        ]
+        assert outcomes(sink.apply(refused)) == ["error", "error"]
+        record = os_client.get(index=sink.indexes(CARDS).owners, id=i)["_source"]
+        assert (record["v"], record["doc"], record.get("was")) == ("1:11", a, None)
+        stale = [up(CARDS, i, 9, {"card": a, "total": 4}), up(CARDS, j, 9, {"card": c, "total": 1})]
+        assert outcomes(sink.apply(stale)) == ["stale", "stale"]
+        docs = {k: v for k, v in sink.live_documents(CARDS).items() if k.endswith(str(concurrency))}
+        assert docs == {a: {"card": a, "total": 5}}
+        fixed = [
+            up(CARDS, i, 11, {"card": b, "total": 7}),
+            up(CARDS, j, 11, {"card": c, "total": 7}),
+        ]
+        assert outcomes(sink.apply(fixed)) == ["applied", "applied"]
+        docs = {k: v for k, v in sink.live_documents(CARDS).items() if k.endswith(str(concurrency))}
+        assert docs == {b: {"card": b, "total": 7}, c: {"card": c, "total": 7}}
+        assert outcomes(sink.apply([rm(CARDS, i, 12), rm(CARDS, j, 12)])) == ["applied"] * 2
+        docs = {k: v for k, v in sink.live_documents(CARDS).items() if k.endswith(str(concurrency))}
+        assert docs == {}
+
+
+@needs_os
+def test_a_custom_id_put_whose_owner_record_was_swept_is_undone_by_its_post_check(
+    make_sink: Callable[..., OpenSearchSink],
+) -> None:
+    """F11: a record named a document when W1 wrote it; gone at the post-check, a sweep to a
+    newer generation took it (the item was not found): the put is undone (STALE), also when
+    the item had no document before, and a later change of the new generation still writes."""
+    a, b = make_sink(bulk_concurrency=1), make_sink(bulk_concurrency=1)
+    a.prepare([CARDS])
+    [put] = [a._plan(up(CARDS, "n", 20, {"card": "x"}, gen=1))]
+    a._owner_phase([put])
+    b.sweep(CARDS, 2, 0.0)
+    a._post_check(a._live_phase([put]))
+    a._unpend_phase([put])
+    assert a._result(put).outcome is Outcome.STALE
+    assert a.live_documents(CARDS) == {}
+    assert outcomes(b.apply([up(CARDS, "n", 5, {"card": "x"}, gen=2)])) == ["applied"]
+    assert a.live_documents(CARDS) == {"x": {"card": "x"}}
+
+
 LONG_KEY = "k" * 2048  # DynamoDB's largest partition key
 
 
@@ -1328,6 +1394,58 @@ def test_a_deleted_alias_is_reported_unavailable_then_recreated(
         sink.apply([up(ORDERS, "o-1", 1, {"n": 1})])
     assert outcomes(sink.apply([up(ORDERS, "o-1", 1, {"n": 1})])) == ["applied"]
     assert sink.live_documents(ORDERS) == {"o-1": {"n": 1}}
+
+
+@needs_os
+def test_the_claim_lives_in_both_indexes_and_an_owner_index_made_by_a_write_is_replaced(
+    sink: OpenSearchSink, os_client: OpenSearch
+) -> None:
+    """F2/F3: read_claim needs the same claim in both indexes' _meta; an owner index made
+    again by a write without the template (dynamic mappings: text where viewkeeper maps
+    keywords) holds none, and write_claim replaces it; an owner index of format 1 (older
+    viewkeeper, no claim there) is trusted until the claim is written again."""
+    claim = Claim(Owner("arn:t", "coord", "dep"), "m1", 2)
+    sink.write_claim(CARDS, claim)
+    assert sink.read_claim(CARDS) == claim
+    names = sink.indexes(CARDS)
+    os_client.transport.perform_request("DELETE", f"/_index_template/{sink.owners_template}")
+    os_client.indices.delete(index=names.owners)
+    os_client.index(index=names.owners, id="x", body={"v": "1:1", "item": "x", "doc": "d"})
+    assert sink.read_claim(CARDS) is None  # lost: no claim in the owner index
+    sink.write_claim(CARDS, Claim(claim.owner, "m2", 2))  # re-armed: the index is replaced
+    assert sink.read_claim(CARDS) == Claim(claim.owner, "m2", 2)
+    mapping = os_client.indices.get_mapping(index=names.owners)[names.owners]["mappings"]
+    assert mapping["properties"]["doc"]["type"] == "keyword"
+    assert outcomes(sink.apply([up(CARDS, "i", 1, {"card": "a"})])) == ["applied"]
+
+    legacy = {"viewkeeper": {"view": CARDS.name, "role": "owners", "format": 1}}
+    os_client.indices.put_mapping(index=names.owners, body={"_meta": legacy})
+    assert sink.read_claim(CARDS) == Claim(claim.owner, "m2", 2)
+    legacy["viewkeeper"]["format"] = 2  # type: ignore[index]
+    os_client.indices.put_mapping(index=names.owners, body={"_meta": legacy})
+    assert sink.read_claim(CARDS) is None  # made by this viewkeeper without a claim: lost
+
+
+@needs_os
+def test_an_owner_index_made_by_a_write_gets_viewkeepers_mappings_a_refused_template_warns(
+    make_sink: Callable[..., OpenSearchSink],
+    os_client: OpenSearch,
+    os_prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sink = make_sink()
+    sink.prepare([CARDS])
+    owners = sink.indexes(CARDS).owners
+    os_client.indices.delete(index=owners)
+    os_client.index(index=owners, id="x", body={"v": "1:1", "item": "x", "doc": "d"})
+    mapping = os_client.indices.get_mapping(index=owners)[owners]["mappings"]
+    assert mapping["properties"]["doc"]["type"] == "keyword" and "_meta" not in mapping
+    # another template at the owner template's priority, over the same names: refused
+    os_client.transport.perform_request("DELETE", f"/_index_template/{sink.owners_template}")
+    other = {"index_patterns": [f"{os_prefix}*"], "priority": 2_000_000_000 + len(os_prefix)}
+    os_client.transport.perform_request("PUT", f"/_index_template/{os_prefix}other", body=other)
+    make_sink().prepare([CARDS])
+    assert "cannot store the index template" in caplog.text
 
 
 @needs_os

@@ -46,10 +46,10 @@ def spy_background(sink: OpenSearchSink) -> list[list[str]]:
     seen: list[list[str]] = []
     real = sink._live_send
 
-    def send(plans: list[_Plan], background: bool = False) -> _Live:
+    def send(plans: list[_Plan], background: bool = False, **kwargs: Any) -> _Live:
         if background:
             seen.append([p.change.item_key for p in plans])
-        return real(plans, background)
+        return real(plans, background, **kwargs)
 
     setattr(sink, "_live_send", send)  # noqa: B010 - an instance attribute over the method
     return seen

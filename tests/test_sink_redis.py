@@ -19,7 +19,15 @@ from viewkeeper import HashField, SetMember, SortedSetMember, Value, redis_view
 from viewkeeper.projection.api import View
 from viewkeeper.projection.entries import Entry
 from viewkeeper.projection.project import project
-from viewkeeper.sinks.base import Change, Outcome, Result, SinkUnavailable
+from viewkeeper.sinks.base import (
+    Change,
+    Claim,
+    NamespaceLost,
+    Outcome,
+    Owner,
+    Result,
+    SinkUnavailable,
+)
 from viewkeeper.sinks.encoding import redis_value
 from viewkeeper.sinks.redis import RedisSink, pack_version
 from viewkeeper.versions import Version
@@ -1012,3 +1020,56 @@ def test_an_evicting_maxmemory_policy_is_warned_about(
             sink.prepare([CARD])
         assert "allkeys-lru may evict owner records" in caplog.text
         sink.close()
+
+
+def test_a_claim_whose_write_counter_goes_back_is_lost_and_two_writers_never_look_so(
+    client: Any,
+) -> None:
+    """F4: each call increments its views' claim counter; a call that finds it below what
+    the sink saw writes nothing, erases the claim's marker and raises NamespaceLost. Two
+    sinks (processes) sharing the counter, and a claim written again under the same marker
+    (a rebuild's announce), never look like a rollback."""
+    owner = Owner("arn:t", "coord", "dep")
+    a, b = RedisSink("cache", client, retry_seconds=1), RedisSink("cache", client, retry_seconds=1)
+    a.write_claim(CARD, Claim(owner, "m1"))
+    for s in (a, b):
+        s.prepare([CARD])
+        s.expect(CARD, "m1")
+    for seq in range(1, 6):  # interleaved writers of one view
+        for s in (a, b):
+            assert outcomes(s.apply([change(CARD, f"o{seq}", seq, order(f"o{seq}"))])) != ["error"]
+    a.write_claim(CARD, Claim(owner, "m1", generation=3))  # announce: same marker
+    assert outcomes(a.apply([change(CARD, "o9", 9, order("o9"))])) == ["applied"]
+    assert outcomes(b.apply([change(CARD, "o9", 9, order("o9"))])) == ["stale"]
+
+    client.hset("vk:card:ns", "n", 2)  # an older snapshot of the claim
+    with pytest.raises(NamespaceLost) as lost:
+        a.apply([change(CARD, "o10", 10, order("o10"))])
+    assert lost.value.views == ["card"] and "back in time" in str(lost.value)
+    assert client.get("order:o10") is None
+    assert a.read_claim(CARD) is None  # erased: every process sees the namespace lost
+    with pytest.raises(NamespaceLost):
+        b.apply([change(CARD, "o10", 10, order("o10"))])
+    a.write_claim(CARD, Claim(owner, "m2"))  # re-armed: the check starts again
+    for s in (a, b):
+        s.expect(CARD, "m2")
+        assert outcomes(s.apply([change(CARD, "o10", 10, order("o10"))])) != ["error"]
+    assert client.hget("vk:card:ns", "lost") is None
+    for s in (a, b):
+        s.close()
+
+
+def test_a_claim_key_overwritten_with_another_type_is_a_lost_claim(client: Any) -> None:
+    owner = Owner("arn:t", "coord", "dep")
+    sink = RedisSink("cache", client, retry_seconds=1)
+    sink.write_claim(CARD, Claim(owner, "m1"))
+    sink.prepare([CARD])
+    sink.expect(CARD, "m1")
+    client.set("vk:card:ns", "not a hash")
+    with pytest.raises(NamespaceLost):
+        sink.apply([change(CARD, "o1", 1, order("o1"))])
+    assert sink.read_claim(CARD) is None
+    sink.write_claim(CARD, Claim(owner, "m2"))
+    sink.expect(CARD, "m2")
+    assert outcomes(sink.apply([change(CARD, "o1", 1, order("o1"))])) == ["applied"]
+    sink.close()

@@ -15,20 +15,48 @@ Layout (per view, ``P`` = the sink's ``index_prefix``, ``""`` in production)
     ``_source_excludes=_vk``).
 ``P{index}.vk-owners``
     **Owner records**, keyed by the item's id (below), not under the alias: ``{v, g, item, doc?,
-    pending?, deleted_at?}``. A *tombstone* is an owner record without ``doc``: the version
+    pending?, was?, deleted_at?}``. A *tombstone* is an owner record without ``doc``: the version
     of a delete, kept (``deleted_at``, epoch ms) until :meth:`OpenSearchSink.purge_tombstones`.
     For views with the default document id (the item key) only tombstones are written — the
     live document is its own owner record. For views with a custom ``doc_id=`` every change
     writes the owner record too, because only it can say which document an item owned when
     the item is removed (a REMOVE is never projected) or when its document id moves.
     ``pending`` lists the other documents the item may still own — ones it owned before and
-    whose deletes are not acknowledged yet (see *Pending deletes* below). Records written by
+    whose deletes are not acknowledged yet (see *Pending deletes* below); ``was``, the
+    document the record named before the put that moved it (``""``: none), so that a put
+    OpenSearch refuses can be undone (*A put OpenSearch refuses* below). Records written by
     older scripts are read the same way: ``prev_doc`` (``viewkeeper-apply-v1``: one id) and
     ``prev_docs`` (``viewkeeper-apply-v2``: the last four ids, never cleared).
 
 Filtered aliases are not applied to GET by id, so tombstones cannot live in the readers'
 index at all: a separate index is the only way they never show. If a concrete index named
 ``P{index}`` already exists, :meth:`OpenSearchSink.prepare` refuses and says how to fix it.
+
+Claims and lost indexes. The view's :class:`~viewkeeper.sinks.base.Claim` lives in the
+``_meta`` of *both* its indexes (``_meta.viewkeeper.claim``): each index dies with its own
+``_meta``, and either one lost is the view's data lost — the live documents, or the
+tombstones and the only record of which document a ``doc_id=`` item owns.
+:meth:`OpenSearchSink.read_claim` returns a claim only when both hold the same one (owner and
+marker; the higher generation), so
+:meth:`~viewkeeper.runtime.namespaces.Namespaces.verify` (every few
+seconds) and the next start see either loss, re-arm the view (the claim written to both
+again) and mark it needs_rebuild. A write cannot check the claim: the live phase goes through
+the alias with ``require_alias`` and raises NamespaceLost when it is missing, but the owner
+phase (W1) writes the owner index by name, and OpenSearch makes a missing one again. The
+index template ``{P}viewkeeper-owners`` gives such an index viewkeeper's mappings and no
+``_meta`` (so no claim); :meth:`OpenSearchSink._prepare_view` recognises an owner index
+without viewkeeper's ``_meta`` as made after a loss and adopts it (or, with other mappings,
+replaces it), so re-arming always works. An owner index of ``format`` 1 (made before the
+claim was kept there) without a claim is trusted until the claim is next written.
+
+Between the loss of an owner index and the rebuild (up to ``verify_interval`` before it is
+noticed, then the rebuild's time), readers may see: an item deleted before the loss come back
+(a stale put — a replay, a lease handover's late page — no longer meets its tombstone); and,
+in a ``doc_id=`` view, the old document of an item that moved or was deleted after the loss
+stay beside the new one (its owner record, which named it, is gone). Items that change
+meanwhile are right. The rebuild writes every item again at its new generation and its sweep
+deletes every document of an older one, which removes both. Between the loss of the live
+index and the rebuild, items that do not change are missing.
 
 Ids. An ``_id`` holds at most 512 bytes of UTF-8 (OpenSearch refuses a longer one with the
 whole ``_bulk``); DynamoDB keys reach 2048 + 1024 bytes. :func:`item_id` is the one mapping
@@ -42,7 +70,7 @@ change is ERROR — a bug of the view, said so — and nothing of it is written.
 
 The stored script (``opensearch_apply.painless``, id ``P + SCRIPT_NAME``)
 ------------------------------------------------------------------------
-One painless script with four ops, run as ``_bulk`` ``update`` actions with
+One painless script with five ops, run as ``_bulk`` ``update`` actions with
 ``retry_on_conflict`` so concurrent writers to one document serialise on the primary:
 
 - ``put``: scripted upsert of a live document; ``noop`` when the stored version *of the
@@ -54,11 +82,16 @@ One painless script with four ops, run as ``_bulk`` ``update`` actions with
   removes the deleting item's claim, only when it is older than ``v``: the document itself
   (``ctx.op = 'delete'``, or the next parked claim takes it) or a parked claim. Another
   item's claim is never touched.
-- ``own``: scripted upsert of an owner record, same version rule; the new record's
-  ``pending`` is the stored ``pending`` (+ ``prev_docs``, ``prev_doc``) + ``doc``, less the
-  new ``doc``.
+- ``own``: scripted upsert of an owner record, same version rule — except that the same
+  version naming another document is taken (the same change applied again after ``keep``
+  undid its move); the new record's ``pending`` is the stored ``pending`` (+ ``prev_docs``,
+  ``prev_doc``) + ``doc``, less the new ``doc``; a put that moves the record notes the
+  stored ``doc`` in ``was``.
 - ``unpend``: plain scripted update of an owner record: drop the ids ``done`` from
   ``pending`` if (and only if) the stored version is exactly ``v``.
+- ``keep``: plain scripted update of an owner record whose put of ``doc`` at ``v`` was
+  refused: if the record is still that one (``v``, ``doc``, a ``was``), it names ``was``
+  again (or, ``was`` empty, becomes a tombstone) and lists ``doc`` in ``pending``.
 
 One batch, step by step
 -----------------------
@@ -66,24 +99,29 @@ One batch, step by step
    writes its owner record and reads it back (``v``, ``doc``, ``pending``). A ``noop`` whose
    stored version is *newer* makes the change STALE; a ``noop`` at the *same* version is a
    replay (a crash after this step) and the change goes on, so the later steps are redone.
-   Either way the record's ``pending`` documents are deleted again in step 2, at the
-   record's version — and a STALE upsert's own document too, when it is not the record's.
+   Either way the record's ``pending`` documents are deleted again (step 2, or step 5 for
+   an upsert), at the record's version — and a STALE upsert's own document too, when it is
+   not the record's.
 2. *Live phase* (U1/W2: ``_bulk`` through the alias with ``require_alias``, so a deleted
    index is never silently auto-created): upserts ``put`` the document; deletes of a
-   default-id view ``del`` the document of the item's id; and every ``pending`` document other
-   than the one put is ``del``-ed at the record's version (for a custom-id delete these are
-   all its ops: W1 moved its document to ``pending``).
+   default-id view ``del`` the document of the item's id; a delete's (and a STALE change's)
+   ``pending`` documents are ``del``-ed at the record's version (for a custom-id delete these
+   are all its ops: W1 moved its document to ``pending``).
 3. *Post-check* (U2: one realtime ``mget`` of owner records) for every ``put`` that answered
    ``created`` or ``noop``, or ``updated`` a document another item held (or whose claim now
    waits behind another item's): where the owner record is newer than the put and names
-   another (or no) document, the change is STALE and
+   another (or no) document — or, for a put that wrote its record in W1, is gone (see
+   *Concurrency* below: a rebuild's sweep) — the change is STALE and
 4. *fix* (one ``_bulk``) ``del``-s the put's claim at the owner record's version. The same
    ``mget`` reads the other item's record: a collision is reported only if it names the
    document too.
-5. *Unpend* (W3, one ``_bulk``, only for records that had ``pending``): once the deletes of
-   step 2 are acknowledged (deleted, ``updated``: the item's claim left a document other
-   items claim too, ``noop`` or 404), ``unpend`` drops them from the record
-   they were read from.
+5. *Finish* (:meth:`OpenSearchSink._unpend_phase`). W2' (one ``_bulk``, only for upserts with
+   ``pending``): an upsert's ``pending`` documents other than the one put are ``del``-ed at
+   its version once the put was answered — never when OpenSearch refused it: then ``keep``
+   undoes the move W1 made (next to W3). W3 (one ``_bulk``, only for records that had
+   ``pending``): once the deletes of step 2 or W2' are acknowledged (deleted, ``updated``:
+   the item's claim left a document other items claim too, ``noop`` or 404), ``unpend``
+   drops them from the record they were read from.
 
 Overlap (``bulk_concurrency`` > 1): the puts of default-id documents read and write no owner
 record before their post-check, so they are sent first, from the sink's pool, and steps 1-4
@@ -114,7 +152,16 @@ the condition fails (409), within the same :meth:`OpenSearchSink.apply`:
   post-checked like it.
 
 Other daemons, deletes, sweeps and primary failovers only make a fast path lose and fall
-back; nothing depends on the cache being right. ``stats`` counts the paths taken.
+back; nothing depends on the cache being right — within one physical index. An index deleted
+and made again (by this daemon or another, after a loss) starts ``_seq_no`` and
+``_primary_term`` again at (0, 1), so an entry of the old index could match a newer document
+of the new one. Entries are therefore keyed by the live index's uuid, and a batch that would
+use one first reads the uuid of the index there now (one small request per apply and view,
+only then); a uuid that changed drops the view's entries. They are also dropped when the
+view's claim changes marker (:meth:`OpenSearchSink.expect`), its alias is found missing,
+it is prepared onto another index, or wiped. What is left: an index deleted, made again and
+its document written by another daemon between that read and the put (one round trip).
+``stats`` counts the paths taken.
 
 Why this gives I3 (no resurrection) without ``index.gc_deletes``
 -----------------------------------------------------------------
@@ -166,11 +213,12 @@ post-check of the put of ``I`` below ``R.v`` that made it. The writes:
 - W1 (``own`` at a newer version) moves the stored ``doc`` and ``pending`` (and the older
   scripts' ``prev_doc``/``prev_docs``) into the new record's ``pending``, less the new
   ``doc``: nothing is dropped, however many documents are pending.
-- W2 deletes each pending ``x`` with ``del`` at ``R.v`` for ``I``: only ``I``'s claim,
-  only below ``R.v``, so never one ``I`` must keep — ``I``'s document at ``R.v`` is
-  ``R.doc``, never pending, and a newer change of ``I`` that writes ``x`` puts it above
-  ``R.v`` (W2 is then a ``noop``, or runs first and the put re-creates ``x``). Another
-  item's claim is never removed: if ``I`` held ``x``, the next parked claim takes it.
+- W2 (for an upsert: W2', once its put was answered) deletes each pending ``x`` with ``del``
+  at ``R.v`` for ``I``: only ``I``'s claim, only below ``R.v``, so never one ``I`` must
+  keep — ``I``'s document at ``R.v`` is ``R.doc``, never pending, and a newer change of ``I``
+  that writes ``x`` puts it above ``R.v`` (W2 is then a ``noop``, or runs first and the put
+  re-creates ``x``). Another item's claim is never removed: if ``I`` held ``x``, the next
+  parked claim takes it.
 - W3 (``unpend``) drops ``x`` only from the record of the very version whose W2 on ``x``
   was acknowledged. From then on ``x`` holds nothing of ``I`` below ``R.v`` — unless a put
   of ``I`` below ``R.v`` still in flight re-creates it, answering ``created`` (or
@@ -181,19 +229,41 @@ post-check of the put of ``I`` below ``R.v`` that made it. The writes:
 - U1 answering ``updated`` over ``I``'s own older document on ``x`` replaces a document the
   rule already covers (its delete, W2 or a post-check, is still to come and is made at a
   version above the put's), so it needs no post-check.
+- ``keep`` (after a refused put of ``b`` moving ``R.doc`` from ``a``) makes ``a`` the record's
+  ``doc`` again and lists ``b`` in ``pending``: ``I``'s claims are on ``a`` (now ``R.doc``)
+  and on ``b`` only if another applier of the same change did put it (now pending).
+
+A put OpenSearch refuses (a body the mapping refuses; ERROR, dead-lettered) leaves its item
+as it was. W1 has moved the record to the new document ``b`` (``was``: ``a``) before the put
+is sent, so the put's pending deletes wait for its answer (W2') and are never sent for a
+refused put, and ``keep`` names ``a`` again: a later stale change of ``I`` (a lease
+handover's late page, a daemon not yet on a rebuild's generation — the refused change may be
+the rebuild's own ``(G, 0)`` scan, whose item the sweep then spares) finds ``a`` to be the
+record's document and leaves it. The refused change applied again (its dead letter replayed
+once the view or the mapping is fixed) passes W1 at the same version, since it names
+another document than the record, and moves the item as any change would. An item that had
+no document (new, or deleted) gets a tombstone at the refused version, listing ``b``. Between
+the refusal and ``keep`` (one request), or if ``keep`` fails or the apply is killed before
+it, the record names ``b`` with ``a`` pending — the rule above holds all the same: a newer
+change or a delete inherits ``a`` (and ``b``) in ``pending`` and deletes both once its own
+put is in, a rebuild writes the item at its new generation or its sweep deletes ``a``, the
+killed apply's replay is refused again and runs ``keep``; only a stale change may then
+delete ``a`` too early, leaving the item without a document (never with a wrong one) until
+its next change.
 
 Kill -9 between any two writes (each write is one ``_bulk`` or ``mget``; the checkpoint does
 not move, so the batch comes again, or a newer record of the item comes in its place when
 the restarted daemon's page holds both and applies only the newest):
 
 - after W1: the record lists the old document. The replay is a same-version ``noop`` and
-  redoes W2; a newer change's W1 inherits ``pending`` and its W2 deletes the document at
-  its own version; a stale change re-issues the deletes too.
+  redoes W2 (W2'); a newer change's W1 inherits ``pending`` and its W2 deletes the document
+  at its own version; a stale change re-issues the deletes too.
 - after U1/W2, before U2: the put's document, if stale, goes as the previous section says
   (the replay post-checks it, or is STALE at W1 and deletes it); W3 was not done, so
   ``pending`` still lists what W2 deleted, and the next apply of the item deletes it again
   (404: acknowledged) and unpends it.
-- after U2, before W3: the same; all of it is idempotent.
+- after U2, before W2' or W3: the same; all of it is idempotent.
+- after a refused U1, before ``keep``: the replay is refused again and runs ``keep``.
 - after W3: done.
 
 Concurrency. Two appliers briefly (lease handover: the old holder's last batch and the new
@@ -206,16 +276,26 @@ item: the stream's ``(G, seq)`` W1 either comes later and inherits the scan's do
 documents, and its own document when that is not the record's. The sweep deletes the
 documents of older generations and the owner records (with ``doc``) of older generations;
 a record's pending documents are older than the record, so the sweep takes them as well.
+A put of an older generation ``g`` in flight across the sweep — its W1 before it, its U1
+after it — finds its record gone at the post-check. Nothing else removes a record that names
+a document (a tombstone is purged only as such; a wipe or a lost owner index is a take-over
+or a reported loss): the sweep took it, so the rebuild's scan did not find the item, and the
+sweep would have deleted the put's document had it landed earlier. The post-check does it
+instead: a missing record is newer than such a put, the fix deletes the item's claim below
+``(g + 1, 0)`` (nothing the item writes at the new generation), and the change is STALE.
 
 What is left: an applier that lost its lease and is killed between U1 and U2 of a stale put
 whose U1 landed after the newer change's W3 and after the new lease holder's replay of the
 same record (the lease guard keeps that window short) leaves the document until the next
-rebuild, as for default-id views. A daemon running an older script (a rolling upgrade)
-writes records without ``pending``, and its puts compare versions across items and drop
-parked claims (``viewkeeper-apply-v3`` and older): upgrade every daemon. Custom-id moves and
-deletes cost one more ``_bulk`` per batch (W3); default-id upserts are unchanged (no owner
-record is read or written), and default-id deletes do W3 only when a hand-built change gave
-the item another document id.
+rebuild, as for default-id views. So does an older generation's put whose apply is killed
+between U1 (after the sweep) and its post-check, when the restarted daemon's page then
+applies only the item's delete (its W1 finds no record, hence no pending document). A daemon
+running an older script (a rolling upgrade) writes records without ``pending`` or ``was``,
+and its puts compare versions across items and drop parked claims (``viewkeeper-apply-v3``
+and older), or delete a refused put's old document (``-v4``): upgrade every daemon.
+Custom-id moves cost two more ``_bulk`` per batch (W2' and W3) and deletes one (W3);
+default-id upserts are unchanged (no owner record is read or written), and default-id deletes
+do W3 only when a hand-built change gave the item another document id.
 
 Documents passed between items: versions are compared only within one item
 --------------------------------------------------------------------------
@@ -289,8 +369,9 @@ action answers the refusal and its change is ERROR (view, item, document id, Ope
 reason; ids and keys cut after 100 characters), the others go on. It ends: at most 2n - 1
 requests for n actions, also when the refusal is nobody's fault (then every change is
 ERROR: dead-lettered, not a shard stopped on the same page forever). A change stops at the
-phase where its op failed: a failed W1 sends no W2, a failed put is not post-checked, an
-ERROR change writes no W3.
+phase where its op failed: a failed W1 sends no W2, a failed put is not post-checked and
+sends no pending delete (W2'), and its record's move is undone (``keep``, see *A put
+OpenSearch refuses*), an ERROR change writes no W3.
 
 Cost
 ----
@@ -377,12 +458,17 @@ MAX_ID_BYTES = 512
 ID_DIGEST_PREFIX = "vk:sha256:"
 """The start of the ``_id`` of an item key that cannot be its own id (:func:`item_id`)."""
 
-SCRIPT_NAME = "viewkeeper-apply-v4"
+SCRIPT_NAME = "viewkeeper-apply-v5"
 """Stored script id (after the sink's ``index_prefix``); bump N when the .painless changes."""
 LIVE_SUFFIX = ".vk-live"
 OWNERS_SUFFIX = ".vk-owners"
+OWNERS_FORMAT = 2
+"""``_meta.viewkeeper.format`` of an owner index viewkeeper makes: 2 since it holds the
+view's claim too (:meth:`OpenSearchSink.read_claim`); 1 was made by older versions."""
 META = "_vk"
 
+_CLAIM_READS = 5  # reads of two claims that differ before read_claim says lost
+_CLAIM_REREAD = 0.2  # seconds between them (a claim being written: a request or two)
 _NDJSON = {"content-type": "application/x-ndjson"}
 _JSON = {"content-type": "application/json"}
 _RETRY_STATUS = frozenset({409, 429, 500, 502, 503, 504})
@@ -413,6 +499,7 @@ OWNERS_MAPPINGS: dict[str, Any] = {
         "pending": {"type": "keyword"},
         "prev_doc": {"type": "keyword", "index": False, "doc_values": False},
         "prev_docs": {"type": "keyword", "index": False, "doc_values": False},
+        "was": {"type": "keyword", "index": False, "doc_values": False},
         "deleted_at": {"type": "date", "format": "epoch_millis"},
     },
 }
@@ -499,10 +586,13 @@ class _Plan:
     owner_moved: bool = False
     rec_v: str | None = None  # the owner record's version after the owner phase
     gone: list[str] | None = None  # documents to delete at rec_v (item-checked)
+    later: list[str] | None = None  # a put's pending deletes: sent once the put is answered
+    recorded: bool = False  # W1 wrote (or found) the owner record of this very change
     unpend: list[str] | None = None  # the record's pending ids: forget them once deleted
     acked: list[str] | None = None  # ids whose delete was acknowledged in this apply
     deleted: bool = False  # a delete of this change removed a document
     kept: bool = False  # a delete of this change found a newer or another item's document
+    uuid: str | None = None  # the live index's uuid as known when its put was built
     key_id: str = field(default="", init=False)  # the _id of the item's owner record
     doc_key: str | None = field(default=None, init=False)  # the _id of the document put
 
@@ -626,7 +716,9 @@ class OpenSearchSink:
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self.cas_cache_size = cas_cache_size
+        # (uuid of the live index, document id) -> what this sink last wrote there
         self._cache: OrderedDict[tuple[str, str], _Known] = OrderedDict()
+        self._uuids: dict[str, str] = {}  # view -> its live index's uuid, as last seen
         self._new_share = 0.5  # share of recent uncached puts that created their document
         self.stats: dict[str, int] = dict.fromkeys(
             ("put_script", "put_cas", "put_create", "fallback", "post_check_fix"), 0
@@ -661,6 +753,7 @@ class OpenSearchSink:
         )
         self._del_pre = b'{"script":{"id":' + sid + b',"params":{"op":"del","v":'
         self._unpend_pre = b'{"script":{"id":' + sid + b',"params":{"op":"unpend","v":'
+        self._keep_pre = b'{"script":{"id":' + sid + b',"params":{"op":"keep","v":'
         self._action_tail = b',"retry_on_conflict":%d,"_id":' % retry_on_conflict
         self._heads: dict[tuple[bytes, str], bytes] = {}
 
@@ -688,6 +781,7 @@ class OpenSearchSink:
             if held is not None and held != names:
                 raise SinkError(f"two different views are named {view.name!r}")
         self._call(self._put_script)
+        self._put_owners_template()
         for view in mine:
             if view.name not in self._prepared:
                 self._call(lambda v=view: self._prepare_view(v))  # type: ignore[misc]
@@ -701,6 +795,62 @@ class OpenSearchSink:
             headers=_JSON,
             timeout=self.request_timeout,
         )
+
+    @property
+    def owners_template(self) -> str:
+        """The name of the index template of the owner indexes (see
+        :meth:`_put_owners_template`)."""
+        return f"{self.index_prefix}viewkeeper-owners"
+
+    def _put_owners_template(self) -> None:
+        """An index template giving any ``P*.vk-owners`` index viewkeeper's owner mappings.
+
+        The owner phase (W1) cannot use ``require_alias``: a write to an owner index that
+        was deleted (the cluster lost it, ``DELETE orders*``) creates it again. With dynamic
+        mappings (``v``, ``item``, ``doc`` as text) it could never be given viewkeeper's
+        again, and the view could not be re-armed until someone deleted it by hand. With this
+        template it gets the right mappings — and no ``_meta``: it holds no claim, so the
+        view is seen lost and re-armed (:meth:`read_claim`, :meth:`_prepare_view`). A node
+        that refuses the template (no ``indices:admin/index_template/put`` permission, another
+        template at its priority) is only warned about: :meth:`_prepare_view` then replaces
+        an owner index it finds with other mappings. The priority grows with the prefix, so
+        that the templates of two prefixes never share one (OpenSearch refuses overlapping
+        patterns at one priority)."""
+        body = {
+            "index_patterns": [f"{self.index_prefix}*{OWNERS_SUFFIX}"],
+            "priority": 2_000_000_000 + len(self.index_prefix),
+            "template": {"settings": self.index_settings, "mappings": OWNERS_MAPPINGS},
+            "_meta": {"viewkeeper": {"role": "owners-template", "format": OWNERS_FORMAT}},
+        }
+
+        def put() -> str | None:
+            try:
+                self.client.transport.perform_request(
+                    "PUT",
+                    f"/_index_template/{self.owners_template}",
+                    body=dumps(body),
+                    headers=_JSON,
+                    timeout=self.request_timeout,
+                )
+            except (AuthorizationException, AuthenticationException) as exc:
+                return _exc_text(exc)
+            except TransportError as exc:
+                if _is_transient(exc):
+                    raise
+                return _exc_text(exc)  # refused (e.g. another template at its priority)
+            return None
+
+        refused = self._call(put)
+        if refused is not None:
+            log.warning(
+                "OpenSearch sink %s (%s): cannot store the index template %s (%s): an owner "
+                "index deleted under viewkeeper would be made again with other mappings, and "
+                "replaced when the view is re-armed",
+                self.name,
+                self.where,
+                self.owners_template,
+                _short(_scrub(refused), 300),
+            )
 
     def _exists(self, path: str) -> bool:
         return bool(self.client.transport.perform_request("HEAD", path, params={"ignore": 404}))
@@ -759,22 +909,69 @@ class OpenSearchSink:
                     headers=_JSON,
                     body=dumps({"actions": [{"add": {"index": names.live, "alias": names.alias}}]}),
                 )
-        owners_meta = {"viewkeeper": {"view": view.name, "role": "owners", "format": 1}}
-        if not self._create_index(
-            names.owners,
-            {
-                "settings": self.index_settings,
-                "mappings": {**OWNERS_MAPPINGS, "_meta": owners_meta},
-            },
-        ):
-            # made by an older viewkeeper: map the fields added since (``pending``)
+        owners_meta = {"viewkeeper": {"view": view.name, "role": "owners", "format": OWNERS_FORMAT}}
+        owners_body = {
+            "settings": self.index_settings,
+            "mappings": {**OWNERS_MAPPINGS, "_meta": owners_meta},
+        }
+        if not self._create_index(names.owners, owners_body):
+            found = tp.perform_request("GET", f"/{names.owners}/_mapping")
+            mappings = found.get(names.owners, {}).get("mappings", {})
+            if (mappings.get("_meta") or {}).get("viewkeeper"):
+                # made by viewkeeper, maybe an older one: map the fields added since
+                tp.perform_request(
+                    "PUT",
+                    f"/{names.owners}/_mapping",
+                    headers=_JSON,
+                    body=dumps({"properties": OWNERS_MAPPINGS["properties"]}),
+                )
+            else:
+                self._adopt_owners(view, names, owners_body)
+        uuid = self._live_uuid(names.live)
+        if uuid != self._uuids.get(view.name):
+            self._forget_view(view.name, uuid)  # made again: what was written there is gone
+        self._prepared[view.name] = names
+
+    def _adopt_owners(self, view: View, names: ViewIndexes, body: Mapping[str, Any]) -> None:
+        """An owner index viewkeeper did not make (no ``_meta``): a write made it after the
+        one viewkeeper made was deleted (see :meth:`_put_owners_template`). It holds no
+        claim, so the view is lost (:meth:`read_claim`) and is re-armed and rebuilt. It is
+        given viewkeeper's mappings and ``_meta`` (no claim), or, when its mappings cannot
+        take them (made without the template: dynamic text fields), deleted and made again:
+        what it holds was written after the loss, by batches that were refused (the live
+        phase found the alias missing) or that the rebuild writes again."""
+        tp = self.client.transport
+        try:
             tp.perform_request(
                 "PUT",
                 f"/{names.owners}/_mapping",
                 headers=_JSON,
-                body=dumps({"properties": OWNERS_MAPPINGS["properties"]}),
+                body=dumps({**OWNERS_MAPPINGS, "_meta": body["mappings"]["_meta"]}),
             )
-        self._prepared[view.name] = names
+            log.warning(
+                "view %s: owner index %s was made again by a write, not by viewkeeper (it "
+                "was lost): given viewkeeper's mappings; the view is re-armed and rebuilt",
+                view.name,
+                names.owners,
+            )
+            return
+        except TransportError as exc:
+            if _is_transient(exc) or exc.status_code != 400:
+                raise
+            reason = _error_text(_reason_of(exc.info))
+        log.warning(
+            "view %s: owner index %s was made again by a write with other mappings (%s): "
+            "deleting it and making it again; the view is re-armed and rebuilt",
+            view.name,
+            names.owners,
+            _short(reason, 300),
+        )
+        tp.perform_request("DELETE", f"/{names.owners}", params={"ignore": 404})
+        if not self._create_index(names.owners, body):
+            raise SinkError(
+                f"OpenSearch {self.where}: owner index {names.owners!r} of view {view.name!r} "
+                "was made again while viewkeeper replaced it; start again"
+            )
 
     def _create_index(self, index: str, body: Mapping[str, Any]) -> bool:
         """Create ``index``; False when it exists already (another daemon may have won)."""
@@ -811,20 +1008,21 @@ class OpenSearchSink:
         """Apply a batch (see the module doc for the phases); one Result per change."""
         plans = [self._plan(ch) for ch in changes]
         early, late = self._early(plans)
+        uuids: dict[str, str | None] = {}  # the live indexes' uuids, read once per apply
         if not early:
             self._owner_phase(plans)
-            checks = self._live_phase(plans)
+            checks = self._live_phase(plans, uuids)
             if checks:
                 self._post_check(checks)
         else:
             # Puts of default-id documents read and write no owner record before their
             # post-check: they leave first, and the owner phase (W1) of the others, their
             # live ops and the puts' post-check overlap with them on the server.
-            first = self._live_send(early, background=True)
+            first = self._live_send(early, background=True, uuids=uuids)
             second: _Live | None = None
             try:
                 self._owner_phase(late)
-                second = self._live_send(late, background=True)
+                second = self._live_send(late, background=True, uuids=uuids)
                 checks = self._live_collect(first)
                 if checks:
                     self._post_check(checks)
@@ -930,6 +1128,7 @@ class OpenSearchSink:
                 p.outcome = Outcome.STALE  # a newer change of this item is already recorded
             else:
                 p.owner_moved = result != "noop"
+                p.recorded = True
             if not isinstance(rec_v, str):
                 continue
             # Whatever the outcome, the record's pending documents are deleted again (at
@@ -956,11 +1155,18 @@ class OpenSearchSink:
                 p.rec_v, p.gone = rec_v, gone
                 p.unpend = pending or None
 
-    def _live_phase(self, plans: list[_Plan]) -> list[_Check]:
+    def _live_phase(
+        self, plans: list[_Plan], uuids: dict[str, str | None] | None = None
+    ) -> list[_Check]:
         """The live ops of ``plans``, sent and answered; returns the puts to post-check."""
-        return self._live_collect(self._live_send(plans))
+        return self._live_collect(self._live_send(plans, uuids=uuids))
 
-    def _live_send(self, plans: list[_Plan], background: bool = False) -> _Live:
+    def _live_send(
+        self,
+        plans: list[_Plan],
+        background: bool = False,
+        uuids: dict[str, str | None] | None = None,
+    ) -> _Live:
         """Build the live ops and send them. A big batch is cut into ``bulk_concurrency``
         segments by document id (the ops of one change stay in one segment, in order, and
         the requests of a segment go one after the other: :meth:`_bulk` with one group;
@@ -968,12 +1174,13 @@ class OpenSearchSink:
         another item's put end the same in either order, as claims, see the module doc);
         each segment is sent as soon as it is built, so building the next one overlaps
         with the server working on the previous one. ``background``: even one segment is
-        sent from the pool, so that the caller can go on (:meth:`apply`)."""
+        sent from the pool, so that the caller can go on (:meth:`apply`). ``uuids``: the
+        live indexes' uuids read in this apply (:meth:`_lookup`)."""
         ops: list[_Op] = []
         # stale changes come along only to delete their owner record's pending documents
         todo = [p for p in plans if p.outcome is None or (p.gone and p.outcome is Outcome.STALE)]
         known = self._lookup(
-            [(p.names.alias, p.doc_key) for p in todo if p.doc_key and p.outcome is None]
+            [p for p in todo if p.doc_key and p.outcome is None], {} if uuids is None else uuids
         )
         try_create = self._new_share >= 0.5 and self.cas_cache_size > 0
         k = self.bulk_concurrency if len(todo) >= self.min_split else 1
@@ -1098,9 +1305,9 @@ class OpenSearchSink:
                         p, doc_id, jid, payload, known.get((p.names.alias, doc_id)), try_create
                     )
                 )
-                for x in p.gone or ():
-                    if x != doc_id:
-                        ops.append(self._del_op(p, "gone", x, p.version))
+                # the documents it moves away from are deleted once the put is answered (in
+                # _unpend_phase): a put OpenSearch refuses leaves the item its last good one
+                p.later = [x for x in p.gone or () if x != doc_id] or None
             elif p.tracked:  # custom doc_id: only the owner record knows the document(s)
                 if not p.gone:
                     p.outcome = Outcome.APPLIED if p.owner_moved else Outcome.STALE
@@ -1156,12 +1363,69 @@ class OpenSearchSink:
         )
         return _Op(p, "put", doc_id, lines, payload, "cas", cached=True)
 
-    def _lookup(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], _Known]:
-        if self.cas_cache_size <= 0 or not keys:
+    def _lookup(
+        self, puts: list[_Plan], uuids: dict[str, str | None]
+    ) -> dict[tuple[str, str], _Known]:
+        """What this sink last wrote to the documents of ``puts``, keyed (alias, document id)
+        — only what it wrote to the live index that is there now. Entries are kept per
+        physical index (its uuid): an index deleted and made again restarts ``_seq_no`` and
+        ``_primary_term`` at (0, 1), so an entry of the old one would let a stale put through
+        the ``if_seq_no`` fast path over a newer document of the new one. So when an entry is
+        found, the live index's uuid is read (once per apply and view, into ``uuids``); a
+        uuid that changed drops the view's entries. Each put also notes the uuid it was
+        built under (``_Plan.uuid``), which is what :meth:`_remember` keys its answer by."""
+        for p in puts:
+            p.uuid = self._uuids.get(p.change.view.name)
+        if self.cas_cache_size <= 0 or not puts:
             return {}
         cache = self._cache
         with self._lock:
-            return {k: hit for k in keys if (hit := cache.get(k)) is not None}
+            hits = [
+                (p, hit)
+                for p in puts
+                if p.uuid is not None and (hit := cache.get((p.uuid, str(p.doc_key)))) is not None
+            ]
+        if not hits:
+            return {}
+        for p, _ in hits:
+            name = p.change.view.name
+            if name not in uuids:
+                uuids[name] = self._live_uuid(p.names.live)
+                if uuids[name] != self._uuids.get(name):
+                    self._forget_view(name, uuids[name])
+        known: dict[tuple[str, str], _Known] = {}
+        for p, hit in hits:
+            if uuids[p.change.view.name] == p.uuid:
+                known[(p.names.alias, str(p.doc_key))] = hit
+            else:
+                p.uuid = uuids[p.change.view.name]
+        return known
+
+    def _live_uuid(self, live: str) -> str | None:
+        """The uuid of index ``live`` now; None when it is missing."""
+
+        def get() -> Any:
+            return self.client.transport.perform_request(
+                "GET",
+                f"/{live}/_settings/index.uuid",
+                params={"ignore": 404},
+                timeout=self.request_timeout,
+            )
+
+        found = self._call(get) or {}
+        uuid = ((found.get(live) or {}).get("settings") or {}).get("index", {}).get("uuid")
+        return uuid if isinstance(uuid, str) else None
+
+    def _forget_view(self, name: str, uuid: str | None = None) -> None:
+        """Forget what this sink wrote to ``name``'s live index (fast-path entries), and
+        take ``uuid`` as its uuid from now on (None: unknown until prepared again)."""
+        with self._lock:
+            old = self._uuids.pop(name, None)
+            if uuid is not None:
+                self._uuids[name] = uuid
+            if old is not None:
+                for key in [k for k in self._cache if k[0] == old]:
+                    del self._cache[key]
 
     def _remember(self, learnt: list[tuple[_Plan, str, Mapping[str, Any] | None]]) -> None:
         """Keep what this sink just wrote to each document: ``_seq_no``/``_primary_term``,
@@ -1177,7 +1441,9 @@ class OpenSearchSink:
         cache = self._cache
         with self._lock:
             for p, doc_id, item in learnt:
-                key = (p.names.alias, doc_id)
+                if p.uuid is None:  # the index was not known when the put was built
+                    continue
+                key = (p.uuid, doc_id)
                 if (
                     item is not None
                     and item.get("result") in ("created", "updated")
@@ -1199,10 +1465,11 @@ class OpenSearchSink:
             while len(cache) > self.cas_cache_size:
                 cache.popitem(last=False)
 
-    def _forget(self, alias: str, doc_id: str) -> None:
-        if self.cas_cache_size > 0:
+    def _forget(self, p: _Plan, doc_id: str) -> None:
+        uuid = self._uuids.get(p.change.view.name)
+        if self.cas_cache_size > 0 and uuid is not None:
             with self._lock:
-                self._cache.pop((alias, doc_id), None)
+                self._cache.pop((uuid, doc_id), None)
 
     def _del_op(self, p: _Plan, kind: str, doc_id: str, version: str) -> _Op:
         lines = (
@@ -1247,6 +1514,14 @@ class OpenSearchSink:
                     if isinstance(owner_v, str) and Version.decode(owner_v) > p.change.version:
                         fixes.append(self._del_op(p, "fix", doc_id, owner_v))
                         continue  # not this item's document any more: no collision of its
+                elif src is None and p.tracked:
+                    # W1 wrote this put's record, and it is gone: only a rebuild's sweep (to
+                    # a newer generation: the item was not found), a wipe or a lost owner
+                    # index removes a record that names a document. Deleted as the sweep
+                    # would have: this item's claim below the next generation's start.
+                    g = Version(p.change.version.generation + 1, "0").encode()
+                    fixes.append(self._del_op(p, "fix", doc_id, g))
+                    continue
                 if other is not None and _claims(records[item_id(other)], other, doc_id):
                     entry = f"{p.change.view.index}/{doc_id}"
                     if p.collisions is None:
@@ -1254,7 +1529,7 @@ class OpenSearchSink:
                     p.collisions.append(Collision(entry, other))
                     log.debug("collision on %s: items %r and %r", entry, p.change.item_key, other)
         for op, item in zip(fixes, self._run(fixes, require_alias=True), strict=True):
-            self._forget(op.plan.names.alias, op.doc_id)
+            self._forget(op.plan, op.doc_id)
             if self._failed(op, item):
                 continue
             result = item.get("result")
@@ -1265,12 +1540,47 @@ class OpenSearchSink:
                     self.stats["post_check_fix"] += result in ("deleted", "updated")
 
     def _unpend_phase(self, plans: list[_Plan]) -> None:
-        """W3: owner records forget the pending documents whose deletes were acknowledged
-        in this apply — only the record of the version the deletes were made at (a newer
-        record may own one again, or delete it at its own version)."""
+        """The end of an apply. W2': the pending deletes of each put that was answered
+        (applied, or a noop: the document holds the item's claim) — never of a put
+        OpenSearch refused: that item keeps its document, and ``keep`` (below) undoes the
+        move W1 made. Then W3: owner records forget the pending documents whose deletes were
+        acknowledged in this apply — only the record of the version the deletes were made at
+        (a newer record may own one again, or delete it at its own version)."""
+        # puts refused (or never sent) after W1 moved the record to them; not a change that
+        # fails below, in W2': its put is in, the record is right
+        refused = {
+            id(p)
+            for p in plans
+            if p.outcome is Outcome.ERROR and p.recorded and p.tracked and p.doc_key is not None
+        }
+        later = [
+            self._del_op(p, "gone", x, p.version)
+            for p in plans
+            if p.later and p.outcome is not Outcome.ERROR
+            for x in p.later
+        ]
+        if later:
+            for op, item in zip(later, self._run(later, require_alias=True), strict=True):
+                if not self._failed(op, item):
+                    if op.plan.acked is None:
+                        op.plan.acked = []
+                    op.plan.acked.append(op.doc_id)
         ops: list[_Op] = []
+        now_ms = int(self.clock() * 1000)
         for p in plans:
-            if not p.unpend or not p.acked or p.rec_v is None or p.outcome is Outcome.ERROR:
+            if p.outcome is Outcome.ERROR:
+                if id(p) in refused:
+                    lines = (
+                        self._action(p.names.owners, p.key_id)
+                        + self._keep_pre
+                        + dumps(p.version)
+                        + b',"doc":'
+                        + dumps(p.doc_key)
+                        + b',"now":%d}}}\n' % now_ms
+                    )
+                    ops.append(_Op(p, "keep", p.key_id, lines))
+                continue
+            if not p.unpend or not p.acked or p.rec_v is None:
                 continue
             done = [x for x in p.unpend if x in p.acked]
             if not done:
@@ -1288,7 +1598,20 @@ class OpenSearchSink:
         if not ops:
             return
         for op, item in zip(ops, self._run(ops, require_alias=False), strict=True):
-            self._failed(op, item)
+            if op.kind == "unpend":
+                self._failed(op, item)
+            elif item.get("status", 0) >= 400 and item.get("status") != 404:
+                # the change stays ERROR with its own reason; its record keeps the move
+                # (safe, see the module doc) until the change is applied again
+                log.warning(
+                    "view %s, item %s: could not undo the owner record's move to %s after its "
+                    "put was refused: HTTP %s %s",
+                    op.plan.change.view.name,
+                    shown(op.plan.change.item_key),
+                    shown(str(op.plan.doc_key)),
+                    item.get("status"),
+                    _short(_error_text(item.get("error"))),
+                )
 
     def _mget(self, index: str, ids: list[str]) -> list[dict[str, Any]]:
         resp = self._post(
@@ -1347,7 +1670,8 @@ class OpenSearchSink:
                     names = ops[i].plan.names
                     name = ops[i].plan.change.view.name
                     self._prepared.pop(name, None)
-                    if name in self._markers:  # its data is gone: viewkeeper.namespaces
+                    self._forget_view(name)
+                    if name in self._markers:  # its data is gone: viewkeeper.runtime.namespaces
                         raise NamespaceLost(
                             f"OpenSearch sink {self.name!r} ({self.where}): alias "
                             f"{names.alias!r} of view {name} is missing (index "
@@ -1562,60 +1886,74 @@ class OpenSearchSink:
         return deleted
 
     # ------------------------------------------------------------------------------------
-    # claims (viewkeeper.namespaces): in the live index's _meta, which lives and dies with it
+    # claims (viewkeeper.runtime.namespaces): in both indexes' _meta, which live and die with them
     def read_claim(self, view: View) -> Claim | None:
-        live = ViewIndexes.of(view, self.index_prefix).live
+        """The view's claim: the one both its indexes' ``_meta`` hold (see the section
+        *Claims* of the module doc), or None — either index missing, made again (an owner
+        index made by a write, or by viewkeeper after a loss, holds none), or the two
+        holding different claims after a few re-reads (a claim being written is written to
+        the owner index, then to the live one)."""
+        names = ViewIndexes.of(view, self.index_prefix)
 
         def get() -> Any:
             return self.client.transport.perform_request(
-                "GET", f"/{live}/_mapping", params={"ignore": 404}, timeout=self.request_timeout
-            )
-
-        found = self._call(get) or {}
-        meta = (found.get(live, {}).get("mappings", {}).get("_meta") or {}).get("viewkeeper")
-        claim = (meta or {}).get("claim")
-        if not isinstance(claim, Mapping) or not claim.get("marker"):
-            return None
-        owner = Owner(
-            str(claim.get("source", "?")),
-            str(claim.get("coordination", "?")),
-            str(claim.get("deployment", "?")),
-        )
-        return Claim(owner, str(claim["marker"]), int(claim.get("generation", 0) or 0))
-
-    def write_claim(self, view: View, claim: Claim) -> None:
-        if view.name not in self._prepared:
-            self._call(lambda: self._prepare_view(view))
-        live = ViewIndexes.of(view, self.index_prefix).live
-        meta = {
-            "viewkeeper": {
-                "view": view.name,
-                "role": "live",
-                "format": 1,
-                "claim": {
-                    "source": claim.owner.source,
-                    "coordination": claim.owner.coordination,
-                    "deployment": claim.owner.deployment,
-                    "marker": claim.marker,
-                    "generation": claim.generation,
-                },
-            }
-        }
-        self._call(
-            lambda: self.client.transport.perform_request(
-                "PUT",
-                f"/{live}/_mapping",
-                headers=_JSON,
-                body=dumps({"_meta": meta}),
+                "GET",
+                f"/{names.live},{names.owners}/_mapping",
+                params={"ignore": 404, "ignore_unavailable": "true"},
                 timeout=self.request_timeout,
             )
-        )
+
+        for attempt in range(_CLAIM_READS):
+            if attempt:
+                time.sleep(_CLAIM_REREAD)
+            found = self._call(get) or {}
+            live = _vk_meta(found, names.live)
+            owners = _vk_meta(found, names.owners)
+            held = _claim_of(live)
+            if held is None or owners is None:
+                return None
+            theirs = _claim_of(owners)
+            if theirs is None:
+                if owners.get("format") == 1:  # made before owner indexes held the claim
+                    return held
+                return None
+            if (theirs.owner, theirs.marker) == (held.owner, held.marker):
+                # a rebuild's announce writes the owner index first: the higher one is newer
+                return Claim(held.owner, held.marker, max(held.generation, theirs.generation))
+        return None
+
+    def write_claim(self, view: View, claim: Claim) -> None:
+        """Store ``claim`` in the ``_meta`` of both the view's indexes: the owner index
+        first, then the live one (see :meth:`read_claim`). The view is prepared again
+        first: an index lost and made again by a write is replaced or adopted there."""
+        self._call(lambda: self._prepare_view(view))
+        names = ViewIndexes.of(view, self.index_prefix)
+        held = {
+            "source": claim.owner.source,
+            "coordination": claim.owner.coordination,
+            "deployment": claim.owner.deployment,
+            "marker": claim.marker,
+            "generation": claim.generation,
+        }
+        for index, role, fmt in ((names.owners, "owners", OWNERS_FORMAT), (names.live, "live", 1)):
+            meta = {"viewkeeper": {"view": view.name, "role": role, "format": fmt, "claim": held}}
+            self._call(
+                lambda index=index, meta=meta: self.client.transport.perform_request(  # type: ignore[misc]
+                    "PUT",
+                    f"/{index}/_mapping",
+                    headers=_JSON,
+                    body=dumps({"_meta": meta}),
+                    timeout=self.request_timeout,
+                )
+            )
 
     def expect(self, view: View, marker: str | None) -> None:
         """OpenSearch cannot check a marker with each ``_bulk``: a write to a deleted index
         raises NamespaceLost (it would be recreated empty), and
-        :meth:`viewkeeper.namespaces.Namespaces.verify` compares the claim every few
+        :meth:`viewkeeper.runtime.namespaces.Namespaces.verify` compares the claim every few
         seconds."""
+        if self._markers.get(view.name) != marker:  # the data may have been started again
+            self._forget_view(view.name, self._uuids.get(view.name))
         if marker is None:
             self._markers.pop(view.name, None)
         else:
@@ -1627,8 +1965,7 @@ class OpenSearchSink:
         everything: dict[str, Any] = {"query": {"match_all": {}}}
         deleted = self._delete_by_query(names.live, everything)
         self._delete_by_query(names.owners, everything)
-        with self._lock:
-            self._cache.clear()
+        self._forget_view(view.name, self._uuids.get(view.name))  # same index, no entries
         return deleted
 
     def purge_tombstones(self, view: View, older_than: float) -> int:
@@ -1737,6 +2074,28 @@ class OpenSearchSink:
                         headers=_JSON,
                         body=dumps({"scroll_id": [scroll_id]}),
                     )
+
+
+def _vk_meta(mappings: Mapping[str, Any], index: str) -> dict[str, Any] | None:
+    """``_meta.viewkeeper`` of ``index`` in a ``_mapping`` answer: None when the index is not
+    in it (missing), ``{}`` when it has none (not made by viewkeeper)."""
+    if index not in mappings:
+        return None
+    meta = ((mappings[index] or {}).get("mappings") or {}).get("_meta") or {}
+    found = meta.get("viewkeeper")
+    return dict(found) if isinstance(found, Mapping) else {}
+
+
+def _claim_of(meta: Mapping[str, Any] | None) -> Claim | None:
+    claim = (meta or {}).get("claim")
+    if not isinstance(claim, Mapping) or not claim.get("marker"):
+        return None
+    owner = Owner(
+        str(claim.get("source", "?")),
+        str(claim.get("coordination", "?")),
+        str(claim.get("deployment", "?")),
+    )
+    return Claim(owner, str(claim["marker"]), int(claim.get("generation", 0) or 0))
 
 
 def _jstr(text: str) -> bytes:

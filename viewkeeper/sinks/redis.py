@@ -7,8 +7,9 @@ Key layout (public, read by checkers; ``vk:`` is ``key_prefix``, which views may
     vk:c:{bucket}         hash  claims of the connection, shared by its views: field = entry
                                 identity, value = view id + item key,
                                 bucket = int(identity, big-endian) % 2147483629 % owner_buckets
-    vk:{view}:ns          hash  the view's claim (viewkeeper.namespaces): source, coordination,
-                                deployment, marker, generation
+    vk:{view}:ns          hash  the view's claim (runtime.namespaces): source, coordination,
+                                deployment, marker, generation; n, its write counter (below);
+                                lost, why a script erased its marker
     vk:views              hash  view name -> short id; "#<id>" -> name; "#" = last id given
     vk:meta               hash  owner_buckets (changing it would strand every owner record)
 
@@ -17,6 +18,26 @@ Every script call first checks the claim of each view it writes (its marker, see
 (restarted without persistence, a replaced node, a FLUSHALL), or a namespace another process
 re-armed or another deployment took over, is noticed by the first write after it, atomically
 (:class:`~viewkeeper.sinks.base.NamespaceLost`).
+
+A Redis that comes back *from an older state* keeps the marker but not the writes
+acknowledged since: restarted from its last RDB snapshot (the default ``save`` policy) or
+from an AOF written with ``appendfsync everysec``, or a replica promoted before it had every
+write. So each claim also holds a write counter ``n``, which every call increments once (after
+all claim checks, before its first change) and returns; the sink remembers the highest it
+saw per view (under the expected marker) and sends it with each call. A claim whose counter
+is below it went back in time: the script erases its marker (``lost`` says why) and answers
+``{'L', i, 'back'}`` without writing any change, and the sink raises NamespaceLost. With the
+marker gone the namespace looks to everyone as after an empty restart —
+:meth:`~viewkeeper.runtime.namespaces.Namespaces.lost` re-arms it, reports SINK DATA LOST and
+marks the view needs_rebuild; the other processes' next calls are refused ('L') and adopt the
+new claim; ``viewkeeper check`` and the next start see it lost — so nothing more is needed. A
+new marker starts the counter's check again (:meth:`RedisSink.expect`);
+:meth:`RedisSink.write_claim` keeps ``n``. Several processes share the counter: each one's mark
+trails the counter, so their calls never look like a rollback to each other. A process notices
+a rollback that lost some of *its* writes at its next call — unless the counter was carried
+past its mark first by processes that lost none (each call adds one), or it restarted
+meanwhile (the marks are in memory only: a host that reboots Redis and viewkeeper together is
+not noticed). One process noticing is enough: the erased marker stops every other one.
 
 ``L(n)`` is one byte when ``n < 253``, else byte 253 and four bytes big-endian.
 
@@ -46,7 +67,8 @@ reply is one byte per change plus details for the rare ones (errors, collisions)
 the client pays neither a command nor a reply parse, which took two thirds of the sink's time
 when it sent one script call per change (``bench/redis_pipeline.py``: 8.9 → 3.5 µs of client
 CPU per record). A call Redis refuses as a whole (none is foreseen) is resent one change per
-call.
+call; each of those checks the claims again (a claim refusal there is NamespaceLost too), and
+an answer the client does not know is never read as applied (SinkError: the batch is held).
 
 A change is all or nothing. Redis does not roll back a script that fails halfway, so nothing
 may fail after a change's first write:
@@ -68,6 +90,14 @@ may fail after a change's first write:
   changes before it in the call were complete, and sent again they answer stale.
   Either way the sink retries, then raises SinkUnavailable: the batch is held, never
   dead-lettered for the server's state.
+- Credentials and permissions are the server's state too: a call refused whole with NOAUTH,
+  WRONGPASS or NOPERM (the user lost ``+evalsha``: an ACL file reloaded, a rotation half
+  done) is retried, then SinkUnavailable — never resent change by change and dead-lettered.
+  An ACL that refuses one of the keys a change touches (NOPERM inside the script) ends the
+  whole call the same way. That refusal may come after the change's first write (ACLs
+  cannot be checked before): the change is then half-written, but not reported — its owner
+  record is written last and still holds the older version, so the retry, once the ACL is
+  fixed, writes the whole change again (retracting an entry already gone is a no-op).
 - Sizes: an argument over ``proto-max-bulk-len`` or a change over ``client-query-buffer-limit``
   (read at prepare with CONFIG GET; Redis' defaults, 512 MB and 1 GB, where CONFIG is
   refused) is an ERROR before anything is sent. Sent, Redis would close the connection
@@ -79,6 +109,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import threading
 import time
 import zlib
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -94,6 +125,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import (
     AuthenticationError,
     ClusterDownError,
+    NoPermissionError,
     NoScriptError,
     OutOfMemoryError,
     ReadOnlyError,
@@ -154,6 +186,7 @@ _TRANSIENT_CODES = frozenset(
         "TRYAGAIN",
         "NOREPLICAS",
         "MISCONF",
+        "NOPERM",  # an ACL that refuses a command or a key: the server's configuration
     }
 )
 _SHEBANG = b"#!lua\n"  # the apply script's first line (see RedisSink._load_apply_script)
@@ -317,11 +350,15 @@ def _describe(t: str, key: bytes, sub: bytes) -> str:
 
 
 def _is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, AuthenticationError):
-        return False
+    """Whether ``exc`` is the server's state, not the command's: the batch is held and
+    retried, never dead-lettered. That includes refused credentials and permissions (NOAUTH,
+    WRONGPASS, NOPERM): a whole call refused for them says nothing about its changes (a
+    credential rotation, an ACL file reloaded), and they may come back."""
     if isinstance(
         exc,
-        redis.ConnectionError
+        AuthenticationError  # NOAUTH, WRONGPASS
+        | NoPermissionError  # NOPERM
+        | redis.ConnectionError
         | redis.TimeoutError
         | OutOfMemoryError
         | ReadOnlyError
@@ -447,6 +484,9 @@ class RedisSink:
         self._owner_prefix: dict[str, bytes] = {}
         self._generations: dict[int, bytes] = {}
         self._markers: dict[str, bytes] = {}  # view -> the marker its claim must hold
+        # view -> the highest write counter seen in its claim under that marker (rollbacks)
+        self._seen: dict[str, int] = {}
+        self._seen_lock = threading.Lock()
         self._ready = False
 
     @classmethod
@@ -513,13 +553,21 @@ class RedisSink:
     def ping(self) -> None:
         self._with_retry(self._client.ping)
 
-    # -- claims (viewkeeper.namespaces) --------------------------------------------------------
+    # -- claims (runtime.namespaces) ---------------------------------------------------------------
     def _claim_key(self, view: View | str) -> bytes:
         name = view if isinstance(view, str) else view.name
         return self._prefix + _b(name) + b":ns"
 
     def read_claim(self, view: View) -> Claim | None:
-        raw = self._with_retry(lambda: self._client.hgetall(self._claim_key(view)))
+        def read() -> Any:
+            try:
+                return self._client.hgetall(self._claim_key(view))
+            except redis.ResponseError as exc:
+                if "WRONGTYPE" in str(exc):
+                    return None  # overwritten by something else: no claim (the script says 'L')
+                raise
+
+        raw = self._with_retry(read)
         if not raw or b"marker" not in raw:
             return None
         f = {k.decode(): _text(v) for k, v in raw.items()}
@@ -537,18 +585,32 @@ class RedisSink:
         }
 
         def write() -> None:
+            # the write counter (n) stays: a claim written again under the same marker (a
+            # rebuild's announce) must not look like a server that went back in time
             pipe = self._client.pipeline(transaction=True)
-            pipe.delete(key)
+            pipe.hdel(key, "lost")
             pipe.hset(key, mapping=fields)
-            pipe.execute()
+            try:
+                pipe.execute()
+            except redis.ResponseError as exc:
+                if "WRONGTYPE" not in str(exc):
+                    raise
+                self._client.delete(key)  # not a hash: overwritten, no claim in it
+                self._client.hset(key, mapping=fields)
 
         self._with_retry(write)
 
     def expect(self, view: View, marker: str | None) -> None:
-        if marker is None:
-            self._markers.pop(view.name, None)
-        else:
-            self._markers[view.name] = _b(marker)
+        """From now on, each script call checks ``view``'s claim: its marker and its write
+        counter (see the module doc); a new marker starts the counter's check again."""
+        want = None if marker is None else _b(marker)
+        with self._seen_lock:
+            if self._markers.get(view.name) != want:
+                self._seen.pop(view.name, None)
+            if want is None:
+                self._markers.pop(view.name, None)
+            else:
+                self._markers[view.name] = want
 
     def wipe(self, view: View) -> int:
         """Retract every entry the view's owner records own (at a version above any a
@@ -735,7 +797,10 @@ class RedisSink:
         if any(_again(b.reply) for b in batches):
             self._with_retry(partial(self._resend, batches, stamp))
         self._refuse_lost(batches)
-        for b in self._split_refused(batches, stamp):
+        batches = self._split_refused(batches, stamp)
+        self._refuse_lost(batches)  # a change resent alone checks the claims again
+        self._learn_counters(batches)
+        for b in batches:
             self._results(changes, b, results)
         out = [r for r in results if r is not None]
         if len(out) != len(changes):  # a batch lost on the way: never checkpoint past it
@@ -796,8 +861,9 @@ class RedisSink:
     def _command(self, batch: _Batch, stamp: bytes) -> bytes:
         head = [b"EVALSHA", self._apply_sha, b"0", stamp, self._claims, self._nbuckets]
         head.append(b"%d" % len(batch.checks))
-        for _, key, marker in batch.checks:
-            head += (key, marker)
+        seen = self._seen
+        for view, key, marker in batch.checks:
+            head += (key, marker, b"%d" % seen.get(view, 0))
         return _resp(head + [a for change in batch.args for a in change])
 
     def _resend(self, batches: list[_Batch], stamp: bytes) -> None:
@@ -836,25 +902,61 @@ class RedisSink:
         return out
 
     def _refuse_lost(self, batches: list[_Batch]) -> None:
-        """A call refused for a claim that does not hold its marker wrote nothing (and the
-        calls after it check the same claims): raise NamespaceLost for those views. The view
-        ids and bookkeeping meta of a Redis that lost its data are gone too: learnt again."""
-        lost = sorted(
-            {
-                b.checks[int(b.reply[1]) - 1][0]
-                for b in batches
-                if isinstance(b.reply, list) and b.reply and b.reply[0] == b"L"
-            }
-        )
-        if lost:
-            self._view_ids.clear()
-            self._view_names.clear()
-            self._ready = False
-            raise NamespaceLost(
-                f"redis sink {self.name!r} ({self.where}): the claim of view(s) "
-                f"{', '.join(lost)} does not hold the expected marker; nothing was written",
-                lost,
+        """A call refused for a claim (``{'L', i}``: it does not hold its marker; ``{'L', i,
+        'back'}``: its write counter went back, and the script erased its marker) wrote
+        none of its changes (and the calls after it check the same claims): raise
+        NamespaceLost for those views. The view ids and bookkeeping meta of a Redis that
+        lost its data are gone too: learnt again."""
+        lost: set[str] = set()
+        back: set[str] = set()
+        for b in batches:
+            reply = b.reply
+            if isinstance(reply, list) and reply and reply[0] == b"L":
+                view = b.checks[int(reply[1]) - 1][0]
+                lost.add(view)
+                if len(reply) > 2 and reply[2] == b"back":
+                    back.add(view)
+        if not lost:
+            return
+        self._view_ids.clear()
+        self._view_names.clear()
+        self._ready = False
+        for view in sorted(back):
+            log.error(
+                "redis sink %s (%s): view %s went back in time: its claim's write counter is "
+                "below what this process saw (Redis restarted from an older RDB or AOF "
+                "snapshot, or a replica that had not received every write was promoted); "
+                "writes acknowledged since are lost. Its claim's marker is erased, so that "
+                "every process sees the namespace as lost and the view is rebuilt",
+                self.name,
+                self.where,
+                view,
             )
+        why = "does not hold the expected marker"
+        if back:
+            why += f" (view(s) {', '.join(sorted(back))}: the server went back in time)"
+        raise NamespaceLost(
+            f"redis sink {self.name!r} ({self.where}): the claim of view(s) "
+            f"{', '.join(sorted(lost))} {why}; nothing was written",
+            sorted(lost),
+        )
+
+    def _learn_counters(self, batches: list[_Batch]) -> None:
+        """Remember the highest write counter each view's claim answered (see the module
+        doc): a later call that finds it lower knows the server went back in time."""
+        seen = self._seen
+        with self._seen_lock:
+            for b in batches:
+                reply = b.reply
+                if not (isinstance(reply, list) and len(reply) > 1 and b.checks):
+                    continue
+                counters = reply[1]
+                if not isinstance(counters, list) or len(counters) != len(b.checks):
+                    raise self._unexpected(reply)
+                for (view, _, marker), n in zip(b.checks, counters, strict=True):
+                    # counters of another marker are not this one's (expect() reset it)
+                    if self._markers.get(view) == marker and n > seen.get(view, 0):
+                        seen[view] = n
 
     def _results(self, changes: Sequence[Change], b: _Batch, results: list[Result | None]) -> None:
         reply = b.reply
@@ -862,7 +964,10 @@ class RedisSink:
             for i in b.indexes:
                 results[i] = self._rejected(changes[i], reply)
             return
-        codes, details = reply[0], iter(reply[1:])
+        codes = reply[0] if isinstance(reply, list) and reply else None
+        if not isinstance(codes, bytes) or len(codes) != len(b.indexes):
+            raise self._unexpected(reply)
+        details = iter(reply[2:])  # reply[1]: the claims' write counters
         for i, entries, code in zip(b.indexes, b.entries, codes, strict=True):
             if code == 49:  # b"1"
                 results[i] = APPLIED
@@ -870,8 +975,18 @@ class RedisSink:
                 results[i] = STALE
             elif code == 101:  # b"e": a Redis error stopped this change
                 results[i] = self._rejected(changes[i], next(details))
-            else:
+            elif code == 120:  # b"x": see _result
                 results[i] = self._result(changes[i], entries, next(details))
+            else:  # never read an answer this client does not know as applied
+                raise self._unexpected(reply)
+
+    def _unexpected(self, reply: Any) -> SinkError:
+        return SinkError(
+            f"redis sink {self.name!r} ({self.where}): the apply script answered "
+            f"{self._scrub(repr(reply))[:200]}, which this client does not know; nothing is "
+            "reported applied (is another version of redis_apply.lua loaded under its sha, "
+            "or a proxy in the way?)"
+        )
 
     def _rejected(self, change: Change, error: Exception | bytes) -> Result:
         text = _text(error) if isinstance(error, bytes) else str(error)
@@ -1008,6 +1123,13 @@ class RedisSink:
                 f"redis sink {self.name!r} at {self.where}: authentication "
                 f"failed ({self._scrub(str(exc))}); check the URL's "
                 "password or the credential file"
+            ) from None
+        except NoPermissionError as exc:
+            raise SinkUnavailable(
+                f"redis sink {self.name!r} at {self.where}: permission refused after retrying "
+                f"for {self.retry_seconds:g}s ({self._scrub(str(exc))}); the batch is held: "
+                "give the user the commands (+evalsha +script|load +hgetall ...) and keys "
+                "(~*) viewkeeper writes"
             ) from None
         except Exception as exc:
             if not _is_transient(exc):

@@ -2,7 +2,8 @@
 -- viewkeeper: apply a BATCH of changes, each one atomically and in order (layout: redis.py).
 --
 -- ARGV[1] now (epoch seconds)   ARGV[2] claim hash prefix   ARGV[3] number of buckets
--- ARGV[4] k, then k pairs: a view's claim hash (vk:{view}:ns) and the marker it must hold
+-- ARGV[4] k, then k triples: a view's claim hash (vk:{view}:ns), the marker it must hold and
+--         the highest write counter (field n) the client has seen there (0: none yet)
 -- then, per change:  owner hash of the item's bucket, item key, view id, packed version,
 --                    n (number of entries), and per entry: type (V H S Z), key, a, b
 --                    V: value, ttl or ''   H: field, value   S: member, ''   Z: member, score
@@ -10,7 +11,15 @@
 --
 -- Returns { 'L', i } without writing anything when the i-th claim hash does not hold its
 -- marker (the server lost the views' data, or another process re-armed or took it over:
--- viewkeeper/namespaces.py), else { codes, detail, detail, ... }: codes has one byte per change, '1' applied, '0'
+-- viewkeeper/namespaces.py), and { 'L', i, 'back' } when it holds the marker but its write
+-- counter is below what the client saw: the server went back in time (restarted from an
+-- older RDB or AOF, a promoted replica that had not received every write). Then the only
+-- write is to that claim: its marker is erased (and 'lost' says why), so that every process
+-- and `viewkeeper check` see the namespace as lost, as after an empty restart, and the view
+-- is re-armed and rebuilt; none of the changes is written.
+-- Else { codes, counters, detail, detail, ... }: counters has the claims' write counters
+-- after this call (each claim's n is incremented once per call, after every claim check
+-- and before the first change); codes has one byte per change, '1' applied, '0'
 -- stale, 'x' or 'e' see the next detail: 'x' {-1, i, type} when the key of entry i holds the
 -- wrong type (nothing written), 'x' {-2, i, what, argument} when an argument of entry i is
 -- one Redis would refuse (what: 'ttl', 'score' or 'type'; nothing written), 'x' {1, i, claim,
@@ -262,8 +271,10 @@ end
 -- whole call ends with that error, which the client retries. Redis refuses the first write
 -- of a call in that state, so nothing of this change was written; the changes before it in
 -- the call were applied completely, and sent again they answer stale.
+-- NOPERM (an ACL refusing a key) may come after this change's first write: its owner record
+-- is written last, so the client's retry writes the whole change again (redis.py).
 local TRANSIENT = { OOM = true, READONLY = true, MASTERDOWN = true, BUSY = true, LOADING = true,
-  CLUSTERDOWN = true, TRYAGAIN = true, NOREPLICAS = true, MISCONF = true }
+  CLUSTERDOWN = true, TRYAGAIN = true, NOREPLICAS = true, MISCONF = true, NOPERM = true }
 
 local function message(err)
   if type(err) == 'table' then return err.err or err.message or 'error' end
@@ -280,14 +291,46 @@ local function transient(msg)
   return nil
 end
 
--- Claims first: a namespace that lost its data (or changed hands) gets no write at all.
+-- Claims first: a namespace that lost its data (or changed hands, or went back in time)
+-- gets no write at all. A claim key that is not a hash (overwritten) is a lost claim too.
+local k = tonumber(ARGV[4])
 local a = 5
-for i = 1, tonumber(ARGV[4]) do
-  if call('HGET', ARGV[a], 'marker') ~= ARGV[a + 1] then return { 'L', tostring(i) } end
-  a = a + 2
+for i = 1, k do
+  local ok, got = pcall(call, 'HMGET', ARGV[a], 'marker', 'n')
+  if not ok then
+    local refused = transient(message(got))
+    if refused then return redis.error_reply(refused) end
+    return { 'L', tostring(i) }
+  end
+  if got[1] ~= ARGV[a + 1] then return { 'L', tostring(i) } end
+  local n = 0
+  if got[2] then n = find(got[2], '^%d%d?%d?%d?%d?%d?%d?%d?%d?%d?%d?%d?%d?%d?%d?$') and tonumber(got[2]) end
+  if not n or n < tonumber(ARGV[a + 2]) then
+    local ok2, err = pcall(function()
+      call('HDEL', ARGV[a], 'marker')
+      call('HSET', ARGV[a], 'lost', 'write counter ' .. tostring(got[2]) .. ' below ' ..
+        ARGV[a + 2] .. ' seen by a client at ' .. now .. ': the server went back in time')
+    end)
+    if not ok2 then
+      local refused = transient(message(err))
+      if refused then return redis.error_reply(refused) end
+    end
+    return { 'L', tostring(i), 'back' }
+  end
+  a = a + 3
+end
+-- The write counters (the first write of the call: refused, it ends the call, as below).
+local counters = {}
+for i = 1, k do
+  local ok, n = pcall(call, 'HINCRBY', ARGV[5 + 3 * (i - 1)], 'n', 1)
+  if not ok then
+    local msg = message(n)
+    return redis.error_reply(transient(msg) or msg)
+  end
+  counters[i] = n
 end
 
-local codes, reply = {}, { '' }
+local codes, reply = {}, { '', counters }
 while a <= #ARGV do
   local nxt = a + 5 + 4 * tonumber(ARGV[a + 4])
   local ok, code, detail = pcall(apply, a)
