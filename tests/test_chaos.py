@@ -780,7 +780,7 @@ def test_two_daemons_starting_together_share_the_new_coordination_table(
     assert h.daemons["a"].alive(), f"daemon a exited: {h.daemons['a'].unexpected_exits}"
 
 
-# --- a known bug, pinned (strict xfail: it fails the suite once fixed, so the mark goes) ----
+# --- found by the random run; failed before its fix (the commit names it) -------------------
 def test_kill_9_between_owner_record_and_document_delete_of_a_custom_id_view(
     make_harness: Factory, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -944,14 +944,14 @@ def test_a_lambda_applier_alone_through_a_rebuild_and_a_refusing_redis(
         assert lam.function_errors == 0
 
 
-# --- found by the random runs of chaos/edges, pinned (strict xfail: once fixed, the mark goes) -
+# --- found by the random runs of chaos/edges; each failed before its fix (its commit says) ---
 def test_two_first_claims_at_once_report_no_lost_data(
     make_harness: Factory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The random run's two daemons start at once, on a fresh deployment; in 4 of its first 5
     runs (seeds 101, 202, 303, 404) one of them logged ``SINK DATA LOST: view chaos_doc ...
     its claim is gone`` at start-up, while the other logged ``claimed``. Namespaces._fresh
-    records the new marker in the coordination table (set_marker), then writes the claim to
+    recorded the new marker in the coordination table (set_marker), then wrote the claim to
     the sink (write_claim); a process whose Namespaces.claim reads the view states and the
     sink's claim in between sees "marker recorded, no claim": the signature of a sink that
     lost its data. It reports the loss (ERROR, needs_rebuild, metric, on_sink_loss: rebuild
@@ -989,12 +989,6 @@ def test_two_first_claims_at_once_report_no_lost_data(
     assert not lost, lost
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the OpenSearch sink dead-letters a document refused for a concurrent dynamic "
-    "mapping update (400 illegal_argument_exception: mapper [n] cannot be changed from type "
-    "[long] to [float]); sent again, it is taken",
-)
 def test_concurrent_first_writes_of_a_number_field_are_not_dead_lettered(
     make_harness: Factory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1003,14 +997,15 @@ def test_concurrent_first_writes_of_a_number_field_are_not_dead_lettered(
     race on the mapping update, and the loser's document is refused: 400
     illegal_argument_exception "mapper [n] cannot be changed from type [long] to [float]".
     The field is mapped by then, and the same document sent again is taken (coerced to the
-    mapped type): the refusal is the index's passing state, not the record's fault, yet the
-    sink takes it as the document's and the record is dead-lettered (I5: a sink error
-    mistaken for a bad record). Views get DynamoDB numbers as int or Decimal, so any number
-    attribute can do this when several writers start on a new index: shard workers, a
-    Lambda beside them (the random run, seed 404: the handler and daemon b1 wrote the fresh
-    ``chaos-items`` index at once, record 1100000000017454423097 of k5|0 was dead-lettered
-    for chaos_doc), a Lambda with a parallelization factor above 1. Here eight appliers
-    write the first eight documents at once, half of them with an integer ``n``."""
+    mapped type): the refusal is the index's passing state, not the record's fault. The sink
+    took it as the document's and the record was dead-lettered (I5: a sink error mistaken
+    for a bad record); it now sends such a document again (up to three times). Views get
+    DynamoDB numbers as int or Decimal, so any number attribute can do this when several writers
+    start on a new index: shard workers, a Lambda beside them (the random run, seed 404: the
+    handler and daemon b1 wrote the fresh ``chaos-items`` index at once, record
+    1100000000017454423097 of k5|0 was dead-lettered for chaos_doc), a Lambda with a
+    parallelization factor above 1. Here eight appliers write the first eight documents at once,
+    half of them with an integer ``n``."""
     from viewkeeper.app import App
     from viewkeeper.ops.lambda_handler import handle_event
 

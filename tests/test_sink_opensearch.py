@@ -1541,3 +1541,45 @@ def test_bulk_throughput_report(
     record_property("opensearch_sink_vs_raw", ratios)
     os_client.close()
     assert min(ratios.values()) > 0.15
+
+
+RACE = {
+    "type": "illegal_argument_exception",
+    "reason": "mapper [n] cannot be changed from type [long] to [float]",
+}
+
+
+@needs_os
+@pytest.mark.parametrize("refusals", [1, 3, 10])
+def test_a_put_refused_for_a_concurrent_mapping_update_is_sent_again(
+    sink: OpenSearchSink, refusals: int
+) -> None:
+    """Two requests that bring one new field at once, as an integer and as a decimal, race
+    on OpenSearch's dynamic mapping update; the loser's document is refused (400 "mapper
+    [n] cannot be changed from type [long] to [float]") though it is taken once the field is
+    mapped (tests/test_chaos.py reproduces the race on the node). Here the node's answer to
+    the put of o-2 is that refusal, ``refusals`` times in a row: up to three resends the
+    change is applied; a refusal that stays is the document's, ERROR with OpenSearch's
+    reason (dead-lettered), never a shard held on it."""
+    real = sink._bulk
+    refused: list[str] = []
+
+    def bulk(ops: list[Any], require_alias: bool, deadline: float) -> list[dict[str, Any]]:
+        refuse = [op.kind == "put" and op.doc_id == "o-2" and len(refused) < refusals for op in ops]
+        refused.extend("o-2" for r in refuse if r)  # the node refuses it: not written
+        sent = [op for op, r in zip(ops, refuse, strict=True) if not r]
+        taken = iter(real(sent, require_alias, deadline) if sent else [])
+        return [{"status": 400, "error": RACE} if r else next(taken) for r in refuse]
+
+    setattr(sink, "_bulk", bulk)  # noqa: B010 - an instance attribute over the method
+    results = sink.apply([up(ORDERS, "o-1", 10, {"n": 1}), up(ORDERS, "o-2", 10, {"n": 1.5})])
+    if refusals <= 3:
+        assert outcomes(results) == ["applied", "applied"]
+        assert sink.live_documents(ORDERS) == {"o-1": {"n": 1}, "o-2": {"n": 1.5}}
+        assert len(refused) == refusals
+    else:
+        assert outcomes(results) == ["applied", "error"]
+        error = results[1].error or ""
+        assert "view 'orders'" in error and "cannot be changed from type" in error, error
+        assert len(refused) == 4, "the first send and three resends"
+        assert sink.live_documents(ORDERS) == {"o-1": {"n": 1}}

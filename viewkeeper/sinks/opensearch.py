@@ -358,8 +358,10 @@ Outcomes and errors
 ``created``/``updated``/``deleted`` → APPLIED; ``noop`` → STALE; a delete whose document was
 already gone is APPLIED if it moved the tombstone, STALE if it was a replay. Per item: 409
 beyond ``retry_on_conflict`` (or on a fast path: resent as the script), 429 and 5xx are
-retried with backoff; a 4xx such as ``mapper_parsing_exception`` is ERROR for that change
-alone, naming view, document, item and reason. Connection errors, and items still failing
+retried with backoff; so is, up to three times, a 400 "mapper [f] cannot be changed from type
+[long] to [float]" (two requests mapping one new field at once: the loser's document is taken
+when sent again); a 4xx such as ``mapper_parsing_exception`` is ERROR for that change alone,
+naming view, document, item and reason. Connection errors, and items still failing
 after ``unavailable_after`` seconds (default 5), raise :class:`SinkUnavailable` naming the
 sink and its hosts without credentials (also 401/403/408/409/429 answered to a whole
 request). A ``_bulk`` OpenSearch refuses as a whole for what it holds (any other 4xx: 413
@@ -472,6 +474,7 @@ _CLAIM_REREAD = 0.2  # seconds between them (a claim being written: a request or
 _NDJSON = {"content-type": "application/x-ndjson"}
 _JSON = {"content-type": "application/json"}
 _RETRY_STATUS = frozenset({409, 429, 500, 502, 503, 504})
+_MAPPING_RACE_RESENDS = 3
 _USERINFO_RE = re.compile(r"(?<=://)[^/@\s]+@")
 
 LIVE_MAPPINGS: dict[str, Any] = {
@@ -661,6 +664,14 @@ def _error_text(error: object) -> str:
     if isinstance(cause, Mapping):
         text += f" (caused by {cause.get('type', '?')}: {cause.get('reason', '')})"
     return text
+
+
+def _mapping_race(status: int, error: object) -> bool:
+    """A document refused because another request mapped the same new field meanwhile with
+    another type: 400 ``illegal_argument_exception`` "mapper [n] cannot be changed from type
+    [long] to [float]". Sent again it meets the field mapped and is taken (coerced); a
+    refusal that stays after :data:`_MAPPING_RACE_RESENDS` resends is the document's."""
+    return status == 400 and "cannot be changed from type" in _error_text(error)
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -1654,6 +1665,7 @@ class OpenSearchSink:
         pending = list(range(len(ops)))
         deadline = time.monotonic() + self.unavailable_after
         attempt = 0
+        raced: dict[int, int] = {}  # op -> resends for a concurrent mapping update
         while pending:
             if first is not None:
                 items, first = first, None
@@ -1696,6 +1708,10 @@ class OpenSearchSink:
                     script_missing = True
                     retry.append(i)
                 elif status in _RETRY_STATUS:
+                    retry.append(i)
+                    last = item
+                elif _mapping_race(status, error) and raced.get(i, 0) < _MAPPING_RACE_RESENDS:
+                    raced[i] = raced.get(i, 0) + 1  # the field is mapped by now: send again
                     retry.append(i)
                     last = item
                 else:
