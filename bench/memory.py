@@ -62,9 +62,9 @@ def _through_sink(client: Any, buckets: int, n: int) -> tuple[int, str]:
     """used_memory growth for ``n`` items written through the sink, and the owner
     buckets' encoding (listpack or hashtable)."""
     from viewkeeper.projection.entries import Value
+    from viewkeeper.projection.versions import Version
     from viewkeeper.sinks.base import Change
     from viewkeeper.sinks.redis import RedisSink
-    from viewkeeper.versions import Version
 
     client.flushall()
     view = _view()

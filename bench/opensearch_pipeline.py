@@ -153,9 +153,9 @@ class _Bench:
         (what ``Pipeline.process`` hands the sink), so only the sink's work is timed."""
         from viewkeeper.projection.keys import encode_key
         from viewkeeper.projection.project import project
+        from viewkeeper.projection.versions import Version
         from viewkeeper.sinks.base import Change
         from viewkeeper.stream.client import gc_paused, parse_records
-        from viewkeeper.versions import Version
 
         batches = []
         for body in pages:
@@ -186,8 +186,8 @@ class _Bench:
         ``scripted``: each document is written as the sink writes it — a scripted upsert
         through the sink's stored painless script — instead of a plain ``index``."""
         from viewkeeper.projection.keys import encode_key
+        from viewkeeper.projection.versions import Version
         from viewkeeper.stream.client import parse_records
-        from viewkeeper.versions import Version
 
         index = orjson.dumps(self.raw_index)
         head = b'{"index":{"_index":' + index + b',"_id":'

@@ -18,12 +18,12 @@ from tests.helpers import redis_view_keys
 from tests.views_e2e.fake_views import expected
 from viewkeeper.coordination.memory import MemoryStore
 from viewkeeper.projection.registry import load_views
+from viewkeeper.projection.versions import Version
 from viewkeeper.runtime.deadletters import replay
 from viewkeeper.runtime.pipeline import Pipeline
 from viewkeeper.runtime.rebuild import RebuildSettings, rebuild
 from viewkeeper.sinks.redis import RedisSink
 from viewkeeper.stream.fake import FakeStream
-from viewkeeper.versions import Version
 
 VIEWS = load_views(["tests.views_e2e.fake_views"])
 TABLE, KEYS = "fk", ("pk",)
@@ -235,10 +235,10 @@ def test_a_lease_taken_during_a_rebuild_is_read_with_the_new_generation(bed: Bed
     import time
 
     from viewkeeper.coordination.model import Lease
+    from viewkeeper.projection.versions import Version
     from viewkeeper.runtime.supervisor import Supervisor, SupervisorSettings
     from viewkeeper.runtime.worker import WorkerSettings
     from viewkeeper.sinks.base import Change
-    from viewkeeper.versions import Version
 
     bed.fake.put_item(TABLE, {"pk": "x", "v": 1, "g": "a"})
     bed.pipeline().process(TABLE, KEYS, bed.read())  # applied at (0, s1); checkpoint below

@@ -27,6 +27,7 @@ from viewkeeper.app import App
 from viewkeeper.coordination.memory import MemoryStore
 from viewkeeper.projection.api import View
 from viewkeeper.projection.entries import Entry
+from viewkeeper.projection.versions import Version
 from viewkeeper.runtime.namespaces import NamespaceOwned, Namespaces
 from viewkeeper.runtime.rebuild import rebuild
 from viewkeeper.runtime.supervisor import Supervisor, SupervisorFatal
@@ -34,7 +35,6 @@ from viewkeeper.sinks.base import Change, NamespaceLost, Owner
 from viewkeeper.sinks.opensearch import OpenSearchSink
 from viewkeeper.sinks.redis import RedisSink
 from viewkeeper.stream.fake import FakeStream
-from viewkeeper.versions import Version
 
 TABLE = "fk"
 

@@ -31,11 +31,11 @@ from viewkeeper import Value, redis_view
 from viewkeeper.coordination.memory import MemoryStore
 from viewkeeper.projection.api import View
 from viewkeeper.projection.entries import Document, Entry
+from viewkeeper.projection.versions import Version
 from viewkeeper.runtime.namespaces import Namespaces
 from viewkeeper.sinks.base import Change, NamespaceLost, Outcome, Owner, SinkError
 from viewkeeper.sinks.opensearch import OpenSearchSink
 from viewkeeper.sinks.redis import RedisSink
-from viewkeeper.versions import Version
 
 needs_os = pytest.mark.opensearch
 

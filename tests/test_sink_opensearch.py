@@ -21,6 +21,7 @@ from opensearchpy.exceptions import TransportError
 from tests.helpers import view_for
 from viewkeeper.projection.api import View, opensearch_view
 from viewkeeper.projection.entries import Document, Value
+from viewkeeper.projection.versions import Version, compare_encoded
 from viewkeeper.sinks import opensearch as opensearch_module
 from viewkeeper.sinks.base import (
     Change,
@@ -41,7 +42,6 @@ from viewkeeper.sinks.opensearch import (
     make_client,
     script_source,
 )
-from viewkeeper.versions import Version, compare_encoded
 
 if TYPE_CHECKING:
     from viewkeeper.sinks.opensearch import _Check

@@ -32,9 +32,9 @@ from opensearchpy import OpenSearch
 from tests.test_sink_opensearch import CARDS, ORDERS, Killed, kill_at
 from viewkeeper.projection.api import View
 from viewkeeper.projection.entries import Document
+from viewkeeper.projection.versions import Version
 from viewkeeper.sinks.base import Change, Outcome
 from viewkeeper.sinks.opensearch import OpenSearchSink
-from viewkeeper.versions import Version
 
 pytestmark = pytest.mark.opensearch
 

@@ -19,6 +19,7 @@ from viewkeeper import HashField, SetMember, SortedSetMember, Value, redis_view
 from viewkeeper.projection.api import View
 from viewkeeper.projection.entries import Entry
 from viewkeeper.projection.project import project
+from viewkeeper.projection.versions import Version
 from viewkeeper.sinks.base import (
     Change,
     Claim,
@@ -30,7 +31,6 @@ from viewkeeper.sinks.base import (
 )
 from viewkeeper.sinks.encoding import redis_value
 from viewkeeper.sinks.redis import RedisSink, pack_version
-from viewkeeper.versions import Version
 
 SEQ = 10**20  # 21 digits, like DynamoDB's
 

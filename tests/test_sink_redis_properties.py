@@ -15,10 +15,10 @@ from viewkeeper import HashField, SetMember, SortedSetMember, Value, redis_view
 from viewkeeper.projection.api import view_of
 from viewkeeper.projection.entries import Entry
 from viewkeeper.projection.project import project
+from viewkeeper.projection.versions import Version
 from viewkeeper.sinks.base import Change, Outcome
 from viewkeeper.sinks.encoding import redis_value
 from viewkeeper.sinks.redis import RedisSink, pack_version
-from viewkeeper.versions import Version
 
 ITEMS = ("o-1", "o-2", "o-3", "o-4")
 

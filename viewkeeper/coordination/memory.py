@@ -17,7 +17,7 @@ from viewkeeper.coordination.model import (
     WorkerInfo,
     merge_generations,
 )
-from viewkeeper.versions import padded_sequence
+from viewkeeper.projection.versions import padded_sequence
 
 __all__ = ["MemoryStore"]
 

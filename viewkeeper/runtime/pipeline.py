@@ -50,10 +50,10 @@ from viewkeeper.projection.api import View
 from viewkeeper.projection.keys import ItemKeyError, encode_key
 from viewkeeper.projection.project import ProjectionError, project
 from viewkeeper.projection.registry import ViewRegistry
+from viewkeeper.projection.versions import Version, padded_sequence
 from viewkeeper.runtime import metrics
 from viewkeeper.sinks.base import Change, NamespaceLost, Outcome, Result, Sink
 from viewkeeper.stream.records import NO_SEQUENCE, ChangeRecord, DecodeError
-from viewkeeper.versions import Version, padded_sequence
 
 __all__ = ["BatchReport", "HaltShard", "Pipeline", "deadletter_id"]
 

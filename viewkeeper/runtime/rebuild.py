@@ -44,12 +44,12 @@ from typing import Any, TextIO
 from viewkeeper.coordination.model import CoordinationStore, Lease, LeaseState, WorkerInfo
 from viewkeeper.projection.api import View
 from viewkeeper.projection.registry import ViewRegistry
+from viewkeeper.projection.versions import Version
 from viewkeeper.runtime.namespaces import Namespaces
 from viewkeeper.runtime.pipeline import BatchReport, Pipeline
 from viewkeeper.sinks.base import Change, NamespaceLost, SinkUnavailable
 from viewkeeper.stream.client import StreamClient
 from viewkeeper.stream.errors import ThrottlingError
-from viewkeeper.versions import Version
 
 __all__ = ["HandshakeTimeout", "RebuildReport", "RebuildSettings", "handshake", "rebuild"]
 

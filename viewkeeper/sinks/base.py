@@ -30,7 +30,7 @@ from typing import Protocol
 
 from viewkeeper.projection.api import View
 from viewkeeper.projection.entries import Entry
-from viewkeeper.versions import Version
+from viewkeeper.projection.versions import Version
 
 __all__ = [
     "Change",

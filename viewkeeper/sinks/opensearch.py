@@ -75,7 +75,7 @@ One painless script with five ops, run as ``_bulk`` ``update`` actions with
 
 - ``put``: scripted upsert of a live document; ``noop`` when the stored version *of the
   same item* is equal or newer (generation by ``Long.parseLong``, then SEQ length, then SEQ
-  text — exactly :mod:`viewkeeper.versions`). Versions of two items are never compared: a
+  text — exactly :mod:`viewkeeper.projection.versions`). Versions of two items are never compared: a
   document another item holds is taken (``_vk.prev`` names that item; its claim moves to
   ``_vk.parked``), unless that item's generation is newer (then this claim is parked).
 - ``del``: plain scripted update (a missing document answers 404 = nothing to delete):
@@ -425,6 +425,7 @@ from tenacity import Retrying, retry_if_exception, stop_before_delay, wait_rando
 from viewkeeper.projection.api import View
 from viewkeeper.projection.entries import Document
 from viewkeeper.projection.project import shown
+from viewkeeper.projection.versions import Version
 from viewkeeper.sinks.base import (
     Change,
     Claim,
@@ -437,7 +438,6 @@ from viewkeeper.sinks.base import (
     SinkUnavailable,
 )
 from viewkeeper.sinks.encoding import EncodeError, dumps
-from viewkeeper.versions import Version
 
 __all__ = [
     "ID_DIGEST_PREFIX",

@@ -45,8 +45,8 @@ not noticed). One process noticing is enough: the erased marker stops every othe
   ``Z L(key) key member``: unambiguous for any bytes, and the claim field as it is.
 - Packed version: ``L(g) g L(s) s`` with ``g``, ``s`` the generation and the sequence number
   as minimal big-endian integers. Bytewise order is version order (generation, then the
-  sequence as an integer), the same order as ``versions.py``; a 28-digit sequence takes 12
-  bytes instead of 28 — bookkeeping memory is the budget here (~100 bytes per item).
+  sequence as an integer), the same order as ``projection/versions.py``; a 28-digit sequence takes
+  12 bytes instead of 28 — bookkeeping memory is the budget here (~100 bytes per item).
 - Owner record: packed version, then per entry ``type S(key)`` plus ``S(field or member)``
   for H/S/Z; or, for a tombstone (an item owning nothing), ``~`` and the deletion time in
   epoch seconds. ``S(x)`` is ``L(len) x``, or byte 254 ``L(len) prefix L(len) suffix`` when
@@ -144,6 +144,7 @@ from viewkeeper.projection.entries import (
     member_text,
     ttl_problem,
 )
+from viewkeeper.projection.versions import Version
 from viewkeeper.sinks.base import (
     APPLIED,
     STALE,
@@ -158,7 +159,6 @@ from viewkeeper.sinks.base import (
     SinkUnavailable,
 )
 from viewkeeper.sinks.encoding import EncodeError, redis_value
-from viewkeeper.versions import Version
 
 __all__ = ["OwnerRecord", "RedisSink", "pack_version", "unpack_version"]
 
