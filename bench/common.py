@@ -1,7 +1,7 @@
 """A tiny shared harness for viewkeeper's benchmarks (run them all with ``bench/run.py``).
 
-Why recorded pages: moto is the bottleneck of any end-to-end run (DESIGN.md §8, ~4,200
-GetRecords records/s), so viewkeeper's own throughput is measured on GetRecords page bodies
+Why recorded pages: moto is the bottleneck of any end-to-end run (~4,200 GetRecords
+records/s on a 2-core machine), so viewkeeper's own throughput is measured on GetRecords page bodies
 built here, byte for byte what the service sends, and latency is measured elsewhere.
 
 Every bench module exposes ``run(args) -> list[Row]``; ``args`` is the argparse namespace of

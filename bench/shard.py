@@ -6,7 +6,7 @@ parses a response (``parse_records`` on the bytes), and the last page ends the s
 :class:`~viewkeeper.runtime.worker.ShardWorker` reads it from TRIM_HORIZON to SHARD_END through
 the pipeline and sinks under test, checkpointing into a ``MemoryStore`` — the whole path of
 the daemon's loop (GC pause per page, read-ahead, metrics, checkpoints) without moto, whose
-own speed would be the figure (DESIGN.md §8).
+own speed would be the figure.
 """
 
 from __future__ import annotations

@@ -729,9 +729,10 @@ def test_the_checker_sees_one_corrupted_entry_of_each_kind(
 
 # --- the daemon rides out what it cannot fix (found by the random run, fixed since) ---------
 def test_a_dynamodb_outage_does_not_stop_a_running_daemon(make_harness: Factory) -> None:
-    """DESIGN.md §5 (throttling/5xx -> backoff): a running daemon whose DynamoDB endpoint
-    refuses connections for 4 s rides it out and catches up by itself, without a restart.
-    (It used to exit 1 after ~1.4 s: Supervisor.run only survived stream errors.)"""
+    """Throttling and 5xx back off (viewkeeper/stream/errors.py): a running daemon whose
+    DynamoDB endpoint refuses connections for 4 s rides it out and catches up by itself,
+    without a restart. (It used to exit 1 after ~1.4 s: Supervisor.run only survived stream
+    errors.)"""
     h, writer = make_harness(slots=("a",))
     h.start("a")
     h.wait_caught_up()

@@ -31,7 +31,7 @@ from viewkeeper.stream.fake import FakeStream
 
 REPO = Path(__file__).resolve().parent.parent
 
-DESIGN_EXAMPLE = """\
+CONFIG_EXAMPLE = """\
 aws: {region: us-east-1, endpoint_url: http://127.0.0.1:8000}   # endpoint_url optional
 tables:
   orders: {starting_position: TRIM_HORIZON}                     # or LATEST (default)
@@ -76,7 +76,7 @@ def error_of(data: Any, environ: dict[str, str] | None = None, **kw: Any) -> str
 
 
 def test_the_documented_example_loads_as_written(tmp_path: Path) -> None:
-    config = load_config(write(tmp_path, DESIGN_EXAMPLE), environ={})
+    config = load_config(write(tmp_path, CONFIG_EXAMPLE), environ={})
     assert config.aws.region == "us-east-1"
     assert config.aws.endpoint_url == "http://127.0.0.1:8000"
     assert config.tables["orders"].starting_position == "TRIM_HORIZON"
@@ -202,7 +202,7 @@ def test_region_falls_back_to_the_environment() -> None:
 
 
 def test_unknown_key_suggests_the_closest_known_key(tmp_path: Path) -> None:
-    path = write(tmp_path, DESIGN_EXAMPLE.replace("poll_interval", "poll_intervall"))
+    path = write(tmp_path, CONFIG_EXAMPLE.replace("poll_interval", "poll_intervall"))
     with pytest.raises(ConfigError) as info:
         load_config(path, environ={})
     message = str(info.value)
@@ -278,7 +278,7 @@ def test_negative_durations_are_refused() -> None:
 
 
 def test_renew_threads_below_one_names_the_line_and_the_fix(tmp_path: Path) -> None:
-    text = DESIGN_EXAMPLE.replace("worker_id: null", "worker_id: null, renew_threads: 0")
+    text = CONFIG_EXAMPLE.replace("worker_id: null", "worker_id: null, renew_threads: 0")
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as info:
         load_config(path, environ={})
@@ -486,7 +486,7 @@ def test_section_that_is_not_a_mapping() -> None:
 
 
 def test_error_names_the_line_of_the_key(tmp_path: Path) -> None:
-    path = write(tmp_path, DESIGN_EXAMPLE.replace("on_error: deadletter", "on_error: skip"))
+    path = write(tmp_path, CONFIG_EXAMPLE.replace("on_error: deadletter", "on_error: skip"))
     with pytest.raises(ConfigError) as info:
         load_config(path, environ={})
     assert str(info.value).startswith(f"{path}:10: worker.on_error: 'skip' is not allowed")
@@ -642,6 +642,6 @@ def test_unused_tables_and_connections_are_warnings() -> None:
 def test_the_repository_views_match_the_documented_config(tmp_path: Path) -> None:
     from viewkeeper.projection.registry import load_views
 
-    config = load_config(write(tmp_path, DESIGN_EXAMPLE), environ={})
+    config = load_config(write(tmp_path, CONFIG_EXAMPLE), environ={})
     registry = load_views(config.views, search_path=(str(REPO),))
     assert check_view_connections(config, registry) == []

@@ -1,6 +1,6 @@
 """HttpStreamClient end to end: against moto's server (the wire protocol) and against a tiny
 canned-response server (the error mapping and retries moto cannot produce: moto answers
-every error it does not model with an HTML 500, DESIGN.md §7)."""
+every error it does not model with an HTML 500, ARCHITECTURE.md § Test bed)."""
 
 from __future__ import annotations
 

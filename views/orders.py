@@ -1,4 +1,4 @@
-"""The orders example of DESIGN.md: a cache card, a per-customer index, a search document."""
+"""The orders example of the README: a cache card, a per-customer index, a search document."""
 
 from viewkeeper import SetMember, SortedSetMember, Value, opensearch_view, redis_view
 

@@ -8,8 +8,9 @@ OpenSearch view has a custom ``doc_id`` built from the owner, so an owner change
 document to another id (the sink's owner-record path), and "shipped" retracts it.
 
 An item without ``status`` owns nothing: moto turns an upsert (update_item on a missing
-key) into two INSERT records, the first with the key attributes only (DESIGN.md §7); real
-DynamoDB sends one. Owning nothing for that first record is exact: the second follows.
+key) into two INSERT records, the first with the key attributes only (ARCHITECTURE.md §
+Test bed); real DynamoDB sends one. Owning nothing for that first record is exact: the
+second follows.
 """
 
 from viewkeeper import HashField, SetMember, SortedSetMember, Value, opensearch_view, redis_view

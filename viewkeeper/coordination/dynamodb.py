@@ -15,6 +15,11 @@ checkpoints are conditional on ``owner`` and ``token`` (so a worker thread of an
 take by the same process cannot write), and on ``cp_pad`` — the checkpoint zero-padded to
 40 digits, so that text order is integer order — not being above the new one: a checkpoint
 never moves backwards except through :meth:`DynamoDBStore.reset_lease`.
+
+Over 500 lines: one class implements the whole ``CoordinationStore`` protocol
+(coordination/model.py) on one table; its parts (leases, workers, generations, views, dead
+letters) share the table's key layout above and its conditional-write and retry helpers
+(``_update``, ``_query``), and a reader checking one condition wants the others beside it.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The shard worker: read a page, project and apply it, then move the checkpoint.
 
 One worker runs per leased shard, in its own thread (see :mod:`viewkeeper.runtime.supervisor` for
-why threads). The loop is the whole data path of DESIGN.md §5::
+why threads). The loop is the whole data path of ARCHITECTURE.md § Data flow::
 
     GetRecords → decode → Pipeline.process (project per view, apply per sink) → checkpoint
 

@@ -11,8 +11,8 @@
 --
 -- Returns { 'L', i } without writing anything when the i-th claim hash does not hold its
 -- marker (the server lost the views' data, or another process re-armed or took it over:
--- viewkeeper/namespaces.py), and { 'L', i, 'back' } when it holds the marker but its write
--- counter is below what the client saw: the server went back in time (restarted from an
+-- viewkeeper/runtime/namespaces.py), and { 'L', i, 'back' } when it holds the marker but its
+-- write counter is below what the client saw: the server went back in time (restarted from an
 -- older RDB or AOF, a promoted replica that had not received every write). Then the only
 -- write is to that claim: its marker is erased (and 'lost' says why), so that every process
 -- and `viewkeeper check` see the namespace as lost, as after an empty restart, and the view

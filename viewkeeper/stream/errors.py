@@ -1,6 +1,6 @@
 """Typed errors of the DynamoDB / DynamoDB Streams API.
 
-The shard worker decides what to do from the *kind* of failure (DESIGN.md §5): an expired
+The shard worker decides what to do from the *kind* of failure: an expired
 iterator is renewed, trimmed data is reported loudly and needs a rebuild (I5), throttling and
 5xx back off, a missing stream stops the shard. Those decisions must not depend on string
 matching scattered through the code, so every failure of a :class:`~viewkeeper.stream.client.

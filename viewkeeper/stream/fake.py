@@ -1,9 +1,10 @@
 """FakeStream: an in-process DynamoDB table + stream with the behaviours moto lacks.
 
 moto serves the wire protocol well but has one shard that never closes, iterators that never
-expire and no trimming (DESIGN.md §7). Shard lineage, rollover, expiry and trimming are what
-the shard worker and the supervisor must get right, so they are tested against this fake,
-which implements the same :class:`~viewkeeper.stream.client.StreamClient` interface.
+expire and no trimming (ARCHITECTURE.md § Test bed). Shard lineage, rollover, expiry and
+trimming are what the shard worker and the supervisor must get right, so they are tested
+against this fake, which implements the same
+:class:`~viewkeeper.stream.client.StreamClient` interface.
 
 Behaviour, as documented for the tests that rely on it:
 
@@ -36,6 +37,10 @@ Behaviour, as documented for the tests that rely on it:
 - ``inject(method, exc, times=n)`` makes the next n calls of ``method`` raise ``exc``;
   ``probability=p`` makes each call fail with probability p (seeded RNG) instead.
   ``calls`` counts calls per method.
+
+Over 500 lines: a test double of a whole service (a table, its stream, shard lineage,
+iterators, trimming, fault injection) behind one interface; its parts share the shards'
+state and one lock, and the documented behaviour above is easier to check against one file.
 """
 
 from __future__ import annotations
