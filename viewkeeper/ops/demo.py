@@ -22,7 +22,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from viewkeeper.app import App
+    from viewkeeper.projection.registry import ViewRegistry
 
 __all__ = ["INDEX_PREFIX", "REDIS_PREFIX", "run_demo"]
 
@@ -126,22 +130,37 @@ def run_demo(
     out: Any = None,
     keep: bool = False,
 ) -> int:
-    import boto3
+    """Run the demo (see the module doc); 0 when it ran, 2 when views/orders.py is not
+    importable from the current directory."""
+    import logging
+
     from moto.server import ThreadedMotoServer
 
-    from viewkeeper.app import App
-    from viewkeeper.config import parse_config
     from viewkeeper.ops.logs import setup_logging
-    from viewkeeper.projection.registry import ViewLoadError, ViewRegistry, load_views
-    from viewkeeper.sinks.redis import RedisSink
 
     _colors(sys.stdout.isatty() and out is None)
     setup_logging("text", "WARNING")
-    import logging
-
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "demo")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "demo")
+    registry = _demo_views(with_opensearch=bool(opensearch_url))
+    if registry is None:
+        return 2
+    port = _free_port()
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    moto.start()
+    try:
+        demo = _Demo(f"http://127.0.0.1:{port}", redis_url, opensearch_url, pace, registry)
+        demo.run(keep)
+        return 0
+    finally:
+        moto.stop()
+
+
+def _demo_views(with_opensearch: bool) -> ViewRegistry | None:
+    """The example views of views/orders.py (the OpenSearch one only with an OpenSearch)."""
+    from viewkeeper.projection.registry import ViewLoadError, ViewRegistry, load_views
+
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
@@ -152,45 +171,104 @@ def run_demo(
             "views/orders.py lives.",
             file=sys.stderr,
         )
-        return 2
+        return None
     registry = ViewRegistry()
     for view in all_views:
-        if view.kind == "redis" or opensearch_url:
+        if view.kind == "redis" or with_opensearch:
             registry.add(view)
+    return registry
 
-    port = _free_port()
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    moto.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    step = 0
 
-    def say(title: str) -> None:
-        nonlocal step
-        step += 1
-        print(f"\n{BOLD}{step}. {title}{RESET}")
+class _Demo:
+    """One run: the table, the daemon on it, the story told step by step."""
 
-    try:
+    def __init__(
+        self,
+        endpoint: str,
+        redis_url: str | None,
+        opensearch_url: str | None,
+        pace: float,
+        registry: ViewRegistry,
+    ) -> None:
+        import boto3
+
+        self.endpoint = endpoint
+        self.redis_url = redis_url
+        self.opensearch_url = opensearch_url
+        self.pace = pace
+        self.registry = registry
+        self.db = boto3.client("dynamodb", endpoint_url=endpoint, region_name="us-east-1")
+        self.rclient: Any = None
+        self.step = 0
+
+    def run(self, keep: bool) -> None:
         print(
-            f"{BOLD}viewkeeper demo{RESET}: DynamoDB (moto) on {endpoint}; Redis: "
-            f"{redis_url or 'fakeredis (in-process)'}; OpenSearch: "
-            f"{opensearch_url or 'off (give --opensearch-url)'}"
+            f"{BOLD}viewkeeper demo{RESET}: DynamoDB (moto) on {self.endpoint}; Redis: "
+            f"{self.redis_url or 'fakeredis (in-process)'}; OpenSearch: "
+            f"{self.opensearch_url or 'off (give --opensearch-url)'}"
         )
-        print(f"views from views/orders.py: {', '.join(v.name for v in registry)}")
-        db = boto3.client("dynamodb", endpoint_url=endpoint, region_name="us-east-1")
-        db.create_table(
+        print(f"views from views/orders.py: {', '.join(v.name for v in self.registry)}")
+        self._create_table()
+        self.rclient = self._redis()
+        left = _remove_demo_names(self.rclient, self.opensearch_url)
+        print(
+            f"the demo writes only its own names: Redis keys '{REDIS_PREFIX}...'"
+            + (f", OpenSearch indexes '{INDEX_PREFIX}...'" if self.opensearch_url else "")
+            + (f" (removed {left} left by an earlier demo)" if left else "")
+        )
+        app = self._app()
+        sup = app.supervisor()
+        thread = threading.Thread(target=sup.run, name="supervisor", daemon=True)
+        thread.start()
+        self._changes()
+        sup.request_stop()
+        thread.join(15)
+        self._replay(app)
+        if self.opensearch_url:
+            self._documents(app)
+        app.close()
+        if keep:
+            print(f"\nkept the demo's keys ('{REDIS_PREFIX}...') and indexes")
+        else:
+            _remove_demo_names(self.rclient, self.opensearch_url)
+        print(
+            f"\n{BOLD}Done.{RESET} The view code is 15 lines in views/orders.py; try "
+            "`viewkeeper --help`."
+        )
+
+    # -- setting up ----------------------------------------------------------------------
+    def _create_table(self) -> None:
+        self.db.create_table(
             TableName="orders",
             BillingMode="PAY_PER_REQUEST",
             KeySchema=[{"AttributeName": "order_id", "KeyType": "HASH"}],
             AttributeDefinitions=[{"AttributeName": "order_id", "AttributeType": "S"}],
             StreamSpecification={"StreamEnabled": True, "StreamViewType": "NEW_AND_OLD_IMAGES"},
         )
+
+    def _redis(self) -> Any:
+        if self.redis_url:
+            from viewkeeper.sinks.connect import redis_client
+
+            return redis_client(self.redis_url)
+        import fakeredis
+
+        return fakeredis.FakeRedis()
+
+    def _app(self) -> App:
+        """The daemon's assembly on the demo's config; the Redis sink is the demo's own
+        client (fakeredis unless a Redis was given)."""
+        from viewkeeper.app import App
+        from viewkeeper.config import parse_config
+        from viewkeeper.sinks.redis import RedisSink
+
         raw: dict[str, Any] = {
-            "aws": {"region": "us-east-1", "endpoint_url": endpoint},
+            "aws": {"region": "us-east-1", "endpoint_url": self.endpoint},
             "tables": {"orders": {"starting_position": "TRIM_HORIZON"}},
             "views": ["views.orders"],
             "redis": {
                 "cache": {
-                    "url": redis_url or "redis://127.0.0.1:6379/0",
+                    "url": self.redis_url or "redis://127.0.0.1:6379/0",
                     "entry_prefix": REDIS_PREFIX,
                     "key_prefix": REDIS_PREFIX + "vk:",
                 }
@@ -199,60 +277,49 @@ def run_demo(
             "worker": {"poll_interval": 0.05, "lease_duration": 3.0},
             "metrics": {"port": None},
         }
-        if opensearch_url:
+        if self.opensearch_url:
             raw["opensearch"] = {
-                "search": {"hosts": [opensearch_url], "index_prefix": INDEX_PREFIX}
+                "search": {"hosts": [self.opensearch_url], "index_prefix": INDEX_PREFIX}
             }
         config = parse_config(raw, "demo")
-        if redis_url:
-            from viewkeeper.sinks.connect import redis_client
-
-            rclient: Any = redis_client(redis_url)
-        else:
-            import fakeredis
-
-            rclient = fakeredis.FakeRedis()
-        left = _remove_demo_names(rclient, opensearch_url)
-        print(
-            f"the demo writes only its own names: Redis keys '{REDIS_PREFIX}...'"
-            + (f", OpenSearch indexes '{INDEX_PREFIX}...'" if opensearch_url else "")
-            + (f" (removed {left} left by an earlier demo)" if left else "")
+        redis_sink = RedisSink(
+            "cache", self.rclient, entry_prefix=REDIS_PREFIX, key_prefix=REDIS_PREFIX + "vk:"
         )
-        sinks: dict[Any, Any] = {
-            ("redis", "cache"): RedisSink(
-                "cache", rclient, entry_prefix=REDIS_PREFIX, key_prefix=REDIS_PREFIX + "vk:"
-            )
-        }
-        sinks[("redis", "cache")].prepare([v for v in registry if v.kind == "redis"])
-        app = App(config, registry=registry, sinks=None if opensearch_url else sinks)
-        if opensearch_url:
+        redis_sink.prepare([v for v in self.registry if v.kind == "redis"])
+        sinks: dict[Any, Any] = {("redis", "cache"): redis_sink}
+        app = App(config, registry=self.registry, sinks=None if self.opensearch_url else sinks)
+        if self.opensearch_url:
             built = app.sinks  # builds the OpenSearch sink from the config
-            built[("redis", "cache")] = sinks[("redis", "cache")]
-        sup = app.supervisor()
-        thread = threading.Thread(target=sup.run, name="supervisor", daemon=True)
-        thread.start()
+            built[("redis", "cache")] = redis_sink
+        return app
 
-        def settle(expect_change: bool = True) -> None:
+    # -- the story -----------------------------------------------------------------------
+    def _say(self, title: str) -> None:
+        self.step += 1
+        print(f"\n{BOLD}{self.step}. {title}{RESET}")
+
+    def _changes(self) -> None:
+        """Writes to the table, each followed by what changed in the views."""
+
+        def settle() -> None:
             deadline = time.monotonic() + 10
-            before = _redis_snapshot(rclient)
+            before = _redis_snapshot(self.rclient)
             while time.monotonic() < deadline:
                 time.sleep(0.05)
-                if expect_change and _redis_snapshot(rclient) != before:
-                    break
-                if not expect_change and sup.caught_up():
+                if _redis_snapshot(self.rclient) != before:
                     break
             time.sleep(0.3)  # let the last page of this step land
 
         def act(title: str, write: Callable[[], None]) -> None:
-            say(title)
-            before = _redis_snapshot(rclient)
+            self._say(title)
+            before = _redis_snapshot(self.rclient)
             write()
             settle()
-            _print_diff(before, _redis_snapshot(rclient))
-            time.sleep(pace)
+            _print_diff(before, _redis_snapshot(self.rclient))
+            time.sleep(self.pace)
 
         def put(order_id: str, customer: str, status: str, total: str, ts: int) -> None:
-            db.put_item(
+            self.db.put_item(
                 TableName="orders",
                 Item={
                     "order_id": {"S": order_id},
@@ -285,31 +352,27 @@ def run_demo(
         )
         act(
             "Alice cancels her tea: delete_item o-1003 retracts everything it owned",
-            lambda: db.delete_item(TableName="orders", Key={"order_id": {"S": "o-1003"}}),
+            lambda: self.db.delete_item(TableName="orders", Key={"order_id": {"S": "o-1003"}}),
         )
 
-        say("A crash replays the stream from the start: every record again, nothing changes")
-        before = _redis_snapshot(rclient)
-        sup.request_stop()
-        thread.join(15)
-        for lease in app.store.list_leases("orders"):
-            from viewkeeper.coordination.model import LeaseState
-
-            app.store.reset_lease("orders", lease.shard_id, None, LeaseState.ACTIVE)
-        sup2 = app.supervisor()
-        sup2.run(until_caught_up=True)
-        _print_diff(before, _redis_snapshot(rclient))
+    def _replay(self, app: App) -> None:
+        """Every lease back to the start of the stream, read again: nothing changes."""
         from prometheus_client import REGISTRY
+
+        from viewkeeper.coordination.model import LeaseState
+
+        self._say("A crash replays the stream from the start: every record again, nothing changes")
+        before = _redis_snapshot(self.rclient)
+        for lease in app.store.list_leases("orders"):
+            app.store.reset_lease("orders", lease.shard_id, None, LeaseState.ACTIVE)
+        app.supervisor().run(until_caught_up=True)
+        _print_diff(before, _redis_snapshot(self.rclient))
 
         def count(outcome: str) -> int:
             total = 0.0
-            for v in registry:
-                total += (
-                    REGISTRY.get_sample_value(
-                        "viewkeeper_records_total", {"view": v.name, "outcome": outcome}
-                    )
-                    or 0.0
-                )
+            for v in self.registry:
+                labels = {"view": v.name, "outcome": outcome}
+                total += REGISTRY.get_sample_value("viewkeeper_records_total", labels) or 0.0
             return int(total)
 
         print(
@@ -317,21 +380,10 @@ def run_demo(
             f"discarded by version) {count('stale')}, dead-lettered "
             f"{count('dead_lettered')}{RESET}"
         )
-        if opensearch_url:
-            say(f"OpenSearch index '{INDEX_PREFIX}orders' at {opensearch_url}")
-            osink = app.sinks[("opensearch", "search")]
-            view = registry.get("order_doc")
-            for doc_id, body in sorted(osink.live_documents(view).items()):  # type: ignore[attr-defined]
-                print(f"    {doc_id}: {body}")
-        app.close()
-        if keep:
-            print(f"\nkept the demo's keys ('{REDIS_PREFIX}...') and indexes")
-        else:
-            _remove_demo_names(rclient, opensearch_url)
-        print(
-            f"\n{BOLD}Done.{RESET} The view code is 15 lines in views/orders.py; try "
-            "`viewkeeper --help`."
-        )
-        return 0
-    finally:
-        moto.stop()
+
+    def _documents(self, app: App) -> None:
+        self._say(f"OpenSearch index '{INDEX_PREFIX}orders' at {self.opensearch_url}")
+        osink = app.sinks[("opensearch", "search")]
+        view = self.registry.get("order_doc")
+        for doc_id, body in sorted(osink.live_documents(view).items()):  # type: ignore[attr-defined]
+            print(f"    {doc_id}: {body}")
