@@ -413,7 +413,7 @@ def test_a_second_loss_during_the_automatic_rebuild_is_rebuilt_too(
     while it ran". Redis loses its data; the automatic rebuild starts. While it scans,
     Redis loses its data again (the node is replaced again, a second FLUSHALL). The second
     loss is recorded (so the first rebuild rightly does not clear the mark), but its
-    ``on_loss`` is dropped: App._auto_rebuild's ``running`` set still holds the view, and
+    ``on_loss`` is dropped: the automatic rebuild's set still holds the view, and
     nothing starts a rebuild once the first one ends. The items scanned before the second
     loss stayed missing, the view marked, for good (I1). The automatic rebuild now runs
     again for a view still marked when it ends."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
@@ -234,25 +233,19 @@ class App:
             self.on_views_lost(views)
 
     def enable_auto_rebuild(self) -> None:
-        """worker.on_sink_loss: rebuild — a view whose sink lost its data is rebuilt by this
-        process, in a thread, one rebuild at a time; a loss reported while one runs (or a
-        mark it could not clear: another loss during its scan) starts another after it (the
-        daemon's own supervisor publishes the generation like any holder)."""
-        wanted: set[str] = set()
-        lock = threading.Lock()
-        busy = [False]
+        """worker.on_sink_loss: rebuild — see viewkeeper.runtime.auto_rebuild."""
+        import io
 
-        def start(views: list[str]) -> None:
-            with lock:
-                wanted.update(views)
-                if busy[0]:
-                    return  # the running rebuild picks them up when it ends
-                busy[0] = True
-            threading.Thread(
-                target=self._auto_rebuild, args=(wanted, lock, busy), daemon=True
-            ).start()
+        from viewkeeper.runtime.auto_rebuild import AutoRebuild
 
-        self.on_views_lost = start
+        def rebuild(names: list[str]) -> str:
+            views = [self.registry.get(n) for n in names]
+            return self.rebuild(views, self.rebuild_settings(), io.StringIO()).summary()
+
+        def still_marked() -> list[str]:
+            return [n for n, state in self.store.view_states().items() if state.needs_rebuild]
+
+        self.on_views_lost = AutoRebuild(rebuild, still_marked).start
 
     def rebuild(self, views: list[View], settings: RebuildSettings, out: TextIO) -> RebuildReport:
         """Rebuild ``views`` from a scan of their tables (see viewkeeper.runtime.rebuild), with
@@ -269,31 +262,6 @@ class App:
             out=out,
             namespaces=self.namespaces,
         )
-
-    def _auto_rebuild(self, wanted: set[str], lock: threading.Lock, busy: list[bool]) -> None:
-        import io
-
-        delay = 1.0
-        while True:
-            with lock:
-                names = sorted(wanted)
-                wanted.clear()
-                if not names:
-                    busy[0] = False
-                    return
-            try:
-                log.warning("worker.on_sink_loss: rebuild: rebuilding %s", ", ".join(names))
-                views = [self.registry.get(n) for n in names]
-                report = self.rebuild(views, self.rebuild_settings(), io.StringIO())
-                log.warning("worker.on_sink_loss: %s", report.summary())
-                delay = 1.0
-            except Exception:
-                log.exception("the rebuild of %s after a sink loss failed; trying again", names)
-                time.sleep(delay)
-                delay = min(delay * 2, 60.0)
-            states = self.store.view_states()
-            with lock:  # a mark the rebuild could not clear: lost again while it ran
-                wanted.update(n for n in names if n in states and states[n].needs_rebuild)
 
     def claim(self, take_over: tuple[str, ...] = ()) -> list[TakeOver]:
         """Claim every view's sink namespace for this deployment, once (refusing another
