@@ -199,7 +199,7 @@ _HEAD = 1024  # bytes of a call that are not its changes' arguments (EVALSHA sha
 
 
 def _load(name: str) -> bytes:
-    return resources.files("viewkeeper.sinks").joinpath(name).read_bytes()
+    return resources.files("viewkeeper.sinks.redis").joinpath(name).read_bytes()
 
 
 def _b(text: str) -> bytes:
