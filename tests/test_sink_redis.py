@@ -711,7 +711,7 @@ def test_buckets_past_listpack_size_are_read_completely(client: Any) -> None:
 def test_a_connection_lost_mid_batch_resends_what_got_no_reply(
     sink: RedisSink, client: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import viewkeeper.sinks.redis as module
+    import viewkeeper.sinks.redis.apply as module  # where _apply and _resend look _read up
 
     real_read, reads = module._read, [0]
 

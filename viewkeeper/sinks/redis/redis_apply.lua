@@ -1,5 +1,5 @@
 #!lua
--- viewkeeper: apply a BATCH of changes, each one atomically and in order (layout: redis.py).
+-- viewkeeper: apply a BATCH of changes, each one atomically and in order (layout: README.md).
 --
 -- ARGV[1] now (epoch seconds)   ARGV[2] claim hash prefix   ARGV[3] number of buckets
 -- ARGV[4] k, then k triples: a view's claim hash (vk:{view}:ns), the marker it must hold and
@@ -34,7 +34,7 @@
 -- it starts when writes are refused (OOM under maxmemory, a read-only replica, MISCONF,
 -- NOREPLICAS); without it Redis refuses only the first write, and once a script has written,
 -- its later writes go past maxmemory. A server that cannot compile it gets this script
--- without its first line (redis.py).
+-- without its first line (connection.py).
 
 local byte, char, sub, find, concat = string.byte, string.char, string.sub, string.find, table.concat
 local call = redis.call
@@ -103,7 +103,7 @@ local function claim_key(id)
   return claim_prefix .. (h % buckets)
 end
 
--- Packed versions compare bytewise (see redis.py); Lua's '<' uses strcoll, so compare bytes.
+-- Packed versions compare bytewise (see packing.py); Lua's '<' uses strcoll, so compare bytes.
 local function newer(a, b)
   if a == b then return false end
   for i = 1, math.min(#a, #b) do
@@ -272,7 +272,7 @@ end
 -- of a call in that state, so nothing of this change was written; the changes before it in
 -- the call were applied completely, and sent again they answer stale.
 -- NOPERM (an ACL refusing a key) may come after this change's first write: its owner record
--- is written last, so the client's retry writes the whole change again (redis.py).
+-- is written last, so the client's retry writes the whole change again (apply.py).
 local TRANSIENT = { OOM = true, READONLY = true, MASTERDOWN = true, BUSY = true, LOADING = true,
   CLUSTERDOWN = true, TRYAGAIN = true, NOREPLICAS = true, MISCONF = true, NOPERM = true }
 
