@@ -1,397 +1,9 @@
 """The OpenSearch sink: one document per item, versioned, with tombstones readers never see.
 
-Layout (per view, ``P`` = the sink's ``index_prefix``, ``""`` in production)
----------------------------------------------------------------------------
-``P{index}``
-    An **alias** — the name readers search and GET by id. viewkeeper owns it.
-``P{index}.vk-live``
-    The physical index behind the alias: the live documents, nothing else. Each document is
-    the view's body plus ``_vk: {v, g, item[, prev][, parked]}`` — the encoded version
-    ``"G:SEQ"`` (stored, not indexed), the generation (a long, indexed: the rebuild sweep
-    queries it) and the item key (keyword) of the item that holds it; ``prev``, the item
-    it was taken from, and ``parked``, the claims of other items on the same id (not
-    indexed; see *Documents passed between items*). Users' fields are mapped dynamically,
-    ``_vk`` explicitly. Readers see ``_vk`` in ``_source`` (exclude it with
-    ``_source_excludes=_vk``).
-``P{index}.vk-owners``
-    **Owner records**, keyed by the item's id (below), not under the alias: ``{v, g, item, doc?,
-    pending?, was?, deleted_at?}``. A *tombstone* is an owner record without ``doc``: the version
-    of a delete, kept (``deleted_at``, epoch ms) until :meth:`OpenSearchSink.purge_tombstones`.
-    For views with the default document id (the item key) only tombstones are written — the
-    live document is its own owner record. For views with a custom ``doc_id=`` every change
-    writes the owner record too, because only it can say which document an item owned when
-    the item is removed (a REMOVE is never projected) or when its document id moves.
-    ``pending`` lists the other documents the item may still own — ones it owned before and
-    whose deletes are not acknowledged yet (see *Pending deletes* below); ``was``, the
-    document the record named before the put that moved it (``""``: none), so that a put
-    OpenSearch refuses can be undone (*A put OpenSearch refuses* below). Records written by
-    older scripts are read the same way: ``prev_doc`` (``viewkeeper-apply-v1``: one id) and
-    ``prev_docs`` (``viewkeeper-apply-v2``: the last four ids, never cleared).
-
-Filtered aliases are not applied to GET by id, so tombstones cannot live in the readers'
-index at all: a separate index is the only way they never show. If a concrete index named
-``P{index}`` already exists, :meth:`OpenSearchSink.prepare` refuses and says how to fix it.
-
-Claims and lost indexes. The view's :class:`~viewkeeper.sinks.base.Claim` lives in the
-``_meta`` of *both* its indexes (``_meta.viewkeeper.claim``): each index dies with its own
-``_meta``, and either one lost is the view's data lost — the live documents, or the
-tombstones and the only record of which document a ``doc_id=`` item owns.
-:meth:`OpenSearchSink.read_claim` returns a claim only when both hold the same one (owner and
-marker; the higher generation), so
-:meth:`~viewkeeper.runtime.namespaces.Namespaces.verify` (every few
-seconds) and the next start see either loss, re-arm the view (the claim written to both
-again) and mark it needs_rebuild. A write cannot check the claim: the live phase goes through
-the alias with ``require_alias`` and raises NamespaceLost when it is missing, but the owner
-phase (W1) writes the owner index by name, and OpenSearch makes a missing one again. The
-index template ``{P}viewkeeper-owners`` gives such an index viewkeeper's mappings and no
-``_meta`` (so no claim); :meth:`OpenSearchSink._prepare_view` recognises an owner index
-without viewkeeper's ``_meta`` as made after a loss and adopts it (or, with other mappings,
-replaces it), so re-arming always works. An owner index of ``format`` 1 (made before the
-claim was kept there) without a claim is trusted until the claim is next written.
-
-Between the loss of an owner index and the rebuild (up to ``verify_interval`` before it is
-noticed, then the rebuild's time), readers may see: an item deleted before the loss come back
-(a stale put — a replay, a lease handover's late page — no longer meets its tombstone); and,
-in a ``doc_id=`` view, the old document of an item that moved or was deleted after the loss
-stay beside the new one (its owner record, which named it, is gone). Items that change
-meanwhile are right. The rebuild writes every item again at its new generation and its sweep
-deletes every document of an older one, which removes both. Between the loss of the live
-index and the rebuild, items that do not change are missing.
-
-Ids. An ``_id`` holds at most 512 bytes of UTF-8 (OpenSearch refuses a longer one with the
-whole ``_bulk``); DynamoDB keys reach 2048 + 1024 bytes. :func:`item_id` is the one mapping
-from an item key to an ``_id`` — the owner record's id, and the document id of a view with
-the default id: the key itself when it fits in 512 bytes, else ``vk:sha256:`` + the 64 hex
-digits of the SHA-256 of its UTF-8 (a key that itself starts with ``vk:sha256:`` is digested
-too, so two keys never share an id). Stable across daemons and versions; readers GET such a
-document by that id, or search ``_vk.item`` (the whole key; the owner record's ``item``
-holds it too). An id a view chose (``doc_id=``) is used as it is: over 512 bytes, that
-change is ERROR — a bug of the view, said so — and nothing of it is written.
-
-The stored script (``opensearch_apply.painless``, id ``P + SCRIPT_NAME``)
-------------------------------------------------------------------------
-One painless script with five ops, run as ``_bulk`` ``update`` actions with
-``retry_on_conflict`` so concurrent writers to one document serialise on the primary:
-
-- ``put``: scripted upsert of a live document; ``noop`` when the stored version *of the
-  same item* is equal or newer (generation by ``Long.parseLong``, then SEQ length, then SEQ
-  text — exactly :mod:`viewkeeper.projection.versions`). Versions of two items are never compared: a
-  document another item holds is taken (``_vk.prev`` names that item; its claim moves to
-  ``_vk.parked``), unless that item's generation is newer (then this claim is parked).
-- ``del``: plain scripted update (a missing document answers 404 = nothing to delete):
-  removes the deleting item's claim, only when it is older than ``v``: the document itself
-  (``ctx.op = 'delete'``, or the next parked claim takes it) or a parked claim. Another
-  item's claim is never touched.
-- ``own``: scripted upsert of an owner record, same version rule — except that the same
-  version naming another document is taken (the same change applied again after ``keep``
-  undid its move); the new record's ``pending`` is the stored ``pending`` (+ ``prev_docs``,
-  ``prev_doc``) + ``doc``, less the new ``doc``; a put that moves the record notes the
-  stored ``doc`` in ``was``.
-- ``unpend``: plain scripted update of an owner record: drop the ids ``done`` from
-  ``pending`` if (and only if) the stored version is exactly ``v``.
-- ``keep``: plain scripted update of an owner record whose put of ``doc`` at ``v`` was
-  refused: if the record is still that one (``v``, ``doc``, a ``was``), it names ``was``
-  again (or, ``was`` empty, becomes a tombstone) and lists ``doc`` in ``pending``.
-
-One batch, step by step
------------------------
-1. *Owner phase* (W1, one ``_bulk``): every delete, and every upsert of a custom-id view,
-   writes its owner record and reads it back (``v``, ``doc``, ``pending``). A ``noop`` whose
-   stored version is *newer* makes the change STALE; a ``noop`` at the *same* version is a
-   replay (a crash after this step) and the change goes on, so the later steps are redone.
-   Either way the record's ``pending`` documents are deleted again (step 2, or step 5 for
-   an upsert), at the record's version — and a STALE upsert's own document too, when it is
-   not the record's.
-2. *Live phase* (U1/W2: ``_bulk`` through the alias with ``require_alias``, so a deleted
-   index is never silently auto-created): upserts ``put`` the document; deletes of a
-   default-id view ``del`` the document of the item's id; a delete's (and a STALE change's)
-   ``pending`` documents are ``del``-ed at the record's version (for a custom-id delete these
-   are all its ops: W1 moved its document to ``pending``).
-3. *Post-check* (U2: one realtime ``mget`` of owner records) for every ``put`` that answered
-   ``created`` or ``noop``, or ``updated`` a document another item held (or whose claim now
-   waits behind another item's): where the owner record is newer than the put and names
-   another (or no) document — or, for a put that wrote its record in W1, is gone (see
-   *Concurrency* below: a rebuild's sweep) — the change is STALE and
-4. *fix* (one ``_bulk``) ``del``-s the put's claim at the owner record's version. The same
-   ``mget`` reads the other item's record: a collision is reported only if it names the
-   document too.
-5. *Finish* (:meth:`OpenSearchSink._unpend_phase`). W2' (one ``_bulk``, only for upserts with
-   ``pending``): an upsert's ``pending`` documents other than the one put are ``del``-ed at
-   its version once the put was answered — never when OpenSearch refused it: then ``keep``
-   undoes the move W1 made (next to W3). W3 (one ``_bulk``, only for records that had
-   ``pending``): once the deletes of step 2 or W2' are acknowledged (deleted, ``updated``:
-   the item's claim left a document other items claim too, ``noop`` or 404), ``unpend``
-   drops them from the record they were read from.
-
-Overlap (``bulk_concurrency`` > 1): the puts of default-id documents read and write no owner
-record before their post-check, so they are sent first, from the sink's pool, and steps 1-4
-of the rest of the batch run while they are on the server: W1 of the deletes (and custom-id
-changes), then their live ops, then the post-checks of both groups. Each change keeps its
-own order (W1 before W2, U1 before U2), which is all the argument below uses; a put whose
-document a change of the other group may touch (the same item, or a hand-built document id)
-stays in the second group, so the ops of one document keep the batch's order. An exception
-(or a kill) in one group waits for the other group's requests before it leaves
-:meth:`OpenSearchSink.apply`. With ``bulk_concurrency=1`` the steps run one request at a
-time, as listed (the property tests count requests that way).
-
-Fast paths for puts (same outcomes, half the server work)
----------------------------------------------------------
-A scripted update must read the stored document; on the 2-core test node that costs about
-2x a blind index, even without a script (a ``doc`` partial update is as slow). So a put is
-sent as one of two conditional blind writes when it can be, and resent as the script when
-the condition fails (409), within the same :meth:`OpenSearchSink.apply`:
-
-- ``index`` with ``if_seq_no``/``if_primary_term`` taken from this sink's last write of the
-  document (a bounded cache, ``cas_cache_size``), when this item wrote it at an older
-  version and no other item's claim was on it. It succeeds only if nobody wrote the
-  document since — exactly when the script would have replaced it; its ``updated`` is the
-  script's ``updated``.
-- ``create`` for a document the cache does not know, while most recent uncached puts
-  created their document (an insert-heavy stream, a rebuild into an empty index). It
-  succeeds only if the document does not exist — the script's ``created`` — and is
-  post-checked like it.
-
-Other daemons, deletes, sweeps and primary failovers only make a fast path lose and fall
-back; nothing depends on the cache being right — within one physical index. An index deleted
-and made again (by this daemon or another, after a loss) starts ``_seq_no`` and
-``_primary_term`` again at (0, 1), so an entry of the old index could match a newer document
-of the new one. Entries are therefore keyed by the live index's uuid, and a batch that would
-use one first reads the uuid of the index there now (one small request per apply and view,
-only then); a uuid that changed drops the view's entries. They are also dropped when the
-view's claim changes marker (:meth:`OpenSearchSink.expect`), its alias is found missing,
-it is prepared onto another index, or wiped. What is left: an index deleted, made again and
-its document written by another daemon between that read and the put (one round trip).
-``stats`` counts the paths taken.
-
-Why this gives I3 (no resurrection) without ``index.gc_deletes``
------------------------------------------------------------------
-The invariant kept is: *a live document (or a parked claim, see* Documents passed between
-items *below) exists only if its version is newer than what its item's owner record says.*
-Deletes write the owner record (W1) *before* deleting the live document (W2); upserts write
-the live document (U1) *before* reading the owner record (U2). Single-document operations
-are linearizable on the primary and realtime GET sees every acknowledged write. Take a
-delete at ``vd`` racing a stale upsert at ``vu < vd``:
-
-- U2 after W1: U2 sees the tombstone ``vd > vu`` and deletes the document at ``vd``.
-- U2 before W1: then U1 < U2 < W1 < W2, so W2 finds the document at ``vu < vd`` and deletes
-  it.
-
-Either way the document ends deleted, and nothing depends on the live index remembering a
-delete (``gc_deletes``: a test sets it to 1 s and waits it out). The rebuild's scan writes
-``(G, 0)`` and is one more stale upsert in this argument. Only ``created`` and ``noop`` puts
-need U2: an ``updated`` put (scripted or ``if_seq_no``) found its own item's document alive
-at an older version, so no delete had removed it yet, and that delete's W2 is still to come
-(a put that took the document from another item, or whose claim waits behind another
-item's, is post-checked like a create: it reads ``_vk.prev``/``_vk.parked`` back). A crash
-between U1 and U2 leaves a resurrected document only until the batch is retried (the
-checkpoint did not move): the replayed put answers ``noop`` (same version), which is
-post-checked too — or, for a custom-id view, the replayed change is STALE at W1 and deletes
-its own document (step 1) — and the item's newer records, read again from the checkpoint,
-come after it. A crash between
-W1 and W2 is repaired because a same-version owner ``noop`` goes on to W2, and — when a
-newer change of the item comes instead, as when the restarted daemon's page holds both and
-applies only the newest — because the record's ``pending`` carries the document over (next
-section). Tombstones are kept ``tombstone_retention`` (48 h > the stream's 24 h); a tombstone
-that still lists ``pending`` documents is not purged.
-
-Between U1 and U2 a stale upsert is visible for one round trip (to search only after a
-refresh). A tombstone pre-check ``mget`` before U1 would narrow that window but cannot
-replace U2 and costs a round trip on every batch: measured 1.6-3.5 ms per 1000 ids, 5-10%
-of a batch. Stale upserts after deletes only come from replays and the rebuild race, so
-there is no pre-check.
-
-Pending deletes: an owner record never forgets a document that may still exist
-------------------------------------------------------------------------------
-Default-id views need none of this: an item's only document id is its key, so any newer
-write of the item lands on the same document. A custom-id item's document id moves, and a
-REMOVE does not say which document it had: only the owner record knows. The rule kept, for
-item ``I`` with owner record ``R``: *every claim of* ``I`` *(a live document whose*
-``_vk.item`` *is* ``I``*, or* ``I``*'s claim parked on another item's document) on an id
-other than* ``R.doc`` *is listed in* ``R.pending`` *or has a delete still to come* — the
-post-check of the put of ``I`` below ``R.v`` that made it. The writes:
-
-- W1 (``own`` at a newer version) moves the stored ``doc`` and ``pending`` (and the older
-  scripts' ``prev_doc``/``prev_docs``) into the new record's ``pending``, less the new
-  ``doc``: nothing is dropped, however many documents are pending.
-- W2 (for an upsert: W2', once its put was answered) deletes each pending ``x`` with ``del``
-  at ``R.v`` for ``I``: only ``I``'s claim, only below ``R.v``, so never one ``I`` must
-  keep — ``I``'s document at ``R.v`` is ``R.doc``, never pending, and a newer change of ``I``
-  that writes ``x`` puts it above ``R.v`` (W2 is then a ``noop``, or runs first and the put
-  re-creates ``x``). Another item's claim is never removed: if ``I`` held ``x``, the next
-  parked claim takes it.
-- W3 (``unpend``) drops ``x`` only from the record of the very version whose W2 on ``x``
-  was acknowledged. From then on ``x`` holds nothing of ``I`` below ``R.v`` — unless a put
-  of ``I`` below ``R.v`` still in flight re-creates it, answering ``created`` (or
-  ``updated`` taking another item's document, or waiting behind it), all post-checked:
-  the rule's second case. Nor at or above ``R.v``: a change of ``I`` that writes ``x``
-  there does its W1 first, so the record is no longer the one of ``R.v`` and W3 is a
-  ``noop``.
-- U1 answering ``updated`` over ``I``'s own older document on ``x`` replaces a document the
-  rule already covers (its delete, W2 or a post-check, is still to come and is made at a
-  version above the put's), so it needs no post-check.
-- ``keep`` (after a refused put of ``b`` moving ``R.doc`` from ``a``) makes ``a`` the record's
-  ``doc`` again and lists ``b`` in ``pending``: ``I``'s claims are on ``a`` (now ``R.doc``)
-  and on ``b`` only if another applier of the same change did put it (now pending).
-
-A put OpenSearch refuses (a body the mapping refuses; ERROR, dead-lettered) leaves its item
-as it was. W1 has moved the record to the new document ``b`` (``was``: ``a``) before the put
-is sent, so the put's pending deletes wait for its answer (W2') and are never sent for a
-refused put, and ``keep`` names ``a`` again: a later stale change of ``I`` (a lease
-handover's late page, a daemon not yet on a rebuild's generation — the refused change may be
-the rebuild's own ``(G, 0)`` scan, whose item the sweep then spares) finds ``a`` to be the
-record's document and leaves it. The refused change applied again (its dead letter replayed
-once the view or the mapping is fixed) passes W1 at the same version, since it names
-another document than the record, and moves the item as any change would. An item that had
-no document (new, or deleted) gets a tombstone at the refused version, listing ``b``. Between
-the refusal and ``keep`` (one request), or if ``keep`` fails or the apply is killed before
-it, the record names ``b`` with ``a`` pending — the rule above holds all the same: a newer
-change or a delete inherits ``a`` (and ``b``) in ``pending`` and deletes both once its own
-put is in, a rebuild writes the item at its new generation or its sweep deletes ``a``, the
-killed apply's replay is refused again and runs ``keep``; only a stale change may then
-delete ``a`` too early, leaving the item without a document (never with a wrong one) until
-its next change.
-
-Kill -9 between any two writes (each write is one ``_bulk`` or ``mget``; the checkpoint does
-not move, so the batch comes again, or a newer record of the item comes in its place when
-the restarted daemon's page holds both and applies only the newest):
-
-- after W1: the record lists the old document. The replay is a same-version ``noop`` and
-  redoes W2 (W2'); a newer change's W1 inherits ``pending`` and its W2 deletes the document
-  at its own version; a stale change re-issues the deletes too.
-- after U1/W2, before U2: the put's document, if stale, goes as the previous section says
-  (the replay post-checks it, or is STALE at W1 and deletes it); W3 was not done, so
-  ``pending`` still lists what W2 deleted, and the next apply of the item deletes it again
-  (404: acknowledged) and unpends it.
-- after U2, before W2' or W3: the same; all of it is idempotent.
-- after a refused U1, before ``keep``: the replay is refused again and runs ``keep``.
-- after W3: done.
-
-Concurrency. Two appliers briefly (lease handover: the old holder's last batch and the new
-holder's replay of it, or of newer records of the same item): every write is versioned and
-serialised per document on the primary (``retry_on_conflict``); W1s of one item are ordered
-by version, W3 only ever removes what the record of its own version lists, and a delete is
-bounded by a version and the item. A rebuild's scan at ``(G, 0)`` is one more change of the
-item: the stream's ``(G, seq)`` W1 either comes later and inherits the scan's document in
-``pending``, or came first and makes the scan STALE at W1 — which then deletes the pending
-documents, and its own document when that is not the record's. The sweep deletes the
-documents of older generations and the owner records (with ``doc``) of older generations;
-a record's pending documents are older than the record, so the sweep takes them as well.
-A put of an older generation ``g`` in flight across the sweep — its W1 before it, its U1
-after it — finds its record gone at the post-check. Nothing else removes a record that names
-a document (a tombstone is purged only as such; a wipe or a lost owner index is a take-over
-or a reported loss): the sweep took it, so the rebuild's scan did not find the item, and the
-sweep would have deleted the put's document had it landed earlier. The post-check does it
-instead: a missing record is newer than such a put, the fix deletes the item's claim below
-``(g + 1, 0)`` (nothing the item writes at the new generation), and the change is STALE.
-
-What is left: an applier that lost its lease and is killed between U1 and U2 of a stale put
-whose U1 landed after the newer change's W3 and after the new lease holder's replay of the
-same record (the lease guard keeps that window short) leaves the document until the next
-rebuild, as for default-id views. So does an older generation's put whose apply is killed
-between U1 (after the sweep) and its post-check, when the restarted daemon's page then
-applies only the item's delete (its W1 finds no record, hence no pending document). A daemon
-running an older script (a rolling upgrade) writes records without ``pending`` or ``was``,
-and its puts compare versions across items and drop parked claims (``viewkeeper-apply-v3``
-and older), or delete a refused put's old document (``-v4``): upgrade every daemon.
-Custom-id moves cost two more ``_bulk`` per batch (W2' and W3) and deletes one (W3);
-default-id upserts are unchanged (no owner record is read or written), and default-id deletes
-do W3 only when a hand-built change gave the item another document id.
-
-Documents passed between items: versions are compared only within one item
---------------------------------------------------------------------------
-With ``doc_id=``, a document id can pass from item A to item B (A moves on or is removed,
-then B yields the id). Their records come from two shards: in any order, and their
-sequence numbers say nothing about which came first (B's may well be lower). Comparing
-them lost B's document — B's put found A's document at a higher version and was a
-``noop``, reported STALE, then A's pending delete removed the document. And taking the
-document over is not enough either: when A's shard is the late one, A's put takes the
-document from B, and A's delete then leaves nobody's document. So the live document keeps
-every item's *claim* on its id, each with its item's version, and only ever compares a
-claim with a claim of the same item:
-
-- ``put`` of ``I``: ``I``'s claim there (held or parked) newer or equal: ``noop``. Else
-  ``I``'s claim takes the document and the holder's claim is parked (``_vk.parked``: item,
-  version, body; not indexed, not searched), ``_vk.prev`` naming it.
-- ``del`` of ``I`` at ``v``: ``I``'s claim below ``v`` goes. If it held the document, the
-  parked claim of the newest generation (the latest parked among equals) takes it, or the
-  document is deleted when none is left.
-
-Each item's claims thus follow its own versions and nothing else, so the document ends with
-the claim of the item whose newest change yields it, in whatever order the two items'
-records come: the last item to yield an id at any time holds it once every move is applied
-(and when two items yield it at once — a bug of the view — both claims stay, the last put
-holds the document, and whichever leaves, the other holds it). Why nothing stale comes back:
-
-- *W1 first.* A put of a custom-id view reaches the live phase only after its W1 won for
-  its item (the record is at its version). A stale replay of A, after A moved away, is
-  STALE at W1 and puts nothing: it can never take the document back from B. Its W1 re-issues
-  A's pending deletes — of A's claim only.
-- *Pending deletes are item-checked.* A's delete of ``d`` removes A's claim, held or parked,
-  and never B's: if B took ``d``, A's delete finds A parked and drops that; if A's delete
-  comes first, ``d`` is deleted and B's put creates it.
-- *Post-check.* A put that took the document from another item, or whose claim waits
-  behind one, is post-checked like a create: a stale put of ``I`` (its record moved on
-  meanwhile) is undone by the fix, which removes ``I``'s claim and gives the document back
-  to the parked claim.
-- *Generations (the rebuild).* A rebuild to ``G`` re-projects every item still in the
-  table at ``(G, 0)`` (through W1, like any change), and its sweep deletes documents held at
-  an older generation. So a write of generation ``G`` drops the claims of older generations
-  (an item that still yields the id claims it again at ``G``, by its scan or its stream
-  change), and a put of an older generation than the holder's (a daemon not yet on ``G``)
-  is parked, not taken over: the holder is always of the newest generation present, and no
-  claim of an item the rebuild found gone is ever given the document. The scan's ``(G, 0)``
-  put is one more change of its item: it passes W1 only if the item's record is older.
-- *Fast paths.* An ``index`` with ``if_seq_no`` replaces the whole source, parked claims
-  included: a document is cached only when the put's answer shows no other item's claim,
-  and any write of another item since changes ``_seq_no`` (the fast path answers 409).
-
-Collisions. A put that took the document from another item, or waits behind it, reports
-``Collision(entry, other_item)`` only when that item's owner record still names the
-document (or, for an item of a default-id view without owner record, the document is its
-own id): an item that moved away, whose delete is still to come, is no collision. When both
-records name it, both items claim it at that moment — a bug of the view, or two shards
-still catching up with a move — and it is reported. The other item's record comes in the
-same post-check ``mget``.
-
-Outcomes and errors
--------------------
-``created``/``updated``/``deleted`` → APPLIED; ``noop`` → STALE; a delete whose document was
-already gone is APPLIED if it moved the tombstone, STALE if it was a replay. Per item: 409
-beyond ``retry_on_conflict`` (or on a fast path: resent as the script), 429 and 5xx are
-retried with backoff; so is, up to three times, a 400 "mapper [f] cannot be changed from type
-[long] to [float]" (two requests mapping one new field at once: the loser's document is taken
-when sent again); a 4xx such as ``mapper_parsing_exception`` is ERROR for that change alone,
-naming view, document, item and reason. Connection errors, and items still failing
-after ``unavailable_after`` seconds (default 5), raise :class:`SinkUnavailable` naming the
-sink and its hosts without credentials (also 401/403/408/409/429 answered to a whole
-request). A ``_bulk`` OpenSearch refuses as a whole for what it holds (any other 4xx: 413
-over ``http.max_content_length``, 400 ``action_request_validation_exception`` for an ``_id``
-over 512 bytes, ...) is halved, and halved again, until each action at fault is alone; that
-action answers the refusal and its change is ERROR (view, item, document id, OpenSearch's
-reason; ids and keys cut after 100 characters), the others go on. It ends: at most 2n - 1
-requests for n actions, also when the refusal is nobody's fault (then every change is
-ERROR: dead-lettered, not a shard stopped on the same page forever). A change stops at the
-phase where its op failed: a failed W1 sends no W2, a failed put is not post-checked and
-sends no pending delete (W2'), and its record's move is undone (``keep``, see *A put
-OpenSearch refuses*), an ERROR change writes no W3.
-
-Cost
-----
-``_bulk`` bodies are NDJSON bytes built here from prebuilt fragments, one ``orjson`` dump per
-document; no refresh per batch. ``_bulk`` and ``mget`` are posted straight to a connection
-of the client's pool and their answers read with orjson (:meth:`OpenSearchSink._post`):
-the client's transport would parse them with the stdlib (~1 µs per document more) and add
-its per-request bookkeeping. A big batch is cut into ``bulk_concurrency`` segments by
-document id, sent as soon as built; with the overlap above, a 1000-record page of updates is
-~5 requests but ~2 round trips. The client's connection pool must hold that many
-connections (:func:`make_client` and the daemon's client keep 32; urllib3's default keeps
-one and reconnects for every other request in flight). Measured (``bench/
-opensearch_pipeline.py``, 2-core machine, warm node, pages of 80 % updates / 15 % inserts /
-5 % deletes): ``apply`` alone ~0.6-0.7x of raw ``_bulk`` index of the same documents; the
-node spends ~1.8x raw's CPU per record (W1 tombstones, scripted deletes, post-check ``mget``,
-more requests); the sink's Python ~9-10 µs of client CPU per record, ~5 of it in this module
-and ~4 in HTTP, sockets and the pool's threads. :meth:`OpenSearchSink.apply` is thread-safe
-(shard workers may share one sink).
+Why it is built the way it is — the index layout, the stored script, the phases of a batch,
+owner records and tombstones, custom document ids and claims, outcomes and errors, cost — is
+argued in ``opensearch/README.md`` beside this module; the docstrings below point to its
+sections (``README.md § Outcomes and errors``).
 """
 
 from __future__ import annotations
@@ -686,7 +298,7 @@ def _is_transient(exc: BaseException) -> bool:
 
 
 class OpenSearchSink:
-    """One ``opensearch:`` connection of the config, serving its views (see module doc).
+    """One ``opensearch:`` connection of the config, serving its views (see README.md).
 
     ``client``: a ready :class:`opensearchpy.OpenSearch` (SigV4 or basic auth configured by
     whoever built it); without one, a client is built from ``hosts`` and ``http_auth`` with
@@ -1016,7 +628,7 @@ class OpenSearchSink:
     # ------------------------------------------------------------------------------------
     # apply
     def apply(self, changes: Sequence[Change]) -> list[Result]:
-        """Apply a batch (see the module doc for the phases); one Result per change."""
+        """Apply a batch (README.md § One batch, step by step); one Result per change."""
         plans = [self._plan(ch) for ch in changes]
         early, late = self._early(plans)
         uuids: dict[str, str | None] = {}  # the live indexes' uuids, read once per apply
@@ -1182,11 +794,11 @@ class OpenSearchSink:
         segments by document id (the ops of one change stay in one segment, in order, and
         the requests of a segment go one after the other: :meth:`_bulk` with one group;
         two changes' ops on one id may go side by side — a pending delete of one item and
-        another item's put end the same in either order, as claims, see the module doc);
-        each segment is sent as soon as it is built, so building the next one overlaps
-        with the server working on the previous one. ``background``: even one segment is
-        sent from the pool, so that the caller can go on (:meth:`apply`). ``uuids``: the
-        live indexes' uuids read in this apply (:meth:`_lookup`)."""
+        another item's put end the same in either order, as claims, see README.md § Documents
+        passed between items); each segment is sent as soon as it is built, so building the
+        next one overlaps with the server working on the previous one. ``background``: even
+        one segment is sent from the pool, so that the caller can go on (:meth:`apply`).
+        ``uuids``: the live indexes' uuids read in this apply (:meth:`_lookup`)."""
         ops: list[_Op] = []
         # stale changes come along only to delete their owner record's pending documents
         todo = [p for p in plans if p.outcome is None or (p.gone and p.outcome is Outcome.STALE)]
@@ -1613,7 +1225,8 @@ class OpenSearchSink:
                 self._failed(op, item)
             elif item.get("status", 0) >= 400 and item.get("status") != 404:
                 # the change stays ERROR with its own reason; its record keeps the move
-                # (safe, see the module doc) until the change is applied again
+                # (safe, see README.md § A put OpenSearch refuses) until the change is
+                # applied again
                 log.warning(
                     "view %s, item %s: could not undo the owner record's move to %s after its "
                     "put was refused: HTTP %s %s",
@@ -1904,11 +1517,11 @@ class OpenSearchSink:
     # ------------------------------------------------------------------------------------
     # claims (viewkeeper.runtime.namespaces): in both indexes' _meta, which live and die with them
     def read_claim(self, view: View) -> Claim | None:
-        """The view's claim: the one both its indexes' ``_meta`` hold (see the section
-        *Claims* of the module doc), or None — either index missing, made again (an owner
-        index made by a write, or by viewkeeper after a loss, holds none), or the two
-        holding different claims after a few re-reads (a claim being written is written to
-        the owner index, then to the live one)."""
+        """The view's claim: the one both its indexes' ``_meta`` hold (see README.md § Claims
+        and lost indexes), or None — either index missing, made again (an owner index made by
+        a write, or by viewkeeper after a loss, holds none), or the two holding different
+        claims after a few re-reads (a claim being written is written to the owner index,
+        then to the live one)."""
         names = ViewIndexes.of(view, self.index_prefix)
 
         def get() -> Any:
