@@ -1157,7 +1157,7 @@ def test_a_bulk_the_node_refuses_as_a_whole_fails_only_the_change_at_fault(
 
 
 def digest_id(key: str) -> str:
-    """The documented ``_id`` of an item key over 512 bytes (see the sink's module doc)."""
+    """The documented ``_id`` of an item key over 512 bytes (sinks/opensearch/README.md § Ids)."""
     return "vk:sha256:" + hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
