@@ -90,7 +90,7 @@ def test_cas_cache_outlives_a_recreated_index_and_a_stale_put_overwrites_a_newer
     cached). The index is deleted (a lost namespace) and made again by daemon B's re-arm;
     B writes o-1 at 30 -- in the new index that is again seq_no 0, primary term 1. A then
     applies an older record of o-1 (at 20: a replay after a lease handover, or a rebuild's
-    scan) -- newer than what A cached, older than what the index holds. The module doc says
+    scan) -- newer than what A cached, older than what the index holds. The sink's README.md says
     the cached ``index`` with ``if_seq_no`` "succeeds only if nobody wrote the document
     since"; but (seq_no, primary_term) restart at (0, 1) in a new index, so it succeeds and
     the stale body replaces the newer one for good."""

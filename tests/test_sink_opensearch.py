@@ -42,6 +42,8 @@ from viewkeeper.sinks.opensearch import (
     make_client,
     script_source,
 )
+from viewkeeper.sinks.opensearch import apply as opensearch_apply_module
+from viewkeeper.sinks.opensearch import plans as opensearch_plans_module
 
 if TYPE_CHECKING:
     from viewkeeper.sinks.opensearch import _Check
@@ -1119,7 +1121,9 @@ def test_a_bulk_the_node_refuses_as_a_whole_fails_only_the_change_at_fault(
     the request until the action at fault is alone: its change is ERROR naming view, item,
     document id and OpenSearch's reason; the rest of the batch is applied, and a change
     whose W1 failed sends nothing after it (no W2, no put)."""
-    monkeypatch.setattr(opensearch_module, "item_id", lambda key: key)
+    # patched where it is looked up: the plans (owner record ids) and the post-check
+    for module in (opensearch_plans_module, opensearch_apply_module):
+        monkeypatch.setattr(module, "item_id", lambda key: key)
     sent: list[tuple[str, str]] = []
     real = sink._post
 
@@ -1153,7 +1157,7 @@ def test_a_bulk_the_node_refuses_as_a_whole_fails_only_the_change_at_fault(
 
 
 def digest_id(key: str) -> str:
-    """The documented ``_id`` of an item key over 512 bytes (see the sink's module doc)."""
+    """The documented ``_id`` of an item key over 512 bytes (sinks/opensearch/README.md § Ids)."""
     return "vk:sha256:" + hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 

@@ -235,7 +235,7 @@ def test_a_daemon_killed_after_any_request_loses_nothing_and_orphans_nothing(
             # A restarted daemon reads on from its checkpoint: whatever the killed batch
             # held, each item's newest record comes after it (here the history's order is
             # free, so it comes once more at the end). The sink relies on that to undo a
-            # stale upsert killed between its put and its post-check (see its module doc).
+            # stale upsert killed between its put and its post-check (see its README.md).
             newest = _coalesce(list(range(len(events))), events)
             results = sinks[0].apply(
                 [_change(view, tag, *events[i]) for i in newest for view in (ORDERS, CARDS)]
