@@ -75,10 +75,9 @@ def item_id(item_key: str) -> str:
 
 
 def script_source() -> str:
-    """The painless source of the stored script (shipped in ``viewkeeper/sinks/``, beside
-    this package)."""
+    """The painless source of the stored script (shipped in this package)."""
     return (
-        resources.files("viewkeeper.sinks")
+        resources.files("viewkeeper.sinks.opensearch")
         .joinpath("opensearch_apply.painless")
         .read_text(encoding="utf-8")
     )
