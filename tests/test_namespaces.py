@@ -555,3 +555,75 @@ def test_two_daemons_starting_together_do_not_report_a_loss_that_never_happened(
     assert not state.needs_rebuild, f"a loss reported on a new namespace: {state.reason}"
     sink_a.close()
     sink_b.close()
+
+
+def test_two_first_claims_that_both_find_nothing_agree_on_one_marker(
+    redis_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The chaos run (seed 1690984119, short mode): daemons a and b of a new deployment both
+    logged "claimed" for chaos_owner_doc at the same second, and b then reported SINK DATA
+    LOST ("re-armed by another process after losing its data") for a sink that lost nothing.
+    Both read no claim and no recorded marker, so both made a fresh claim with a marker of
+    their own: A wrote its claim, B wrote its claim over it, B recorded its marker, A
+    recorded its own over that. The sink then held B's marker and the coordination table
+    A's: A's next write was refused, and A, finding a marker in the sink the table did not
+    know, reported a loss. Here the two claims are interleaved exactly so; neither process
+    may report a loss, and both write."""
+    url = f"redis://127.0.0.1:{redis_client.connection_pool.connection_kwargs['port']}/0"
+    store = MemoryStore()
+    sink_a = RedisSink("cache", url=url, owner_buckets=16)
+    sink_b = RedisSink("cache", url=url, owner_buckets=16)
+    ns_a, ns_b = redis_namespaces(sink_a, store), redis_namespaces(sink_b, store)
+    both_read = threading.Barrier(2, timeout=10)
+    a_wrote, b_recorded = threading.Event(), threading.Event()
+    write_a, write_b, set_marker = sink_a.write_claim, sink_b.write_claim, store.set_marker
+
+    def claim_a(view: View, claim: Any) -> None:
+        both_read.wait()  # both found nothing before either wrote
+        write_a(view, claim)
+        a_wrote.set()
+
+    def claim_b(view: View, claim: Any) -> None:
+        both_read.wait()
+        assert a_wrote.wait(10)
+        write_b(view, claim)  # B's claim over A's
+
+    def record(view: str, marker: str) -> None:
+        if threading.current_thread().name == "a":
+            assert b_recorded.wait(10)  # A's marker recorded over B's
+        set_marker(view, marker)
+        if threading.current_thread().name == "b":
+            b_recorded.set()
+
+    setattr(sink_a, "write_claim", claim_a)  # noqa: B010 - an instance attribute over the method
+    setattr(sink_b, "write_claim", claim_b)  # noqa: B010
+    setattr(store, "set_marker", record)  # noqa: B010
+    errors: list[BaseException] = []
+
+    def run(ns: Namespaces) -> None:
+        try:
+            ns.claim()
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=run, args=(ns,), name=n) for n, ns in (("a", ns_a), ("b", ns_b))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert not errors, errors
+    with caplog.at_level(logging.ERROR, logger="viewkeeper.runtime.namespaces"):
+        for i, (ns, sink) in enumerate(((ns_a, sink_a), (ns_b, sink_b))):
+            try:
+                results = sink.apply([put(f"i{i}", 1, "one")])
+            except NamespaceLost as exc:
+                ns.lost(sink, exc)
+                results = sink.apply([put(f"i{i}", 1, "one")])
+            assert [r.outcome.value for r in results] == ["applied"]
+    state = store.view_states()[VALS.name]
+    assert not state.needs_rebuild, f"a loss reported on a new namespace: {state.reason}"
+    assert "SINK DATA LOST" not in caplog.text, caplog.text
+    sink_a.close()
+    sink_b.close()

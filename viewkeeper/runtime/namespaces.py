@@ -12,7 +12,8 @@ coordination table (:class:`~viewkeeper.coordination.model.ViewState`).
 At start (:meth:`Namespaces.claim`, for ``run``, ``check``, ``rebuild``, dead-letter replay
 and the Lambda handler), per view:
 
-- no claim, and the coordination table never marked one: a new namespace. Claim it.
+- no claim, and the coordination table never marked one: a new namespace. Claim it, with a
+  marker every process of the deployment derives alike (processes starting together agree).
 - no claim, but the coordination table remembers a marker: the sink lost the view's data.
   Report it (below), then claim it again with a new marker.
 - a claim of another owner — another source table, coordination table, or the same
@@ -38,6 +39,7 @@ other loss was recorded while it ran (the recorded marker is still the one it st
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -70,6 +72,14 @@ class TakeOver:
     view: str
     previous: Owner
     marker: str
+
+
+def first_marker(owner: Owner, view: str) -> str:
+    """The marker of a view's first claim by a deployment: derived, not drawn, so that two
+    processes claiming a new namespace at once write the same claim. Every later marker (a
+    re-arm after a loss, a take-over) is random: it must differ from every one before."""
+    seed = f"{owner.deployment}\0{owner.source}\0{view}\0first".encode()
+    return hashlib.sha256(seed).hexdigest()[:32]
 
 
 def _where(sink: Sink, view: View) -> str:
@@ -158,8 +168,10 @@ class Namespaces:
     def _fresh(self, view: View, sink: Sink, mine: Owner, gen: int) -> None:
         """The sink first, then the coordination table (and :meth:`claim` reads them the
         other way round): "a recorded marker but no claim" then only ever means lost data,
-        never another process's claim half made."""
-        marker = uuid.uuid4().hex
+        never another process's claim half made. The marker of a first claim is the same for
+        every process of the deployment (:func:`first_marker`): processes that start together
+        all find nothing and all claim, and their writes, in any order, agree."""
+        marker = first_marker(mine, view.name)
         sink.write_claim(view, Claim(mine, marker, gen))
         self.store.set_marker(view.name, marker)
         self._expect(view, sink, marker)
