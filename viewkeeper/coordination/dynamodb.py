@@ -588,6 +588,22 @@ class DynamoDBStore:
     def set_marker(self, view: str, marker: str) -> None:
         self._update("view", view, "SET marker = :m", {":m": _s(marker)})
 
+    def record_first_marker(self, view: str, marker: str) -> str:
+        try:
+            self._update(
+                "view",
+                view,
+                "SET marker = :m",
+                {":m": _s(marker)},
+                "attribute_not_exists(marker) OR marker = :m",
+            )
+            return marker
+        except ClientError as exc:
+            if not _conditional_failed(exc):
+                raise
+        state = self.view_states().get(view)
+        return state.marker if state is not None and state.marker else marker
+
     def mark_needs_rebuild(self, view: str, reason: str, at: float, marker: str | None) -> None:
         values: dict[str, Any] = {
             ":t": {"BOOL": True},

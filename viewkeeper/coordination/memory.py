@@ -192,6 +192,13 @@ class MemoryStore:
         with self._lock:
             self._views.setdefault(view, ViewState(view)).marker = marker
 
+    def record_first_marker(self, view: str, marker: str) -> str:
+        with self._lock:
+            state = self._views.setdefault(view, ViewState(view))
+            if state.marker is None:
+                state.marker = marker
+            return state.marker
+
     def mark_needs_rebuild(self, view: str, reason: str, at: float, marker: str | None) -> None:
         with self._lock:
             state = self._views.setdefault(view, ViewState(view))

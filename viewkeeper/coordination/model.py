@@ -207,6 +207,11 @@ class CoordinationStore(Protocol):
 
     def view_states(self) -> dict[str, ViewState]: ...
     def set_marker(self, view: str, marker: str) -> None: ...
+    def record_first_marker(self, view: str, marker: str) -> str:
+        """Record ``marker`` unless another marker is recorded already (conditionally, in
+        one write); return the marker recorded now."""
+        ...
+
     def mark_needs_rebuild(self, view: str, reason: str, at: float, marker: str | None) -> None:
         """Mark ``view`` as needing a rebuild and record its namespace's new ``marker`` (None:
         the marker stays), in one write; a view already marked keeps its first reason and

@@ -47,7 +47,7 @@ import uuid
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 
-from viewkeeper.coordination.model import CoordinationStore
+from viewkeeper.coordination.model import CoordinationStore, ViewState
 from viewkeeper.projection.api import View
 from viewkeeper.projection.registry import ViewRegistry
 from viewkeeper.runtime import metrics
@@ -78,7 +78,7 @@ def first_marker(owner: Owner, view: str) -> str:
     """The marker of a view's first claim by a deployment: derived, not drawn, so that two
     processes claiming a new namespace at once write the same claim. Every later marker (a
     re-arm after a loss, a take-over) is random: it must differ from every one before."""
-    seed = f"{owner.deployment}\0{owner.source}\0{view}\0first".encode()
+    seed = f"{owner.deployment}\0{owner.coordination}\0{owner.source}\0{view}\0first".encode()
     return hashlib.sha256(seed).hexdigest()[:32]
 
 
@@ -156,6 +156,8 @@ class Namespaces:
                     )
                     self._expect(view, sink, marker)
                     taken.append(TakeOver(view.name, held.owner, marker))
+                elif self._first_over_recorded(view, held, recorded):
+                    self._rearm(view, sink, mine, gen, self._first_again_text(view, sink))
                 else:
                     if recorded is None or recorded.marker != held.marker:
                         if recorded is not None and recorded.marker is not None:
@@ -171,11 +173,37 @@ class Namespaces:
         never another process's claim half made. The marker of a first claim is the same for
         every process of the deployment (:func:`first_marker`): processes that start together
         all find nothing and all claim, and their writes, in any order, agree."""
+        recorded = self.store.view_states().get(view.name)
+        if recorded is not None and recorded.marker is not None:
+            # a marker was recorded since claim() read the table (another process claimed,
+            # or re-armed a loss): decide again on what is there now
+            self.claim([view])
+            return
         marker = first_marker(mine, view.name)
         sink.write_claim(view, Claim(mine, marker, gen))
-        self.store.set_marker(view.name, marker)
+        kept = self.store.record_first_marker(view.name, marker)
+        if kept != marker:
+            # recorded between the read above and this write (a loss re-armed, a take-over):
+            # that claim is the namespace's; ours overwrote it in the sink, so put it back
+            sink.write_claim(view, Claim(mine, kept, gen))
+            self._expect(view, sink, kept)
+            return
         self._expect(view, sink, marker)
         log.info("view %s: claimed %s for %s", view.name, _where(sink, view), mine.describe())
+
+    def _first_over_recorded(self, view: View, held: Claim, recorded: ViewState | None) -> bool:
+        """The sink holds the view's first claim, but the coordination table recorded another
+        marker since: a first claim made on a stale read wrote over a later one (a re-arm),
+        or the sink went back to a state from before that marker (a snapshot restore).
+        Either way what the recorded marker stood for is gone from the sink: a loss, never
+        a marker to adopt (a rebuild that started with the first marker would then clear a
+        later loss's mark)."""
+        return (
+            recorded is not None
+            and recorded.marker is not None
+            and recorded.marker != held.marker
+            and held.marker == first_marker(self.owners[view.table], view.name)
+        )
 
     def _expect(self, view: View, sink: Sink, marker: str) -> None:
         self.markers[view.name] = marker
@@ -223,6 +251,9 @@ class Namespaces:
                     raise NamespaceOwned(self.fatal)
                 elif held.marker != self.markers.get(view.name):
                     recorded = states.get(view.name)
+                    if self._first_over_recorded(view, held, recorded):
+                        self._rearm(view, sink, mine, gen, self._first_again_text(view, sink))
+                        continue
                     if recorded is None or recorded.marker != held.marker:
                         if recorded is not None and recorded.needs_rebuild:
                             # another process re-armed a loss that is reported already
@@ -297,6 +328,14 @@ class Namespaces:
         return (
             f"{_where(sink, view)} lost the view's data (its claim is gone: the server "
             "restarted without persistence, was replaced or flushed, or the index was deleted)"
+        )
+
+    @staticmethod
+    def _first_again_text(view: View, sink: Sink) -> str:
+        return (
+            f"{_where(sink, view)} holds the view's first claim again after a later one was "
+            "recorded (restored from an old snapshot, or claimed anew by a process that had "
+            "not seen the later claim)"
         )
 
     @staticmethod
