@@ -176,6 +176,7 @@ class Daemon:
         code = self._proc.returncode
         self.unexpected_exits.append(Exit(code, self.last_error(), self.was_running()))
         self._proc = None
+        self.paused = False
         self._close_log()
         return code
 
@@ -208,9 +209,11 @@ class Daemon:
             self.paused = True
 
     def resume(self) -> None:
-        if self.paused:
+        # a stopped daemon killed meanwhile (kill -9 of the holder during a rebuild's
+        # SIGSTOP) has nothing left to resume
+        if self.paused and self._proc is not None:
             self._signal(signal.SIGCONT)
-            self.paused = False
+        self.paused = False
 
     def _signal(self, sig: signal.Signals) -> None:
         assert self._proc is not None
