@@ -12,9 +12,11 @@ import pytest
 import redis
 from opensearchpy import NotFoundError, OpenSearch
 
+from tests.helpers import Clock
 from tests.testbed import ENV_DYNAMODB, ENV_OPENSEARCH, ENV_REDIS
 from tests.testbed.dynamo import boto3_client
 from tests.testbed.dynamo import make_table as _make_table
+from viewkeeper.sinks.opensearch import OpenSearchSink
 
 IN_CI = os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
 
@@ -133,3 +135,31 @@ def make_table(dynamodb: Any) -> Iterator[Callable[..., tuple[str, str]]]:
     for client, name in made:
         with contextlib.suppress(Exception):  # the test may have deleted it already
             client.delete_table(TableName=name)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    """A clock the test moves by hand (the sinks' tombstone times)."""
+    return Clock()
+
+
+@pytest.fixture
+def make_sink(
+    os_client: OpenSearch, os_prefix: str, clock: Clock
+) -> Iterator[Callable[..., OpenSearchSink]]:
+    """OpenSearch sinks on the test's own index prefix, without replicas, on the test's
+    ``clock``; closed when the test ends."""
+    made: list[OpenSearchSink] = []
+
+    def factory(**kwargs: Any) -> OpenSearchSink:
+        kwargs.setdefault("index_prefix", os_prefix)
+        kwargs.setdefault("index_settings", {"number_of_replicas": 0})
+        kwargs.setdefault("clock", clock)
+        client = kwargs.pop("client", os_client)
+        sink = OpenSearchSink("search", client, **kwargs)
+        made.append(sink)
+        return sink
+
+    yield factory
+    for sink in made:
+        sink.close()

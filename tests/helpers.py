@@ -146,3 +146,13 @@ class Canned:
 
     def ok(self, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
         self.responses.append((200, json.dumps(body).encode(), headers or {}))
+
+
+class Clock:
+    """A clock a test moves by hand (``clock.now += 60``)."""
+
+    def __init__(self, now: float = 1_700_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now

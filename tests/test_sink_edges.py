@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from opensearchpy import OpenSearch
 
 from tests.helpers import registry_of, view_for
-from tests.test_sink_opensearch import CARDS, ORDERS, Clock, outcomes, rm, up
+from tests.test_sink_opensearch import CARDS, ORDERS, outcomes, rm, up
 from tests.test_sink_opensearch_properties import NAMES, _newest_per_item, shared_timeline
 from tests.testbed import RedisServer
 from viewkeeper import Value, redis_view
@@ -41,31 +41,6 @@ needs_os = pytest.mark.opensearch
 
 OWNER_A = Owner("arn:aws:dynamodb:us-east-1:1:table/orders", "vk-coord", "deployment-a")
 OWNER_B = Owner("arn:aws:dynamodb:us-east-1:1:table/orders-v2", "vk-coord-2", "deployment-b")
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def make_sink(
-    os_client: OpenSearch, os_prefix: str, clock: Clock
-) -> Iterator[Callable[..., OpenSearchSink]]:
-    """OpenSearch sinks on the test's own index prefix (as in test_sink_opensearch)."""
-    made: list[OpenSearchSink] = []
-
-    def factory(**kwargs: Any) -> OpenSearchSink:
-        kwargs.setdefault("index_prefix", os_prefix)
-        kwargs.setdefault("index_settings", {"number_of_replicas": 0})
-        kwargs.setdefault("clock", clock)
-        sink = OpenSearchSink("search", os_client, **kwargs)
-        made.append(sink)
-        return sink
-
-    yield factory
-    for sink in made:
-        sink.close()
 
 
 def os_namespaces(

@@ -10,7 +10,7 @@ import itertools
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -18,7 +18,7 @@ import pytest
 from opensearchpy import OpenSearch
 from opensearchpy.exceptions import TransportError
 
-from tests.helpers import view_for
+from tests.helpers import Clock, view_for
 from viewkeeper.projection.api import View, opensearch_view
 from viewkeeper.projection.entries import Document, Value
 from viewkeeper.projection.versions import Version, compare_encoded
@@ -88,39 +88,6 @@ def rm(view: View, item: str, seq: str | int, gen: int = 1) -> Change:
 
 def outcomes(results: list[Result]) -> list[str]:
     return [r.outcome.value for r in results]
-
-
-class Clock:
-    def __init__(self, now: float = 1_700_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def make_sink(
-    os_client: OpenSearch, os_prefix: str, clock: Clock
-) -> Iterator[Callable[..., OpenSearchSink]]:
-    made: list[OpenSearchSink] = []
-
-    def factory(**kwargs: Any) -> OpenSearchSink:
-        kwargs.setdefault("index_prefix", os_prefix)
-        kwargs.setdefault("index_settings", {"number_of_replicas": 0})
-        kwargs.setdefault("clock", clock)
-        client = kwargs.pop("client", os_client)
-        sink = OpenSearchSink("search", client, **kwargs)
-        made.append(sink)
-        return sink
-
-    yield factory
-    for sink in made:
-        sink.close()
 
 
 @pytest.fixture
