@@ -23,7 +23,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     """The daemon.
 
     Start-up checks the metrics endpoint, the coordination table and every source table's
-    stream before the first lease is taken; the first that cannot be used ends the process
+    stream before the first lease is taken. A metrics port another process holds (a second
+    instance on this host) is one WARNING, and the daemon runs without an endpoint: never an
+    exit that leaves shards unread. Otherwise the first that cannot be used ends the process
     with one line naming it (exit 1, so systemd's Restart=on-failure tries again; 78 for a
     config or coordination table that cannot work). A Redis or OpenSearch that is down at
     start is logged as an error and waited for, as one that goes down later is: shards hold
@@ -38,8 +40,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         mconf = app.config.metrics
         if mconf.port is not None:
-            serve_metrics(mconf.host, mconf.port)
-            log.info("metrics on http://%s:%d/metrics", mconf.host, mconf.port)
+            try:
+                serve_metrics(mconf.host, mconf.port)
+                log.info("metrics on http://%s:%d/metrics", mconf.host, mconf.port)
+            except PortTaken as exc:
+                # a second instance on this host (or one still stopping): run without
+                # metrics rather than leave shards unread
+                log.warning("%s; running without a metrics endpoint", exc)
         _preflight(app)
         _claim_namespaces(app)
         if app.config.worker.on_sink_loss == "rebuild":
@@ -130,10 +137,12 @@ def serve_metrics(host: str, port: int) -> None:
         if isinstance(exc, socket.gaierror):
             fix = "set metrics.host to an address of this machine, like 127.0.0.1"
         elif exc.errno == errno.EADDRINUSE:
-            fix = (
-                "another process listens there (a viewkeeper still stopping?): stop it, "
-                "choose another metrics.port, or set metrics.port: null to turn metrics off"
-            )
+            raise PortTaken(
+                f"metrics endpoint: cannot listen on {where} ({reason}): another process "
+                "listens there (a second viewkeeper on this host, or one still stopping); "
+                "give each instance its own metrics.port, run one instance with --processes N "
+                "(one endpoint for all), or set metrics.port: null"
+            ) from exc
         elif exc.errno == errno.EACCES:
             fix = "ports below 1024 need privileges: use a higher metrics.port, like 9464"
         elif exc.errno == errno.EADDRNOTAVAIL:
@@ -141,6 +150,10 @@ def serve_metrics(host: str, port: int) -> None:
         else:
             fix = "check metrics.host and metrics.port"
         raise Failure(f"metrics endpoint: cannot listen on {where} ({reason}); {fix}") from exc
+
+
+class PortTaken(Failure):
+    """The metrics port is taken: ``run`` warns once and runs without an endpoint."""
 
 
 def _preflight(app: Any) -> None:
