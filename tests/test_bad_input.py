@@ -803,6 +803,8 @@ CONFIG_VALUES: list[tuple[str, str, Any, list[str]]] = [
         ["worker.on_sink_loss", "'ignore'", "rebuild"],
     ),
     ("metrics port", "metrics", {"port": 70000}, ["metrics.port", "70000", "65535"]),
+    ("processes zero", "worker", {"processes": 0}, ["worker.processes", "0", "auto"]),
+    ("processes text", "worker", {"processes": "all"}, ["worker.processes", "'all'", "auto"]),
     (
         "redis url scheme",
         "redis",
