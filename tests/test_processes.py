@@ -306,6 +306,7 @@ def test_a_child_killed_mid_batch_is_restarted_and_the_table_converges_exactly(
     assert applied_before < 300  # the kill came before the end: a batch was in flight
     out = parent.output()
     assert re.search(rf"child \d \(pid {victim}\) ended \(killed by SIGKILL\)", out), out[-3000:]
+    assert re.search(r"INFO viewkeeper.cli child=[01] viewkeeper .* running as", out), out[-3000:]
     assert parent.terminate() == 0, parent.output()[-3000:]
     assert [lease.owner for lease in bed.leases()] == [None]
 

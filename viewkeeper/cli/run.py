@@ -41,6 +41,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if child:
         processes.die_with_parent(args.child_of)  # first: a parent gone means stop
     app = _app(args)
+    if child:
+        processes.label_logs(args.child_index)
     count = 1 if child else _process_count(args, app.config.worker.processes)
     if count > 1:
         app.close()

@@ -58,13 +58,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from viewkeeper.config.model import MetricsConfig
 from viewkeeper.ops.sdnotify import Notifier, watchdog_interval
 
-__all__ = ["Parent", "die_with_parent", "parent_gone", "resolve", "usable_cores"]
+__all__ = ["Parent", "die_with_parent", "label_logs", "parent_gone", "resolve", "usable_cores"]
 
 log = logging.getLogger("viewkeeper.processes")
 
@@ -140,6 +140,23 @@ def parent_gone(parent: int) -> bool:
     return os.getppid() != parent
 
 
+class _ChildLabel(logging.Filter):
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.child = self.index  # an extra: ``child=I`` in text, a field in JSON
+        return True
+
+
+def label_logs(index: int) -> None:
+    """In a child, after logging is set up: every line says which child wrote it (the
+    children write to the parent's stderr, one journal stream)."""
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_ChildLabel(index))
+
+
 @dataclass
 class _Child:
     index: int
@@ -152,7 +169,6 @@ class _Child:
     ready: bool = False
     pinged_at: float | None = None
     status: str = ""
-    exits: list[int] = field(default_factory=list)
 
     @property
     def pid(self) -> int | None:
@@ -323,7 +339,6 @@ class Parent:
         child.popen = None
         child.ready = False
         child.pinged_at = None
-        child.exits.append(code)
         self._mark_dead(pid)
         if self.stopping_at is not None:
             log.info("child %d (pid %d) stopped: %s", child.index, pid, _describe(code))
