@@ -36,9 +36,10 @@ parent (:func:`parent_gone`).
 
 Balance: the children's supervisors aim at ceil(S / live workers) leases each and steal one
 lease per round from a worker holding two more than themselves, so after the settling time
-(README: a few lease durations) no process holds more than ceil(S/N) + 1; a child that dies
-has its leases taken by its siblings once they expire (one lease duration after its last
-renewal), or at once when it drained and released them.
+(README: at most S - ceil(S/N) - 1 rounds of ``lease_duration / 3`` after the last start)
+no process holds more than ceil(S/N) + 1; a child that dies has its leases taken by its
+siblings once they expire (one lease duration after its last renewal, plus a round to notice
+and one to take), or at once when it drained and released them.
 """
 
 from __future__ import annotations
