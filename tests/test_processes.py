@@ -35,8 +35,10 @@ from tests.helpers import REPO, redis_view_keys, vk, vk_env, write_config
 from tests.testbed import free_port
 from tests.testbed.dynamo import boto3_client
 from tests.views_e2e import procs_views, scale_views
+from viewkeeper.config.model import MetricsConfig
 from viewkeeper.coordination.dynamodb import DynamoDBStore
 from viewkeeper.coordination.model import Lease
+from viewkeeper.ops.processes import Parent, _Child, resolve
 from viewkeeper.stream.fake import FakeStream
 
 LEASE = 3.0  # worker.lease_duration of the processes
@@ -478,3 +480,49 @@ def test_bad_processes_arguments_are_refused_with_the_fix(tmp_path: Path) -> Non
     res = vk("run", "-c", str(config), "--processes", "2", "--until-caught-up")
     assert res.returncode == 2, res.stderr
     assert "a batch run is one process" in res.stderr, res.stderr
+
+
+# --- the parent's bookkeeping, without children's daemons -----------------------------------
+
+
+def test_processes_auto_is_the_usable_cores() -> None:
+    assert resolve("auto") == resolve("AUTO") == len(os.sched_getaffinity(0))
+    assert resolve(3) == resolve("3") == 3
+    for bad in (0, "0", "-1", "many"):
+        with pytest.raises(ValueError, match="from 1, or auto"):
+            resolve(bad)
+
+
+def test_the_watchdog_is_withheld_for_a_child_that_stopped_pinging_or_is_gone(
+    tmp_path: Path,
+) -> None:
+    parent = Parent(
+        "viewkeeper.yaml",
+        3,
+        MetricsConfig(port=None),
+        lambda *a: None,
+        environ={"WATCHDOG_USEC": "4000000"},  # the parent pings every 2 s
+    )
+    assert parent.child_watchdog == 4.0  # a child must ping at least that often
+    sleepers = [subprocess.Popen(["sleep", "60"]) for _ in range(3)]
+    try:
+        for i, popen in enumerate(sleepers):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            parent.children.append(_Child(i, sock, str(tmp_path / f"{i}.sock"), popen))
+        now = 1000.0
+        statuses = ["3 shards, worst lag 0.5s", "unhealthy: 2 shards, worst lag 7.25s", ""]
+        for child, status in zip(parent.children, statuses, strict=True):
+            child.pinged_at, child.status = now - 1.0, status
+        assert parent.turning(now) == []
+        assert parent.summary() == (5, 7.25)  # shards summed, the worst lag
+        assert parent.status_line() == "3/3 processes, 5 shards, worst lag 7.2s"
+        parent.children[1].pinged_at = now - 4.5  # alive, but its loop stopped turning
+        sleepers[2].kill()
+        sleepers[2].wait()
+        assert parent.turning(now) == ["child 1 not turning", "child 2 not running"]
+    finally:
+        for popen in sleepers:
+            popen.kill()
+            popen.wait()
+        for child in parent.children:
+            child.sock.close()
