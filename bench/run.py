@@ -34,6 +34,7 @@ MODULES: list[str] = [
     "scale",
     "rebuild",
     "memory",
+    "processes",
 ]
 
 

@@ -26,6 +26,7 @@ from botocore.exceptions import ClientError, EndpointConnectionError, NoCredenti
 from tests.helpers import REPO, vk_env, write_config
 from tests.test_security import TlsRedis, certs  # noqa: F401 - certs is a fixture used here
 from viewkeeper import cli
+from viewkeeper.cli import run as cli_run
 from viewkeeper.config import ConfigError, parse_config
 from viewkeeper.coordination.dynamodb import CoordinationTableError, DynamoDBStore
 from viewkeeper.ops.logs import setup_logging
@@ -183,6 +184,7 @@ def test_a_taken_metrics_port_names_host_port_and_the_fix() -> None:
     message = str(caught.value)
     assert f"metrics endpoint: cannot listen on 127.0.0.1:{port}" in message, message
     assert "metrics.port" in message
+    assert isinstance(caught.value, cli_run.PortTaken)  # `run` warns and goes on (#14)
 
 
 def test_a_metrics_host_that_does_not_resolve_names_the_fix() -> None:

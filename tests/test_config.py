@@ -237,6 +237,32 @@ def test_bad_enum_value_lists_the_choices() -> None:
     assert "did you mean 'deadletter'?" in message
 
 
+def test_worker_processes_is_one_by_default_a_number_or_auto() -> None:
+    assert parse_config(minimal(), environ={}).worker.processes == 1
+    assert parse_config(minimal(worker={"processes": 4}), environ={}).worker.processes == 4
+    for auto in ("auto", "AUTO", " auto "):
+        config = parse_config(minimal(worker={"processes": auto}), environ={})
+        assert config.worker.processes == "auto"
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        (0, "worker.processes: 0 is out of range"),
+        (-2, "worker.processes: -2 is out of range"),
+        (1000, "worker.processes: 1000 is out of range"),
+        ("four", "worker.processes: 'four' is a string, not a number of processes"),
+        ("2", "worker.processes: '2' is a string, not a number of processes"),
+        (True, "worker.processes: True is a boolean, not a number of processes"),
+        (1.5, "worker.processes: 1.5 is a number, not a number of processes"),
+    ],
+)
+def test_a_bad_worker_processes_names_the_key_the_value_and_the_fix(value: Any, says: str) -> None:
+    message = error_of(minimal(worker={"processes": value}))
+    assert says in message, message
+    assert "use a whole number from 1 to 256, or auto" in message, message
+
+
 def test_bad_starting_position() -> None:
     message = error_of(minimal(tables={"orders": {"starting_position": "EARLIEST"}}))
     assert "tables.orders.starting_position: 'EARLIEST' is not allowed" in message

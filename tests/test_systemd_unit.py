@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "viewkeeper.service"
+TEMPLATE = UNIT.parent / "viewkeeper@.service"
 
 
 def parse_unit(text: str) -> dict[str, dict[str, list[str]]]:
@@ -120,3 +121,49 @@ def test_systemd_analyze_verify_accepts_the_unit(tmp_path: Path) -> None:
 def test_restarts_are_never_rate_limited_away() -> None:
     """DynamoDB unreachable at start exits 1; systemd must keep trying, not give up."""
     assert parse_unit(UNIT.read_text())["Unit"]["StartLimitIntervalSec"] == ["0"]
+
+
+def test_the_processes_share_a_private_runtime_directory(service: dict[str, list[str]]) -> None:
+    """`run --processes N`: the parent's sd_notify sockets and the children's metrics files
+    live in $RUNTIME_DIRECTORY (a tmpfs), writable under ProtectSystem=strict."""
+    assert service["RuntimeDirectory"] == ["viewkeeper"]
+    assert service["RuntimeDirectoryMode"] == ["0700"]
+
+
+def test_the_example_config_runs_a_process_per_core() -> None:
+    assert "processes: auto" in (UNIT.parent / "viewkeeper.yaml").read_text()
+
+
+# the template differs from the unit in these keys only: the hardening is the same
+TEMPLATE_ONLY = {
+    ("Unit", "Description"): ["viewkeeper %i (DynamoDB Streams -> Redis / OpenSearch)"],
+    ("Service", "ExecStart"): ["/usr/local/bin/viewkeeper run -c /etc/viewkeeper/%i.yaml"],
+    ("Service", "StateDirectory"): ["viewkeeper/%i"],
+    ("Service", "RuntimeDirectory"): ["viewkeeper/%i"],
+}
+
+
+def test_the_template_is_the_unit_per_config_file_with_the_same_hardening() -> None:
+    unit, template = parse_unit(UNIT.read_text()), parse_unit(TEMPLATE.read_text())
+    assert unit.keys() == template.keys()
+    for section, keys in unit.items():
+        assert keys.keys() == template[section].keys(), section
+        for key, values in keys.items():
+            wanted = TEMPLATE_ONLY.get((section, key), values)
+            assert template[section][key] == wanted, (section, key)
+
+
+def test_systemd_analyze_verify_accepts_the_template(tmp_path: Path) -> None:
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        pytest.skip("systemd-analyze is not installed (optional tooling)")
+    template = tmp_path / "viewkeeper@.service"
+    template.write_text(TEMPLATE.read_text().replace("/usr/local/bin/viewkeeper", sys.executable))
+    instance = tmp_path / "viewkeeper@orders.service"
+    instance.symlink_to(template)
+    result = subprocess.run(
+        [tool, "verify", "--man=no", str(instance)], capture_output=True, text=True, timeout=60
+    )
+    output = (result.stdout + result.stderr).strip()
+    assert result.returncode == 0, output
+    assert [line for line in output.splitlines() if "viewkeeper@" in line] == [], output

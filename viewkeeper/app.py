@@ -294,7 +294,9 @@ class App:
     def tables(self) -> list[str]:
         return self.registry.tables
 
-    def supervisor(self, **overrides: Any) -> Supervisor:
+    def supervisor(self, *, worker_id: str | None = None, **overrides: Any) -> Supervisor:
+        """The daemon's supervisor; ``worker_id`` replaces the configured one (a child of
+        ``run --processes N`` suffixes it with its index: ids must be unique)."""
         w = self.config.worker
         values: dict[str, Any] = {
             "lease_duration": w.lease_duration,
@@ -311,7 +313,7 @@ class App:
             self.store,
             self.pipeline,
             settings,
-            worker_id=w.worker_id,
+            worker_id=worker_id or w.worker_id,
             start=self.ensure_claimed,
             verify=lambda: self.namespaces.verify(),
             fatal=lambda: self._namespaces.fatal if self._namespaces is not None else None,

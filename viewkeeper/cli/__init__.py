@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "run",
         help="run the daemon: lease shards, apply records to the views",
-        description="Run the daemon. Start-up checks the metrics port, the coordination "
+        description="Run the daemon. Start-up checks the metrics port (one taken by "
+        "another process is a warning: the daemon runs without metrics), the coordination "
         "table and the source tables' streams; the first that cannot be used ends the "
         "process with one line naming it and the fix: exit 1 for a service that cannot be "
         "reached (under systemd, Restart=on-failure starts it again), 78 for a config or "
@@ -84,8 +85,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--until-caught-up",
         action="store_true",
-        help="exit 0 once every shard is read to its end (tests, batch use)",
+        help="exit 0 once every shard is read to its end (tests, batch use; one process)",
     )
+    p.add_argument(
+        "--processes",
+        default=None,
+        metavar="N",
+        help="processes on this host (a number, or auto: one per usable core; default: "
+        "worker.processes, 1). More than one: this process supervises N children that share "
+        "the shards through the leases, serves their metrics on one endpoint and speaks "
+        "sd_notify for them",
+    )
+    # set by the parent of `--processes N` in its children; not for people
+    p.add_argument("--child-of", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child-index", type=int, default=0, help=argparse.SUPPRESS)
 
     p = sub.add_parser(
         "rebuild",

@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from viewkeeper import __version__
@@ -23,7 +24,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     """The daemon.
 
     Start-up checks the metrics endpoint, the coordination table and every source table's
-    stream before the first lease is taken; the first that cannot be used ends the process
+    stream before the first lease is taken. A metrics port another process holds (a second
+    instance on this host) is one WARNING, and the daemon runs without an endpoint: never an
+    exit that leaves shards unread. Otherwise the first that cannot be used ends the process
     with one line naming it (exit 1, so systemd's Restart=on-failure tries again; 78 for a
     config or coordination table that cannot work). A Redis or OpenSearch that is down at
     start is logged as an error and waited for, as one that goes down later is: shards hold
@@ -31,20 +34,38 @@ def cmd_run(args: argparse.Namespace) -> int:
     cache restart does not leave the unit failed. With --until-caught-up (batch use) it
     fails at once instead.
     """
+    from viewkeeper.ops import processes
     from viewkeeper.ops.sdnotify import Notifier, WatchdogThread
 
+    child = args.child_of is not None
+    if child:
+        processes.die_with_parent(args.child_of)  # first: a parent gone means stop
     app = _app(args)
+    if child:
+        processes.label_logs(args.child_index)
+    count = 1 if child else _process_count(args, app.config.worker.processes)
+    if count > 1:
+        app.close()
+        return processes.Parent(args.config, count, app.config.metrics, serve_metrics).run()
     app.wait_for_sinks = not args.until_caught_up
     try:
         mconf = app.config.metrics
-        if mconf.port is not None:
-            serve_metrics(mconf.host, mconf.port)
-            log.info("metrics on http://%s:%d/metrics", mconf.host, mconf.port)
+        if mconf.port is not None and not child:  # a child's figures: its parent serves them
+            try:
+                serve_metrics(mconf.host, mconf.port)
+                log.info("metrics on http://%s:%d/metrics", mconf.host, mconf.port)
+            except PortTaken as exc:
+                # a second instance on this host (or one still stopping): run without
+                # metrics rather than leave shards unread
+                log.warning("%s; running without a metrics endpoint", exc)
         _preflight(app)
         _claim_namespaces(app)
         if app.config.worker.on_sink_loss == "rebuild":
             app.enable_auto_rebuild()
-        sup = app.supervisor()
+        worker_id = app.config.worker.worker_id
+        if child and worker_id:
+            worker_id = f"{worker_id}-p{args.child_index}"  # ids must be unique
+        sup = app.supervisor(worker_id=worker_id)
         notifier = Notifier()
         signals = _install_signals(sup.request_stop)
 
@@ -82,6 +103,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                     s.worker_id,
                     ", ".join(app.tables),
                 )
+            if child and processes.parent_gone(args.child_of):
+                # PR_SET_PDEATHSIG's fallback (another OS, or a parent gone before it was set)
+                log.warning("parent process %d is gone; draining", args.child_of)
+                s.request_stop()
             if time.monotonic() - last_purge[0] > 3600:
                 last_purge[0] = time.monotonic()
                 _purge_tombstones(app)
@@ -97,6 +122,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         app.close()
     log.info("stopped cleanly")
     return 0
+
+
+def _process_count(args: argparse.Namespace, configured: int | str) -> int:
+    """How many processes to run: ``--processes`` over ``worker.processes``; one with
+    ``--until-caught-up`` (a batch run ends when its one process has read every shard)."""
+    from viewkeeper.ops.processes import resolve
+
+    if args.processes is None:
+        return 1 if args.until_caught_up else resolve(configured)
+    try:
+        count = resolve(args.processes)
+    except ValueError as exc:
+        raise Failure(f"--processes {args.processes}: {exc}", 2) from None
+    if count > 1 and args.until_caught_up:
+        raise Failure(
+            f"--processes {args.processes} with --until-caught-up: a batch run is one process "
+            "(each child would wait for shards its siblings hold); drop one of them",
+            2,
+        )
+    return count
 
 
 def _claim_namespaces(app: Any) -> None:
@@ -118,22 +163,30 @@ def _claim_namespaces(app: Any) -> None:
             delay = min(delay * 2, 30.0)
 
 
-def serve_metrics(host: str, port: int) -> None:
-    """Start the Prometheus endpoint, or raise Failure naming host:port and the fix."""
+def serve_metrics(
+    host: str,
+    port: int,
+    multiprocess_dir: str | None = None,
+    process_of: Callable[[str], str] | None = None,
+) -> Any:
+    """Start the Prometheus endpoint (the server), or raise Failure naming host:port and the
+    fix. ``multiprocess_dir``: serve the children's figures (:mod:`viewkeeper.ops.processes`)."""
     from viewkeeper.runtime import metrics
 
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        metrics.serve(port, host)
+        return metrics.serve(port, host, multiprocess_dir, process_of)
     except OSError as exc:
         reason = exc.strerror or str(exc) or type(exc).__name__
         if isinstance(exc, socket.gaierror):
             fix = "set metrics.host to an address of this machine, like 127.0.0.1"
         elif exc.errno == errno.EADDRINUSE:
-            fix = (
-                "another process listens there (a viewkeeper still stopping?): stop it, "
-                "choose another metrics.port, or set metrics.port: null to turn metrics off"
-            )
+            raise PortTaken(
+                f"metrics endpoint: cannot listen on {where} ({reason}): another process "
+                "listens there (a second viewkeeper on this host, or one still stopping); "
+                "give each instance its own metrics.port, run one instance with --processes N "
+                "(one endpoint for all), or set metrics.port: null"
+            ) from exc
         elif exc.errno == errno.EACCES:
             fix = "ports below 1024 need privileges: use a higher metrics.port, like 9464"
         elif exc.errno == errno.EADDRNOTAVAIL:
@@ -141,6 +194,10 @@ def serve_metrics(host: str, port: int) -> None:
         else:
             fix = "check metrics.host and metrics.port"
         raise Failure(f"metrics endpoint: cannot listen on {where} ({reason}); {fix}") from exc
+
+
+class PortTaken(Failure):
+    """The metrics port is taken: ``run`` warns once and runs without an endpoint."""
 
 
 def _preflight(app: Any) -> None:

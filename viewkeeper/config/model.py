@@ -188,7 +188,10 @@ class WorkerConfig:
     :mod:`viewkeeper.runtime.worker`). ``on_sink_loss``: what the daemon does when a sink
     lost a view's data (see :mod:`viewkeeper.runtime.namespaces`): ``report`` it (an ERROR, the view
     marked needs_rebuild, a metric) and wait for an operator's rebuild, or also ``rebuild``
-    the view itself."""
+    the view itself. ``processes``: how many processes ``viewkeeper run`` starts on this host
+    (an int, or ``"auto"``: the cores this process may run on); more than one is a parent
+    supervising children that share the shards through the leases (see
+    :mod:`viewkeeper.ops.processes`)."""
 
     poll_interval: float = 0.25
     batch_size: int = 1000
@@ -198,6 +201,7 @@ class WorkerConfig:
     renew_threads: int = 8
     prefetch: bool = True
     on_sink_loss: OnSinkLoss = "report"
+    processes: int | Literal["auto"] = 1
 
 
 @dataclass(frozen=True)

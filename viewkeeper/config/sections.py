@@ -8,7 +8,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from viewkeeper.config.connections import _opensearch, _redis
@@ -209,6 +209,31 @@ def _worker(s: _Section) -> WorkerConfig:
         renew_threads=s.integer("renew_threads", 8, 1),
         prefetch=s.flag("prefetch", True),
         on_sink_loss=s.choice("on_sink_loss", "report", ("report", "rebuild"), fold=str.lower),
+        processes=_processes(s),
+    )
+
+
+MAX_PROCESSES = 256
+
+
+def _processes(s: _Section) -> int | Literal["auto"]:
+    """``worker.processes``: a whole number from 1 to 256, or ``auto``."""
+    value = s.data.get("processes")
+    if value is None:
+        return 1
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_PROCESSES:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        problem = f"{value} is out of range"
+    else:
+        problem = f"{_show(value)} is {_kind(value)}, not a number of processes"
+    raise s.ctx.error(
+        (*s.path, "processes"),
+        problem,
+        f"use a whole number from 1 to {MAX_PROCESSES}, or auto (one per usable core), like "
+        "processes: auto",
     )
 
 

@@ -1,4 +1,8 @@
-"""`viewkeeper status`: how far behind am I, per shard, read from the coordination table."""
+"""`viewkeeper status`: how far behind am I, per shard, read from the coordination table.
+
+Each shard names its holder's host and pid (from the holder's worker row): with several
+processes per host (``run --processes N``, or separate instances) the worker id alone does
+not say which process to look at."""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ def collect(
 ) -> dict[str, Any]:
     now = time.time() if now is None else now
     workers = store.list_workers()
+    by_id = {w.worker_id: w for w in workers}
     shards: list[dict[str, Any]] = []
     for table in tables:
         for lease in store.list_leases(table):
@@ -23,6 +28,9 @@ def collect(
             row["state"] = lease.state.value
             row["parents"] = list(lease.parents)
             row["age"] = round(now - lease.updated_at, 1) if lease.updated_at else None
+            holder = by_id.get(lease.owner) if lease.owner else None
+            row["host"] = holder.host if holder is not None else None
+            row["pid"] = holder.pid if holder is not None else None
             shards.append(row)
     return {
         "generated_at": now,
@@ -42,9 +50,20 @@ def _lag(lease: dict[str, Any]) -> str:
     return f"{lease['lag']:.1f}s" + ("" if lease["caught_up"] else "+")
 
 
+def _holder(lease: dict[str, Any]) -> str:
+    if not lease.get("owner"):
+        return "-"
+    if not lease.get("host"):
+        return "?"  # its worker row is gone (it stopped, or died two lease durations ago)
+    return f"{lease['host']}/{lease['pid']}"
+
+
 def format_table(data: dict[str, Any]) -> str:
     lines = []
-    header = f"{'TABLE':<16} {'SHARD':<38} {'OWNER':<28} {'STATE':<14} {'LAG':>8}  CHECKPOINT"
+    header = (
+        f"{'TABLE':<16} {'SHARD':<38} {'OWNER':<28} {'HOST/PID':<24} {'STATE':<14} {'LAG':>8}  "
+        "CHECKPOINT"
+    )
     lines.append(header)
     for s in data["shards"]:
         cp = s["checkpoint"] or "-"
@@ -53,7 +72,7 @@ def format_table(data: dict[str, Any]) -> str:
         state = s["state"] + ("!" if s.get("error") else "")
         lines.append(
             f"{s['table'][:16]:<16} {s['shard_id'][-38:]:<38} "
-            f"{(s['owner'] or '-')[:28]:<28} {state:<14} {_lag(s):>8}  {cp}"
+            f"{(s['owner'] or '-')[:28]:<28} {_holder(s)[:24]:<24} {state:<14} {_lag(s):>8}  {cp}"
         )
         if s.get("error"):
             lines.append(f"{'':<16} ↳ {s['error'][:200]}")
