@@ -582,6 +582,7 @@ class DynamoDBStore:
                 needs_rebuild=bool(i.get("needs_rebuild", {}).get("BOOL", False)),
                 reason=i.get("reason", {}).get("S"),
                 since=float(since) if since is not None else None,
+                losses=int(i.get("losses", {}).get("N", "0")),
             )
         return out
 
@@ -609,23 +610,25 @@ class DynamoDBStore:
             ":t": {"BOOL": True},
             ":r": _s(reason[:2000]),
             ":at": _n(at),
+            ":one": _n(1),
         }
         sets = "needs_rebuild = :t, reason = if_not_exists(reason, :r), "
         sets += "since = if_not_exists(since, :at)"
         if marker is not None:
             sets = "marker = :m, " + sets
             values[":m"] = _s(marker)
-        self._update("view", view, "SET " + sets, values)
+        self._update("view", view, "SET " + sets + " ADD losses :one", values)
 
-    def clear_needs_rebuild(self, view: str, marker: str) -> bool:
-        try:
-            self._update(
-                "view",
-                view,
-                "SET needs_rebuild = :f REMOVE reason, since",
-                {":t": {"BOOL": True}, ":f": {"BOOL": False}, ":m": _s(marker)},
-                "needs_rebuild = :t AND marker = :m",
+    def clear_needs_rebuild(self, view: str, marker: str, losses: int | None = None) -> bool:
+        values = {":t": {"BOOL": True}, ":f": {"BOOL": False}, ":m": _s(marker)}
+        cond = "needs_rebuild = :t AND marker = :m"
+        if losses is not None:
+            values[":l"] = _n(losses)
+            cond += " AND " + (
+                "(attribute_not_exists(losses) OR losses = :l)" if losses == 0 else "losses = :l"
             )
+        try:
+            self._update("view", view, "SET needs_rebuild = :f REMOVE reason, since", values, cond)
         except ClientError as exc:
             if _conditional_failed(exc):
                 return False

@@ -204,13 +204,16 @@ class MemoryStore:
             state = self._views.setdefault(view, ViewState(view))
             if marker is not None:
                 state.marker = marker
+            state.losses += 1
             if not state.needs_rebuild:
                 state.needs_rebuild, state.reason, state.since = True, reason, at
 
-    def clear_needs_rebuild(self, view: str, marker: str) -> bool:
+    def clear_needs_rebuild(self, view: str, marker: str, losses: int | None = None) -> bool:
         with self._lock:
             state = self._views.get(view)
             if state is None or not state.needs_rebuild or state.marker != marker:
+                return False
+            if losses is not None and state.losses != losses:
                 return False
             state.needs_rebuild, state.reason, state.since = False, None, None
             return True

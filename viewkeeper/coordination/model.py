@@ -116,13 +116,15 @@ class DeadLetter:
 class ViewState:
     """What the deployment knows about one view's sink namespace (see
     :mod:`viewkeeper.runtime.namespaces`): the marker it last wrote there, and whether the view
-    needs a rebuild because the sink lost its data (``reason``, since ``since``)."""
+    needs a rebuild because the sink lost its data (``reason``, since ``since``); ``losses``
+    counts every mark ever made (a rebuild clears the mark only if none came while it ran)."""
 
     view: str
     marker: str | None = None
     needs_rebuild: bool = False
     reason: str | None = None
     since: float | None = None
+    losses: int = 0
 
 
 class LeaseLost(Exception):
@@ -214,12 +216,13 @@ class CoordinationStore(Protocol):
 
     def mark_needs_rebuild(self, view: str, reason: str, at: float, marker: str | None) -> None:
         """Mark ``view`` as needing a rebuild and record its namespace's new ``marker`` (None:
-        the marker stays), in one write; a view already marked keeps its first reason and
-        time."""
+        the marker stays), in one write that also counts the mark (``losses``); a view
+        already marked keeps its first reason and time."""
 
-    def clear_needs_rebuild(self, view: str, marker: str) -> bool:
-        """Clear the mark if the recorded marker is still ``marker`` (the one a rebuild
-        started with: no loss was handled since). True when it was cleared."""
+    def clear_needs_rebuild(self, view: str, marker: str, losses: int | None = None) -> bool:
+        """Clear the mark if the recorded marker is still ``marker`` and, when given, the
+        count of marks still ``losses`` (what a rebuild started with: no loss was handled
+        or marked since). True when it was cleared."""
         ...
 
     # dead letters

@@ -34,7 +34,8 @@ Reporting a loss is loud: an ERROR naming the view, the sink and the fix; the vi
 ``viewkeeper_sink_data_lost_total``; and, with ``worker.on_sink_loss: rebuild``, a rebuild
 of the view started by the daemon. The stream keeps being applied meanwhile (items that
 change are right at once); the rebuild restores the rest and clears the mark — only if no
-other loss was recorded while it ran (the recorded marker is still the one it started with).
+other loss was recorded while it ran (the recorded marker and the count of marks are still
+what it started with: a stream gap marks a view without a new marker).
 """
 
 from __future__ import annotations
@@ -278,9 +279,11 @@ class Namespaces:
 
     def announce(self, view: View, generation: int) -> str:
         """A rebuild of ``view`` at ``generation`` begins: record the generation in its claim
-        (so a coordination table that falls behind it is noticed); return the marker the
-        rebuild starts with (see :meth:`rebuilt`)."""
+        (so a coordination table that falls behind it is noticed); return what the rebuild
+        starts with, ``MARKER@LOSSES`` (see :meth:`rebuilt`)."""
         with self._lock:
+            recorded = self.store.view_states().get(view.name)
+            losses = recorded.losses if recorded is not None else 0
             sink = self.sink_of(view)
             held = sink.read_claim(view)
             mine = self.owners[view.table]
@@ -289,12 +292,15 @@ class Namespaces:
                 held = sink.read_claim(view)
                 assert held is not None
             sink.write_claim(view, Claim(mine, held.marker, max(generation, held.generation)))
-            return held.marker
+            return f"{held.marker}@{losses}"
 
-    def rebuilt(self, view: View, marker: str) -> bool:
-        """A rebuild of ``view`` that started with ``marker`` is done: clear its
-        needs_rebuild mark, unless a loss was recorded while it ran. True when cleared."""
-        cleared = self.store.clear_needs_rebuild(view.name, marker)
+    def rebuilt(self, view: View, started: str) -> bool:
+        """A rebuild of ``view`` that started with ``started`` (:meth:`announce`'s
+        ``MARKER@LOSSES``, or a bare marker) is done: clear its needs_rebuild mark, unless a
+        loss was handled (the marker changed) or marked (a stream gap: the count of marks
+        grew) while it ran. True when cleared."""
+        marker, _, losses = started.partition("@")
+        cleared = self.store.clear_needs_rebuild(view.name, marker, int(losses) if losses else None)
         if cleared:
             metrics.VIEW_NEEDS_REBUILD.labels(view.name).set(0)
         return cleared
