@@ -225,6 +225,8 @@ class Namespaces:
             return False, self._owned_text(view, sink, held.owner, mine)
         if held.generation > gen:
             return False, self._behind_text(view, sink, held.generation, gen)
+        if self._first_over_recorded(view, held, recorded):
+            return True, "LOST: " + self._first_again_text(view, sink) + " (reported on `run`)"
         state = " (needs_rebuild)" if recorded is not None and recorded.needs_rebuild else ""
         return True, f"claimed by this deployment{state}"
 
@@ -282,16 +284,25 @@ class Namespaces:
         (so a coordination table that falls behind it is noticed); return what the rebuild
         starts with, ``MARKER@LOSSES`` (see :meth:`rebuilt`)."""
         with self._lock:
-            recorded = self.store.view_states().get(view.name)
-            losses = recorded.losses if recorded is not None else 0
             sink = self.sink_of(view)
-            held = sink.read_claim(view)
             mine = self.owners[view.table]
-            if held is None or held.owner != mine:
+            held = sink.read_claim(view)
+            recorded = self.store.view_states().get(view.name)
+            if (
+                held is None
+                or held.owner != mine
+                or recorded is None
+                or (recorded.marker != held.marker)
+            ):
+                # settled first, as at start: a lost claim re-armed (and counted), a table
+                # that disagrees with the sink brought in line, so that the marker and the
+                # count the rebuild starts with are the ones its end will compare
                 self.claim([view])
                 held = sink.read_claim(view)
                 assert held is not None
+                recorded = self.store.view_states().get(view.name)
             sink.write_claim(view, Claim(mine, held.marker, max(generation, held.generation)))
+            losses = recorded.losses if recorded is not None else 0
             return f"{held.marker}@{losses}"
 
     def rebuilt(self, view: View, started: str) -> bool:
