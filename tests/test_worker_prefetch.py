@@ -271,13 +271,17 @@ def test_a_failed_read_ahead_is_handled_like_a_failed_read(bed: Bed, error: Exce
 
 def test_a_stop_drops_the_page_read_ahead_and_the_next_worker_reads_it_again(bed: Bed) -> None:
     first: dict[str, Any] = {}
+    started = threading.Event()  # the worker's thread may reach its apply before worker()
+    # returns it to this thread
 
     def hold(n: int) -> None:  # stop while page 1 is applied, once page 2 has been read
         assert bed.log.wait_reads(2)
+        assert started.wait(10)
         first["worker"].stop.set()
 
     bed.sink.hold = hold
     first["worker"], thread = bed.worker()
+    started.set()
     thread.join(10)
     assert not thread.is_alive() and first["worker"].crashed is None
     assert not reader_threads()
