@@ -74,7 +74,9 @@ def vk_env() -> dict[str, str]:
 
 
 def redis_view_keys(client: Any, prefix: str = "vk:") -> dict[str, Any]:
-    """Every key the views own (bookkeeping left out) with its content, for comparisons."""
+    """Every key the views own (bookkeeping left out) with its content, for comparisons.
+    Polled while daemons still write: a key retracted between SCAN and its read is left out
+    (the caller compares again)."""
     out: dict[str, Any] = {}
     for raw in client.scan_iter(count=1000):
         key = raw.decode()
@@ -82,7 +84,9 @@ def redis_view_keys(client: Any, prefix: str = "vk:") -> dict[str, Any]:
             continue
         kind = client.type(key).decode()
         if kind == "string":
-            out[key] = client.get(key).decode()
+            value = client.get(key)
+            if value is not None:
+                out[key] = value.decode()
         elif kind == "zset":
             out[key] = {m.decode(): s for m, s in client.zrange(key, 0, -1, withscores=True)}
         elif kind == "set":
