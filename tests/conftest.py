@@ -16,6 +16,7 @@ from tests.helpers import Clock
 from tests.testbed import ENV_DYNAMODB, ENV_OPENSEARCH, ENV_REDIS
 from tests.testbed.dynamo import boto3_client
 from tests.testbed.dynamo import make_table as _make_table
+from viewkeeper.coordination.memory import MemoryStore
 from viewkeeper.sinks.opensearch import OpenSearchSink
 
 IN_CI = os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
@@ -163,3 +164,18 @@ def make_sink(
     yield factory
     for sink in made:
         sink.close()
+
+
+@pytest.fixture(params=["memory", "dynamodb"])
+def coord_store(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """The coordination store: in memory, or the DynamoDB one on moto."""
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    from viewkeeper.coordination.dynamodb import DynamoDBStore
+
+    client = request.getfixturevalue("dynamodb")
+    store = DynamoDBStore(client, f"vk-coord-{uuid.uuid4().hex[:8]}")
+    store.ensure()
+    yield store
+    client.delete_table(TableName=store.table)

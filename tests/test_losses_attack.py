@@ -9,8 +9,8 @@ as at start, and reads the count at its end; check shows a first claim over a la
 as LOST). Two are open, strict xfails: a first claim that pauses between its re-read of the table
 and its write to the sink can still hide a loss, and a stream gap marked by a viewkeeper older than
 d1d33a7 during a rebuild is cleared by it. Real Redis (VIEWKEEPER_TEST_REDIS_URL) and OpenSearch;
-the coordination store in memory or DynamoDB on moto (``coord``); one Namespaces and one sink per
-simulated process; interleavings forced by wrapping a process's sink or store methods.
+the coordination store in memory or DynamoDB on moto (``coord_store``); one Namespaces and one
+sink per simulated process; interleavings forced by wrapping a process's sink or store methods.
 """
 
 from __future__ import annotations
@@ -34,8 +34,7 @@ from viewkeeper.sinks.base import Claim
 from viewkeeper.sinks.opensearch import OpenSearchSink
 from viewkeeper.sinks.redis import RedisSink
 
-coord = _atk.coord  # the fixtures (memory/dynamodb store; OpenSearch sinks)
-make_sink = _atk.make_sink
+make_sink = _atk.make_sink  # the fixture: OpenSearch sinks on the real clock
 
 
 @pytest.fixture
@@ -64,7 +63,7 @@ def _rebuild_like(ns: Namespaces, sink: Any, store: Any, items: list[str]) -> tu
 
 # === a mark a clean rebuild cannot clear =======================================================
 def test_a_loss_found_by_announce_keeps_a_clean_rebuild_from_clearing_the_mark(
-    redis_sinks: Callable[[], RedisSink], redis_client: Any, coord: Any
+    redis_sinks: Callable[[], RedisSink], redis_client: Any, coord_store: Any
 ) -> None:
     """Failed on d1d33a7, passes since its fix. Namespaces.announce read the count of marks *before*
     it read the sink's claim; when the claim is gone (the sink lost its data after the CLI's
@@ -75,7 +74,7 @@ def test_a_loss_found_by_announce_keeps_a_clean_rebuild_from_clearing_the_mark(
     mark: `viewkeeper rebuild` ends cleanly and `status` still says needs_rebuild (the automatic
     rebuild runs a second full scan for nothing). Fix: read ``losses`` after the claim is settled
     (at the end of announce): any mark made before announce returns is one the scan covers."""
-    store = coord
+    store = coord_store
     s1 = redis_sinks()
     ns1 = redis_namespaces(s1, store)
     ns1.claim()
@@ -96,11 +95,11 @@ def test_a_loss_found_by_announce_keeps_a_clean_rebuild_from_clearing_the_mark(
 
 
 def test_a_rebuild_after_a_plain_loss_clears_the_mark(
-    redis_sinks: Callable[[], RedisSink], redis_client: Any, coord: Any
+    redis_sinks: Callable[[], RedisSink], redis_client: Any, coord_store: Any
 ) -> None:
     """HOLDS: a loss re-armed by a writer, then a rebuild (announce reads the re-armed
     claim and the count): the mark is cleared; a second rebuild changes nothing."""
-    store = coord
+    store = coord_store
     s1 = redis_sinks()
     ns1 = redis_namespaces(s1, store)
     ns1.claim()
@@ -121,7 +120,7 @@ def test_a_rebuild_after_a_plain_loss_clears_the_mark(
     "the sink recreates a lost namespace under the recorded first marker",
 )
 def test_a_first_claim_paused_after_its_table_reread_hides_a_loss(
-    make_sink: Callable[..., OpenSearchSink], os_client: Any, coord: Any
+    make_sink: Callable[..., OpenSearchSink], os_client: Any, coord_store: Any
 ) -> None:
     """FAILS, open (1f3ff4c narrowed A1's window, did not close it): P2 starts with P1; its claim
     reads the table (nothing), the sink (nothing), and _fresh reads the table again
@@ -137,7 +136,7 @@ def test_a_first_claim_paused_after_its_table_reread_hides_a_loss(
     or the sink write of a first claim is create-only (fails if a claim exists) and a
     process that wrote into an empty namespace while the table already held the marker
     reports the loss."""
-    store = coord
+    store = coord_store
     s1, s2, s3 = make_sink(), make_sink(), make_sink()
     for s in (s1, s2, s3):
         s.prepare([ORDERS])
@@ -215,12 +214,12 @@ def test_check_shows_a_first_claim_over_a_later_recorded_marker_as_a_loss(
 
 # === no false loss in normal operation =========================================================
 def test_processes_starting_together_then_a_rebuild_make_no_false_loss(
-    redis_sinks: Callable[[], RedisSink], coord: Any
+    redis_sinks: Callable[[], RedisSink], coord_store: Any
 ) -> None:
     """HOLDS: four processes (or Lambda cold starts) of a new deployment claim at once
     (a barrier after each one's first sink read: all found nothing), write, restart one of them, and
     an initial rebuild runs right after: no SINK DATA LOST, one marker, the first one."""
-    store = coord
+    store = coord_store
     sinks = [redis_sinks() for _ in range(4)]
     nss = [redis_namespaces(s, store) for s in sinks]
     barrier = threading.Barrier(4, timeout=20)
@@ -266,11 +265,11 @@ def test_processes_starting_together_then_a_rebuild_make_no_false_loss(
 
 
 def test_a_restart_after_a_loss_was_rebuilt_makes_no_false_loss(
-    redis_sinks: Callable[[], RedisSink], redis_client: Any, coord: Any
+    redis_sinks: Callable[[], RedisSink], redis_client: Any, coord_store: Any
 ) -> None:
     """HOLDS: after a loss (re-armed: random marker) and its rebuild, a process restarting
     (and a new one) claims the random marker again without a report; the count stays 1."""
-    store = coord
+    store = coord_store
     s1 = redis_sinks()
     ns1 = redis_namespaces(s1, store)
     ns1.claim()
@@ -289,12 +288,12 @@ def test_a_restart_after_a_loss_was_rebuilt_makes_no_false_loss(
 
 
 # === the DynamoDB expressions (and the memory store alike) =====================================
-def test_the_count_and_the_conditional_clear(coord: Any) -> None:
+def test_the_count_and_the_conditional_clear(coord_store: Any) -> None:
     """HOLDS: mark counts from nothing (ADD on a missing attribute), keeps the first reason;
     clear needs needs_rebuild, the marker and the count; a bare marker skips the count;
     record_first_marker records where no marker is (also on a view record a stream gap
     made, with no marker) and returns the recorded one otherwise."""
-    store = coord
+    store = coord_store
     store.mark_needs_rebuild("v", "gap", 1.0, None)  # a stream gap on a view never claimed
     s = store.view_states()["v"]
     assert (s.marker, s.needs_rebuild, s.losses, s.reason) == (None, True, 1, "gap")
@@ -324,7 +323,7 @@ def test_a_mark_left_by_an_older_viewkeeper_is_cleared_by_a_rebuild(
     conditional clear accepts attribute_not_exists(losses)."""
     from viewkeeper.coordination.dynamodb import DynamoDBStore
 
-    store = DynamoDBStore(dynamodb, f"vk-coord-{uuid.uuid4().hex[:8]}")
+    store = DynamoDBStore(dynamodb, f"vk-coord_store-{uuid.uuid4().hex[:8]}")
     store.ensure()
     try:
         s1 = redis_sinks()
@@ -366,7 +365,7 @@ def test_a_stream_gap_marked_by_an_older_viewkeeper_during_a_rebuild_is_cleared_
     rebuilds are not to be trusted while a version before d1d33a7 runs."""
     from viewkeeper.coordination.dynamodb import DynamoDBStore
 
-    store = DynamoDBStore(dynamodb, f"vk-coord-{uuid.uuid4().hex[:8]}")
+    store = DynamoDBStore(dynamodb, f"vk-coord_store-{uuid.uuid4().hex[:8]}")
     store.ensure()
     try:
         s1 = redis_sinks()
@@ -393,7 +392,7 @@ def test_a_stream_gap_marked_by_an_older_viewkeeper_during_a_rebuild_is_cleared_
 
 # === more regression tests =====================================================================
 def test_a_take_over_then_its_rebuild_clears_the_mark_without_a_false_loss(
-    redis_sinks: Callable[[], RedisSink], redis_client: Any, coord: Any
+    redis_sinks: Callable[[], RedisSink], redis_client: Any, coord_store: Any
 ) -> None:
     """HOLDS: `rebuild --take-over` (claim(take_over), wipe, rebuild): the take-over's mark
     is counted before announce reads the count; the wipe keeps the new claim; the rebuild
@@ -408,7 +407,7 @@ def test_a_take_over_then_its_rebuild_clears_the_mark_without_a_false_loss(
     nsb = Namespaces(registry_of(VALS), {("redis", "cache"): sb}, theirs, {"atk": OWNER_B})
     nsb.claim()
     _write(nsb, sb, [put("x", 1, "theirs")])
-    store = coord
+    store = coord_store
     sa = redis_sinks()
     nsa = redis_namespaces(sa, store)
     lost_before = metrics.SINK_DATA_LOST.labels(VALS.name)._value.get()
@@ -423,14 +422,14 @@ def test_a_take_over_then_its_rebuild_clears_the_mark_without_a_false_loss(
 
 
 def test_a_restore_to_the_rebuilds_marker_after_a_later_loss_keeps_the_mark(
-    redis_sinks: Callable[[], RedisSink], redis_client: Any, coord: Any
+    redis_sinks: Callable[[], RedisSink], redis_client: Any, coord_store: Any
 ) -> None:
     """HOLDS (the count at work): loss 1 re-armed R1; a snapshot holds R1's claim; a rebuild
     announces R1@1 and writes; loss 2 is re-armed R2; Redis is restored from the snapshot
     (R1 again): the writer adopts R1 silently ("re-armed by another process, reported
     already"), so the marker is the rebuild's again -- the count (2) keeps the rebuild from
     clearing a mark its writes no longer back."""
-    store = coord
+    store = coord_store
     s1, srb = redis_sinks(), redis_sinks()
     ns1, nsrb = redis_namespaces(s1, store), redis_namespaces(srb, store)
     ns1.claim()
@@ -473,7 +472,7 @@ class _StoreProxy:
 
 
 def test_two_re_arms_crossing_leave_a_mark_no_rebuild_can_clear(
-    redis_sinks: Callable[[], RedisSink], redis_client: Any, coord: Any
+    redis_sinks: Callable[[], RedisSink], redis_client: Any, coord_store: Any
 ) -> None:
     """Failed on d1d33a7, passes since its fix (a mark a clean rebuild never cleared:
     auto_rebuild looped forever).
@@ -492,7 +491,7 @@ def test_two_re_arms_crossing_leave_a_mark_no_rebuild_can_clear(
     mark writes its marker only if the sink still holds it (mark with the claim read
     back: ``marker = held`` after the write), or a rebuild clears against the recorded
     marker it read at announce and checks the sink still holds the claim it announced."""
-    store = coord
+    store = coord_store
     sd, sl = redis_sinks(), redis_sinks()
     d_at_write, l_wrote, d_marked = threading.Event(), threading.Event(), threading.Event()
     nsd = redis_namespaces(sd, _StoreProxy(store, lambda: None, d_marked.set))  # type: ignore[arg-type]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -54,21 +53,6 @@ def make_sink(os_client: Any, os_prefix: str) -> Iterator[Callable[..., OpenSear
     yield factory
     for sink in made:
         sink.close()
-
-
-@pytest.fixture(params=["memory", "dynamodb"])
-def coord(request: pytest.FixtureRequest) -> Iterator[Any]:
-    """The coordination store: in memory, or the DynamoDB one on moto."""
-    if request.param == "memory":
-        yield MemoryStore()
-        return
-    from viewkeeper.coordination.dynamodb import DynamoDBStore
-
-    client = request.getfixturevalue("dynamodb")
-    store = DynamoDBStore(client, f"vk-coord-{uuid.uuid4().hex[:8]}")
-    store.ensure()
-    yield store
-    client.delete_table(TableName=store.table)
 
 
 def _url(redis_client: Any) -> str:
@@ -128,7 +112,7 @@ class _Paused:
 
 # === (c) a needs_rebuild mark cleared that must be kept ======================================
 def test_a_stale_first_claim_brings_the_first_marker_back_and_a_rebuild_clears_a_later_loss(
-    make_sink: Callable[..., OpenSearchSink], os_client: Any, coord: Any
+    make_sink: Callable[..., OpenSearchSink], os_client: Any, coord_store: Any
 ) -> None:
     """Failed on 53e8a40, passes since its fix (finding C1, caused by the deterministic marker).
 
@@ -144,7 +128,7 @@ def test_a_stale_first_claim_brings_the_first_marker_back_and_a_rebuild_clears_a
     with F, and F is recorded again: rebuilt() clears the mark, though every document RB
     wrote before the loss is gone. With random first markers P2's fresh marker differed from
     RB's and the mark stayed."""
-    store = coord
+    store = coord_store
     s1, s2, srb = make_sink(), make_sink(), make_sink()
     for s in (s1, s2, srb):
         s.prepare([ORDERS])
@@ -201,7 +185,7 @@ def test_a_stale_first_claim_brings_the_first_marker_back_and_a_rebuild_clears_a
 
 
 def test_a_stream_gap_marked_while_a_rebuild_runs_is_cleared_by_it(
-    redis_client: Any, coord: Any
+    redis_client: Any, coord_store: Any
 ) -> None:
     """Failed on 53e8a40, passes since its fix (finding C2, pre-existing: not caused by the
     deterministic marker).
@@ -214,7 +198,7 @@ def test_a_stream_gap_marked_while_a_rebuild_runs_is_cleared_by_it(
     stream): they stay stale, unmarked."""
     from viewkeeper.runtime.supervisor import Supervisor
 
-    store = coord
+    store = coord_store
     sink = RedisSink("cache", url=_url(redis_client), owner_buckets=16)
     ns = redis_namespaces(sink, store)
     ns.claim()
@@ -397,14 +381,14 @@ def test_a_coordination_table_restored_under_another_name_gets_the_same_first_ma
 
     DynamoDB restores a backup into a table of another name; the copy holds the same
     deployment id (the meta item). first_marker() seeds on deployment, source and view, not
-    on the coordination table's name, so deployments D1 (vk-coord) and D2 (the restored
-    copy, vk-coord-restored, made before the view existed there) derive the same first
+    on the coordination table's name, so deployments D1 (vk-coord_store) and D2 (the restored
+    copy, vk-coord_store-restored, made before the view existed there) derive the same first
     marker although their owners differ. Redis checks only the marker per call: after
     Redis lost its data and D2 made its first claim, D1's writes (its seen counter carried
     past by D2) go into D2's namespace, until D1's periodic verify notices the owner."""
     url = _url(redis_client)
     d1_owner = OWNER_A
-    d2_owner = Owner(OWNER_A.source, "vk-coord-restored", OWNER_A.deployment)
+    d2_owner = Owner(OWNER_A.source, "vk-coord_store-restored", OWNER_A.deployment)
     assert d1_owner != d2_owner
     s1 = RedisSink("cache", url=url, owner_buckets=16)
     s2 = RedisSink("cache", url=url, owner_buckets=16)

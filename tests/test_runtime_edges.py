@@ -112,23 +112,6 @@ def _key_in_upper_half(prefix: str) -> str:
     raise AssertionError("no key found")
 
 
-@pytest.fixture(params=["memory", "dynamodb"])
-def coord_store(request: pytest.FixtureRequest) -> Iterator[Any]:
-    """The coordination store: in memory, or the DynamoDB one on moto."""
-    if request.param == "memory":
-        yield MemoryStore()
-        return
-    import uuid
-
-    from viewkeeper.coordination.dynamodb import DynamoDBStore
-
-    client = request.getfixturevalue("dynamodb")
-    store = DynamoDBStore(client, f"vk-coord-{uuid.uuid4().hex[:8]}")
-    store.ensure()
-    yield store
-    client.delete_table(TableName=store.table)
-
-
 @pytest.fixture
 def redis_sink(redis_client: Any) -> RedisSink:
     sink = RedisSink("cache", redis_client)
