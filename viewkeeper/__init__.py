@@ -3,9 +3,11 @@
 The public API is what a view module needs::
 
     from viewkeeper import redis_view, opensearch_view, Value, HashField, SetMember, SortedSetMember
+    from viewkeeper import changelog_view, StreamChange  # views of the changes themselves
 """
 
 from viewkeeper.projection.api import View, opensearch_view, redis_view
+from viewkeeper.projection.changelog import StreamChange, changelog_view
 from viewkeeper.projection.entries import HashField, SetMember, SortedSetMember, Value
 
 __version__ = "0.1.0"
@@ -14,9 +16,11 @@ __all__ = [
     "HashField",
     "SetMember",
     "SortedSetMember",
+    "StreamChange",
     "Value",
     "View",
     "__version__",
+    "changelog_view",
     "opensearch_view",
     "redis_view",
 ]

@@ -51,6 +51,8 @@ class View:
     index: str | None = None
     doc_id: DocIdFunc | None = field(default=None, repr=False, compare=False)
     options: Mapping[str, Any] = field(default_factory=dict)
+    # a change-log view (projection/changelog.py): one entry per change, appended once
+    changelog: bool = False
 
     @property
     def where(self) -> str:

@@ -9,6 +9,10 @@ idempotently, guarded by the version, and reports one :class:`Result` per change
 - ``ERROR``: this change alone cannot be applied (an entry the sink rejects as invalid):
   the worker dead-letters the record and goes on.
 
+Change-log views (``View.changelog``) are written through :meth:`Sink.append` instead: one
+:class:`Append` per (view, record), appended at most once per record however often it
+is sent (``APPLIED``: appended now; ``STALE``: it was appended before, a duplicate).
+
 A transient failure of the whole sink (connection refused, 5xx, 429 after retries) raises
 :class:`SinkUnavailable`: the worker retries the batch and the checkpoint does not move.
 
@@ -24,15 +28,16 @@ re-armed it after such a loss, or another deployment took it over).
 from __future__ import annotations
 
 import enum
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from viewkeeper.projection.api import View
 from viewkeeper.projection.entries import Entry
 from viewkeeper.projection.versions import Version
 
 __all__ = [
+    "Append",
     "Change",
     "Claim",
     "Collision",
@@ -131,6 +136,26 @@ class Change:
     entries: Sequence[Entry]
 
 
+@dataclass(frozen=True, slots=True)
+class Append:
+    """One change of an item for a change-log view: the entry its function gave.
+
+    How a sink keeps it to one entry per record: records of one shard are sent in stream
+    order, so a sink may keep, per (view, shard), the highest sequence it appended and
+    append only above it, in the same atomic step as the entry. ``shard`` is empty when the
+    record is not sent in its shard's order (dead-letter replay): the sink then remembers
+    the record itself (by ``sequence``). An OpenSearch document's id is derived from
+    ``sequence``, which is enough on its own.
+    """
+
+    view: View
+    shard: str
+    sequence: str  # the record's SequenceNumber, decimal text
+    item_key: str
+    body: Mapping[str, Any]
+    created_at: float  # ApproximateCreationDateTime, epoch seconds (0.0 when absent)
+
+
 class Sink(Protocol):
     """One named connection of the config (``redis: {cache: ...}``), serving many views."""
 
@@ -141,6 +166,10 @@ class Sink(Protocol):
 
     def apply(self, changes: Sequence[Change]) -> list[Result]:
         """Apply the changes; one Result per change, in order. Raises SinkUnavailable."""
+
+    def append(self, appends: Sequence[Append]) -> list[Result]:
+        """Append the change-log entries, each at most once per record (see Append); one
+        Result per append, in order. Raises SinkUnavailable."""
 
     def sweep(self, view: View, generation: int, now: float, keep: Collection[str] = ()) -> int:
         """Retract what items of generations older than ``generation`` still own (rebuild),
