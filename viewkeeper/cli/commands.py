@@ -22,18 +22,24 @@ log = logging.getLogger("viewkeeper.cli")
 # --- commands ---------------------------------------------------------------------------
 def cmd_rebuild(args: argparse.Namespace) -> int:
     from viewkeeper.projection.registry import ViewLoadError
-    from viewkeeper.runtime.rebuild import HandshakeTimeout
+    from viewkeeper.runtime.rebuild import HandshakeTimeout, changelog_refusal
 
     app = _app(args)
     if args.all:
         views = list(app.registry)
     else:
         views = [app.registry.get(name) for name in args.views]
+        named = [v.name for v in views if v.changelog]
+        if named:
+            raise ViewLoadError(changelog_refusal(named))
         for table in args.table:
             found = app.registry.by_table(table)
             if not found:
                 raise ViewLoadError(f"--table {table}: no loaded view reads table {table!r}")
             views += [v for v in found if v not in views]
+    for view in [v for v in views if v.changelog]:
+        print(f"view {view.name}: a change-log view, skipped (nothing to rebuild)")
+        views.remove(view)
     if not views:
         raise ViewLoadError("name the views to rebuild (VIEW ...), or --table TABLE, or --all")
     if args.segments < 1:

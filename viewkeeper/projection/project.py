@@ -5,10 +5,11 @@ Where a record is projected. The same code serves the stream and the rebuild sca
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, cast
 
 from viewkeeper.projection.api import View
+from viewkeeper.projection.changelog import StreamChange, changelog_body
 from viewkeeper.projection.entries import (
     Document,
     Entry,
@@ -19,7 +20,7 @@ from viewkeeper.projection.entries import (
 )
 from viewkeeper.projection.keys import encode_key
 
-__all__ = ["ProjectionError", "project", "shown"]
+__all__ = ["ProjectionError", "map_change", "project", "shown"]
 
 _REDIS_TYPES = (Value, HashField, SetMember, SortedSetMember)
 
@@ -72,10 +73,30 @@ def project(
     except ProjectionError:
         raise
     except Exception as exc:
-        text = str(exc)
-        if len(text) > _EXC_SHOWN:  # the dead letter keeps the traceback
-            text = text[:_EXC_SHOWN] + f"… ({len(text)} characters)"
-        raise ProjectionError(view, item_key, f"raised {type(exc).__name__}: {text}") from exc
+        raise _raised(view, item_key, exc) from exc
+
+
+def map_change(view: View, change: StreamChange, item_key: str) -> dict[str, Any] | None:
+    """The entry a change-log view makes of one change (a dict), or None for none.
+
+    Raises :class:`ProjectionError` (the record is then dead-lettered) when the function
+    raises or returns something else than a dict or None.
+    """
+    try:
+        result = cast(Callable[[StreamChange], Any], view.func)(change)
+    except Exception as exc:
+        raise _raised(view, item_key, exc) from exc
+    try:
+        return changelog_body(view, result)
+    except (TypeError, ValueError) as exc:
+        raise ProjectionError(view, item_key, str(exc)) from exc
+
+
+def _raised(view: View, item_key: str, exc: Exception) -> ProjectionError:
+    text = str(exc)
+    if len(text) > _EXC_SHOWN:  # the dead letter keeps the traceback
+        text = text[:_EXC_SHOWN] + f"… ({len(text)} characters)"
+    return ProjectionError(view, item_key, f"raised {type(exc).__name__}: {text}")
 
 
 def _redis_entries(view: View, item_key: str, result: Any) -> list[Entry]:

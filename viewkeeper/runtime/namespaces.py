@@ -328,6 +328,17 @@ class Namespaces:
     def _report(self, view: View, sink: Sink, marker: str, why: str) -> None:
         self.store.mark_needs_rebuild(view.name, why, self.clock(), marker)
         metrics.SINK_DATA_LOST.labels(view.name).inc()
+        if view.changelog:  # the marker and the count are recorded; there is nothing to rebuild
+            state = self.store.view_states().get(view.name)
+            self.store.clear_needs_rebuild(view.name, marker, state.losses if state else None)
+            log.error(
+                "CHANGE-LOG ENTRIES LOST: view %s: %s. The entries it appended before are gone "
+                "and nothing can append them again (a change-log view's history is not in the "
+                "table); it goes on appending from the stream.",
+                view.name,
+                why,
+            )
+            return
         metrics.VIEW_NEEDS_REBUILD.labels(view.name).set(1)
         log.error(
             "SINK DATA LOST: view %s: %s. Items that do not change again are missing or "

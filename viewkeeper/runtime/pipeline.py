@@ -17,6 +17,13 @@ A malformed record (one that :func:`~viewkeeper.stream.records.decode_records` m
 decode error and its sequence (``"0"`` when it has none), and counted ``dead_lettered`` for
 each view, so ``applied + stale + dead_lettered == records x views`` holds for every page.
 
+A change-log view (``View.changelog``) maps every record, not only an item's newest, to at
+most one entry (:func:`~viewkeeper.projection.project.map_change`), sent in stream order
+with the record's ``shard`` to ``Sink.append``, which appends each record once (applied;
+``stale``: appended before). A change the function maps to None is counted applied (it
+asks for nothing). Dead-letter replay passes no shard: the sink then remembers the record
+itself.
+
 A sink that is unavailable raises :class:`~viewkeeper.sinks.base.SinkUnavailable` out of
 :meth:`Pipeline.process`; the caller retries the whole batch and does not checkpoint
 (sinks are idempotent, so re-applying what already landed is harmless).
@@ -35,6 +42,7 @@ current generation (``generation_of``).
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import logging
 import time
@@ -47,12 +55,13 @@ import orjson
 
 from viewkeeper.coordination.model import CoordinationStore, DeadLetter
 from viewkeeper.projection.api import View
+from viewkeeper.projection.changelog import StreamChange
 from viewkeeper.projection.keys import ItemKeyError, encode_key
-from viewkeeper.projection.project import ProjectionError, project
+from viewkeeper.projection.project import ProjectionError, map_change, project
 from viewkeeper.projection.registry import ViewRegistry
 from viewkeeper.projection.versions import Version, padded_sequence
 from viewkeeper.runtime import metrics
-from viewkeeper.sinks.base import Change, NamespaceLost, Outcome, Result, Sink
+from viewkeeper.sinks.base import Append, Change, NamespaceLost, Outcome, Result, Sink
 from viewkeeper.stream.records import NO_SEQUENCE, ChangeRecord, DecodeError
 
 __all__ = ["BatchReport", "HaltShard", "Pipeline", "deadletter_id"]
@@ -129,12 +138,16 @@ class Pipeline:
         only: Sequence[str] | None = None,
         *,
         generations: Mapping[str, int] | None = None,
+        shard: str = "",
     ) -> BatchReport:
         """Project and apply one page of records of ``table`` to every view on it (or to the
         views named in ``only``: dead-letter replay), versioned with the views'
-        ``generations`` when the records were read (see the module doc)."""
+        ``generations`` when the records were read (see the module doc). ``shard``: the
+        shard the page was read from, in order ("" when the records are not a shard's, in
+        order: the change-log views' sinks then remember each record)."""
         report = BatchReport()
         per_sink: dict[SinkKey, list[_Pending]] = defaultdict(list)
+        appends: dict[SinkKey, list[tuple[Append, ChangeRecord]]] = defaultdict(list)
         invalid = [r for r in records if r.invalid is not None]
         invalid_keys: list[str] = []
         if invalid:  # malformed records (decode_records): dead-lettered for every view
@@ -152,6 +165,9 @@ class Pipeline:
                 self._dead(
                     report, view, table, item_key, rec, DecodeError(str(rec.invalid)), generation
                 )
+            if view.changelog:
+                self._map_changes(report, view, table, records, key_names, shard, appends)
+                continue
             latest: dict[str, list[ChangeRecord]] = {}
             for rec in records:
                 try:
@@ -168,8 +184,77 @@ class Pipeline:
                     per_sink[(view.kind, view.connection)].append(pending)
         for key, pendings in per_sink.items():
             self._apply(report, self.sinks[key], pendings, table)
+        for key, todo in appends.items():
+            self._append(report, self.sinks[key], todo, table)
         self.flush(report)
         return report
+
+    def _map_changes(
+        self,
+        report: BatchReport,
+        view: View,
+        table: str,
+        records: Sequence[ChangeRecord],
+        key_names: tuple[str, ...],
+        shard: str,
+        appends: dict[SinkKey, list[tuple[Append, ChangeRecord]]],
+    ) -> None:
+        """Every record, in order, mapped by a change-log view: an Append, nothing (None:
+        counted applied) or a dead letter."""
+        out = appends[(view.kind, view.connection)]
+        nothing = 0
+        for rec in records:
+            try:
+                item_key = encode_key(rec.keys, key_names)
+                change = StreamChange(
+                    event=rec.event,
+                    keys=rec.keys,
+                    old=rec.old_image,
+                    new=None if rec.event == "REMOVE" else rec.new_image,
+                    sequence=rec.sequence,
+                    time=dt.datetime.fromtimestamp(rec.created_at, dt.UTC),
+                )
+                body = map_change(view, change, item_key)
+            except ItemKeyError as exc:
+                self._dead(report, view, table, "?", rec, exc, 0)
+                continue
+            except ProjectionError as exc:
+                self._dead(report, view, table, exc.item_key, rec, exc, 0)
+                continue
+            if body is None:
+                nothing += 1
+                continue
+            out.append((Append(view, shard, rec.sequence, item_key, body, rec.created_at), rec))
+        if nothing:
+            report.applied += nothing
+            metrics.RECORDS.labels(view.name, "applied").inc(nothing)
+
+    def _append(
+        self,
+        report: BatchReport,
+        sink: Sink,
+        todo: list[tuple[Append, ChangeRecord]],
+        table: str,
+    ) -> None:
+        """``sink.append`` (re-sent after a changed claim, as changes are); outcomes counted."""
+        if not todo:
+            return
+        batch = [a for a, _ in todo]
+        results = self._send(sink, lambda: sink.append(batch))
+        counted: Counter[tuple[str, str]] = Counter()
+        for (a, rec), result in zip(todo, results, strict=True):
+            if result.outcome is Outcome.APPLIED:
+                report.applied += 1
+                counted[a.view.name, "applied"] += 1
+            elif result.outcome is Outcome.STALE:
+                report.stale += 1
+                counted[a.view.name, "stale"] += 1
+            else:
+                metrics.SINK_ERRORS.labels(sink.name, "rejected").inc()
+                error = RuntimeError(result.error or "rejected by the sink")
+                self._dead(report, a.view, table, a.item_key, rec, error, 0)
+        for (name, outcome), n in counted.items():
+            metrics.RECORDS.labels(name, outcome).inc(n)
 
     @staticmethod
     def _key_or_unknown(rec: ChangeRecord, key_names: tuple[str, ...]) -> str:
@@ -216,12 +301,13 @@ class Pipeline:
             return _Pending(Change(view, item_key, version, entries), rec)
         return None
 
-    def _send(self, sink: Sink, changes: list[Change]) -> list[Result]:
-        """``sink.apply``; a batch refused for a changed claim (nothing written) is handed to
-        ``on_lost`` and sent again, a few times (another process may re-arm meanwhile)."""
+    def _send(self, sink: Sink, call: Callable[[], list[Result]]) -> list[Result]:
+        """``call()`` (``sink.apply`` or ``sink.append``); a batch refused for a changed claim
+        (nothing written) is handed to ``on_lost`` and sent again, a few times (another
+        process may re-arm meanwhile)."""
         for attempt in range(4):
             try:
-                return sink.apply(changes)
+                return call()
             except NamespaceLost as exc:
                 if self.on_lost is None or attempt == 3:
                     raise
@@ -229,7 +315,8 @@ class Pipeline:
         raise AssertionError("unreachable")
 
     def _apply(self, report: BatchReport, sink: Sink, pendings: list[_Pending], table: str) -> None:
-        results = self._send(sink, [p.change for p in pendings])
+        changes = [p.change for p in pendings]
+        results = self._send(sink, lambda: sink.apply(changes))
         counted: Counter[tuple[str, str]] = Counter()  # the metric moves once per view
         for pending, result in zip(pendings, results, strict=True):
             view = pending.change.view

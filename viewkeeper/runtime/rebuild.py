@@ -238,6 +238,9 @@ def rebuild(
     ``namespaces``, each view's claim records the new generation before the scan, and the
     view's needs_rebuild mark (lost sink data) is cleared at the end unless another loss was
     recorded meanwhile."""
+    refused = [v.name for v in views if v.changelog]
+    if refused:
+        raise ValueError(changelog_refusal(refused))
     tables = sorted({v.table for v in views})
     started = time.monotonic()
     store.ensure()
@@ -279,7 +282,8 @@ def rebuild(
             report.retracted += _sweep(pipeline, view, generations[view.name], keep)
         # only now that the scan and the sweep are done: a rebuild that fails before keeps
         # the mark, and the shard stays unread until one succeeds
-        all_views = {v.name for v in registry.by_table(table)} <= {v.name for v in table_views}
+        every = {v.name for v in registry.by_table(table) if not v.changelog}
+        all_views = every <= {v.name for v in table_views}
         _resume_trimmed_shards(table, info.stream_arn, all_views, client, store, report, out)
         if namespaces is not None:
             for view in table_views:
@@ -288,6 +292,15 @@ def rebuild(
     report.seconds = time.monotonic() - started
     print(report.summary(), file=out)
     return report
+
+
+def changelog_refusal(names: Sequence[str]) -> str:
+    """Why change-log views cannot be rebuilt, naming them."""
+    return (
+        f"view(s) {', '.join(names)}: a change-log view cannot be rebuilt: its entries are the "
+        "history of the table's changes, which a scan of the table does not hold. Leave it "
+        "out (rebuild --table and --all skip change-log views)"
+    )
 
 
 def _sweep(pipeline: Pipeline, view: View, generation: int, keep: set[str]) -> int:

@@ -202,7 +202,10 @@ class Supervisor:
             "writes made in between are in no stream"
         )
         for view in self.pipeline.registry.by_table(table):
-            self.store.mark_needs_rebuild(view.name, why, self.wall_clock(), None)
+            if view.changelog:  # nothing can rebuild a history: said, not marked
+                log.error("CHANGE-LOG GAP: view %s misses the changes of %s", view.name, why)
+            else:
+                self.store.mark_needs_rebuild(view.name, why, self.wall_clock(), None)
         metrics.STREAM_GAPS.labels(table).inc()
         log.error(
             "DATA LOST TO A STREAM GAP: %s. The views of %s are marked needs_rebuild: run "

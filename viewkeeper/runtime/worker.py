@@ -373,7 +373,9 @@ class ShardWorker:
         while True:
             started = time.perf_counter()
             try:
-                self.pipeline.process(table, self.key_names, records, generations=gens)
+                self.pipeline.process(
+                    table, self.key_names, records, generations=gens, shard=self.lease.shard_id
+                )
                 break
             except SinkUnavailable as exc:
                 metrics.SINK_RETRIES.labels(str(exc).split(":", 1)[0]).inc()

@@ -8,6 +8,9 @@
 --                    n (number of entries), and per entry: type (V H S Z), key, a, b
 --                    V: value, ttl or ''   H: field, value   S: member, ''   Z: member, score
 -- (the entries of one change have distinct identities: the caller removes duplicates)
+-- or a change-log group (an empty first argument, see append_group below): '', the stream,
+--                    its high-water hash, its replay hash, maxlen or '', the MINID cutoff
+--                    or '', m, then per append: shard, sequence, f, and f field/value pairs
 --
 -- Returns { 'L', i } without writing anything when the i-th claim hash does not hold its
 -- marker (the server lost the views' data, or another process re-armed or took it over:
@@ -19,8 +22,8 @@
 -- is re-armed and rebuilt; none of the changes is written.
 -- Else { codes, counters, detail, detail, ... }: counters has the claims' write counters
 -- after this call (each claim's n is incremented once per call, after every claim check
--- and before the first change); codes has one byte per change, '1' applied, '0'
--- stale, 'x' or 'e' see the next detail: 'x' {-1, i, type} when the key of entry i holds the
+-- and before the first change); codes has one byte per change (and per append), '1'
+-- applied (appended), '0' stale (appended before), 'x' or 'e' see the next detail: 'x' {-1, i, type} when the key of entry i holds the
 -- wrong type (nothing written), 'x' {-2, i, what, argument} when an argument of entry i is
 -- one Redis would refuse (what: 'ttl', 'score' or 'type'; nothing written), 'x' {1, i, claim,
 -- ...} when applied with entries i claimed by another owner, 'e' the message of a Redis
@@ -330,18 +333,85 @@ for i = 1, k do
   counters[i] = n
 end
 
+-- Change-log sequences are sent without leading zeros: the longer one is the greater.
+local function above(x, y)
+  if #x ~= #y then return #x > #y end
+  return newer(x, y)
+end
+
+-- One append of a change-log group (arguments at ARGV[p]); '1' appended, '0' appended before.
+-- Records of one shard come in stream order: the high-water hash keeps, per shard, the
+-- highest sequence appended (field SHARD) and when (field @SHARD, for the purge), and a
+-- record at or below it was appended already. A record sent outside its shard's order (a
+-- dead letter replayed: shard '') is remembered by its sequence in the replay hash.
+local function append_one(stream, hw, rp, cap, p)
+  local shard, seq, f = ARGV[p], ARGV[p + 1], tonumber(ARGV[p + 2])
+  if shard ~= '' then
+    local h = call('HGET', hw, shard)
+    if h and not above(seq, h) then return '0' end
+  elseif call('HEXISTS', rp, seq) == 1 then
+    return '0'
+  end
+  local cmd = { 'XADD', stream }
+  if cap ~= '' then cmd[3], cmd[4], cmd[5] = 'MAXLEN', '~', cap end
+  cmd[#cmd + 1] = '*'
+  for i = p + 3, p + 2 + 2 * f do cmd[#cmd + 1] = ARGV[i] end
+  call(unpack(cmd))
+  if shard ~= '' then call('HSET', hw, shard, seq, '@' .. shard, now)
+  else call('HSET', rp, seq, now) end
+  return '1'
+end
+
+-- A change-log group starting at ARGV[a] (its first argument ''): codes and details into
+-- the reply's, returns where the next group or change starts. Every key's type is checked
+-- before the first write; an append that fails fails alone ('e'), as a change does.
+local function append_group(a, codes, reply)
+  local stream, hw, rp, cap, minid = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
+  local m, p = tonumber(ARGV[a + 6]), a + 7
+  local bad
+  for _, pair in ipairs({ { stream, 'stream' }, { hw, 'hash' }, { rp, 'hash' } }) do
+    local have = call('TYPE', pair[1])['ok']
+    if have ~= 'none' and have ~= pair[2] then
+      bad = 'WRONGTYPE key ' .. pair[1] .. ' holds a ' .. have .. ', not a ' .. pair[2]
+    end
+  end
+  local added = false
+  for _ = 1, m do
+    local code, detail = 'e', bad
+    if not bad then
+      local ok, got = pcall(append_one, stream, hw, rp, cap, p)
+      if ok then code = got else
+        detail = message(got)
+        local refused = transient(detail)
+        if refused then return nil, refused end
+      end
+    end
+    codes[#codes + 1] = code
+    if code == 'e' then reply[#reply + 1] = detail end
+    if code == '1' then added = true end
+    p = p + 3 + 2 * tonumber(ARGV[p + 2])
+  end
+  if minid ~= '' and added then call('XTRIM', stream, 'MINID', '~', minid) end
+  return p
+end
+
 local codes, reply = {}, { '', counters }
 while a <= #ARGV do
-  local nxt = a + 5 + 4 * tonumber(ARGV[a + 4])
-  local ok, code, detail = pcall(apply, a)
-  if not ok then
-    code = message(code)
-    local refused = transient(code)
-    if refused then return redis.error_reply(refused) end
-    code, detail = 'e', code
+  local nxt, refused
+  if ARGV[a] == '' then
+    nxt, refused = append_group(a, codes, reply)
+  else
+    nxt = a + 5 + 4 * tonumber(ARGV[a + 4])
+    local ok, code, detail = pcall(apply, a)
+    if not ok then
+      code = message(code)
+      refused = transient(code)
+      code, detail = 'e', code
+    end
+    codes[#codes + 1] = code
+    if detail then reply[#reply + 1] = detail end
   end
-  codes[#codes + 1] = code
-  if detail then reply[#reply + 1] = detail end
+  if refused then return redis.error_reply(refused) end
   a = nxt
 end
 reply[1] = concat(codes)

@@ -1,9 +1,9 @@
 """RedisSink: the ``redis:`` connection of the config, composed of the package's layers.
 
-Owns the class the rest of viewkeeper uses and the ``Sink`` protocol's prepare, apply, ping
-and close; its other methods come from the layers below (:mod:`.maintenance`,
-:mod:`.apply`, :mod:`.claims`, :mod:`.connection`, which also holds ``__init__``). The
-design: README.md in this package.
+Owns the class the rest of viewkeeper uses and the ``Sink`` protocol's prepare, apply,
+append, ping and close; its other methods come from the layers below (:mod:`.changelog`,
+:mod:`.maintenance`, :mod:`.apply`, :mod:`.claims`, :mod:`.connection`, which also holds
+``__init__``). The design: README.md in this package.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from functools import partial
 from typing import Any
 
 from viewkeeper.projection.api import View
-from viewkeeper.sinks.base import Change, Result, SinkUnavailable
+from viewkeeper.sinks.base import Append, Change, Result, SinkUnavailable
+from viewkeeper.sinks.redis.changelog import _Changelog
 from viewkeeper.sinks.redis.connection import log
-from viewkeeper.sinks.redis.maintenance import _Maintenance
 
 
-class RedisSink(_Maintenance):
+class RedisSink(_Changelog):
     """A ``redis:`` connection of the config, serving all its views (the ``Sink`` protocol).
 
     Its constructor is ``_Connection.__init__`` (connection.py): a ``client`` or a ``url``,
@@ -39,6 +39,8 @@ class RedisSink(_Maintenance):
         self._ensure_ready()
         for view in views:
             self._view_id(view.name)
+            if view.changelog:
+                self.check_changelog(view)
         policy = self._with_retry(partial(self._config, "maxmemory-policy")) or ""
         if policy.startswith("allkeys-"):
             log.warning(
@@ -55,6 +57,14 @@ class RedisSink(_Maintenance):
             return self._apply(changes, self._clock())
         except SinkUnavailable:
             self._ready = False  # check again before the retry: a restart, changed limits
+            raise
+
+    def append(self, appends: Sequence[Append]) -> list[Result]:
+        """Change-log entries, each appended once (changelog.py); one Result per append."""
+        try:
+            return self._append(appends, self._clock())
+        except SinkUnavailable:
+            self._ready = False
             raise
 
     def ping(self) -> None:

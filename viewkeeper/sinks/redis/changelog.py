@@ -1,0 +1,220 @@
+"""Change-log views on Redis: one Redis Stream entry per record, appended once.
+
+Owns the sink's ``append`` (change-log groups in calls of ``redis_apply.lua``, which checks
+the view's claim first as for any change), the keys of a change-log view and their
+maintenance (purge, wipe). README.md, "Change-log views".
+
+Exactly once: records of one shard reach ``append`` in stream order (a worker applies its
+pages in order; a page read again after a crash or a lease move starts at a checkpoint, so
+it repeats a prefix). The script keeps, per (view, shard), the highest sequence it appended
+and appends a record only above it, in the same atomic call as the XADD: a record sent
+again (a replay, kill -9 between the append and the checkpoint, two processes overlapping
+on a shard during a lease move) answers STALE. A dead letter replayed comes out of its
+shard's order (shard ``''``): the replay hash remembers it by its sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from functools import partial
+from typing import Any
+
+from redis.crc import key_slot
+
+from viewkeeper.projection.api import View
+from viewkeeper.sinks.base import APPLIED, STALE, Append, Outcome, Result, SinkError
+from viewkeeper.sinks.encoding import EncodeError, redis_value
+from viewkeeper.sinks.redis.apply import _again, _read
+from viewkeeper.sinks.redis.connection import _is_transient
+from viewkeeper.sinks.redis.maintenance import _Maintenance
+from viewkeeper.sinks.redis.packing import _b, _Batch, _text
+
+_PER_CALL = 128  # appends per script call
+_MAX_FIELDS = 1000  # fields of one stream entry (the script unpacks them into one XADD)
+_TAGS: dict[int, bytes] = {}
+
+
+def slot_tag(key: bytes) -> bytes:
+    """A hash tag that puts bookkeeping ``...{TAG}...`` in ``key``'s cluster slot: the key's
+    own tag (the text between its first ``{`` and the next ``}``, when not empty), else the
+    key itself when it has no braces, else a short tag found to hash to the key's slot (a
+    key whose braces are not a tag: wrapping it in ``{}`` would hash another text)."""
+    start = key.find(b"{")
+    if start >= 0:
+        end = key.find(b"}", start + 1)
+        if end > start + 1:
+            return key[start + 1 : end]
+    elif b"}" not in key:
+        return key
+    if not _TAGS:
+        i = 0
+        while len(_TAGS) < 16384:
+            tag = b"%d" % i
+            _TAGS.setdefault(key_slot(tag), tag)
+            i += 1
+    return _TAGS[key_slot(key)]
+
+
+class _Changelog(_Maintenance):
+    """The ``Sink`` protocol's ``append``, and purge and wipe for change-log views."""
+
+    def changelog_keys(self, view: View) -> tuple[bytes, bytes, bytes]:
+        """The stream key, its high-water hash and its replay hash (the last two in the
+        stream key's slot: ``vk:cl:{TAG}:VIEW:hw`` and ``...:rp``)."""
+        stream = self._entry_prefix + _b(str(view.options["stream"]))
+        head = self._prefix + b"cl:{" + slot_tag(stream) + b"}:" + _b(view.name)
+        return stream, head + b":hw", head + b":rp"
+
+    def check_changelog(self, view: View) -> None:
+        """Refuse a stream key inside the bookkeeping prefix (prepare calls it)."""
+        stream = self.changelog_keys(view)[0]
+        if stream.startswith(self._prefix):
+            raise SinkError(
+                f"view {view.name}: stream {_text(stream)!r} is inside viewkeeper's bookkeeping "
+                f"prefix {self.key_prefix!r} of redis sink {self.name!r}; use another key"
+            )
+
+    def _append(self, appends: Sequence[Append], now: float) -> list[Result]:
+        """Send the appends grouped per view (in order within a view), pipelined on one
+        connection; resend what got no reply; read the codes."""
+        self._ensure_ready()
+        results: list[Result | None] = [None] * len(appends)
+        stamp = b"%d" % int(now)
+        per_view: dict[str, list[int]] = {}
+        for i, a in enumerate(appends):
+            per_view.setdefault(a.view.name, []).append(i)
+        batches: list[_Batch] = []
+        for indexes in per_view.values():
+            for start in range(0, len(indexes), _PER_CALL):
+                batch = self._group(appends, indexes[start : start + _PER_CALL], now, results)
+                if batch is not None:
+                    batches.append(batch)
+        try:
+            with self._connection() as conn:
+                conn.send_packed_command([self._command(b, stamp) for b in batches])
+                for b in batches:
+                    _read(conn, b)
+        except Exception as exc:
+            if not _is_transient(exc):
+                raise
+        if any(_again(b.reply) for b in batches):
+            self._with_retry(partial(self._resend, batches, stamp))
+        self._refuse_lost(batches)
+        self._learn_counters(batches)
+        for b in batches:
+            self._append_results(appends, b, results)
+        out = [r for r in results if r is not None]
+        if len(out) != len(appends):  # never checkpoint past an append without an answer
+            raise AssertionError(f"{len(appends) - len(out)} appends got no result")
+        return out
+
+    def _group(
+        self, appends: Sequence[Append], indexes: list[int], now: float, results: list[Any]
+    ) -> _Batch | None:
+        """One script call's change-log group for appends of one view (see redis_apply.lua);
+        an append that cannot be encoded gets its ERROR in ``results`` instead."""
+        view = appends[indexes[0]].view
+        stream, hw, rp = self.changelog_keys(view)
+        if stream.startswith(self._prefix):
+            for i in indexes:
+                results[i] = Result(Outcome.ERROR, f"view {view.name}: stream key refused")
+            return None
+        cap, age = view.options.get("maxlen"), view.options.get("max_age")
+        minid = b"%d" % max(0, int((now - age) * 1000)) if age else b""
+        args: list[bytes] = []
+        sent: list[int] = []
+        for i in indexes:
+            a = appends[i]
+            try:
+                if len(a.body) > _MAX_FIELDS:
+                    raise EncodeError(f"{len(a.body)} fields; a stream entry takes {_MAX_FIELDS}")
+                fields = [x for k, v in a.body.items() for x in (_b(k), redis_value(v))]
+            except (EncodeError, TypeError, ValueError) as exc:
+                results[i] = Result(Outcome.ERROR, f"view {view.name}, item {a.item_key!r}: {exc}")
+                continue
+            args += (_b(a.shard), b"%d" % int(a.sequence), b"%d" % len(a.body), *fields)
+            sent.append(i)
+        if not sent:
+            return None
+        head = [b"", stream, hw, rp, b"%d" % cap if cap else b"", minid, b"%d" % len(sent)]
+        batch = _Batch(sent, [], [head + args])
+        self._check(batch, view.name)
+        return batch
+
+    def _append_results(
+        self, appends: Sequence[Append], b: _Batch, results: list[Result | None]
+    ) -> None:
+        reply = b.reply
+        if isinstance(reply, Exception):  # the call was refused whole
+            for i in b.indexes:
+                results[i] = self._append_error(appends[i], _text(str(reply).encode()))
+            return
+        codes = reply[0] if isinstance(reply, list) and reply else None
+        if not isinstance(codes, bytes) or len(codes) != len(b.indexes):
+            raise self._unexpected(reply)
+        details = iter(reply[2:])
+        for i, code in zip(b.indexes, codes, strict=True):
+            if code == 49:  # b"1"
+                results[i] = APPLIED
+            elif code == 48:  # b"0": appended before
+                results[i] = STALE
+            elif code == 101:  # b"e"
+                results[i] = self._append_error(appends[i], _text(next(details)))
+            else:
+                raise self._unexpected(reply)
+
+    def _append_error(self, a: Append, text: str) -> Result:
+        return Result(
+            Outcome.ERROR,
+            f"view {a.view.name}, item {a.item_key!r}: Redis rejected the append: "
+            f"{self._scrub(text)}",
+        )
+
+    # -- maintenance ---------------------------------------------------------------------
+    def sweep(self, view: View, generation: int, now: float, keep: Collection[str] = ()) -> int:
+        if view.changelog:
+            raise SinkError(f"view {view.name} is a change-log view: there is nothing to sweep")
+        return super().sweep(view, generation, now, keep)
+
+    def purge_tombstones(self, view: View | str, older_than: float | None = None) -> int:
+        """For a change-log view: forget the high-water marks of shards that appended
+        nothing since ``older_than`` (their records are out of the stream's 24 hours) and
+        the replayed sequences remembered before it."""
+        if isinstance(view, str) or not view.changelog:
+            return super().purge_tombstones(view, older_than)
+        cutoff = int(self._clock() - self.tombstone_retention if older_than is None else older_than)
+        _, hw, rp = self.changelog_keys(view)
+
+        def purge() -> int:
+            marks = self._client.hgetall(hw)
+            old = [
+                f
+                for f, t in marks.items()
+                if f.startswith(b"@") and t.isdigit() and int(t) < cutoff
+            ]
+            gone = [x for f in old for x in (f, f[1:])]
+            replayed = [f for f, t in self._client.hgetall(rp).items() if int(t or 0) < cutoff]
+            if gone:
+                self._client.hdel(hw, *gone)
+            if replayed:
+                self._client.hdel(rp, *replayed)
+            return len(old) + len(replayed)
+
+        return int(self._with_retry(purge))
+
+    def wipe(self, view: View) -> int:
+        """For a change-log view: delete its stream and its bookkeeping (a take-over);
+        returns the number of stream entries deleted."""
+        if not view.changelog:
+            return super().wipe(view)
+        stream, hw, rp = self.changelog_keys(view)
+
+        def wipe() -> int:
+            n = 0
+            if self._client.type(stream) == b"stream":  # a key of another type is not ours
+                n = int(self._client.xlen(stream))
+                self._client.delete(stream)
+            self._client.delete(hw, rp)
+            return n
+
+        return int(self._with_retry(wipe))
