@@ -91,7 +91,7 @@ def test_changelog_view_refuses_bad_arguments_naming_the_fix(
 def test_changelog_view_without_arguments_says_how_to_call_it() -> None:
     with pytest.raises(TypeError, match=r"@changelog_view\(table=\.\.\."):
 
-        @changelog_view  # type: ignore[misc]
+        @changelog_view
         def events(change: StreamChange) -> None: ...
 
 
