@@ -17,13 +17,14 @@ from opensearchpy import OpenSearch
 
 from viewkeeper.sinks.encoding import dumps
 from viewkeeper.sinks.opensearch.apply import _Apply
+from viewkeeper.sinks.opensearch.changelog import _Changelog
 from viewkeeper.sinks.opensearch.layout import SCRIPT_NAME, ViewIndexes
 from viewkeeper.sinks.opensearch.maintenance import _Maintenance
 from viewkeeper.sinks.opensearch.plans import _Known
 from viewkeeper.sinks.opensearch.transport import _host_text, make_client
 
 
-class OpenSearchSink(_Apply, _Maintenance):
+class OpenSearchSink(_Changelog, _Apply, _Maintenance):
     """One ``opensearch:`` connection of the config, serving its views (see README.md).
 
     ``client``: a ready :class:`opensearchpy.OpenSearch` (SigV4 or basic auth configured by
@@ -86,6 +87,7 @@ class OpenSearchSink(_Apply, _Maintenance):
         self.where = ", ".join(where) or "?"
         self._prepared: dict[str, ViewIndexes] = {}
         self._markers: dict[str, str] = {}  # view -> the marker its claim must hold
+        self._changelogs: dict[str, str] = {}  # change-log view -> its alias (prepared)
         # Fragments of the NDJSON lines, built once.
         sid = dumps(self.script_id)
         # what a put reads back: the holder, the item it took the document from (prev) and

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeGuard
+from typing import Any, Protocol, TypeGuard
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
@@ -30,7 +30,6 @@ from tenacity import Retrying, retry_if_exception, stop_before_delay, wait_rando
 
 from viewkeeper.sinks.base import SinkError, SinkUnavailable
 from viewkeeper.sinks.encoding import dumps
-from viewkeeper.sinks.opensearch.plans import _Op
 
 _NDJSON = {"content-type": "application/x-ndjson"}
 _JSON = {"content-type": "application/json"}
@@ -63,6 +62,18 @@ def make_client(hosts: Sequence[str | Mapping[str, Any]], **kwargs: Any) -> Open
     kwargs.setdefault("pool_maxsize", 32)
     kwargs.setdefault("serializer", OrjsonSerializer())
     return OpenSearch(hosts=list(hosts), **kwargs)
+
+
+class _Action(Protocol):
+    """What :meth:`_Transport._bulk` sends: an action's NDJSON lines, and the document id
+    that keeps the actions of one document in one group (an apply's ``_Op``, a change-log
+    append)."""
+
+    @property
+    def doc_id(self) -> str: ...
+
+    @property
+    def lines(self) -> bytes: ...
 
 
 class _Transport:
@@ -104,7 +115,7 @@ class _Transport:
         return docs
 
     def _bulk(
-        self, ops: Sequence[_Op], require_alias: bool, deadline: float, split: bool = True
+        self, ops: Sequence[_Action], require_alias: bool, deadline: float, split: bool = True
     ) -> list[dict[str, Any]]:
         """One response item per op. Ops are split into ``bulk_concurrency`` groups by
         document id (so the ops of one document stay in one group, in order) and each group
@@ -158,7 +169,9 @@ class _Transport:
                 items[i] = item
         return items
 
-    def _chunks(self, ops: Sequence[_Op], group: list[int]) -> Iterable[tuple[list[int], bytes]]:
+    def _chunks(
+        self, ops: Sequence[_Action], group: list[int]
+    ) -> Iterable[tuple[list[int], bytes]]:
         part: list[int] = []
         size = 0
         for i in group:
