@@ -1,8 +1,9 @@
-"""Change-log views end to end: moto's DynamoDB Streams, the real Redis, the real
+"""Change-log views end to end: moto's DynamoDB Streams, the real Redis and OpenSearch, the real
 ``viewkeeper run`` killed with -9 during a random workload, and after some kills the
 checkpoint moved back (what a kill between the append and the checkpoint leaves: records
-appended and read again). Afterwards the Redis stream holds exactly one entry per record of
-moto's stream (read back with boto3), none twice, each item's changes in stream order;
+appended and read again). Afterwards the Redis stream and the OpenSearch index hold exactly
+one entry per record of moto's stream (read back with boto3), none twice, each item's changes
+in stream order;
 ``rebuild`` refuses the view."""
 
 from __future__ import annotations
@@ -82,8 +83,11 @@ def test_kill_9_during_a_random_workload_appends_each_record_exactly_once_in_ite
     dynamodb: Any,
     make_table: Any,
     redis_client: Any,
+    os_client: Any,
+    os_prefix: str,
     dynamodb_url: str,
     redis_url: str,
+    opensearch_url: str,
 ) -> None:
     _, stream_arn = make_table(dynamodb, TABLE)
     config = write_config(
@@ -93,6 +97,7 @@ def test_kill_9_during_a_random_workload_appends_each_record_exactly_once_in_ite
         views=["tests.views_e2e.changelog_views"],
         tables={TABLE: {"starting_position": "TRIM_HORIZON"}},
         worker={"poll_interval": 0.02, "lease_duration": 3.0, "batch_size": 7},
+        opensearch={"search": {"hosts": [opensearch_url], "index_prefix": os_prefix}},
     )
     rng = random.Random(20261202)
     log = tmp_path / "daemon.log"
@@ -143,9 +148,21 @@ def test_kill_9_during_a_random_workload_appends_each_record_exactly_once_in_ite
         wanted = [(event, seq) for item, event, seq in records if item == pk]
         seen = [(e["event"], e["seq"]) for e in entries if e["pk"] == pk]
         assert seen == wanted, pk
+    alias = f"{os_prefix}log-audit"
+    os_client.indices.refresh(index=alias)
+    hits = os_client.search(index=alias, body={"size": 10000, "sort": [{"_vk.seq_sort": "asc"}]})[
+        "hits"
+    ]["hits"]
+    assert len(hits) == len(records)  # one document per record
+    assert {h["_id"] for h in hits} == {seq for _, _, seq in records}
+    for pk in {r[0] for r in records}:
+        wanted = [(event, seq) for item, event, seq in records if item == pk]
+        seen = [(h["_source"]["event"], h["_id"]) for h in hits if h["_source"]["pk"] == pk]
+        assert seen == wanted, pk
     daemon_log = log.read_text()
     assert "Traceback" not in daemon_log, daemon_log[-3000:]
 
-    refused = vk("rebuild", "-c", str(config), "log_events")
-    assert refused.returncode != 0
-    assert "a change-log view cannot be rebuilt" in refused.stderr
+    for view in ("log_events", "log_audit"):
+        refused = vk("rebuild", "-c", str(config), view)
+        assert refused.returncode != 0
+        assert "a change-log view cannot be rebuilt" in refused.stderr
