@@ -29,6 +29,7 @@ from bench.common import Row, print_table
 MODULES: list[str] = [
     "decode",
     "redis_pipeline",
+    "changelog",
     "opensearch_pipeline",
     "latency",
     "scale",
