@@ -384,7 +384,7 @@ def test_without_an_expected_marker_a_deleted_template_is_put_again_before_writi
 )
 @given(
     data=st.data(),
-    pool=st.lists(st.integers(0, 10**19), min_size=1, max_size=12, unique=True),
+    pool=st.lists(st.integers(0, 2**62), min_size=1, max_size=12, unique=True),
 )
 def test_any_replays_and_reorderings_leave_exactly_one_document_per_record(
     sink: OpenSearchSink, os_client: OpenSearch, data: st.DataObject, pool: list[int]

@@ -222,18 +222,21 @@ def test_a_changed_claim_refuses_the_appends_and_writes_nothing(
     assert redis_client.exists("orders:events") == 0
 
 
-def test_purge_forgets_idle_shards_and_old_replays_and_wipe_deletes_the_stream(
+def test_purge_forgets_idle_shards_replay_keys_expire_and_wipe_deletes_everything(
     sink: RedisSink, redis_client: Any
 ) -> None:
-    view = _view()
+    view = _view("ev[1]*")  # glob characters in the key: wipe's SCAN pattern escapes them
     sink.prepare([view])
     sink.append([app(view, "s1", 1), app(view, "", 5)])
-    _, hw, rp = sink.changelog_keys(view)
+    stream, hw, rp = sink.changelog_keys(view)
+    assert 0 < redis_client.ttl(rp + b"5") <= sink.tombstone_retention
     assert sink.purge_tombstones(view, older_than=0) == 0  # nothing that old
-    assert sink.purge_tombstones(view, older_than=2**40) == 2
-    assert redis_client.exists(hw, rp) == 0
+    assert sink.purge_tombstones(view, older_than=2**40) == 1
+    assert redis_client.exists(hw) == 0
+    redis_client.set(rp[:-3] + b"x", "not ours")  # a key next to the replay keys stays
     assert sink.wipe(view) == 2
-    assert redis_client.exists("orders:events") == 0
+    assert redis_client.exists(stream, rp + b"5") == 0
+    assert redis_client.get(rp[:-3] + b"x") == b"not ours"
 
 
 # --- the pipeline ------------------------------------------------------------------------

@@ -1,6 +1,14 @@
-"""The orders example of the README: a cache card, a per-customer index, a search document."""
+"""The orders example of the README: a cache card, a per-customer index, a search document,
+and a change log of status changes for other services."""
 
-from viewkeeper import SetMember, SortedSetMember, Value, opensearch_view, redis_view
+from viewkeeper import (
+    SetMember,
+    SortedSetMember,
+    Value,
+    changelog_view,
+    opensearch_view,
+    redis_view,
+)
 
 
 @redis_view(table="orders", redis="cache")
@@ -24,4 +32,15 @@ def order_doc(order):  # type: ignore[no-untyped-def]
         "customer_id": order["customer_id"],
         "status": order["status"],
         "total": float(order["total"]),
+    }
+
+
+@changelog_view(table="orders", redis="cache", stream="orders:events", maxlen=100_000)
+def order_events(change):  # type: ignore[no-untyped-def]
+    if change.event == "MODIFY" and change.old["status"] == change.new["status"]:
+        return None  # nothing worth telling
+    return {
+        "order_id": change.keys["order_id"],
+        "event": change.event,
+        "status": (change.new or {}).get("status", ""),
     }

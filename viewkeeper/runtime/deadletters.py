@@ -90,7 +90,9 @@ def replay(
     for dl in store.list_deadletters():
         if ids is not None and dl.id not in ids:
             continue
-        why, rec = _replayable(dl, retention, now)
+        # a change-log append brings no deleted item back: no tombstone to outlive
+        changelog = dl.view in pipeline.registry and pipeline.registry.get(dl.view).changelog
+        why, rec = _replayable(dl, retention, now, expires=not changelog)
         if rec is not None and dl.view not in pipeline.registry:
             why, rec = (
                 (
@@ -119,8 +121,11 @@ def replay(
     return report
 
 
-def _replayable(dl: DeadLetter, retention: float, now: float) -> tuple[str, ChangeRecord | None]:
-    """(why not, None) for a dead letter that must not be replayed, else ("", its record)."""
+def _replayable(
+    dl: DeadLetter, retention: float, now: float, *, expires: bool = True
+) -> tuple[str, ChangeRecord | None]:
+    """(why not, None) for a dead letter that must not be replayed, else ("", its record).
+    ``expires``: whether it may be too old (not for a change-log view's)."""
     rebuild = f"`viewkeeper rebuild {dl.view}`"
     if dl.record is None:
         return f"its record was too large to keep; run {rebuild}, then drop it", None
@@ -129,7 +134,7 @@ def _replayable(dl: DeadLetter, retention: float, now: float) -> tuple[str, Chan
             f"an item the rebuild's scan could not project; fix the view and run {rebuild} "
             "again, then drop it"
         ), None
-    if expired(dl, retention, now):
+    if expires and expired(dl, retention, now):
         return (
             f"older than the tombstone retention ({retention / 3600:g} h): replaying it could "
             f"bring back an item deleted since; run {rebuild} instead, then "

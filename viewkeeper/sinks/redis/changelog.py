@@ -9,12 +9,15 @@ pages in order; a page read again after a crash or a lease move starts at a chec
 it repeats a prefix). The script keeps, per (view, shard), the highest sequence it appended
 and appends a record only above it, in the same atomic call as the XADD: a record sent
 again (a replay, kill -9 between the append and the checkpoint, two processes overlapping
-on a shard during a lease move) answers STALE. A dead letter replayed comes out of its
-shard's order (shard ``''``): the replay hash remembers it by its sequence.
+on a shard during a lease move) answers STALE. A dead letter replayed, and a record the
+Lambda handler applies (it knows no shard), come with shard ``''``: each is remembered by its
+sequence in a key of its own, ``vk:cl:{TAG}:VIEW:r:SEQUENCE``, expiring after
+``tombstone_retention`` (48 h: the stream keeps records 24 h).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Sequence
 from functools import partial
 from typing import Any
@@ -29,7 +32,7 @@ from viewkeeper.sinks.redis.connection import _is_transient
 from viewkeeper.sinks.redis.maintenance import _Maintenance
 from viewkeeper.sinks.redis.packing import _b, _Batch, _text
 
-_PER_CALL = 128  # appends per script call
+_PER_CALL = 256  # appends per script call (a page of a view is usually one call)
 _MAX_FIELDS = 1000  # fields of one stream entry (the script unpacks them into one XADD)
 _TAGS: dict[int, bytes] = {}
 
@@ -59,11 +62,11 @@ class _Changelog(_Maintenance):
     """The ``Sink`` protocol's ``append``, and purge and wipe for change-log views."""
 
     def changelog_keys(self, view: View) -> tuple[bytes, bytes, bytes]:
-        """The stream key, its high-water hash and its replay hash (the last two in the
-        stream key's slot: ``vk:cl:{TAG}:VIEW:hw`` and ``...:rp``)."""
+        """The stream key, its high-water hash and the prefix of its replay keys (the last
+        two in the stream key's slot: ``vk:cl:{TAG}:VIEW:hw`` and ``...:r:``)."""
         stream = self._entry_prefix + _b(str(view.options["stream"]))
         head = self._prefix + b"cl:{" + slot_tag(stream) + b"}:" + _b(view.name)
-        return stream, head + b":hw", head + b":rp"
+        return stream, head + b":hw", head + b":r:"
 
     def check_changelog(self, view: View) -> None:
         """Refuse a stream key inside the bookkeeping prefix (prepare calls it)."""
@@ -89,16 +92,22 @@ class _Changelog(_Maintenance):
                 batch = self._group(appends, indexes[start : start + _PER_CALL], now, results)
                 if batch is not None:
                     batches.append(batch)
-        try:
-            with self._connection() as conn:
-                conn.send_packed_command([self._command(b, stamp) for b in batches])
-                for b in batches:
+        # One call at a time, each answered before the next is sent: a later call of the
+        # same view must never run after an earlier one was refused (OOM, READONLY, ...), or
+        # its high-water mark would pass the earlier call's records, which would then answer
+        # stale when sent again (tests/test_changelog_attack.py).
+        for b in batches:
+            try:
+                with self._connection() as conn:
+                    conn.send_packed_command([self._command(b, stamp)])
                     _read(conn, b)
-        except Exception as exc:
-            if not _is_transient(exc):
-                raise
-        if any(_again(b.reply) for b in batches):
-            self._with_retry(partial(self._resend, batches, stamp))
+            except Exception as exc:
+                if not _is_transient(exc):
+                    raise
+            if _again(b.reply):
+                self._with_retry(partial(self._resend, [b], stamp))
+            if isinstance(b.reply, list) and b.reply and b.reply[0] == b"L":
+                break  # a lost claim: the later calls would be refused too; nothing written
         self._refuse_lost(batches)
         self._learn_counters(batches)
         for b in batches:
@@ -136,7 +145,8 @@ class _Changelog(_Maintenance):
             sent.append(i)
         if not sent:
             return None
-        head = [b"", stream, hw, rp, b"%d" % cap if cap else b"", minid, b"%d" % len(sent)]
+        ttl = b"%d" % max(1, int(self.tombstone_retention))
+        head = [b"", stream, hw, rp, b"%d" % cap if cap else b"", minid, ttl, b"%d" % len(sent)]
         batch = _Batch(sent, [], [head + args])
         self._check(batch, view.name)
         return batch
@@ -178,27 +188,19 @@ class _Changelog(_Maintenance):
 
     def purge_tombstones(self, view: View | str, older_than: float | None = None) -> int:
         """For a change-log view: forget the high-water marks of shards that appended
-        nothing since ``older_than`` (their records are out of the stream's 24 hours) and
-        the replayed sequences remembered before it."""
+        nothing since ``older_than`` (their records are out of the stream's 24 hours); the
+        replay keys expire by themselves."""
         if isinstance(view, str) or not view.changelog:
             return super().purge_tombstones(view, older_than)
         cutoff = int(self._clock() - self.tombstone_retention if older_than is None else older_than)
-        _, hw, rp = self.changelog_keys(view)
+        _, hw, _ = self.changelog_keys(view)
 
         def purge() -> int:
             marks = self._client.hgetall(hw)
-            old = [
-                f
-                for f, t in marks.items()
-                if f.startswith(b"@") and t.isdigit() and int(t) < cutoff
-            ]
-            gone = [x for f in old for x in (f, f[1:])]
-            replayed = [f for f, t in self._client.hgetall(rp).items() if int(t or 0) < cutoff]
-            if gone:
-                self._client.hdel(hw, *gone)
-            if replayed:
-                self._client.hdel(rp, *replayed)
-            return len(old) + len(replayed)
+            old = [f for f, t in marks.items() if f[:1] == b"@" and t.isdigit() and int(t) < cutoff]
+            if old:
+                self._client.hdel(hw, *[x for f in old for x in (f, f[1:])])
+            return len(old)
 
         return int(self._with_retry(purge))
 
@@ -214,7 +216,10 @@ class _Changelog(_Maintenance):
             if self._client.type(stream) == b"stream":  # a key of another type is not ours
                 n = int(self._client.xlen(stream))
                 self._client.delete(stream)
-            self._client.delete(hw, rp)
+            self._client.delete(hw)
+            pattern = re.sub(rb"([*?\[\]\\])", rb"\\\1", rp) + b"*"
+            for key in self._client.scan_iter(match=pattern, count=1000):
+                self._client.delete(key)
             return n
 
         return int(self._with_retry(wipe))

@@ -9,8 +9,9 @@
 --                    V: value, ttl or ''   H: field, value   S: member, ''   Z: member, score
 -- (the entries of one change have distinct identities: the caller removes duplicates)
 -- or a change-log group (an empty first argument, see append_group below): '', the stream,
---                    its high-water hash, its replay hash, maxlen or '', the MINID cutoff
---                    or '', m, then per append: shard, sequence, f, and f field/value pairs
+--                    its high-water hash, its replay key prefix, maxlen or '', the MINID
+--                    cutoff or '', the replay keys' ttl, m, then per append: shard, sequence,
+--                    f, and f field/value pairs
 --
 -- Returns { 'L', i } without writing anything when the i-th claim hash does not hold its
 -- marker (the server lost the views' data, or another process re-armed or took it over:
@@ -343,13 +344,14 @@ end
 -- Records of one shard come in stream order: the high-water hash keeps, per shard, the
 -- highest sequence appended (field SHARD) and when (field @SHARD, for the purge), and a
 -- record at or below it was appended already. A record sent outside its shard's order (a
--- dead letter replayed: shard '') is remembered by its sequence in the replay hash.
-local function append_one(stream, hw, rp, cap, p)
+-- dead letter replayed, the Lambda handler: shard '') is remembered by its sequence, in a
+-- key of its own (prefix .. sequence) that expires after the stream's retention with margin.
+local function append_one(stream, hw, rp, cap, ttl, p)
   local shard, seq, f = ARGV[p], ARGV[p + 1], tonumber(ARGV[p + 2])
   if shard ~= '' then
     local h = call('HGET', hw, shard)
     if h and not above(seq, h) then return '0' end
-  elseif call('HEXISTS', rp, seq) == 1 then
+  elseif call('EXISTS', rp .. seq) == 1 then
     return '0'
   end
   local cmd = { 'XADD', stream }
@@ -358,7 +360,7 @@ local function append_one(stream, hw, rp, cap, p)
   for i = p + 3, p + 2 + 2 * f do cmd[#cmd + 1] = ARGV[i] end
   call(unpack(cmd))
   if shard ~= '' then call('HSET', hw, shard, seq, '@' .. shard, now)
-  else call('HSET', rp, seq, now) end
+  else call('SET', rp .. seq, now, 'EX', ttl) end
   return '1'
 end
 
@@ -367,9 +369,9 @@ end
 -- before the first write; an append that fails fails alone ('e'), as a change does.
 local function append_group(a, codes, reply)
   local stream, hw, rp, cap, minid = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
-  local m, p = tonumber(ARGV[a + 6]), a + 7
+  local ttl, m, p = ARGV[a + 6], tonumber(ARGV[a + 7]), a + 8
   local bad
-  for _, pair in ipairs({ { stream, 'stream' }, { hw, 'hash' }, { rp, 'hash' } }) do
+  for _, pair in ipairs({ { stream, 'stream' }, { hw, 'hash' } }) do
     local have = call('TYPE', pair[1])['ok']
     if have ~= 'none' and have ~= pair[2] then
       bad = 'WRONGTYPE key ' .. pair[1] .. ' holds a ' .. have .. ', not a ' .. pair[2]
@@ -379,7 +381,7 @@ local function append_group(a, codes, reply)
   for _ = 1, m do
     local code, detail = 'e', bad
     if not bad then
-      local ok, got = pcall(append_one, stream, hw, rp, cap, p)
+      local ok, got = pcall(append_one, stream, hw, rp, cap, ttl, p)
       if ok then code = got else
         detail = message(got)
         local refused = transient(detail)
