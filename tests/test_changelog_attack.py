@@ -98,7 +98,7 @@ def test_a_dead_letter_of_a_record_appended_since_is_appended_again(
     the dead letters and the checkpoint, or a lease moved to a process that already runs the
     fixed view during the rolling deploy of the fix): the fixed view appends it through the
     shard's high-water mark. The dead letter is still there; `viewkeeper deadletters replay`
-    appends it through the replay hash, which knows nothing of the high-water mark: the
+    appends it through a replay key, which knows nothing of the high-water mark: the
     record is in the stream twice."""
     view = _view()
     store = MemoryStore()
@@ -131,7 +131,7 @@ def test_a_dead_letter_of_a_record_appended_since_is_appended_again(
 def test_a_replayed_dead_letter_is_appended_again_by_a_reader_behind_it(
     sink: RedisSink, redis_client: Any
 ) -> None:
-    """Exactly once, the other way round: the dead letter is replayed first (replay hash),
+    """Exactly once, the other way round: the dead letter is replayed first (a replay key),
     then a reader that is behind on the shard (two processes on one shard during a lease
     move, the old owner still holding the page; or a checkpoint re-read after a crash)
     applies the page with the fixed view: the record is above the high-water mark, so it is
