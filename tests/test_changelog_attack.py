@@ -82,14 +82,6 @@ def test_a_transient_refusal_of_an_earlier_call_loses_its_records(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "open: a change-log record dead-lettered, then appended by a re-read with the "
-        "view fixed, is appended again by the dead letter's replay (the high-water mark "
-        "and the replay keys do not consult each other)"
-    ),
-)
 def test_a_dead_letter_of_a_record_appended_since_is_appended_again(
     sink: RedisSink, redis_client: Any
 ) -> None:
@@ -121,13 +113,6 @@ def test_a_dead_letter_of_a_record_appended_since_is_appended_again(
     assert seqs.count("2") == 1, f"stream: {seqs}; replay applied {done.applied}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "open: a change-log dead letter replayed, then its record re-read above the "
-        "high-water mark by a reader behind, is appended twice"
-    ),
-)
 def test_a_replayed_dead_letter_is_appended_again_by_a_reader_behind_it(
     sink: RedisSink, redis_client: Any
 ) -> None:

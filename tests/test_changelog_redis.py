@@ -11,7 +11,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from redis.crc import key_slot
 
@@ -346,3 +346,74 @@ def test_any_replays_and_overlaps_append_each_record_exactly_once(
     for s in seqs:
         mine = [q for q in got if q in set(s)]
         assert mine == s
+
+
+# the last record of a shard failed: replayed before a re-read, and re-read before a replay
+@example(shards=[2], failing={1}, first=[], then=[(True, 0, 0, 1), (False, 0, 0, 2)])
+@example(shards=[2], failing={1}, first=[], then=[(False, 0, 0, 2)])
+@settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    shards=st.lists(st.integers(1, 6), min_size=1, max_size=3),
+    failing=st.sets(st.integers(0, 5), max_size=4),
+    first=st.lists(
+        st.tuples(st.integers(0, 2), st.integers(0, 30), st.integers(1, 8)), max_size=12
+    ),
+    then=st.lists(
+        st.tuples(st.booleans(), st.integers(0, 2), st.integers(0, 12), st.integers(1, 8)),
+        max_size=20,
+    ),
+)
+def test_dead_lettered_records_are_appended_once_by_replay_or_fixed_reread_in_any_order(
+    sink: RedisSink,
+    redis_client: Any,
+    shards: list[int],
+    failing: set[int],
+    first: list[tuple[int, int, int]],
+    then: list[tuple[bool, int, int, int]],
+) -> None:
+    """Some records fail the view at first (dead-lettered: the pipeline sends their notes,
+    Append.failed). Then the view is fixed: readers re-read from any checkpoint (a crash, a
+    lease move, a rolling deploy) while the dead letters are replayed, in any interleaving,
+    any number of times; at the end every dead letter is replayed once more. Every record
+    is in the stream exactly once, and each shard's records that never failed in order."""
+    redis_client.flushall()
+    view = _view()
+    sink.prepare([view])
+    seqs = [[1000 * (s + 1) + 3 * i for i in range(n)] for s, n in enumerate(shards)]
+
+    def read(shard: int, begin: int, length: int, fixed: bool) -> None:
+        batch = []
+        for i, q in enumerate(seqs[shard][begin : begin + length], start=begin):
+            a = app(view, f"shard-{shard}", q)
+            broken = not fixed and i in failing
+            batch.append(
+                Append(a.view, a.shard, a.sequence, a.item_key, {}, 0.0, True) if broken else a
+            )
+        sink.append(batch)
+
+    done = [0] * len(seqs)
+    for shard, start, length in first:  # the view is broken
+        if shard < len(seqs):
+            begin = min(start, done[shard])
+            read(shard, begin, length, fixed=False)
+            done[shard] = max(done[shard], min(len(seqs[shard]), begin + length))
+    for shard in range(len(seqs)):
+        read(shard, done[shard], len(seqs[shard]), fixed=False)
+    failed = [q for s in seqs for i, q in enumerate(s) if i in failing]
+    for replaying, shard, start, length in then:  # the view is fixed
+        if shard >= len(seqs):
+            continue
+        if replaying:
+            if failed:
+                sink.append([app(view, "", failed[(start + length) % len(failed)])])
+        else:
+            read(shard, start, length, fixed=True)
+    for q in failed:
+        sink.append([app(view, "", q)])
+    got = [int(e["seq"]) for e in entries(redis_client)]
+    assert sorted(got) == sorted(q for s in seqs for q in s)
+    for s in seqs:
+        kept = [q for i, q in enumerate(s) if i not in failing]
+        assert [q for q in got if q in set(kept)] == kept

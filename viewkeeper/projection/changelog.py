@@ -139,16 +139,9 @@ def changelog_view(
                     "forever: give maxlen= (entries, e.g. maxlen=1_000_000) and/or max_age= "
                     "(seconds, e.g. max_age=7 * 24 * 3600)"
                 )
-            view = View(
-                name=view_name,
-                table=table,
-                kind="redis",
-                connection=str(redis),
-                func=func,
-                module=module,
-                changelog=True,
-                options={"stream": stream, "maxlen": cap, "max_age": age},
-            )
+            kind: Literal["redis", "opensearch"] = "redis"
+            where: str | None = redis
+            options: dict[str, Any] = {"stream": stream, "maxlen": cap, "max_age": age}
         else:
             _check_common("changelog_view", func, view_name, table, opensearch, "opensearch")
             if stream is not None or maxlen is not None or max_age is not None:
@@ -167,17 +160,18 @@ def changelog_view(
                     f"view {view_name!r}: retention_days={days} is shorter than the stream "
                     f"keeps records (24 hours) with margin; use at least {MIN_RETENTION_DAYS}"
                 )
-            view = View(
-                name=view_name,
-                table=table,
-                kind="opensearch",
-                connection=str(opensearch),
-                func=func,
-                module=module,
-                index=index,
-                changelog=True,
-                options={"retention_days": days},
-            )
+            kind, where, options = "opensearch", opensearch, {"retention_days": days}
+        view = View(
+            name=view_name,
+            table=table,
+            kind=kind,
+            connection=str(where),
+            func=func,
+            module=module,
+            index=index,
+            changelog=True,
+            options=options,
+        )
         setattr(func, _ATTR, view)
         _record(view, func)
         return func

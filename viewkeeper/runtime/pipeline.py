@@ -220,6 +220,8 @@ class Pipeline:
                 continue
             except ProjectionError as exc:
                 self._dead(report, view, table, exc.item_key, rec, exc, 0)
+                failed = Append(view, shard, rec.sequence, exc.item_key, {}, rec.created_at, True)
+                out.append((failed, rec))  # noted by the sink (see Append.failed), not counted
                 continue
             if body is None:
                 nothing += 1
@@ -243,6 +245,8 @@ class Pipeline:
         results = self._send(sink, lambda: sink.append(batch))
         counted: Counter[tuple[str, str]] = Counter()
         for (a, rec), result in zip(todo, results, strict=True):
+            if a.failed:  # dead-lettered already; the sink only noted it
+                continue
             if result.outcome is Outcome.APPLIED:
                 report.applied += 1
                 counted[a.view.name, "applied"] += 1

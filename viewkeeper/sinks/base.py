@@ -146,6 +146,10 @@ class Append:
     record is not sent in its shard's order (dead-letter replay): the sink then remembers
     the record itself (by ``sequence``). An OpenSearch document's id is derived from
     ``sequence``, which is enough on its own.
+
+    ``failed``: the record was dead-lettered for this view (its function failed): nothing is
+    appended, but a sink that dedups by shard notes it, so that the record is appended once
+    whether its dead letter is replayed or a re-read with the view fixed gets it first.
     """
 
     view: View
@@ -154,6 +158,7 @@ class Append:
     item_key: str
     body: Mapping[str, Any]
     created_at: float  # ApproximateCreationDateTime, epoch seconds (0.0 when absent)
+    failed: bool = False
 
 
 class Sink(Protocol):

@@ -226,6 +226,9 @@ class _Changelog(_ChangelogIndexes, _Apply, _Maintenance):
         results: list[Result | None] = [None] * len(appends)
         ops: list[_AppendOp] = []
         for i, a in enumerate(appends):
+            if a.failed:  # a dead-lettered record: ids from the record need no note
+                results[i] = STALE
+                continue
             try:
                 ops.append(self._append_op(i, a))
             except (EncodeError, ValueError, OverflowError, OSError) as exc:

@@ -13,6 +13,13 @@ on a shard during a lease move) answers STALE. A dead letter replayed, and a rec
 Lambda handler applies (it knows no shard), come with shard ``''``: each is remembered by its
 sequence in a key of its own, ``vk:cl:{TAG}:VIEW:r:SEQUENCE``, expiring after
 ``tombstone_retention`` (48 h: the stream keeps records 24 h).
+
+A record dead-lettered for the view (``Append.failed``, or an append the sink refused) is
+noted in that key (``dl``, for :data:`DEAD_LETTER_NOTE_TTL`): both ways it may be appended
+later — its dead letter replayed, or a re-read of its page with the view fixed — append it
+only while the note says ``dl`` and replace it, so the other way answers STALE. A dead
+letter replayed after the note expired (30 days) whose record a re-read had appended is
+appended again: the one case left.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from viewkeeper.sinks.redis.packing import _b, _Batch, _text
 
 _PER_CALL = 256  # appends per script call (a page of a view is usually one call)
 _MAX_FIELDS = 1000  # fields of one stream entry (the script unpacks them into one XADD)
+DEAD_LETTER_NOTE_TTL = 30 * 24 * 3600  # how long a dead-lettered record's note is kept
 _TAGS: dict[int, bytes] = {}
 
 
@@ -131,22 +139,30 @@ class _Changelog(_Maintenance):
         cap, age = view.options.get("maxlen"), view.options.get("max_age")
         minid = b"%d" % max(0, int((now - age) * 1000)) if age else b""
         args: list[bytes] = []
-        sent: list[int] = []
+        sent: list[int] = []  # per append sent, its index (-1: a note of an append refused here)
         for i in indexes:
             a = appends[i]
+            if a.failed:
+                args += (_b(a.shard), b"%d" % int(a.sequence), b"-1")
+                sent.append(i)
+                continue
             try:
                 if len(a.body) > _MAX_FIELDS:
                     raise EncodeError(f"{len(a.body)} fields; a stream entry takes {_MAX_FIELDS}")
                 fields = [x for k, v in a.body.items() for x in (_b(k), redis_value(v))]
             except (EncodeError, TypeError, ValueError) as exc:
                 results[i] = Result(Outcome.ERROR, f"view {view.name}, item {a.item_key!r}: {exc}")
+                args += (_b(a.shard), b"%d" % int(a.sequence), b"-1")  # dead-lettered: noted
+                sent.append(-1)
                 continue
             args += (_b(a.shard), b"%d" % int(a.sequence), b"%d" % len(a.body), *fields)
             sent.append(i)
         if not sent:
             return None
         ttl = b"%d" % max(1, int(self.tombstone_retention))
-        head = [b"", stream, hw, rp, b"%d" % cap if cap else b"", minid, ttl, b"%d" % len(sent)]
+        notes = b"%d" % DEAD_LETTER_NOTE_TTL
+        head = [b"", stream, hw, rp, b"%d" % cap if cap else b"", minid, ttl, notes]
+        head.append(b"%d" % len(sent))
         batch = _Batch(sent, [], [head + args])
         self._check(batch, view.name)
         return batch
@@ -157,13 +173,16 @@ class _Changelog(_Maintenance):
         reply = b.reply
         if isinstance(reply, Exception):  # the call was refused whole
             for i in b.indexes:
-                results[i] = self._append_error(appends[i], _text(str(reply).encode()))
+                if i >= 0:
+                    results[i] = self._append_error(appends[i], _text(str(reply).encode()))
             return
         codes = reply[0] if isinstance(reply, list) and reply else None
         if not isinstance(codes, bytes) or len(codes) != len(b.indexes):
             raise self._unexpected(reply)
         details = iter(reply[2:])
         for i, code in zip(b.indexes, codes, strict=True):
+            if i < 0:  # the note of an append refused before it was sent
+                continue
             if code == 49:  # b"1"
                 results[i] = APPLIED
             elif code == 48:  # b"0": appended before

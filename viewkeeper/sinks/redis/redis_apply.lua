@@ -10,8 +10,9 @@
 -- (the entries of one change have distinct identities: the caller removes duplicates)
 -- or a change-log group (an empty first argument, see append_group below): '', the stream,
 --                    its high-water hash, its replay key prefix, maxlen or '', the MINID
---                    cutoff or '', the replay keys' ttl, m, then per append: shard, sequence,
---                    f, and f field/value pairs
+--                    cutoff or '', the replay keys' ttl, the dead-letter notes' ttl, m, then
+--                    per append: shard, sequence, f, and f field/value pairs (f = -1: a
+--                    dead-lettered record, noted, nothing appended)
 --
 -- Returns { 'L', i } without writing anything when the i-th claim hash does not hold its
 -- marker (the server lost the views' data, or another process re-armed or took it over:
@@ -343,24 +344,33 @@ end
 -- One append of a change-log group (arguments at ARGV[p]); '1' appended, '0' appended before.
 -- Records of one shard come in stream order: the high-water hash keeps, per shard, the
 -- highest sequence appended (field SHARD) and when (field @SHARD, for the purge), and a
--- record at or below it was appended already. A record sent outside its shard's order (a
--- dead letter replayed, the Lambda handler: shard '') is remembered by its sequence, in a
--- key of its own (prefix .. sequence) that expires after the stream's retention with margin.
-local function append_one(stream, hw, rp, cap, ttl, p)
+-- record at or below it was appended already, or dead-lettered. A record sent outside its
+-- shard's order (a dead letter replayed, the Lambda handler: shard '') is remembered by its
+-- sequence, in a key of its own (prefix .. sequence) that expires after the stream's
+-- retention with margin. A dead-lettered record is noted there ('dl', kept as long as a dead
+-- letter is likely to wait): whichever appends it first — its replay, or a re-read with the
+-- view fixed — writes its key, and the other finds it and answers '0'.
+local function append_one(stream, hw, rp, cap, ttl, dl_ttl, p)
   local shard, seq, f = ARGV[p], ARGV[p + 1], tonumber(ARGV[p + 2])
+  local rk = rp .. seq
+  if f < 0 then
+    call('SET', rk, 'dl', 'EX', dl_ttl, 'NX')
+    return '0'
+  end
+  local r = call('GET', rk)
+  if r and r ~= 'dl' then return '0' end
   if shard ~= '' then
     local h = call('HGET', hw, shard)
     if h and not above(seq, h) then return '0' end
-  elseif call('EXISTS', rp .. seq) == 1 then
-    return '0'
   end
   local cmd = { 'XADD', stream }
   if cap ~= '' then cmd[3], cmd[4], cmd[5] = 'MAXLEN', '~', cap end
   cmd[#cmd + 1] = '*'
   for i = p + 3, p + 2 + 2 * f do cmd[#cmd + 1] = ARGV[i] end
   call(unpack(cmd))
-  if shard ~= '' then call('HSET', hw, shard, seq, '@' .. shard, now)
-  else call('SET', rp .. seq, now, 'EX', ttl) end
+  if shard ~= '' then call('HSET', hw, shard, seq, '@' .. shard, now) end
+  if r then call('SET', rk, now, 'EX', dl_ttl)
+  elseif shard == '' then call('SET', rk, now, 'EX', ttl) end
   return '1'
 end
 
@@ -369,7 +379,7 @@ end
 -- before the first write; an append that fails fails alone ('e'), as a change does.
 local function append_group(a, codes, reply)
   local stream, hw, rp, cap, minid = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
-  local ttl, m, p = ARGV[a + 6], tonumber(ARGV[a + 7]), a + 8
+  local ttl, dl_ttl, m, p = ARGV[a + 6], ARGV[a + 7], tonumber(ARGV[a + 8]), a + 9
   local bad
   for _, pair in ipairs({ { stream, 'stream' }, { hw, 'hash' } }) do
     local have = call('TYPE', pair[1])['ok']
@@ -381,17 +391,20 @@ local function append_group(a, codes, reply)
   for _ = 1, m do
     local code, detail = 'e', bad
     if not bad then
-      local ok, got = pcall(append_one, stream, hw, rp, cap, ttl, p)
+      local ok, got = pcall(append_one, stream, hw, rp, cap, ttl, dl_ttl, p)
       if ok then code = got else
         detail = message(got)
         local refused = transient(detail)
         if refused then return nil, refused end
       end
     end
+    if code == 'e' then -- dead-lettered by the client: noted as such
+      pcall(call, 'SET', rp .. ARGV[p + 1], 'dl', 'EX', dl_ttl, 'NX')
+    end
     codes[#codes + 1] = code
     if code == 'e' then reply[#reply + 1] = detail end
     if code == '1' then added = true end
-    p = p + 3 + 2 * tonumber(ARGV[p + 2])
+    p = p + 3 + 2 * math.max(0, tonumber(ARGV[p + 2]))
   end
   if minid ~= '' and added then call('XTRIM', stream, 'MINID', '~', minid) end
   return p
