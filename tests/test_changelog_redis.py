@@ -206,6 +206,13 @@ def test_a_stream_key_inside_the_bookkeeping_prefix_is_refused_at_prepare(
         sink.prepare([view])
 
 
+def test_two_change_log_views_on_one_stream_are_refused_at_prepare(sink: RedisSink) -> None:
+    one, two = _view("shared:events"), _view("shared:events")
+    two = View(**{**two.__dict__, "name": "events_again"})
+    with pytest.raises(Exception, match="views events and events_again both append to"):
+        sink.prepare([one, two])
+
+
 def test_a_changed_claim_refuses_the_appends_and_writes_nothing(
     sink: RedisSink, redis_client: Any
 ) -> None:

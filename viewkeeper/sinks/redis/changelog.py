@@ -76,9 +76,18 @@ class _Changelog(_Maintenance):
         head = self._prefix + b"cl:{" + slot_tag(stream) + b"}:" + _b(view.name)
         return stream, head + b":hw", head + b":r:"
 
-    def check_changelog(self, view: View) -> None:
-        """Refuse a stream key inside the bookkeeping prefix (prepare calls it)."""
+    def check_changelog(self, view: View, streams: dict[bytes, str]) -> None:
+        """Refuse a stream key inside the bookkeeping prefix, or one that another
+        change-log view of ``streams`` (stream key -> view, filled here) appends to: each
+        record would land there once per view (prepare calls it)."""
         stream = self.changelog_keys(view)[0]
+        other = streams.setdefault(stream, view.name)
+        if other != view.name:
+            raise SinkError(
+                f"views {other} and {view.name} both append to the Redis stream "
+                f"{_text(stream)!r} of redis sink {self.name!r}: each change would be there "
+                "twice; give each view its own stream= (or make one view of the two)"
+            )
         if stream.startswith(self._prefix):
             raise SinkError(
                 f"view {view.name}: stream {_text(stream)!r} is inside viewkeeper's bookkeeping "

@@ -37,10 +37,11 @@ class RedisSink(_Changelog):
     def prepare(self, views: Sequence[View]) -> None:
         """Load the scripts, check the bucket count and register the views' ids."""
         self._ensure_ready()
+        streams: dict[bytes, str] = {}
         for view in views:
             self._view_id(view.name)
             if view.changelog:
-                self.check_changelog(view)
+                self.check_changelog(view, streams)
         policy = self._with_retry(partial(self._config, "maxmemory-policy")) or ""
         if policy.startswith("allkeys-"):
             log.warning(
