@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import registry_of
-from tests.test_changelog_redis import TABLE, _view, entries, record, records
+from tests.test_changelog_redis import TABLE, _view, app, entries, record, records
 from viewkeeper.coordination.memory import MemoryStore
 from viewkeeper.ops.lambda_handler import handle_event
 from viewkeeper.runtime.deadletters import replay
@@ -145,3 +145,20 @@ def test_a_key_refused_by_an_acl_after_the_xadd_appends_the_record_twice(
     replay(store, good, lambda _: ("pk",))
     seqs = [e["seq"] for e in entries(redis_client)]
     assert seqs.count("2") == 1, f"stream: {seqs}"
+
+
+def test_a_take_over_of_one_changelog_view_deletes_another_views_entries_in_its_stream(
+    sink: RedisSink, redis_client: Any
+) -> None:
+    """Never dropped silently. Nothing refuses two change-log views on one stream key (all
+    the events of two tables in one stream, say): each appends its own entries once, with
+    its own high-water hash. `viewkeeper rebuild A --take-over` wipes view A — and wipe
+    DELetes the whole stream key: view B's entries are gone, with no loss reported for B
+    (its claim is untouched)."""
+    a = _view(name="events_a")
+    b = _view(name="events_b")
+    sink.prepare([a, b])
+    sink.append([app(a, "shard-1", 1), app(b, "shard-9", 2)])
+    assert [e["seq"] for e in entries(redis_client)] == ["1", "2"]
+    sink.wipe(a)
+    assert [e["seq"] for e in entries(redis_client)] == ["2"], "view B's entry was deleted"
