@@ -206,6 +206,10 @@ class Pipeline:
         for rec in records:
             try:
                 item_key = encode_key(rec.keys, key_names)
+            except ItemKeyError as exc:
+                self._dead(report, view, table, "?", rec, exc, 0)
+                continue
+            try:  # the old image is decoded here, for the first time
                 change = StreamChange(
                     event=rec.event,
                     keys=rec.keys,
@@ -214,10 +218,15 @@ class Pipeline:
                     sequence=rec.sequence,
                     time=dt.datetime.fromtimestamp(rec.created_at, dt.UTC),
                 )
-                body = map_change(view, change, item_key)
-            except ItemKeyError as exc:
-                self._dead(report, view, table, "?", rec, exc, 0)
+            except (DecodeError, ValueError, OverflowError, OSError) as exc:
+                unreadable = DecodeError(
+                    f"change-log view {view.name}: the record cannot be read as a change "
+                    f"(its OldImage or ApproximateCreationDateTime): {exc}"
+                )
+                self._dead(report, view, table, item_key, rec, unreadable, 0)
                 continue
+            try:
+                body = map_change(view, change, item_key)
             except ProjectionError as exc:
                 self._dead(report, view, table, exc.item_key, rec, exc, 0)
                 failed = Append(view, shard, rec.sequence, exc.item_key, {}, rec.created_at, True)

@@ -18,8 +18,10 @@ runs atomically per ``_id`` on the shard's primary: the first one creates the do
 bookkeeping is needed, so nothing can get out of step with the documents. Limits: a record
 without a creation time (``created_at`` 0.0; DynamoDB always sends one) is put on the day
 of the sink's clock, so a replay on another day makes a second document; a day deleted by
-the retention is never written again by a replay, because ``retention_days`` is at least 2
-and the stream keeps records 24 hours; a record whose first ``create`` was taken but whose
+the retention is never written again by a re-read, because ``retention_days`` is at least 2
+and the stream keeps records 24 hours, but a change-log dead letter (they do not expire)
+replayed after its day was deleted makes that day again, holding that one document, until
+the next purge deletes it; a record whose first ``create`` was taken but whose
 answer was lost (a connection cut, the ``_bulk`` sent again) is reported STALE, not APPLIED.
 
 See README.md § Change-log views.

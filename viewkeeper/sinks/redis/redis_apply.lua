@@ -363,14 +363,30 @@ local function append_one(stream, hw, rp, cap, ttl, dl_ttl, p)
     local h = call('HGET', hw, shard)
     if h and not above(seq, h) then return '0' end
   end
+  -- The bookkeeping first, then the XADD, undone if the XADD fails: an append is all or
+  -- nothing (a refused bookkeeping write fails before anything is written; an ACL that lets
+  -- the bookkeeping be written lets it be restored).
+  local old_mark, old_at
+  if shard ~= '' then
+    old_mark, old_at = call('HGET', hw, shard), call('HGET', hw, '@' .. shard)
+    call('HSET', hw, shard, seq, '@' .. shard, now)
+  end
+  if r then call('SET', rk, now, 'EX', dl_ttl)
+  elseif shard == '' then call('SET', rk, now, 'EX', ttl) end
   local cmd = { 'XADD', stream }
   if cap ~= '' then cmd[3], cmd[4], cmd[5] = 'MAXLEN', '~', cap end
   cmd[#cmd + 1] = '*'
   for i = p + 3, p + 2 + 2 * f do cmd[#cmd + 1] = ARGV[i] end
-  call(unpack(cmd))
-  if shard ~= '' then call('HSET', hw, shard, seq, '@' .. shard, now) end
-  if r then call('SET', rk, now, 'EX', dl_ttl)
-  elseif shard == '' then call('SET', rk, now, 'EX', ttl) end
+  local ok, err = pcall(call, unpack(cmd))
+  if not ok then
+    if shard ~= '' then
+      if old_mark then call('HSET', hw, shard, old_mark, '@' .. shard, old_at or now)
+      else call('HDEL', hw, shard, '@' .. shard) end
+    end
+    if r then call('SET', rk, r, 'EX', dl_ttl)
+    elseif shard == '' then call('DEL', rk) end
+    error(err)
+  end
   return '1'
 end
 
