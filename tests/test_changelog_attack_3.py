@@ -43,7 +43,8 @@ def test_on_error_halt_an_append_the_sink_refuses_is_stale_after_the_fix(
     _append sees record 2's ERROR: _dead raises HaltShard (no dead letter is stored, the
     page is not checkpointed: halt means "stop here, fix, restart"). Fixed and restarted,
     the worker reads the page again: record 2 finds its 'dl' note and a mark above it and
-    answers STALE. Counted stale, never appended, no dead letter: lost silently."""
+    answers STALE. Counted stale, never appended, no dead letter: lost silently (was; now
+    the note makes the re-read append it, once)."""
     view = _view()
     nan = View(
         **{
@@ -66,7 +67,9 @@ def test_on_error_halt_an_append_the_sink_refuses_is_stale_after_the_fix(
     )
     again = pipe.process(TABLE, ("pk",), _page(), shard="shard-1")
     seqs = [e["seq"] for e in entries(redis_client)]
-    assert seqs == ["1", "2", "3"], (
+    # appended once, when the shard resumed: after record 3, which the same call appended
+    # before the halt (README, "Change-log views": order under on_error: halt)
+    assert seqs == ["1", "3", "2"], (
         f"stream: {seqs}; the re-read: {again.applied} applied, {again.stale} stale, "
         f"{again.dead_lettered} dead-lettered, dead letters: {len(store.list_deadletters())}"
     )

@@ -165,6 +165,8 @@ class Pipeline:
                 self._dead(
                     report, view, table, item_key, rec, DecodeError(str(rec.invalid)), generation
                 )
+                if view.changelog:
+                    self._note(appends, view, shard, rec, item_key)
             if view.changelog:
                 self._map_changes(report, view, table, records, key_names, shard, appends)
                 continue
@@ -208,6 +210,7 @@ class Pipeline:
                 item_key = encode_key(rec.keys, key_names)
             except ItemKeyError as exc:
                 self._dead(report, view, table, "?", rec, exc, 0)
+                self._note(appends, view, shard, rec, "?")
                 continue
             try:  # the old image is decoded here, for the first time
                 change = StreamChange(
@@ -224,13 +227,13 @@ class Pipeline:
                     f"(its OldImage or ApproximateCreationDateTime): {exc}"
                 )
                 self._dead(report, view, table, item_key, rec, unreadable, 0)
+                self._note(appends, view, shard, rec, item_key)
                 continue
             try:
                 body = map_change(view, change, item_key)
             except ProjectionError as exc:
                 self._dead(report, view, table, exc.item_key, rec, exc, 0)
-                failed = Append(view, shard, rec.sequence, exc.item_key, {}, rec.created_at, True)
-                out.append((failed, rec))  # noted by the sink (see Append.failed), not counted
+                self._note(appends, view, shard, rec, exc.item_key)
                 continue
             if body is None:
                 nothing += 1
@@ -239,6 +242,22 @@ class Pipeline:
         if nothing:
             report.applied += nothing
             metrics.RECORDS.labels(view.name, "applied").inc(nothing)
+
+    @staticmethod
+    def _note(
+        appends: dict[SinkKey, list[tuple[Append, ChangeRecord]]],
+        view: View,
+        shard: str,
+        rec: ChangeRecord,
+        item_key: str,
+    ) -> None:
+        """A record dead-lettered for a change-log view, for its sink to note (see
+        ``Append.failed``): whichever way comes later — its replay, or a re-read once it can
+        be mapped — appends it once. Not counted (its dead letter is). A record without a
+        sequence number cannot be noted (nor ever appended in order)."""
+        if rec.sequence != NO_SEQUENCE:
+            note = Append(view, shard, rec.sequence, item_key, {}, rec.created_at, failed=True)
+            appends[(view.kind, view.connection)].append((note, rec))
 
     def _append(
         self,

@@ -16,10 +16,11 @@ sequence in a key of its own, ``vk:cl:{TAG}:VIEW:r:SEQUENCE``, expiring after
 
 A record dead-lettered for the view (``Append.failed``, or an append the sink refused) is
 noted in that key (``dl``, for :data:`DEAD_LETTER_NOTE_TTL`): both ways it may be appended
-later — its dead letter replayed, or a re-read of its page with the view fixed — append it
-only while the note says ``dl`` and replace it, so the other way answers STALE. A dead
-letter replayed after the note expired (30 days) whose record a re-read had appended is
-appended again: the one case left.
+later — its dead letter replayed, or a re-read of its page once it can be mapped, even below
+the mark — append it only while the note says ``dl`` and replace it, so the other way
+answers STALE; a note for a record the mark passed without a note records it as appended
+(another process appended it). A dead letter replayed after the note expired (30 days)
+whose record a re-read had appended is appended again: the one case left.
 """
 
 from __future__ import annotations

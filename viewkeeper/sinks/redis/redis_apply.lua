@@ -344,31 +344,33 @@ end
 -- One append of a change-log group (arguments at ARGV[p]); '1' appended, '0' appended before.
 -- Records of one shard come in stream order: the high-water hash keeps, per shard, the
 -- highest sequence appended (field SHARD) and when (field @SHARD, for the purge), and a
--- record at or below it was appended already, or dead-lettered. A record sent outside its
--- shard's order (a dead letter replayed, the Lambda handler: shard '') is remembered by its
--- sequence, in a key of its own (prefix .. sequence) that expires after the stream's
--- retention with margin. A dead-lettered record is noted there ('dl', kept as long as a dead
--- letter is likely to wait): whichever appends it first — its replay, or a re-read with the
--- view fixed — writes its key, and the other finds it and answers '0'.
+-- record at or below it was appended already — unless it was dead-lettered: such a record
+-- is noted in a key of its own (prefix .. sequence = 'dl', for dl_ttl), and whichever way
+-- comes first appends it and replaces the note with the time: a re-read of its page (the
+-- view fixed, viewkeeper upgraded, an operator's fix after on_error: halt) or its dead
+-- letter replayed. A record sent outside its shard's order (a replay, the Lambda handler:
+-- shard '') is remembered in that key too, for ttl. A note for a record the mark already
+-- passed with no note (another process, whose view did not fail, appended it) records it
+-- as appended instead, so that its dead letter's replay answers '0'.
 local function append_one(stream, hw, rp, cap, ttl, dl_ttl, p)
   local shard, seq, f = ARGV[p], ARGV[p + 1], tonumber(ARGV[p + 2])
   local rk = rp .. seq
+  local r = call('GET', rk)
+  local h = shard ~= '' and call('HGET', hw, shard)
+  local below = h and not above(seq, h)
   if f < 0 then
-    call('SET', rk, 'dl', 'EX', dl_ttl, 'NX')
+    if not r then call('SET', rk, below and now or 'dl', 'EX', dl_ttl) end
     return '0'
   end
-  local r = call('GET', rk)
-  if r and r ~= 'dl' then return '0' end
-  if shard ~= '' then
-    local h = call('HGET', hw, shard)
-    if h and not above(seq, h) then return '0' end
-  end
+  if (r and r ~= 'dl') or (below and not r) then return '0' end
   -- The bookkeeping first, then the XADD, undone if the XADD fails: an append is all or
   -- nothing (a refused bookkeeping write fails before anything is written; an ACL that lets
-  -- the bookkeeping be written lets it be restored).
-  local old_mark, old_at
-  if shard ~= '' then
-    old_mark, old_at = call('HGET', hw, shard), call('HGET', hw, '@' .. shard)
+  -- the bookkeeping be written lets it be restored). A noted record below the mark leaves
+  -- the mark where it is.
+  local raise = shard ~= '' and not below
+  local old_at
+  if raise then
+    old_at = call('HGET', hw, '@' .. shard)
     call('HSET', hw, shard, seq, '@' .. shard, now)
   end
   if r then call('SET', rk, now, 'EX', dl_ttl)
@@ -379,8 +381,8 @@ local function append_one(stream, hw, rp, cap, ttl, dl_ttl, p)
   for i = p + 3, p + 2 + 2 * f do cmd[#cmd + 1] = ARGV[i] end
   local ok, err = pcall(call, unpack(cmd))
   if not ok then
-    if shard ~= '' then
-      if old_mark then call('HSET', hw, shard, old_mark, '@' .. shard, old_at or now)
+    if raise then
+      if h then call('HSET', hw, shard, h, '@' .. shard, old_at or now)
       else call('HDEL', hw, shard, '@' .. shard) end
     end
     if r then call('SET', rk, r, 'EX', dl_ttl)
@@ -422,7 +424,8 @@ local function append_group(a, codes, reply)
     if code == '1' then added = true end
     p = p + 3 + 2 * math.max(0, tonumber(ARGV[p + 2]))
   end
-  if minid ~= '' and added then call('XTRIM', stream, 'MINID', '~', minid) end
+  -- trimming is housekeeping: a refusal (an ACL, say) must not fail the appends made
+  if minid ~= '' and added then pcall(call, 'XTRIM', stream, 'MINID', '~', minid) end
   return p
 end
 
