@@ -9,11 +9,12 @@ from typing import Any
 import pytest
 
 from tests.helpers import registry_of
-from tests.test_changelog_redis import TABLE, _view, entries, record, records
+from tests.test_changelog_redis import TABLE, _view, app, entries, record, records
 from viewkeeper.coordination.memory import MemoryStore
 from viewkeeper.projection.api import View
 from viewkeeper.runtime.deadletters import replay
 from viewkeeper.runtime.pipeline import Pipeline
+from viewkeeper.sinks.base import Outcome
 from viewkeeper.sinks.redis import RedisSink
 
 
@@ -84,3 +85,43 @@ def test_a_lambda_appended_record_is_stale_for_a_shard_reader(
     again = pipe.process(TABLE, ("pk",), _page(), shard="shard-1")
     assert (again.applied, again.stale) == (0, 3)
     assert len(entries(redis_client)) == 3
+
+
+class _RefusesFirstCall(RedisSink):
+    """The real sink, whose first script call is refused whole by Redis (a command it
+    rejects: wrong number of arguments), as an over-limit call would be."""
+
+    refuse = 1
+
+    def _command(self, batch: Any, stamp: bytes) -> bytes:
+        if _RefusesFirstCall.refuse > 0:
+            _RefusesFirstCall.refuse -= 1
+            return b"*2\r\n$7\r\nEVALSHA\r\n$3\r\nbad\r\n"
+        return super()._command(batch, stamp)
+
+
+def test_a_call_refused_whole_leaves_the_view_s_later_calls_unsent_and_its_records_noted(
+    redis_client: Any, redis_url: str
+) -> None:
+    """Nothing dropped, exactly once (gap found by reading in this round). 300 appends of
+    one shard go in two calls; Redis refuses the first whole. Sent anyway, the second would
+    raise the mark past the first's records, which a re-read would then take for appended
+    (was: the second call was sent, no note written). Now: neither is written,
+    all 300 end ERROR (dead-lettered), noted; a re-read of the page then appends each once
+    and their replays answer stale."""
+    view = _view()
+    sink = _RefusesFirstCall.from_url("cache", redis_url)
+    try:
+        sink.prepare([view])
+        _RefusesFirstCall.refuse = 1
+        batch = [app(view, "shard-1", q) for q in range(1, 301)]
+        out = sink.append(batch)
+        assert {r.outcome for r in out} == {Outcome.ERROR}
+        assert entries(redis_client) == []
+        again = sink.append(batch)  # the page read again (no checkpoint after an ERROR halt)
+        assert {r.outcome for r in again} == {Outcome.APPLIED}
+        replays = sink.append([app(view, "", q) for q in range(1, 301)])  # the dead letters
+        assert {r.outcome for r in replays} == {Outcome.STALE}
+        assert [int(e["seq"]) for e in entries(redis_client)] == list(range(1, 301))
+    finally:
+        sink.close()

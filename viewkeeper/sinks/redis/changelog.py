@@ -36,7 +36,7 @@ from viewkeeper.projection.api import View
 from viewkeeper.sinks.base import APPLIED, STALE, Append, Outcome, Result, SinkError
 from viewkeeper.sinks.encoding import EncodeError, redis_value
 from viewkeeper.sinks.redis.apply import _again, _read
-from viewkeeper.sinks.redis.connection import _is_transient
+from viewkeeper.sinks.redis.connection import _is_transient, log
 from viewkeeper.sinks.redis.maintenance import _Maintenance
 from viewkeeper.sinks.redis.packing import _b, _Batch, _text
 
@@ -105,16 +105,22 @@ class _Changelog(_Maintenance):
         for i, a in enumerate(appends):
             per_view.setdefault(a.view.name, []).append(i)
         batches: list[_Batch] = []
-        for indexes in per_view.values():
+        view_of: dict[int, str] = {}  # id(batch) -> its view
+        for name, indexes in per_view.items():
             for start in range(0, len(indexes), _PER_CALL):
                 batch = self._group(appends, indexes[start : start + _PER_CALL], now, results)
                 if batch is not None:
                     batches.append(batch)
+                    view_of[id(batch)] = name
         # One call at a time, each answered before the next is sent: a later call of the
         # same view must never run after an earlier one was refused (OOM, READONLY, ...), or
         # its high-water mark would pass the earlier call's records, which would then answer
         # stale when sent again (tests/test_changelog_attack.py).
+        refused: set[str] = set()
         for b in batches:
+            if view_of[id(b)] in refused:  # after a call refused whole: not sent (ERROR)
+                b.reply = SinkError("not sent: an earlier call of this view was refused")
+                continue
             try:
                 with self._connection() as conn:
                     conn.send_packed_command([self._command(b, stamp)])
@@ -126,6 +132,14 @@ class _Changelog(_Maintenance):
                 self._with_retry(partial(self._resend, [b], stamp))
             if isinstance(b.reply, list) and b.reply and b.reply[0] == b"L":
                 break  # a lost claim: the later calls would be refused too; nothing written
+            if isinstance(b.reply, Exception):
+                # refused whole (nothing of it written): a later call of the view would raise
+                # the mark past its records, which a re-read would then take for appended;
+                # they and the view's later ones end ERROR (dead-lettered), noted so that
+                # their replays and a re-read append them once between them
+                refused.add(view_of[id(b)])
+        for name in refused:
+            self._note_refused(appends, [b for b in batches if view_of[id(b)] == name], now)
         self._refuse_lost(batches)
         self._learn_counters(batches)
         for b in batches:
@@ -134,6 +148,39 @@ class _Changelog(_Maintenance):
         if len(out) != len(appends):  # never checkpoint past an append without an answer
             raise AssertionError(f"{len(appends) - len(out)} appends got no result")
         return out
+
+    def _note_refused(self, appends: Sequence[Append], batches: list[_Batch], now: float) -> None:
+        """Note, in calls of their own, the appends of calls refused whole or not sent (see
+        :meth:`_append`); a note refused too is logged (its record may then be appended
+        twice: by a re-read and by its dead letter's replay)."""
+        notes = [
+            Append(a.view, a.shard, a.sequence, a.item_key, {}, a.created_at, failed=True)
+            for b in batches
+            if isinstance(b.reply, Exception)
+            for a in (appends[i] for i in b.indexes if i >= 0)
+        ]
+        for start in range(0, len(notes), _PER_CALL):
+            chunk = notes[start : start + _PER_CALL]
+            batch = self._group(chunk, list(range(len(chunk))), now, [None] * len(chunk))
+            if batch is None:
+                continue
+            try:
+                with self._connection() as conn:
+                    conn.send_packed_command([self._command(batch, b"%d" % int(now))])
+                    _read(conn, batch)
+            except Exception as exc:
+                batch.reply = exc
+            if not isinstance(batch.reply, list):
+                log.error(
+                    "redis sink %s (%s): view %s: could not note %d dead-lettered change-log "
+                    "records (%s); a re-read of their page and their replay may both append "
+                    "them",
+                    self.name,
+                    self.where,
+                    chunk[0].view.name,
+                    len(chunk),
+                    batch.reply,
+                )
 
     def _group(
         self, appends: Sequence[Append], indexes: list[int], now: float, results: list[Any]
@@ -192,6 +239,8 @@ class _Changelog(_Maintenance):
         details = iter(reply[2:])
         for i, code in zip(b.indexes, codes, strict=True):
             if i < 0:  # the note of an append refused before it was sent
+                if code == 101:  # b"e": its detail is in the reply too
+                    next(details)
                 continue
             if code == 49:  # b"1"
                 results[i] = APPLIED
