@@ -110,9 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("views", nargs="*", metavar="VIEW", help="view names to rebuild")
     _config_arg(p)
     p.add_argument(
-        "--table", action="append", default=[], help="rebuild every view of this table (repeatable)"
+        "--table",
+        action="append",
+        default=[],
+        help="rebuild every view of this table (repeatable; change-log views are skipped)",
     )
-    p.add_argument("--all", action="store_true", help="rebuild every view")
+    p.add_argument(
+        "--all", action="store_true", help="rebuild every view (change-log views are skipped)"
+    )
     p.add_argument("--segments", type=int, default=4, help="parallel scan segments (default 4)")
     p.add_argument(
         "--max-items-per-second",
