@@ -12,7 +12,7 @@ from tests.helpers import registry_of
 from tests.test_changelog_redis import TABLE, _view, entries, record, records
 from viewkeeper.coordination.memory import MemoryStore
 from viewkeeper.projection.api import View
-from viewkeeper.runtime import pipeline as pipeline_module
+from viewkeeper.runtime import changelog as changelog_module
 from viewkeeper.runtime.deadletters import replay
 from viewkeeper.runtime.pipeline import HaltShard, Pipeline
 from viewkeeper.sinks.redis import RedisSink
@@ -91,18 +91,18 @@ def test_a_record_dead_lettered_before_mapping_is_appended_twice_after_an_upgrad
     store = MemoryStore()
     sink.prepare([view])
     page = _page()[:2]
-    real = pipeline_module.StreamChange
+    real = changelog_module.StreamChange
 
     def old_version(**kw: Any) -> Any:  # the old release cannot read record 2
         if kw["sequence"] == "2":
             raise DecodeError("attribute of an unknown type")
         return real(**kw)
 
-    monkeypatch.setattr(pipeline_module, "StreamChange", old_version)
+    monkeypatch.setattr(changelog_module, "StreamChange", old_version)
     pipe = Pipeline(registry_of(view), {("redis", "cache"): sink}, store, lambda _: 0)
     first = pipe.process(TABLE, ("pk",), page, shard="shard-1")
     assert (first.applied, first.dead_lettered) == (1, 1)
-    monkeypatch.setattr(pipeline_module, "StreamChange", real)  # the upgrade
+    monkeypatch.setattr(changelog_module, "StreamChange", real)  # the upgrade
     again = pipe.process(TABLE, ("pk",), page, shard="shard-1")  # read again, no checkpoint
     assert (again.applied, again.stale) == (1, 1)
     done = replay(store, pipe, lambda _: ("pk",))

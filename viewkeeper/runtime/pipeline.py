@@ -42,7 +42,6 @@ current generation (``generation_of``).
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import logging
 import time
@@ -55,12 +54,12 @@ import orjson
 
 from viewkeeper.coordination.model import CoordinationStore, DeadLetter
 from viewkeeper.projection.api import View
-from viewkeeper.projection.changelog import StreamChange
 from viewkeeper.projection.keys import ItemKeyError, encode_key
 from viewkeeper.projection.project import ProjectionError, map_change, project
 from viewkeeper.projection.registry import ViewRegistry
 from viewkeeper.projection.versions import Version, padded_sequence
 from viewkeeper.runtime import metrics
+from viewkeeper.runtime.changelog import note_of, stream_change
 from viewkeeper.sinks.base import Append, Change, NamespaceLost, Outcome, Result, Sink
 from viewkeeper.stream.records import NO_SEQUENCE, ChangeRecord, DecodeError
 
@@ -212,20 +211,9 @@ class Pipeline:
                 self._dead(report, view, table, "?", rec, exc, 0)
                 self._note(appends, view, shard, rec, "?")
                 continue
-            try:  # the old image is decoded here, for the first time
-                change = StreamChange(
-                    event=rec.event,
-                    keys=rec.keys,
-                    old=rec.old_image,
-                    new=None if rec.event == "REMOVE" else rec.new_image,
-                    sequence=rec.sequence,
-                    time=dt.datetime.fromtimestamp(rec.created_at, dt.UTC),
-                )
-            except (DecodeError, ValueError, OverflowError, OSError) as exc:
-                unreadable = DecodeError(
-                    f"change-log view {view.name}: the record cannot be read as a change "
-                    f"(its OldImage or ApproximateCreationDateTime): {exc}"
-                )
+            try:
+                change = stream_change(view, rec)
+            except DecodeError as unreadable:
                 self._dead(report, view, table, item_key, rec, unreadable, 0)
                 self._note(appends, view, shard, rec, item_key)
                 continue
@@ -251,12 +239,9 @@ class Pipeline:
         rec: ChangeRecord,
         item_key: str,
     ) -> None:
-        """A record dead-lettered for a change-log view, for its sink to note (see
-        ``Append.failed``): whichever way comes later — its replay, or a re-read once it can
-        be mapped — appends it once. Not counted (its dead letter is). A record without a
-        sequence number cannot be noted (nor ever appended in order)."""
-        if rec.sequence != NO_SEQUENCE:
-            note = Append(view, shard, rec.sequence, item_key, {}, rec.created_at, failed=True)
+        """A record dead-lettered for a change-log view: its note, for its sink."""
+        note = note_of(view, shard, rec, item_key)
+        if note is not None:
             appends[(view.kind, view.connection)].append((note, rec))
 
     def _append(
