@@ -58,7 +58,7 @@ from viewkeeper.sinks.opensearch.changelog_indexes import (
     _parts,
     _vk,
 )
-from viewkeeper.sinks.opensearch.indexes import _claim_of
+from viewkeeper.sinks.opensearch.indexes import _claim_meta, _claim_of
 from viewkeeper.sinks.opensearch.layout import META
 from viewkeeper.sinks.opensearch.maintenance import _Maintenance
 from viewkeeper.sinks.opensearch.plans import _jstr
@@ -131,13 +131,7 @@ class _Changelog(_ChangelogIndexes, _Apply, _Maintenance):
             super().write_claim(view, claim)
             return
         self._call(lambda: self._prepare_changelog(view))
-        held = {
-            "source": claim.owner.source,
-            "coordination": claim.owner.coordination,
-            "deployment": claim.owner.deployment,
-            "marker": claim.marker,
-            "generation": claim.generation,
-        }
+        held = _claim_meta(claim)
         body = self._template_body(view, held)
         tp = self.client.transport
         self._call(

@@ -322,13 +322,7 @@ class _Indexes(_Cache):
         first: an index lost and made again by a write is replaced or adopted there."""
         self._call(lambda: self._prepare_view(view))
         names = ViewIndexes.of(view, self.index_prefix)
-        held = {
-            "source": claim.owner.source,
-            "coordination": claim.owner.coordination,
-            "deployment": claim.owner.deployment,
-            "marker": claim.marker,
-            "generation": claim.generation,
-        }
+        held = _claim_meta(claim)
         for index, role, fmt in ((names.owners, "owners", OWNERS_FORMAT), (names.live, "live", 1)):
             meta = {"viewkeeper": {"view": view.name, "role": role, "format": fmt, "claim": held}}
             self._call(
@@ -362,6 +356,17 @@ def _vk_meta(mappings: Mapping[str, Any], index: str) -> dict[str, Any] | None:
     meta = ((mappings[index] or {}).get("mappings") or {}).get("_meta") or {}
     found = meta.get("viewkeeper")
     return dict(found) if isinstance(found, Mapping) else {}
+
+
+def _claim_meta(claim: Claim) -> dict[str, Any]:
+    """``claim`` as stored in an index's (or template's) ``_meta``; :func:`_claim_of` reads it."""
+    return {
+        "source": claim.owner.source,
+        "coordination": claim.owner.coordination,
+        "deployment": claim.owner.deployment,
+        "marker": claim.marker,
+        "generation": claim.generation,
+    }
 
 
 def _claim_of(meta: Mapping[str, Any] | None) -> Claim | None:
