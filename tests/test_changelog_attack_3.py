@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import registry_of
-from tests.test_changelog_redis import TABLE, _view, entries, record, records
+from tests.test_changelog_redis import TABLE, _view, entries, page_of_three
 from viewkeeper.coordination.memory import MemoryStore
 from viewkeeper.projection.api import View
 from viewkeeper.runtime import changelog as changelog_module
@@ -24,14 +24,6 @@ def sink(redis_client: Any, redis_url: str) -> Iterator[RedisSink]:
     s = RedisSink.from_url("cache", redis_url)
     yield s
     s.close()
-
-
-def _page() -> list[Any]:
-    return records(
-        record(1, "INSERT", {"pk": "a", "status": "new"}, None),
-        record(2, "MODIFY", {"pk": "a", "status": "odd"}, {"pk": "a", "status": "new"}),
-        record(3, "MODIFY", {"pk": "a", "status": "paid"}, {"pk": "a", "status": "odd"}),
-    )
 
 
 def test_on_error_halt_an_append_the_sink_refuses_is_stale_after_the_fix(
@@ -58,14 +50,14 @@ def test_on_error_halt_an_append_the_sink_refuses_is_stale_after_the_fix(
         registry_of(nan), {("redis", "cache"): sink}, store, lambda _: 0, on_error="halt"
     )
     with pytest.raises(HaltShard):
-        halting.process(TABLE, ("pk",), _page(), shard="shard-1")
+        halting.process(TABLE, ("pk",), page_of_three(), shard="shard-1")
     assert store.list_deadletters() == []  # halt stores none: the shard stops
     # the view fixed, the worker restarted: the page is read again from the checkpoint
     fixed = View(**{**view.__dict__, "func": lambda c: {"seq": c.sequence, "v": 1}})
     pipe = Pipeline(
         registry_of(fixed), {("redis", "cache"): sink}, store, lambda _: 0, on_error="halt"
     )
-    again = pipe.process(TABLE, ("pk",), _page(), shard="shard-1")
+    again = pipe.process(TABLE, ("pk",), page_of_three(), shard="shard-1")
     seqs = [e["seq"] for e in entries(redis_client)]
     # appended once, when the shard resumed: after record 3, which the same call appended
     # before the halt (README, "Change-log views": order under on_error: halt)
@@ -90,7 +82,7 @@ def test_a_record_dead_lettered_before_mapping_is_appended_twice_after_an_upgrad
     view = _view()
     store = MemoryStore()
     sink.prepare([view])
-    page = _page()[:2]
+    page = page_of_three()[:2]
     real = changelog_module.StreamChange
 
     def old_version(**kw: Any) -> Any:  # the old release cannot read record 2
@@ -124,7 +116,7 @@ def test_a_dead_letter_note_after_the_record_was_appended_lets_its_replay_append
     view = _view()
     store = MemoryStore()
     sink.prepare([view])
-    page = _page()
+    page = page_of_three()
     boom = View(
         **{
             **view.__dict__,

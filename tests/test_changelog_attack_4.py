@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import registry_of
-from tests.test_changelog_redis import TABLE, _view, app, entries, record, records
+from tests.test_changelog_redis import TABLE, _view, app, entries, page_of_three
 from viewkeeper.coordination.memory import MemoryStore
 from viewkeeper.projection.api import View
 from viewkeeper.runtime.deadletters import replay
@@ -25,14 +25,6 @@ def sink(redis_client: Any, redis_url: str) -> Iterator[RedisSink]:
     s.close()
 
 
-def _page() -> list[Any]:
-    return records(
-        record(1, "INSERT", {"pk": "a", "status": "new"}, None),
-        record(2, "MODIFY", {"pk": "a", "status": "odd"}, {"pk": "a", "status": "new"}),
-        record(3, "MODIFY", {"pk": "a", "status": "paid"}, {"pk": "a", "status": "odd"}),
-    )
-
-
 @pytest.mark.parametrize("shard", ["shard-1", ""], ids=["shard", "lambda"])
 def test_the_same_record_twice_in_one_page_is_appended_once(
     sink: RedisSink, redis_client: Any, shard: str
@@ -40,7 +32,7 @@ def test_the_same_record_twice_in_one_page_is_appended_once(
     view = _view()
     sink.prepare([view])
     pipe = Pipeline(registry_of(view), {("redis", "cache"): sink}, MemoryStore(), lambda _: 0)
-    page = _page()
+    page = page_of_three()
     out = pipe.process(TABLE, ("pk",), [page[0], page[1], page[1], page[2]], shard=shard)
     assert (out.applied, out.stale) == (3, 1)
     assert [e["seq"] for e in entries(redis_client)] == ["1", "2", "3"]
@@ -64,8 +56,8 @@ def test_an_encode_error_note_below_the_mark_then_a_fixed_replay_appends_nothing
     )
     g = Pipeline(registry_of(good), {("redis", "cache"): sink}, store, lambda _: 0)
     b = Pipeline(registry_of(nan), {("redis", "cache"): sink}, store, lambda _: 0)
-    assert g.process(TABLE, ("pk",), _page(), shard="shard-1").applied == 3
-    late = b.process(TABLE, ("pk",), _page(), shard="shard-1")
+    assert g.process(TABLE, ("pk",), page_of_three(), shard="shard-1").applied == 3
+    late = b.process(TABLE, ("pk",), page_of_three(), shard="shard-1")
     assert (late.stale, late.dead_lettered) == (2, 1)
     done = replay(store, g, lambda _: ("pk",))
     assert (done.applied, done.stale) == (0, 1)
@@ -81,8 +73,8 @@ def test_a_lambda_appended_record_is_stale_for_a_shard_reader(
     view = _view()
     sink.prepare([view])
     pipe = Pipeline(registry_of(view), {("redis", "cache"): sink}, MemoryStore(), lambda _: 0)
-    assert pipe.process(TABLE, ("pk",), _page(), shard="").applied == 3
-    again = pipe.process(TABLE, ("pk",), _page(), shard="shard-1")
+    assert pipe.process(TABLE, ("pk",), page_of_three(), shard="").applied == 3
+    again = pipe.process(TABLE, ("pk",), page_of_three(), shard="shard-1")
     assert (again.applied, again.stale) == (0, 3)
     assert len(entries(redis_client)) == 3
 

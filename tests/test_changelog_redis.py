@@ -268,6 +268,14 @@ def records(*raws: Any) -> list[ChangeRecord]:
     return decode_records(list(raws))
 
 
+def page_of_three() -> list[ChangeRecord]:
+    return records(
+        record(1, "INSERT", {"pk": "a", "status": "new"}, None),
+        record(2, "MODIFY", {"pk": "a", "status": "odd"}, {"pk": "a", "status": "new"}),
+        record(3, "MODIFY", {"pk": "a", "status": "paid"}, {"pk": "a", "status": "odd"}),
+    )
+
+
 def test_the_pipeline_maps_every_record_counts_nothing_as_applied_and_dead_letters_errors(
     sink: RedisSink, redis_client: Any
 ) -> None:
