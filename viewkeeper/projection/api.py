@@ -185,9 +185,10 @@ def redis_view(
     name: str | None = None,
 ) -> Callable[[F], F]:
     """Declare a Redis view: the function yields (or returns) Value/HashField/SetMember/
-    SortedSetMember entries for one item; nothing or None means the item owns nothing.
+    SortedSetMember entries for one item, and Counter/SortedSetCounter contributions to sums
+    shared by many items; nothing or None means the item owns nothing.
 
-    ``ttl`` (seconds) is the default expiry of the view's ``Value`` entries.
+    ``ttl`` (seconds) is the default expiry of the view's ``Value`` entries (counters have none).
     """
     misused = _misused("redis_view", func, _REDIS_NEEDS, table=table, redis=redis)
     if misused is not None:

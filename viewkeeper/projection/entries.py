@@ -16,11 +16,13 @@ from typing import Any
 
 __all__ = [
     "MAX_TTL",
+    "Counter",
     "Document",
     "Entry",
     "HashField",
     "RedisEntry",
     "SetMember",
+    "SortedSetCounter",
     "SortedSetMember",
     "Value",
 ]
@@ -130,6 +132,88 @@ class SortedSetMember:
         return ("Z", self.key, member_text(self.member))
 
 
+INT64_MAX = 2**63 - 1
+"""The largest sum a Counter holds (Redis' integers are signed 64-bit); the smallest is
+``-INT64_MAX - 1``."""
+SCORE_MAX = 2**53
+"""The largest magnitude of a SortedSetCounter's amount and sum: a sorted-set score is a
+double, exact for integers up to 2**53."""
+
+
+def _amount(kind: str, key: str, amount: object, limit: int, lowest: int) -> int:
+    """``amount`` as an int: an int (not a bool) or an integral Decimal within
+    ``lowest..limit``; anything else is refused here, where the view builds the entry."""
+    if isinstance(amount, Decimal) and amount.is_finite() and amount == amount.to_integral_value():
+        amount = int(amount)
+    if isinstance(amount, bool) or not isinstance(amount, int):
+        raise TypeError(
+            f"{kind} {key!r}: amount {amount!r} is not an integer; counters sum exactly, so "
+            "amounts are int or integral Decimal: count money in integer cents "
+            "(e.g. int(order['total'] * 100))"
+        )
+    if not lowest <= amount <= limit:
+        raise ValueError(
+            f"{kind} {key!r}: amount {amount} is outside {lowest}..{limit}"
+            + (
+                " (a sorted-set score is a double, exact up to 2**53)"
+                if limit == SCORE_MAX
+                else " (a Redis integer is signed 64-bit)"
+            )
+            + "; use a smaller unit or split the sum"
+        )
+    return amount
+
+
+@dataclass(frozen=True, slots=True)
+class Counter:
+    """An exact sum kept by the view: the Redis integer at ``key`` (or at hash field
+    ``field`` of ``key``) is the sum of ``amount`` over the view's items that currently
+    yield this counter; absent when no item does. ``amount``: an int or integral Decimal,
+    signed 64-bit."""
+
+    key: str
+    amount: int = 1
+    field: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_key("Counter", self.key)
+        if self.field is not None and not isinstance(self.field, str):
+            raise TypeError(
+                f"Counter {self.key!r}: field must be a str or None, got {self.field!r}"
+            )
+        object.__setattr__(
+            self, "amount", _amount("Counter", self.key, self.amount, INT64_MAX, -INT64_MAX - 1)
+        )
+
+    @property
+    def ident(self) -> tuple[str, str, str]:
+        return ("V", self.key, "") if self.field is None else ("H", self.key, self.field)
+
+
+@dataclass(frozen=True, slots=True)
+class SortedSetCounter:
+    """An exact sum kept as a sorted-set score: ``member``'s score in ``key`` is the sum of
+    ``amount`` over the view's items that currently yield this counter; the member is absent
+    when no item does. ``amount``: an int or integral Decimal within +/-2**53."""
+
+    key: str
+    member: Any
+    amount: int = 1
+
+    def __post_init__(self) -> None:
+        _check_key("SortedSetCounter", self.key)
+        member_text(self.member)  # refused here rather than in the sink
+        object.__setattr__(
+            self,
+            "amount",
+            _amount("SortedSetCounter", self.key, self.amount, SCORE_MAX, -SCORE_MAX),
+        )
+
+    @property
+    def ident(self) -> tuple[str, str, str]:
+        return ("Z", self.key, member_text(self.member))
+
+
 @dataclass(frozen=True, slots=True)
 class Document:
     """The one OpenSearch document an item owns in an ``opensearch_view``."""
@@ -155,5 +239,5 @@ def member_text(member: Any) -> str:
     raise TypeError(f"set member {member!r} must be a str, int, Decimal or bytes")
 
 
-RedisEntry = Value | HashField | SetMember | SortedSetMember
+RedisEntry = Value | HashField | SetMember | SortedSetMember | Counter | SortedSetCounter
 Entry = RedisEntry | Document

@@ -11,10 +11,12 @@ from typing import Any, cast
 from viewkeeper.projection.api import View
 from viewkeeper.projection.changelog import StreamChange, changelog_body
 from viewkeeper.projection.entries import (
+    Counter,
     Document,
     Entry,
     HashField,
     SetMember,
+    SortedSetCounter,
     SortedSetMember,
     Value,
 )
@@ -22,7 +24,7 @@ from viewkeeper.projection.keys import encode_key
 
 __all__ = ["ProjectionError", "map_change", "project", "shown"]
 
-_REDIS_TYPES = (Value, HashField, SetMember, SortedSetMember)
+_REDIS_TYPES = (Value, HashField, SetMember, SortedSetMember, Counter, SortedSetCounter)
 
 
 _SHOWN = 100  # characters of an item key or id shown in a message
@@ -108,7 +110,7 @@ def _redis_entries(view: View, item_key: str, result: Any) -> list[Entry]:
             view,
             item_key,
             f"returned {type(result).__name__}; a redis_view yields Value, HashField, "
-            "SetMember or SortedSetMember entries (or nothing)",
+            "SetMember, SortedSetMember, Counter or SortedSetCounter entries (or nothing)",
         )
     entries: list[Entry] = []
     for entry in items:
@@ -116,8 +118,8 @@ def _redis_entries(view: View, item_key: str, result: Any) -> list[Entry]:
             raise ProjectionError(
                 view,
                 item_key,
-                f"yielded {shown(entry)}; a redis_view yields Value, HashField, SetMember or "
-                "SortedSetMember",
+                f"yielded {shown(entry)}; a redis_view yields Value, HashField, SetMember, "
+                "SortedSetMember, Counter or SortedSetCounter",
             )
         if view.ttl is not None and isinstance(entry, Value) and entry.ttl is None:
             entry = Value(entry.key, entry.value, view.ttl)

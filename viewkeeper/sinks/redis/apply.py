@@ -18,13 +18,14 @@ from typing import Any
 import redis
 from redis.exceptions import NoScriptError
 
-from viewkeeper.projection.entries import MAX_TTL
+from viewkeeper.projection.entries import INT64_MAX, MAX_TTL, SCORE_MAX
 from viewkeeper.sinks.base import APPLIED, STALE, Change, Collision, Outcome, Result
 from viewkeeper.sinks.encoding import EncodeError
 from viewkeeper.sinks.redis.claims import _Claims
 from viewkeeper.sinks.redis.connection import _is_transient
 from viewkeeper.sinks.redis.packing import (
     _KIND,
+    _REDIS_TYPE,
     Entries,
     _b,
     _Batch,
@@ -37,8 +38,21 @@ from viewkeeper.sinks.redis.packing import (
     _text,
 )
 
+_COUNTERS = (b"v", b"h", b"z")
 _SLICE = 64  # changes per script call; the next batch is encoded while Redis runs one
 _HEAD = 1024  # bytes of a call that are not its changes' arguments (EVALSHA sha ... ), at most
+
+
+def _sum_amounts(t: bytes, key: bytes, sub: bytes, x: bytes, y: bytes) -> bytes:
+    """Two amounts one item yields for the same counter, added (within the counter's range)."""
+    total = int(x) + int(y)
+    top = SCORE_MAX if t == b"z" else INT64_MAX
+    if not (-top if t == b"z" else -top - 1) <= total <= top:
+        raise _Reject(
+            f"the view yields {_describe(t.decode(), key, sub)} more than once and its amounts "
+            f"add up to {total}, outside what the counter holds (+/-{top}); nothing was written"
+        )
+    return b"%d" % total
 
 
 def _read(conn: Any, batch: _Batch | None) -> None:
@@ -265,13 +279,22 @@ class _Apply(_Claims):
             t, key, ident, a, b = _entry_args(entry, self._entry_prefix)
             if key.startswith(self._prefix):
                 raise self._in_prefix(key)
-            if types.setdefault(key, t) != t:
+            if _REDIS_TYPE[types.setdefault(key, t).decode()] != _REDIS_TYPE[t.decode()]:
                 raise _Reject(
                     f"the view yields both a {_KIND[types[key].decode()]} and a "
                     f"{_KIND[t.decode()]} at key {_text(key)!r}; a key has one type"
                 )
+            seen = per_ident.get(ident)
+            if seen is not None and (seen[0] in _COUNTERS) != (t in _COUNTERS):
+                raise _Reject(
+                    f"the view yields both a {_KIND[seen[0].decode()]} and a "
+                    f"{_KIND[t.decode()]} for {_describe(t.decode(), key, a)}; a counter "
+                    "shares its place with nothing else"
+                )
+            if seen is not None and t in _COUNTERS:  # one item counted twice: amounts add up
+                b = _sum_amounts(t, key, a, seen[3], b)
             per_ident[ident] = (t, key, a, b)
-        args[4] = b"%d" % len(per_ident)  # duplicates: the last one of an identity counts
+        args[4] = b"%d" % len(per_ident)  # duplicates: the last one counts (a counter: the sum)
         for ident, (t, key, a, b) in per_ident.items():
             args += (t, key, a, b)
             entries.append((t.decode(), key, ident, a))
@@ -293,9 +316,40 @@ class _Apply(_Claims):
                 Outcome.ERROR,
                 self._where(change)
                 + f"the {what} {arg[:100]!r} of {entry} is not one Redis takes (a ttl is "
-                f"whole seconds from 1 to {MAX_TTL}, a score a number), nothing of the change "
-                "was written; the view API does not build such an entry: was it changed after "
-                "it was built?",
+                f"whole seconds from 1 to {MAX_TTL}, a score a number, an amount an integer "
+                "in its counter's range), nothing of the change was written; the view API "
+                "does not build such an entry: was it changed after it was built?",
+            )
+        if code == -3:  # a counter's sum: not an integer where it is kept, or out of range
+            what, value, kind = _text(reply[1]), _text(reply[2]), _text(reply[3])
+            place = _describe(kind, reply[4], reply[5])
+            if what == "integer":
+                return Result(
+                    Outcome.ERROR,
+                    self._where(change)
+                    + f"{place} holds {value[:100]!r}, not an integer: it was written outside "
+                    "viewkeeper; nothing of the change was written; delete it and rebuild "
+                    "the view (viewkeeper rebuild)",
+                )
+            top = SCORE_MAX if kind == "z" else INT64_MAX
+            return Result(
+                Outcome.ERROR,
+                self._where(change)
+                + f"the sum at {place} would be {value}, outside +/-{top} (what "
+                + ("a sorted-set score holds exactly" if kind == "z" else "a Redis integer holds")
+                + "); nothing of the change was written; count in a larger unit, or split "
+                "the counter",
+            )
+        if code == -4:  # a counter claimed by another view or by an item's entry
+            t, key, ident, sub = entries[int(reply[1]) - 1]
+            other_view, other_item = self._claim_owner(ident, reply[2])
+            owner = f"view {other_view}" + (f", item {other_item!r}" if other_item else "")
+            return Result(
+                Outcome.ERROR,
+                self._where(change)
+                + f"{_describe(t, key, sub)} is already written by {owner}: a counter is the "
+                "sum of one view's items, so nothing of the change was written; give the "
+                "counter a key of its own",
             )
         if code == -1:
             t, key, _, _ = entries[int(reply[1]) - 1]
@@ -311,7 +365,9 @@ class _Apply(_Claims):
         for j in range(1, len(reply), 2):
             t, key, ident, sub = entries[int(reply[j]) - 1]
             other_view, other_item = self._claim_owner(ident, reply[j + 1])
-            if other_view != change.view.name:
+            if not other_item:
+                other_item = f"the counter of view {other_view}"
+            elif other_view != change.view.name:
                 other_item = f"{other_item} (view {other_view})"
             collisions.append(Collision(_describe(t, key, sub), other_item))
         return Result(Outcome.APPLIED, collisions=collisions)
@@ -320,6 +376,8 @@ class _Apply(_Claims):
         i = 0
         while i < len(claim) and claim[i : i + 1].isdigit():
             i += 1
+        if claim[i : i + 1] == b"#":  # a counter: the view's items contribute to it
+            return self._view_name(claim[:i]), ""
         if claim[i : i + 1] == b"=":
             item = ident[claim[i + 1] : claim[i + 1] + claim[i + 2]]
         else:

@@ -15,8 +15,10 @@ from decimal import Decimal
 from typing import Any
 
 from viewkeeper.projection.entries import (
+    Counter,
     HashField,
     SetMember,
+    SortedSetCounter,
     SortedSetMember,
     Value,
     member_text,
@@ -33,6 +35,18 @@ _KIND = {
     "H": "hash HashField",
     "S": "set SetMember",
     "Z": "sorted-set SortedSetMember",
+    "v": "string Counter",  # counters: lowercase, the identity of the entry type above
+    "h": "hash Counter",
+    "z": "sorted-set SortedSetCounter",
+}
+_REDIS_TYPE = {
+    "V": "string",
+    "H": "hash",
+    "S": "set",
+    "Z": "zset",
+    "v": "string",
+    "h": "hash",
+    "z": "zset",
 }
 
 
@@ -82,8 +96,9 @@ class OwnerRecord:
 
     item_key: str
     version: Version
-    entries: tuple[Ident, ...]  # the entries' ``ident`` (see entries.py)
+    entries: tuple[Ident, ...]  # the entries' ``ident`` (see entries.py); counters: v, h, z
     deleted_at: int | None  # epoch seconds when this is a tombstone
+    amounts: tuple[int | None, ...] = ()  # per entry: a counter's amount, None for others
 
     @property
     def tombstone(self) -> bool:
@@ -108,12 +123,19 @@ def _parse_record(item: bytes, raw: bytes) -> OwnerRecord:
         return raw[p - n : p]
 
     entries: list[Ident] = []
+    amounts: list[int | None] = []
     while p < len(raw):
         t = chr(raw[p])
         p += 1
         key = string()
-        entries.append((t, _text(key), "" if t == "V" else _text(string())))
-    return OwnerRecord(_text(item), version, tuple(entries), None)
+        entries.append((t, _text(key), "" if t in "Vv" else _text(string())))
+        if t in "vhz":
+            n, p = _len_at(raw, p)
+            p += n
+            amounts.append(int(raw[p - n : p]))
+        else:
+            amounts.append(None)
+    return OwnerRecord(_text(item), version, tuple(entries), None, tuple(amounts))
 
 
 class _Reject(Exception):
@@ -154,6 +176,15 @@ def _entry_args(e: object, prefix: bytes = b"") -> tuple[bytes, bytes, bytes, by
     if isinstance(e, HashField):
         k, f = prefix + _b(e.key), _b(e.field)
         return b"H", k, b"H" + _L(len(k)) + k + f, f, redis_value(e.value)
+    if isinstance(e, Counter):
+        k = prefix + _b(e.key)
+        if e.field is None:
+            return b"v", k, b"V" + k, b"", b"%d" % e.amount
+        f = _b(e.field)
+        return b"h", k, b"H" + _L(len(k)) + k + f, f, b"%d" % e.amount
+    if isinstance(e, SortedSetCounter):
+        k, m = prefix + _b(e.key), _b(member_text(e.member))
+        return b"z", k, b"Z" + _L(len(k)) + k + m, m, b"%d" % e.amount
     if isinstance(e, SetMember | SortedSetMember):
         k, m = prefix + _b(e.key), _b(member_text(e.member))
         if isinstance(e, SetMember):
@@ -161,7 +192,7 @@ def _entry_args(e: object, prefix: bytes = b"") -> tuple[bytes, bytes, bytes, by
         return b"Z", k, b"Z" + _L(len(k)) + k + m, m, _score(e)
     raise _Reject(
         f"{type(e).__name__} is not a Redis entry; a redis_view yields Value, "
-        "HashField, SetMember or SortedSetMember"
+        "HashField, SetMember, SortedSetMember, Counter or SortedSetCounter"
     )
 
 
@@ -171,15 +202,17 @@ def _part(j: int, entries: Entries) -> str:
         return ("owner key", "item key", "view id", "version", "entry count")[j]
     t, key, _, sub = entries[(j - 5) // 4]
     role = (j - 5) % 4
-    what = ("type", "key", {"V": "value", "H": "field"}.get(t, "member"), "")[role]
+    what = ("type", "key", {"V": "value", "H": "field", "h": "field"}.get(t, "member"), "")[role]
     if role == 3:
-        what = {"V": "ttl", "H": "value", "Z": "score"}.get(t, "argument")
+        what = {"V": "ttl", "H": "value", "Z": "score"}.get(
+            t, "amount" if t in "vhz" else "argument"
+        )
     return f"{what} of {_describe(t, key, sub)}"
 
 
 def _describe(t: str, key: bytes, sub: bytes) -> str:
     kind = _KIND[t].split()[1]
-    what = {"H": "field", "S": "member", "Z": "member"}.get(t)
+    what = {"H": "field", "h": "field", "S": "member", "Z": "member", "z": "member"}.get(t)
     return f"{kind} {_text(key)!r}" + (f" {what} {_text(sub)!r}" if what else "")
 
 

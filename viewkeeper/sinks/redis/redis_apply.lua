@@ -45,7 +45,7 @@ local byte, char, sub, find, concat = string.byte, string.char, string.sub, stri
 local call = redis.call
 local now, claim_prefix, buckets = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local M = 2147483629 -- prime; the claim bucket is (identity as a big-endian number) mod M mod buckets
-local want = { V = 'string', H = 'hash', S = 'set', Z = 'zset' }
+local want = { V = 'string', H = 'hash', S = 'set', Z = 'zset', v = 'string', h = 'hash', z = 'zset' }
 local MAX_TTL = 3153600000 -- entries.MAX_TTL: 100 years, an expiry every Redis takes
 local card = { set = 'SCARD', zset = 'ZCARD', hash = 'HLEN' }
 
@@ -136,11 +136,91 @@ local function vanishes(k, have, retract)
   return call(card[have], k) == cnt
 end
 
--- What Redis would refuse in an entry's arguments (type t, b = ttl or score): 'ttl', 'score'
--- or 'type', else nil. The client sends none of these; checked anyway, before any write,
--- since a command failing halfway through a change would leave it half-written. A ttl is
--- whole seconds from 1 to MAX_TTL (SET ... EX refuses one whose milliseconds overflow); a
--- score what Redis' strtod takes: inf or a finite number, no NaN, no blank, no overflow.
+-- Counters (types v, h, z: a Counter, a Counter on a hash field, a SortedSetCounter) hold
+-- exact sums of integers kept as decimal text: Lua's numbers are doubles, so a sum is added
+-- digit by digit unless both sides have at most 15 digits.
+local function mag_cmp(x, y) -- magnitudes: digit strings without leading zeros
+  if #x ~= #y then return #x < #y and -1 or 1 end
+  if x == y then return 0 end
+  for i = 1, #x do
+    local p, q = byte(x, i), byte(y, i)
+    if p ~= q then return p < q and -1 or 1 end
+  end
+  return 0
+end
+
+local function mag_op(x, y, sign) -- x + y (sign 1) or x - y (sign -1, x >= y)
+  local out, carry, i, j = {}, 0, #x, #y
+  while i > 0 or j > 0 or carry ~= 0 do
+    local d = (i > 0 and byte(x, i) - 48 or 0) + sign * (j > 0 and byte(y, j) - 48 or 0) + carry
+    carry = math.floor(d / 10)
+    out[#out + 1] = char(48 + d % 10)
+    i, j = i - 1, j - 1
+  end
+  local s = string.gsub(string.reverse(concat(out)), '^0+', '')
+  return s == '' and '0' or s
+end
+
+local function strip(s)
+  s = string.gsub(s, '^0+', '')
+  return s == '' and '0' or s
+end
+
+local function add(a, b)
+  if #a <= 15 and #b <= 15 then
+    local x = tonumber(a) + tonumber(b)
+    return x == 0 and '0' or string.format('%.0f', x)
+  end
+  local na, nb = sub(a, 1, 1) == '-', sub(b, 1, 1) == '-'
+  local ma, mb = strip(na and sub(a, 2) or a), strip(nb and sub(b, 2) or b)
+  if na == nb then
+    local m = mag_op(ma, mb, 1)
+    return (na and m ~= '0') and '-' .. m or m
+  end
+  local c = mag_cmp(ma, mb)
+  if c == 0 then return '0' end
+  if c > 0 then return (na and '-' or '') .. mag_op(ma, mb, -1) end
+  return (nb and '-' or '') .. mag_op(mb, ma, -1)
+end
+
+local function neg(a)
+  if a == '0' then return a end
+  if sub(a, 1, 1) == '-' then return sub(a, 2) end
+  return '-' .. a
+end
+
+-- The range of a sum: a Redis integer (signed 64-bit) or an exact sorted-set score (2^53).
+local RANGE = { v = { '9223372036854775807', '9223372036854775808' },
+  h = { '9223372036854775807', '9223372036854775808' },
+  z = { '9007199254740992', '9007199254740992' } }
+
+local function fits(t, x)
+  if sub(x, 1, 1) == '-' then return mag_cmp(strip(sub(x, 2)), RANGE[t][2]) <= 0 end
+  return mag_cmp(strip(x), RANGE[t][1]) <= 0
+end
+
+local function integer(x)
+  return x and #x <= 21 and find(x, '^%-?%d+$') ~= nil
+end
+
+-- A counter's current sum ('0' when absent), or nil when its place holds something else
+-- than an integer (written outside viewkeeper).
+local function current(t, k, m)
+  local x
+  if t == 'v' then x = call('GET', k)
+  elseif t == 'h' then x = call('HGET', k, m)
+  else x = call('ZSCORE', k, m) end
+  if not x then return '0' end
+  if integer(x) then return x end
+  return nil, x
+end
+
+-- What Redis would refuse in an entry's arguments (type t, b = ttl, score or amount):
+-- 'ttl', 'score', 'amount' or 'type', else nil. The client sends none of these; checked
+-- anyway, before any write, since a command failing halfway through a change would leave it
+-- half-written. A ttl is whole seconds from 1 to MAX_TTL (SET ... EX refuses one whose
+-- milliseconds overflow); a score what Redis' strtod takes: inf or a finite number, no NaN,
+-- no blank, no overflow; an amount an integer in its counter's range.
 local function refused(t, b)
   if t == 'V' then
     if b ~= '' and (#b > 10 or not find(b, '^[1-9]%d*$') or tonumber(b) > MAX_TTL) then
@@ -154,6 +234,8 @@ local function refused(t, b)
         or (x == 0 and find(string.match(b, '^[^eE]*'), '[1-9]')) then -- underflow
       return 'score'
     end
+  elseif RANGE[t] then
+    if not integer(b) or not fits(t, b) then return 'amount' end
   elseif not want[t] then
     return 'type'
   end
@@ -177,30 +259,42 @@ local function apply(a)
 
   -- 2. The new record's body (pure computation), then what to retract: owned entries not in
   --    the new set whose claim is still ours. An unchanged body (the usual update) skips that.
-  local parts, ids = {}, {}
+  --    Counters (v, h, z) are kept apart: what changes is their sums (step 3).
+  local parts, ids, counters = {}, {}, {}
   for i = 1, n do
     local e = e0 + 4 * (i - 1)
     local t, k = ARGV[e], ARGV[e + 1]
-    if t == 'V' then
-      parts[i] = 'V' .. S(k, item)
+    if t == 'V' or t == 'v' then
+      parts[i] = t .. S(k, item)
       ids[i] = 'V' .. k
     else
       parts[i] = t .. S(k, item) .. S(ARGV[e + 2], item)
-      ids[i] = t .. L(#k) .. k .. ARGV[e + 2]
+      ids[i] = string.upper(t) .. L(#k) .. k .. ARGV[e + 2]
+    end
+    if RANGE[t] then
+      parts[i] = parts[i] .. L(#ARGV[e + 3]) .. ARGV[e + 3]
+      counters[ids[i]] = { t, k, ARGV[e + 2], nil, ARGV[e + 3], i }
     end
   end
   local body = n == 0 and '~' .. now or concat(parts)
   local retract = {}
-  if oldbody and oldbody ~= body and sub(oldbody, 1, 1) ~= '~' then
-    local new_ids = {}
-    for i = 1, n do new_ids[ids[i]] = true end
+  local changed = oldbody ~= body
+  if oldbody and changed and sub(oldbody, 1, 1) ~= '~' then
+    local new_ids = {} -- identity -> type: a Value that became a Counter is retracted
+    for i = 1, n do new_ids[ids[i]] = ARGV[e0 + 4 * (i - 1)] end
     local p = 1
     while p <= #oldbody do
       local t, k, m = sub(oldbody, p, p), nil, ''
       k, p = str_at(oldbody, p + 1, item)
-      if t ~= 'V' then m, p = str_at(oldbody, p, item) end
-      local id = ident(t, k, m)
-      if not new_ids[id] then
+      if t ~= 'V' and t ~= 'v' then m, p = str_at(oldbody, p, item) end
+      local id = ident(string.upper(t), k, m)
+      if RANGE[t] then -- a counter this item contributed to: its amount is retracted
+        local amt
+        amt, p = str_at(oldbody, p, item)
+        local c = counters[id] or { t, k, m, nil, '0', nil }
+        c[4] = amt
+        counters[id] = c
+      elseif new_ids[id] ~= t then
         local ck = claim_key(id)
         local c = call('HGET', ck, id)
         if (not c) or c == claim_of(id, item, vid) then retract[#retract + 1] = { t, k, m, id, ck, c } end
@@ -217,8 +311,8 @@ local function apply(a)
     local t, k = ARGV[e], ARGV[e + 1]
     local bad = refused(t, ARGV[e + 3])
     if bad then return 'x', { -2, i, bad, ARGV[e + 3] } end
-    if types[k] and types[k] ~= t then return 'x', { -2, i, 'type', t } end
-    types[k] = t
+    if types[k] and types[k] ~= want[t] then return 'x', { -2, i, 'type', t } end
+    types[k] = want[t]
     local have = call('TYPE', k)['ok']
     if have ~= 'none' and have ~= want[t] and not vanishes(k, have, retract) then
       return 'x', { -1, i, have }
@@ -230,6 +324,39 @@ local function apply(a)
   -- already: its key is left alone (SREM there would fail, DEL delete someone else's data).
   for _, r in ipairs(retract) do
     if call('TYPE', r[2])['ok'] ~= want[r[1]] then r.gone = true end
+  end
+  -- Counters: each one's new sum and number of contributors, computed before any write. The
+  -- claim of a counter is the view id, '#' and how many of the view's items contribute to it
+  -- (a counter none contributes to is removed). A counter claimed by anything else fails the
+  -- change (nothing written); one this item contributed to that another entry took over since
+  -- (a collision reported then) is no longer ours: left alone.
+  local sums, freed, retracting = {}, {}, {}
+  for _, r in ipairs(retract) do retracting[r[4]] = true end
+  if changed then
+    local mine = vid .. '#'
+    for id, c in pairs(counters) do
+      local t, k, m, old, new, i = c[1], c[2], c[3], c[4], c[5], c[6]
+      local ck = claim_key(id)
+      local cl = i and claims[i][2] or call('HGET', ck, id)
+      if retracting[id] then cl = nil end -- this item's Value there becomes this counter
+      local ours = cl and sub(cl, 1, #mine) == mine
+      if cl and not ours then
+        if i then return 'x', { -4, i, cl } end
+      elseif old ~= new or (old == nil) ~= (i == nil) then
+        local have = call('TYPE', k)['ok']
+        if have ~= 'none' and have ~= want[t] then
+          if i then return 'x', { -1, i, have } end
+        else
+          local cur, held = '0', nil
+          if not retracting[id] then cur, held = current(t, k, m) end
+          if not cur then return 'x', { -3, 'integer', held, t, k, m } end
+          local sum = add(add(cur, new), neg(old or '0'))
+          if not fits(t, sum) then return 'x', { -3, 'overflow', sum, t, k, m } end
+          local count = (ours and tonumber(sub(cl, #mine + 1)) or 0) + (i and 1 or 0) - (old and 1 or 0)
+          sums[#sums + 1] = { t, k, m, sum, count, ck, id }
+        end
+      end
+    end
   end
 
   -- 4. Retract. Nothing below can fail: every key's type and every argument was checked.
@@ -243,26 +370,46 @@ local function apply(a)
     if r[6] then call('HDEL', r[5], r[4]) end
   end
 
-  -- 5. Write, claim, and store the owner record.
+  -- 5. Counters get their new sums (a Counter that became a Value: before it is written).
+  for _, s in ipairs(sums) do
+    local t, k, m, sum, count, ck, id = unpack(s)
+    if count <= 0 then
+      if t == 'v' then call('DEL', k)
+      elseif t == 'h' then call('HDEL', k, m)
+      else call('ZREM', k, m) end
+      call('HDEL', ck, id)
+      freed[id] = true
+    else
+      if t == 'v' then call('SET', k, sum)
+      elseif t == 'h' then call('HSET', k, m, sum)
+      else call('ZADD', k, sum, m) end
+      call('HSET', ck, id, vid .. '#' .. count)
+    end
+  end
+
+  -- 6. Write, claim, and store the owner record.
   local out
   for i = 1, n do
     local e = e0 + 4 * (i - 1)
     local t, k, x, y = ARGV[e], ARGV[e + 1], ARGV[e + 2], ARGV[e + 3]
-    if t == 'V' then
-      if y ~= '' then call('SET', k, x, 'EX', y) else call('SET', k, x) end
-    elseif t == 'H' then call('HSET', k, x, y)
-    elseif t == 'S' then call('SADD', k, x)
-    else call('ZADD', k, y, x) end
-    local id = ids[i]
-    local ck, c = claims[i][1], claims[i][2]
-    local mine = claim_of(id, item, vid)
-    if c ~= mine then
-      if c then
-        out = out or { 1 }
-        out[#out + 1] = i
-        out[#out + 1] = c
+    if not RANGE[t] then
+      if t == 'V' then
+        if y ~= '' then call('SET', k, x, 'EX', y) else call('SET', k, x) end
+      elseif t == 'H' then call('HSET', k, x, y)
+      elseif t == 'S' then call('SADD', k, x)
+      else call('ZADD', k, y, x) end
+      local id = ids[i]
+      local ck, c = claims[i][1], claims[i][2]
+      if freed[id] then c = nil end
+      local mine = claim_of(id, item, vid)
+      if c ~= mine then
+        if c then
+          out = out or { 1 }
+          out[#out + 1] = i
+          out[#out + 1] = c
+        end
+        call('HSET', ck, id, mine)
       end
-      call('HSET', ck, id, mine)
     end
   end
   call('HSET', owner, item, ver .. body)
