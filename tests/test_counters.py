@@ -5,6 +5,7 @@ count twice; overflow and foreign data are errors with nothing written."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
@@ -19,7 +20,7 @@ from viewkeeper.projection.api import View
 from viewkeeper.projection.entries import Entry
 from viewkeeper.projection.project import ProjectionError, project
 from viewkeeper.projection.versions import Version
-from viewkeeper.sinks.base import Change, Outcome, Result
+from viewkeeper.sinks.base import Change, Outcome, Result, SinkUnavailable
 from viewkeeper.sinks.redis import RedisSink
 
 SEQ = 10**20
@@ -343,3 +344,43 @@ def test_a_value_yielded_onto_a_counter_of_the_same_item_is_refused(sink: RedisS
         [Change(STATS, "o1", Version(0, "1"), [Counter("same"), Value("same", "x")])]
     )
     assert r.outcome is Outcome.ERROR and "a counter shares its place" in str(r.error)
+
+
+def test_an_acl_refusing_one_counter_write_leaves_no_sum_counted_twice(
+    redis_client: Any, redis_url: str
+) -> None:
+    """An ACL that refuses one of a change's counter keys (NOPERM or, on Redis 7.0, an ERR)
+    comes after other writes of the change: the sums written before it are restored, so the
+    change written again once the ACL is fixed counts once (was: every attempt added its
+    amounts to the sums written before the refusal)."""
+    good = RedisSink("cache", redis_client, retry_seconds=1)
+    good.prepare([STATS])
+    first = change(STATS, "o1", SEQ + 1, order("o1", total=10))
+    good.apply([first])
+    user = f"vk-{uuid.uuid4().hex[:8]}"
+    redis_client.execute_command("ACL", "SETUSER", user, "on", "nopass", "+@all", "~*")
+    limited = RedisSink.from_url(
+        "cache", redis_url.replace("redis://", f"redis://{user}:x@"), retry_seconds=1.0
+    )
+    second = change(STATS, "o1", SEQ + 2, order("o1", "paid", total=25))
+    try:
+        limited.prepare([STATS])
+        # every key writable but the sorted set, whose counter is written among the others
+        acl = ("resetkeys", "%RW~order:*", "%RW~orders:*", "%RW~customer:*", "%RW~day:*")
+        redis_client.execute_command("ACL", "SETUSER", user, *acl, "%RW~vk:*", "%R~customers:*")
+        for _ in range(3):
+            try:
+                [r] = limited.apply([second])
+                assert r.outcome is Outcome.ERROR  # Redis 7.0: the change fails alone
+            except SinkUnavailable:  # NOPERM: the batch is held
+                pass
+    finally:
+        limited.close()
+        redis_client.execute_command("ACL", "DELUSER", user)
+    assert counters(client=redis_client)["customer:c1:spent"] == 10
+    assert good.apply([second]) and counters(redis_client) == {
+        "orders:count:paid": 1,
+        "customer:c1:spent": 25,
+        "day:d1": {"revenue": 25},
+        "customers:by_spend": {"c1": 25.0},
+    }

@@ -203,16 +203,26 @@ local function integer(x)
   return x and #x <= 21 and find(x, '^%-?%d+$') ~= nil
 end
 
--- A counter's current sum ('0' when absent), or nil when its place holds something else
--- than an integer (written outside viewkeeper).
+-- A counter's current sum ('0' when absent) or nil when its place holds something else
+-- than an integer (written outside viewkeeper), then what its place holds (nil: nothing).
 local function current(t, k, m)
   local x
   if t == 'v' then x = call('GET', k)
   elseif t == 'h' then x = call('HGET', k, m)
   else x = call('ZSCORE', k, m) end
-  if not x then return '0' end
-  if integer(x) then return x end
+  if not x then return '0', nil end
+  if integer(x) then return x, x end
   return nil, x
+end
+
+-- Write x (a sum, or what the place held) at a counter's place, or remove it (x nil).
+local function put(t, k, m, x)
+  if t == 'v' then
+    if x then call('SET', k, x) else call('DEL', k) end
+  elseif t == 'h' then
+    if x then call('HSET', k, m, x) else call('HDEL', k, m) end
+  elseif x then call('ZADD', k, x, m)
+  else call('ZREM', k, m) end
 end
 
 -- What Redis would refuse in an entry's arguments (type t, b = ttl, score or amount):
@@ -277,11 +287,11 @@ local function apply(a)
     end
   end
   local body = n == 0 and '~' .. now or concat(parts)
-  local retract = {}
+  local new_ids = {} -- identity -> the entry type this change writes there
+  for i = 1, n do new_ids[ids[i]] = ARGV[e0 + 4 * (i - 1)] end
+  local retract, replaced = {}, {}
   local changed = oldbody ~= body
   if oldbody and changed and sub(oldbody, 1, 1) ~= '~' then
-    local new_ids = {} -- identity -> type: a Value that became a Counter is retracted
-    for i = 1, n do new_ids[ids[i]] = ARGV[e0 + 4 * (i - 1)] end
     local p = 1
     while p <= #oldbody do
       local t, k, m = sub(oldbody, p, p), nil, ''
@@ -297,7 +307,11 @@ local function apply(a)
       elseif new_ids[id] ~= t then
         local ck = claim_key(id)
         local c = call('HGET', ck, id)
-        if (not c) or c == claim_of(id, item, vid) then retract[#retract + 1] = { t, k, m, id, ck, c } end
+        if (not c) or c == claim_of(id, item, vid) then
+          -- a Value that becomes a counter of this item is replaced by its sum (step 6)
+          if RANGE[new_ids[id] or 'V'] then replaced[id] = true
+          else retract[#retract + 1] = { t, k, m, id, ck, c } end
+        end
       end
     end
   end
@@ -330,15 +344,16 @@ local function apply(a)
   -- (a counter none contributes to is removed). A counter claimed by anything else fails the
   -- change (nothing written); one this item contributed to that another entry took over since
   -- (a collision reported then) is no longer ours: left alone.
-  local sums, freed, retracting = {}, {}, {}
-  for _, r in ipairs(retract) do retracting[r[4]] = true end
+  -- A counter this item now writes a Value at (a counter that became a Value) is left to
+  -- that Value: it overwrites the sum, and takes the claim unless the item contributed alone.
+  local sums, freed = {}, {}
   if changed then
     local mine = vid .. '#'
     for id, c in pairs(counters) do
       local t, k, m, old, new, i = c[1], c[2], c[3], c[4], c[5], c[6]
       local ck = claim_key(id)
       local cl = i and claims[i][2] or call('HGET', ck, id)
-      if retracting[id] then cl = nil end -- this item's Value there becomes this counter
+      if replaced[id] then cl = nil end -- this item's Value there becomes this counter
       local ours = cl and sub(cl, 1, #mine) == mine
       if cl and not ours then
         if i then return 'x', { -4, i, cl } end
@@ -347,13 +362,17 @@ local function apply(a)
         if have ~= 'none' and have ~= want[t] then
           if i then return 'x', { -1, i, have } end
         else
-          local cur, held = '0', nil
-          if not retracting[id] then cur, held = current(t, k, m) end
+          local cur, held = current(t, k, m)
+          if replaced[id] then cur = '0' end
           if not cur then return 'x', { -3, 'integer', held, t, k, m } end
           local sum = add(add(cur, new), neg(old or '0'))
           if not fits(t, sum) then return 'x', { -3, 'overflow', sum, t, k, m } end
           local count = (ours and tonumber(sub(cl, #mine + 1)) or 0) + (i and 1 or 0) - (old and 1 or 0)
-          sums[#sums + 1] = { t, k, m, sum, count, ck, id }
+          if not i and new_ids[id] then
+            if count <= 0 then freed[id] = true end
+          else
+            sums[#sums + 1] = { t, k, m, sum, count, ck, id, held, cl }
+          end
         end
       end
     end
@@ -370,24 +389,7 @@ local function apply(a)
     if r[6] then call('HDEL', r[5], r[4]) end
   end
 
-  -- 5. Counters get their new sums (a Counter that became a Value: before it is written).
-  for _, s in ipairs(sums) do
-    local t, k, m, sum, count, ck, id = unpack(s)
-    if count <= 0 then
-      if t == 'v' then call('DEL', k)
-      elseif t == 'h' then call('HDEL', k, m)
-      else call('ZREM', k, m) end
-      call('HDEL', ck, id)
-      freed[id] = true
-    else
-      if t == 'v' then call('SET', k, sum)
-      elseif t == 'h' then call('HSET', k, m, sum)
-      else call('ZADD', k, sum, m) end
-      call('HSET', ck, id, vid .. '#' .. count)
-    end
-  end
-
-  -- 6. Write, claim, and store the owner record.
+  -- 5. Write and claim.
   local out
   for i = 1, n do
     local e = e0 + 4 * (i - 1)
@@ -412,7 +414,28 @@ local function apply(a)
       end
     end
   end
-  call('HSET', owner, item, ver .. body)
+  -- 6. The counters' new sums and claims, then the owner record. These writes are not
+  --    idempotent (a sum is read, then written): an ACL that refuses one of them (NOPERM,
+  --    the only failure left) restores those written, so that the change, written again by
+  --    the client's retry, is counted once. The writes before are idempotent.
+  local done = {}
+  local ok, err = pcall(function()
+    for _, x in ipairs(sums) do
+      local t, k, m, sum, count, ck, id = unpack(x)
+      done[#done + 1] = x
+      put(t, k, m, count > 0 and sum or nil)
+      if count > 0 then call('HSET', ck, id, vid .. '#' .. count) else call('HDEL', ck, id) end
+    end
+    call('HSET', owner, item, ver .. body)
+  end)
+  if not ok then
+    for j = #done, 1, -1 do
+      local t, k, m, _, _, ck, id, held, cl = unpack(done[j])
+      pcall(put, t, k, m, held)
+      if cl then pcall(call, 'HSET', ck, id, cl) else pcall(call, 'HDEL', ck, id) end
+    end
+    error(err)
+  end
   if out then return 'x', out end
   return '1', nil
 end
