@@ -246,7 +246,10 @@ def test_two_views_on_one_counter_collide_and_the_second_is_refused(
 
 
 def test_one_item_yielding_a_counter_twice_counts_the_sum(sink: RedisSink, client: Any) -> None:
-    lines_a = {"id": "o1", "lines": [{"p": "p1", "qty": 2}, {"p": "p1", "qty": 3}, {"p": "p2", "qty": 1}]}
+    lines_a = {
+        "id": "o1",
+        "lines": [{"p": "p1", "qty": 2}, {"p": "p1", "qty": 3}, {"p": "p2", "qty": 1}],
+    }
     sink.apply([change(LINES, "o1", SEQ + 1, lines_a)])
     assert client.get("product:p1:sold") == b"5" and client.get("product:p2:sold") == b"1"
     sink.apply([change(LINES, "o2", SEQ + 1, {"id": "o2", "lines": [{"p": "p1", "qty": 1}]})])
@@ -330,7 +333,7 @@ def test_integral_decimals_are_amounts() -> None:
 
 
 def test_a_float_amount_in_a_view_is_a_projection_error_naming_the_view() -> None:
-    with pytest.raises(ProjectionError, match="order_stats.*integer cents"):
+    with pytest.raises(ProjectionError, match=r"order_stats.*integer cents"):
         project(STATS, order("o1", total=1.5), "o1", ("id",))  # type: ignore[arg-type]
 
 
@@ -340,9 +343,7 @@ def test_a_counter_key_inside_the_bookkeeping_prefix_is_an_error(sink: RedisSink
 
 
 def test_a_value_yielded_onto_a_counter_of_the_same_item_is_refused(sink: RedisSink) -> None:
-    [r] = sink.apply(
-        [Change(STATS, "o1", Version(0, "1"), [Counter("same"), Value("same", "x")])]
-    )
+    [r] = sink.apply([Change(STATS, "o1", Version(0, "1"), [Counter("same"), Value("same", "x")])])
     assert r.outcome is Outcome.ERROR and "a counter shares its place" in str(r.error)
 
 

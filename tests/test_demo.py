@@ -27,6 +27,9 @@ def test_the_demo_shows_views_following_the_table_and_exits_cleanly() -> None:
     assert "+ order:o-1001" in out  # a put appears
     assert "+ orders:status:paid" in out and "{o-1001}" in out  # a status moves
     assert "- customer:bob:orders" in out  # a reassignment retracts the old entry
+    assert "- customer:bob:spent_cents" in out  # and its contribution to Bob's spend
+    assert "~ orders:count:new" in out and "+ orders:count:paid" in out  # counts move
+    assert "[carol@1999, alice@4250]" in out  # spend per customer, ranked
     assert "- order:o-1003" in out  # a delete retracts everything it owned
     replay = out.split("replays the stream from the start")[1]
     assert "(no change)" in replay and "dead-lettered 0" in replay

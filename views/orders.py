@@ -1,8 +1,11 @@
-"""The orders example of the README: a cache card, a per-customer index, a search document,
-and a change log of status changes for other services."""
+"""The orders example of the README: a cache card, a per-customer index, live aggregates
+(orders per status, spend per customer), a search document, and a change log of status
+changes for other services."""
 
 from viewkeeper import (
+    Counter,
     SetMember,
+    SortedSetCounter,
     SortedSetMember,
     Value,
     changelog_view,
@@ -24,6 +27,14 @@ def order_card(order):  # type: ignore[no-untyped-def]
 @redis_view(table="orders", redis="cache")
 def orders_by_status(order):  # type: ignore[no-untyped-def]
     yield SetMember(f"orders:status:{order['status']}", order["order_id"])
+
+
+@redis_view(table="orders", redis="cache")
+def order_stats(order):  # type: ignore[no-untyped-def]
+    cents = int(order["total"] * 100)  # sums are exact integers: money in cents
+    yield Counter(f"orders:count:{order['status']}")
+    yield Counter(f"customer:{order['customer_id']}:spent_cents", amount=cents)
+    yield SortedSetCounter("customers:by_spend", member=order["customer_id"], amount=cents)
 
 
 @opensearch_view(table="orders", opensearch="search", index="orders")

@@ -236,7 +236,7 @@ class _Demo:
         else:
             _remove_demo_names(self.rclient, self.opensearch_url)
         print(
-            f"\n{BOLD}Done.{RESET} The four views are plain functions in views/orders.py; try "
+            f"\n{BOLD}Done.{RESET} The views are plain functions in views/orders.py; try "
             "`viewkeeper --help`."
         )
 
@@ -347,11 +347,12 @@ class _Demo:
             lambda: put("o-1003", "alice", "new", "7.25", 1700000003),
         )
         act(
-            "o-1001 is paid: its status set moves (no invalidation code in the view)",
+            "o-1001 is paid: its status set moves, the counts per status follow "
+            "(no invalidation code in the views)",
             lambda: put("o-1001", "alice", "paid", "42.50", 1700000001),
         )
         act(
-            "o-1002 is reassigned to Carol: Bob's index entry is retracted",
+            "o-1002 is reassigned to Carol: Bob's index entry and spend are retracted",
             lambda: put("o-1002", "carol", "new", "19.99", 1700000002),
         )
         act(

@@ -54,6 +54,7 @@ _TRANSIENT_CODES = frozenset(
         "NOPERM",  # an ACL that refuses a command or a key: the server's configuration
     }
 )
+_INCLUDE = b"-- @include redis_sums.lua (the counters' exact sums: connection.py puts it here)\n"
 _SHEBANG = b"#!lua\n"  # the apply script's first line (see RedisSink._load_apply_script)
 # Redis' defaults, used when CONFIG GET is refused (often disabled on managed Redis): the
 # largest argument (proto-max-bulk-len) and the query buffer (client-query-buffer-limit).
@@ -150,6 +151,9 @@ class _Connection:
         self._nbuckets = b"%d" % owner_buckets
         self._registry = self._prefix + b"views"
         source = _load("redis_apply.lua")
+        if _INCLUDE not in source:
+            raise AssertionError("redis_apply.lua lost its line " + repr(_INCLUDE))
+        source = source.replace(_INCLUDE, _load("redis_sums.lua"), 1)
         if not source.startswith(_SHEBANG):
             raise AssertionError("redis_apply.lua must start with " + repr(_SHEBANG))
         self._apply_legacy = source[len(_SHEBANG) :]  # the same script without the shebang

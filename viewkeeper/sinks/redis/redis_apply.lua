@@ -5,8 +5,10 @@
 -- ARGV[4] k, then k triples: a view's claim hash (vk:{view}:ns), the marker it must hold and
 --         the highest write counter (field n) the client has seen there (0: none yet)
 -- then, per change:  owner hash of the item's bucket, item key, view id, packed version,
---                    n (number of entries), and per entry: type (V H S Z), key, a, b
+--                    n (number of entries), and per entry: type (V H S Z v h z), key, a, b
 --                    V: value, ttl or ''   H: field, value   S: member, ''   Z: member, score
+--                    counters (README.md, "Counters"), b the item's amount (an integer):
+--                    v: '', amount   h: field, amount   z: member, amount
 -- (the entries of one change have distinct identities: the caller removes duplicates)
 -- or a change-log group (an empty first argument, see append_group below): '', the stream,
 --                    its high-water hash, its replay key prefix, maxlen or '', the MINID
@@ -27,9 +29,12 @@
 -- and before the first change); codes has one byte per change (and per append), '1'
 -- applied (appended), '0' stale (appended before), 'x' or 'e' see the next detail: 'x' {-1, i, type} when the key of entry i holds the
 -- wrong type (nothing written), 'x' {-2, i, what, argument} when an argument of entry i is
--- one Redis would refuse (what: 'ttl', 'score' or 'type'; nothing written), 'x' {1, i, claim,
--- ...} when applied with entries i claimed by another owner, 'e' the message of a Redis
--- error that stopped this change (see the end).
+-- one Redis would refuse (what: 'ttl', 'score', 'amount' or 'type'; nothing written),
+-- 'x' {-3, what, value, type, key, field or member} when a counter's sum would leave its
+-- range (what 'overflow', value the sum) or its place holds no integer (what 'integer'),
+-- 'x' {-4, i, claim} when counter i is claimed by another view or by an item's entry
+-- (nothing written for either), 'x' {1, i, claim, ...} when applied with entries i claimed
+-- by another owner, 'e' the message of a Redis error that stopped this change (see the end).
 -- Every write of a change happens after every check of that change: Redis does not roll
 -- back a script that fails halfway. Keys are computed here, not declared in KEYS (the keys
 -- of retracted entries come from stored owner records): standalone Redis only, not Cluster.
@@ -136,94 +141,7 @@ local function vanishes(k, have, retract)
   return call(card[have], k) == cnt
 end
 
--- Counters (types v, h, z: a Counter, a Counter on a hash field, a SortedSetCounter) hold
--- exact sums of integers kept as decimal text: Lua's numbers are doubles, so a sum is added
--- digit by digit unless both sides have at most 15 digits.
-local function mag_cmp(x, y) -- magnitudes: digit strings without leading zeros
-  if #x ~= #y then return #x < #y and -1 or 1 end
-  if x == y then return 0 end
-  for i = 1, #x do
-    local p, q = byte(x, i), byte(y, i)
-    if p ~= q then return p < q and -1 or 1 end
-  end
-  return 0
-end
-
-local function mag_op(x, y, sign) -- x + y (sign 1) or x - y (sign -1, x >= y)
-  local out, carry, i, j = {}, 0, #x, #y
-  while i > 0 or j > 0 or carry ~= 0 do
-    local d = (i > 0 and byte(x, i) - 48 or 0) + sign * (j > 0 and byte(y, j) - 48 or 0) + carry
-    carry = math.floor(d / 10)
-    out[#out + 1] = char(48 + d % 10)
-    i, j = i - 1, j - 1
-  end
-  local s = string.gsub(string.reverse(concat(out)), '^0+', '')
-  return s == '' and '0' or s
-end
-
-local function strip(s)
-  s = string.gsub(s, '^0+', '')
-  return s == '' and '0' or s
-end
-
-local function add(a, b)
-  if #a <= 15 and #b <= 15 then
-    local x = tonumber(a) + tonumber(b)
-    return x == 0 and '0' or string.format('%.0f', x)
-  end
-  local na, nb = sub(a, 1, 1) == '-', sub(b, 1, 1) == '-'
-  local ma, mb = strip(na and sub(a, 2) or a), strip(nb and sub(b, 2) or b)
-  if na == nb then
-    local m = mag_op(ma, mb, 1)
-    return (na and m ~= '0') and '-' .. m or m
-  end
-  local c = mag_cmp(ma, mb)
-  if c == 0 then return '0' end
-  if c > 0 then return (na and '-' or '') .. mag_op(ma, mb, -1) end
-  return (nb and '-' or '') .. mag_op(mb, ma, -1)
-end
-
-local function neg(a)
-  if a == '0' then return a end
-  if sub(a, 1, 1) == '-' then return sub(a, 2) end
-  return '-' .. a
-end
-
--- The range of a sum: a Redis integer (signed 64-bit) or an exact sorted-set score (2^53).
-local RANGE = { v = { '9223372036854775807', '9223372036854775808' },
-  h = { '9223372036854775807', '9223372036854775808' },
-  z = { '9007199254740992', '9007199254740992' } }
-
-local function fits(t, x)
-  if sub(x, 1, 1) == '-' then return mag_cmp(strip(sub(x, 2)), RANGE[t][2]) <= 0 end
-  return mag_cmp(strip(x), RANGE[t][1]) <= 0
-end
-
-local function integer(x)
-  return x and #x <= 21 and find(x, '^%-?%d+$') ~= nil
-end
-
--- A counter's current sum ('0' when absent) or nil when its place holds something else
--- than an integer (written outside viewkeeper), then what its place holds (nil: nothing).
-local function current(t, k, m)
-  local x
-  if t == 'v' then x = call('GET', k)
-  elseif t == 'h' then x = call('HGET', k, m)
-  else x = call('ZSCORE', k, m) end
-  if not x then return '0', nil end
-  if integer(x) then return x, x end
-  return nil, x
-end
-
--- Write x (a sum, or what the place held) at a counter's place, or remove it (x nil).
-local function put(t, k, m, x)
-  if t == 'v' then
-    if x then call('SET', k, x) else call('DEL', k) end
-  elseif t == 'h' then
-    if x then call('HSET', k, m, x) else call('HDEL', k, m) end
-  elseif x then call('ZADD', k, x, m)
-  else call('ZREM', k, m) end
-end
+-- @include redis_sums.lua (the counters' exact sums: connection.py puts it here)
 
 -- What Redis would refuse in an entry's arguments (type t, b = ttl, score or amount):
 -- 'ttl', 'score', 'amount' or 'type', else nil. The client sends none of these; checked
