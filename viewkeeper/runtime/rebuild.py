@@ -244,7 +244,12 @@ def rebuild(
     tables = sorted({v.table for v in views})
     started = time.monotonic()
     store.ensure()
-    generations = {v.name: store.raise_generation(v.name) for v in views}
+    generations: dict[str, int] = {}
+    pipeline = pipeline_factory(lambda name: generations.get(name, 0))
+    floors = store.generations()
+    for view in views:  # before the generation is raised: see Sink.begin_rebuild
+        pipeline.sink_for(view).begin_rebuild(view, floors.get(view.name, 0))
+    generations.update({v.name: store.raise_generation(v.name) for v in views})
     markers = (
         {v.name: namespaces.announce(v, generations[v.name]) for v in views}
         if namespaces is not None
@@ -253,7 +258,6 @@ def rebuild(
     report = RebuildReport([v.name for v in views], generations)
     print(f"raised generation: {generations}; waiting for the readers to acknowledge", file=out)
     handshake(store, tables, generations, settings, out)
-    pipeline = pipeline_factory(lambda name: generations.get(name, 0))
     for table in tables:
         table_views = [v for v in views if v.table == table]
         info = client.describe_table(table)

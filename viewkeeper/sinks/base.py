@@ -176,10 +176,16 @@ class Sink(Protocol):
         """Append the change-log entries, each at most once per record (see Append); one
         Result per append, in order. Raises SinkUnavailable."""
 
+    def begin_rebuild(self, view: View, floor: int) -> None:
+        """A rebuild of ``view`` begins, before it raises the generation above ``floor``:
+        entries the sink recomputes from all items (Redis counters) start being summed
+        again from what items write at generations above ``floor``; :meth:`sweep` ends it."""
+
     def sweep(self, view: View, generation: int, now: float, keep: Collection[str] = ()) -> int:
         """Retract what items of generations older than ``generation`` still own (rebuild),
         except the items in ``keep`` (those the rebuild's scan could not project or write:
-        they keep their last good entries)."""
+        they keep their last good entries); then settle what :meth:`begin_rebuild` began.
+        Raises SinkError when some retraction stays refused."""
 
     def purge_tombstones(self, view: View, older_than: float) -> int:
         """Forget tombstones written before ``older_than`` (epoch seconds)."""

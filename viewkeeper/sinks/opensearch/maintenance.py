@@ -30,6 +30,10 @@ class _Maintenance(_Indexes):
     maintenance_timeout: float
     clock: Callable[[], float]
 
+    def begin_rebuild(self, view: View, floor: int) -> None:
+        """Nothing to begin: an OpenSearch view owns no entry shared by many items."""
+        del view, floor
+
     def sweep(self, view: View, generation: int, now: float, keep: Collection[str] = ()) -> int:
         """Rebuild: delete live documents of generations older than ``generation`` (the
         scan did not write them: their items are gone) and documents viewkeeper did not

@@ -43,9 +43,8 @@ _SLICE = 64  # changes per script call; the next batch is encoded while Redis ru
 _HEAD = 1024  # bytes of a call that are not its changes' arguments (EVALSHA sha ... ), at most
 
 
-def _sum_amounts(t: bytes, key: bytes, sub: bytes, x: bytes, y: bytes) -> bytes:
-    """Two amounts one item yields for the same counter, added (within the counter's range)."""
-    total = int(x) + int(y)
+def _amount_in_range(t: bytes, key: bytes, sub: bytes, total: int) -> bytes:
+    """The sum of the amounts one item yields for one counter, within the counter's range."""
     top = SCORE_MAX if t == b"z" else INT64_MAX
     if not (-top if t == b"z" else -top - 1) <= total <= top:
         raise _Reject(
@@ -275,6 +274,7 @@ class _Apply(_Claims):
             return args, entries
         per_ident: dict[bytes, tuple[bytes, bytes, bytes, bytes]] = {}
         types: dict[bytes, bytes] = {}
+        total: dict[bytes, int] = {}
         for entry in change.entries:
             t, key, ident, a, b = _entry_args(entry, self._entry_prefix)
             if key.startswith(self._prefix):
@@ -291,11 +291,13 @@ class _Apply(_Claims):
                     f"{_KIND[t.decode()]} for {_describe(t.decode(), key, a)}; a counter "
                     "shares its place with nothing else"
                 )
-            if seen is not None and t in _COUNTERS:  # one item counted twice: amounts add up
-                b = _sum_amounts(t, key, a, seen[3], b)
+            if t in _COUNTERS:  # one item counted twice: amounts add up, checked once added
+                total[ident] = total.get(ident, 0) + int(b)
             per_ident[ident] = (t, key, a, b)
         args[4] = b"%d" % len(per_ident)  # duplicates: the last one counts (a counter: the sum)
         for ident, (t, key, a, b) in per_ident.items():
+            if ident in total:
+                b = _amount_in_range(t, key, a, total[ident])
             args += (t, key, a, b)
             entries.append((t.decode(), key, ident, a))
         return args, entries

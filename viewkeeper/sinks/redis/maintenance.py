@@ -1,6 +1,7 @@
 """Maintenance: sweep, purge and wipe, and the owner records read back.
 
-Owns the ``Sink`` protocol's sweep (a rebuild's end), purge_tombstones and wipe, all built on
+Owns the ``Sink`` protocol's sweep (a rebuild's end; its counters: sums.py), purge_tombstones
+and wipe, all built on
 the owner records ``vk:{view}:o:{bucket}`` (README.md, "Key layout"; their encoding:
 "Encodings"), and the readers checkers and tests use: owned_entries, iter_owner_records.
 """
@@ -14,25 +15,26 @@ from typing import Any
 
 from viewkeeper.projection.api import View
 from viewkeeper.projection.versions import Version
-from viewkeeper.sinks.base import Change, Outcome, Result
-from viewkeeper.sinks.redis.apply import _Apply
+from viewkeeper.sinks.base import Change
 from viewkeeper.sinks.redis.packing import Ident, OwnerRecord, _b, _parse_record
+from viewkeeper.sinks.redis.sums import _Sums
 
 
-class _Maintenance(_Apply):
+class _Maintenance(_Sums):
     """What runs beside the stream: rebuild sweeps, tombstone purges, wipes, and reads."""
 
     def sweep(self, view: View, generation: int, now: float, keep: Collection[str] = ()) -> int:
         """Retract and tombstone items whose record is older than ``generation`` (rebuild),
-        except those in ``keep``."""
-        retracted, batch = 0, []
-        for rec in self.iter_owner_records(view):
-            if rec.version.generation < generation and rec.entries and rec.item_key not in keep:
-                batch.append(Change(view, rec.item_key, Version(generation, "0"), []))
-            if len(batch) >= self.batch_size:
-                retracted += self._count_applied(self._apply(batch, now))
-                batch = []
-        return retracted + self._count_applied(self._apply(batch, now))
+        except those in ``keep``; then set the view's counters to the rebuild's sums
+        (:meth:`begin_rebuild`). Raises SinkError when a retraction stays refused."""
+        changes = [
+            Change(view, rec.item_key, Version(generation, "0"), [])
+            for rec in self.iter_owner_records(view)
+            if rec.version.generation < generation and rec.entries and rec.item_key not in keep
+        ]
+        retracted = self._retract_all(f"view {view.name}: the sweep", changes, now)
+        self._finish_sums(view, generation, keep)
+        return retracted
 
     def purge_tombstones(self, view: View | str, older_than: float | None = None) -> int:
         """Forget tombstones deleted before ``older_than`` (default: now - retention)."""
@@ -53,22 +55,21 @@ class _Maintenance(_Apply):
 
     def wipe(self, view: View) -> int:
         """Retract every entry the view's owner records own (at a version above any a
-        deployment can have written), then delete its owner records."""
+        deployment can have written), then delete its owner records and a rebuild's sums.
+        Raises SinkError, deleting nothing more, when a retraction stays refused."""
         top = Version(2**63, "0")
         changes = [
             Change(view, rec.item_key, top, [])
             for rec in self.iter_owner_records(view)
             if rec.entries
         ]
-        retracted = 0
-        for i in range(0, len(changes), self.batch_size):
-            retracted += self._count_applied(
-                self._apply(changes[i : i + self.batch_size], self._clock())
-            )
+        retracted = self._retract_all(f"view {view.name}: the wipe", changes, self._clock())
         keys = [self._bucket_key(view, b) for b in range(self.owner_buckets)]
+        keys.append(self._sums_key(view))
         for i in range(0, len(keys), 1000):
             part = keys[i : i + 1000]
             self._with_retry(lambda part=part: self._client.delete(*part))  # type: ignore[misc]
+        self._with_retry(lambda: self._client.hdel(self._claim_key(view), "shadow"))
         return retracted
 
     # -- helpers for tests and checkers --------------------------------------------------------
@@ -109,7 +110,3 @@ class _Maintenance(_Apply):
 
     def _hscan_all(self, key: bytes) -> dict[bytes, bytes]:
         return dict(self._client.hscan_iter(key, count=1000))
-
-    @staticmethod
-    def _count_applied(results: list[Result]) -> int:
-        return sum(r.outcome is Outcome.APPLIED for r in results)

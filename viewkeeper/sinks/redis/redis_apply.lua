@@ -234,6 +234,24 @@ local function apply(a)
     end
   end
 
+  -- Counters this item alone contributed to and no longer does: their place vanishes (a
+  -- counter may move to another type at the same key).
+  local mine = vid .. '#'
+  local gone, rv = {}, retract
+  if changed then
+    for id, c in pairs(counters) do
+      if c[4] and not c[6] then
+        c.cl = call('HGET', claim_key(id), id)
+        if c.cl == mine .. '1' then gone[#gone + 1] = { string.upper(c[1]), c[2], c[3] } end
+      end
+    end
+    if #gone > 0 then
+      rv = {}
+      for _, r in ipairs(retract) do rv[#rv + 1] = r end
+      for _, r in ipairs(gone) do rv[#rv + 1] = r end
+    end
+  end
+
   -- 3. Validate before any write: every argument (one type per key), every key's type, and
   --    read the claims (HGET fails there, not after a write, on a claim key that is not a
   --    hash). A key of the wrong type is fine only when this change retracts all it holds.
@@ -246,7 +264,7 @@ local function apply(a)
     if types[k] and types[k] ~= want[t] then return 'x', { -2, i, 'type', t } end
     types[k] = want[t]
     local have = call('TYPE', k)['ok']
-    if have ~= 'none' and have ~= want[t] and not vanishes(k, have, retract) then
+    if have ~= 'none' and have ~= want[t] and not vanishes(k, have, RANGE[t] and rv or retract) then
       return 'x', { -1, i, have }
     end
     local ck = claim_key(ids[i])
@@ -257,42 +275,68 @@ local function apply(a)
   for _, r in ipairs(retract) do
     if call('TYPE', r[2])['ok'] ~= want[r[1]] then r.gone = true end
   end
-  -- Counters: each one's new sum and number of contributors, computed before any write. The
-  -- claim of a counter is the view id, '#' and how many of the view's items contribute to it
-  -- (a counter none contributes to is removed). A counter claimed by anything else fails the
-  -- change (nothing written); one this item contributed to that another entry took over since
-  -- (a collision reported then) is no longer ours: left alone.
-  -- A counter this item now writes a Value at (a counter that became a Value) is left to
-  -- that Value: it overwrites the sum, and takes the claim unless the item contributed alone.
-  local sums, freed = {}, {}
-  if changed then
-    local mine = vid .. '#'
+  -- Counters: each one's new sum and number of contributors, computed before any write
+  -- (README.md, "Counters"). The claim of a counter is the view id, '#' and how many of the
+  -- view's items contribute to it (a counter none contributes to is removed). A counter
+  -- claimed by anything else fails the change (nothing written); one this item contributed
+  -- to that another view's counter holds now is no longer ours: left alone. A counter whose
+  -- place holds another type now (replaced outside viewkeeper) only counts its contributors.
+  -- A rebuild running keeps sums of its own beside (shadow_of): see the end of the loop.
+  local sums, freed, shadow = {}, {}, {}
+  if next(counters) then
+    local floor, skey = shadow_of(owner)
+    local into = floor and newer(gen_of(ver), floor) -- this change counts in the rebuild's sums
+    local was = into and rec and newer(gen_of(rec), floor) -- and the item's old contribution
     for id, c in pairs(counters) do
       local t, k, m, old, new, i = c[1], c[2], c[3], c[4], c[5], c[6]
-      local ck = claim_key(id)
-      local cl = i and claims[i][2] or call('HGET', ck, id)
-      if replaced[id] then cl = nil end -- this item's Value there becomes this counter
-      local ours = cl and sub(cl, 1, #mine) == mine
-      if cl and not ours then
-        if i then return 'x', { -4, i, cl } end
-      elseif old ~= new or (old == nil) ~= (i == nil) then
-        local have = call('TYPE', k)['ok']
-        if have ~= 'none' and have ~= want[t] then
-          if i then return 'x', { -1, i, have } end
-        else
-          local cur, held = current(t, k, m)
-          if replaced[id] then cur = '0' end
-          if not cur then return 'x', { -3, 'integer', held, t, k, m } end
-          local sum = add(add(cur, new), neg(old or '0'))
-          if not fits(t, sum) then return 'x', { -3, 'overflow', sum, t, k, m } end
+      if changed then
+        local ck = claim_key(id)
+        local cl = c.cl
+        if cl == nil then cl = i and claims[i][2] or call('HGET', ck, id) end
+        if replaced[id] then cl = false end -- this item's Value there becomes this counter
+        local ours = cl and sub(cl, 1, #mine) == mine
+        if cl and not ours then
+          if i then return 'x', { -4, i, cl } end
+        elseif old ~= new or (old == nil) ~= (i == nil) then
+          local have = call('TYPE', k)['ok']
+          local other = have ~= 'none' and have ~= want[t]
+          if other and i and not vanishes(k, have, rv) then return 'x', { -1, i, have } end
           local count = (ours and tonumber(sub(cl, #mine + 1)) or 0) + (i and 1 or 0) - (old and 1 or 0)
-          if not i and new_ids[id] then
-            if count <= 0 then freed[id] = true end
+          if other and not i then -- the place was replaced: only the claim counts down
+            sums[#sums + 1] = { t, k, m, nil, count, ck, id, nil, cl, noput = true }
           else
-            sums[#sums + 1] = { t, k, m, sum, count, ck, id, held, cl }
+            local cur, held = '0', nil
+            if not other then cur, held = current(t, k, m) end
+            if replaced[id] then cur = '0' end
+            if not cur then return 'x', { -3, 'integer', held, t, k, m } end
+            local sum = add(add(cur, new), neg(old or '0'))
+            if not fits(t, sum) then return 'x', { -3, 'overflow', sum, t, k, m } end
+            if not i and new_ids[id] then -- a counter that became a Value of this item
+              if count <= 0 then freed[id] = true end
+            else
+              sums[#sums + 1] = { t, k, m, sum, count, ck, id, held, cl }
+            end
           end
         end
       end
+      -- The rebuild's sums count this item's new contribution, less its old one when that
+      -- was counted there (its record's generation is above the floor too).
+      if into and (changed or not was) then
+        local so, sn = was and old or nil, i and new or nil
+        if so ~= sn then
+          local f, before = shadow_sum(skey, id, t, add(sn or '0', neg(so or '0')),
+            (sn and 1 or 0) - (so and 1 or 0))
+          shadow[#shadow + 1] = { skey, id, f, before }
+        end
+      end
+    end
+  end
+  -- A Value, HashField or SortedSetMember where a counter is: refused (it would overwrite the
+  -- sum of other items), unless this item was the counter's last contributor.
+  for i = 1, n do
+    local c = claims[i][2]
+    if c and not RANGE[ARGV[e0 + 4 * (i - 1)]] and find(c, '^%d+#') and not freed[ids[i]] then
+      return 'x', { -4, i, c }
     end
   end
 
@@ -321,41 +365,99 @@ local function apply(a)
       local id = ids[i]
       local ck, c = claims[i][1], claims[i][2]
       if freed[id] then c = nil end
-      local mine = claim_of(id, item, vid)
-      if c ~= mine then
+      local claim = claim_of(id, item, vid)
+      if c ~= claim then
         if c then
           out = out or { 1 }
           out[#out + 1] = i
           out[#out + 1] = c
         end
-        call('HSET', ck, id, mine)
+        call('HSET', ck, id, claim)
       end
     end
   end
-  -- 6. The counters' new sums and claims, then the owner record. These writes are not
+  -- 6. The counters' new sums and claims (removals first: a counter may move to another type
+  --    at its key), the rebuild's sums, then the owner record. These writes are not
   --    idempotent (a sum is read, then written): an ACL that refuses one of them (NOPERM,
   --    the only failure left) restores those written, so that the change, written again by
   --    the client's retry, is counted once. The writes before are idempotent.
-  local done = {}
+  local done, sdone = {}, {}
   local ok, err = pcall(function()
-    for _, x in ipairs(sums) do
-      local t, k, m, sum, count, ck, id = unpack(x)
-      done[#done + 1] = x
-      put(t, k, m, count > 0 and sum or nil)
-      if count > 0 then call('HSET', ck, id, vid .. '#' .. count) else call('HDEL', ck, id) end
+    for pass = 1, 2 do
+      for _, x in ipairs(sums) do
+        local t, k, m, sum, count, ck, id = unpack(x, 1, 7)
+        if (count <= 0) == (pass == 1) then
+          done[#done + 1] = x
+          if not x.noput then put(t, k, m, count > 0 and sum or nil) end
+          if count > 0 then call('HSET', ck, id, mine .. count) else call('HDEL', ck, id) end
+        end
+      end
+    end
+    for _, s in ipairs(shadow) do
+      sdone[#sdone + 1] = s
+      if s[3] then call('HSET', s[1], s[2], s[3]) else call('HDEL', s[1], s[2]) end
     end
     call('HSET', owner, item, ver .. body)
   end)
   if not ok then
+    for j = #sdone, 1, -1 do
+      local s = sdone[j]
+      if s[4] then pcall(call, 'HSET', s[1], s[2], s[4]) else pcall(call, 'HDEL', s[1], s[2]) end
+    end
     for j = #done, 1, -1 do
-      local t, k, m, _, _, ck, id, held, cl = unpack(done[j])
-      pcall(put, t, k, m, held)
+      local x = done[j]
+      local t, k, m, _, _, ck, id, held, cl = unpack(x, 1, 9)
+      if not x.noput then pcall(put, t, k, m, held) end
       if cl then pcall(call, 'HSET', ck, id, cl) else pcall(call, 'HDEL', ck, id) end
     end
     error(err)
   end
   if out then return 'x', out end
   return '1', nil
+end
+
+-- The end of a rebuild (RedisSink.sweep, maintenance.py): counters set to the rebuild's sums
+-- ('#', the view's claim hash, its sums hash, the view id, the floor the rebuild began with,
+-- m, then m counter identities). Each one is set to its sum there and its claim to its
+-- contributors, or removed when no item counted there contributes: what a counter was
+-- changed to outside viewkeeper (or lost) is repaired. Left alone (code 's'): a counter
+-- another view or entry holds, one whose partial sum left its range, one whose place holds
+-- another type. Codes: '1' repaired, '0' right already, 's' left alone, 'n' not this
+-- rebuild's sums (another one began since: all 'n').
+local function finalize_group(a, codes)
+  local ns, skey, vid, floor, m = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], tonumber(ARGV[a + 5])
+  local open = call('HGET', ns, 'shadow') == floor
+  local mine = vid .. '#'
+  for j = a + 6, a + 5 + m do
+    local id, code = ARGV[j], 'n'
+    if open then
+      local t, k, mm = place_of(id)
+      local ck = claim_key(id)
+      local cl, f = call('HGET', ck, id), call('HGET', skey, id)
+      local have = call('TYPE', k)['ok']
+      if (cl and sub(cl, 1, #mine) ~= mine) or f == 'x' or (have ~= 'none' and have ~= want[t]) then
+        code = 's'
+      elseif not f then
+        code = '0'
+        if cl then
+          put(t, k, mm, nil)
+          call('HDEL', ck, id)
+          code = '1'
+        end
+      else
+        local sum, count = string.match(f, '^(.-)#(%d+)$')
+        local _, held = current(t, k, mm)
+        code = '0'
+        if held ~= sum or cl ~= mine .. count then
+          put(t, k, mm, sum)
+          call('HSET', ck, id, mine .. count)
+          code = '1'
+        end
+      end
+    end
+    codes[#codes + 1] = code
+  end
+  return a + 6 + m
 end
 
 -- A command that fails inside one change (nothing foreseen does: types, scores and sizes are
@@ -522,6 +624,8 @@ while a <= #ARGV do
   local nxt, refused
   if ARGV[a] == '' then
     nxt, refused = append_group(a, codes, reply)
+  elseif ARGV[a] == '#' then
+    nxt = finalize_group(a, codes)
   else
     nxt = a + 5 + 4 * tonumber(ARGV[a + 4])
     local ok, code, detail = pcall(apply, a)

@@ -90,3 +90,47 @@ local function put(t, k, m, x)
   elseif x then call('ZADD', k, x, m)
   else call('ZREM', k, m) end
 end
+
+-- A rebuild of the view running (RedisSink.begin_rebuild, maintenance.py): the packed
+-- generation above which its sums count an item's contributions (field 'shadow' of the view's
+-- claim hash), and the hash of those sums (identity -> sum '#' contributors, or 'x' once a
+-- partial sum left its range); false when no rebuild runs. Read once per view and call.
+local shadows = {}
+local function shadow_of(owner)
+  local base = string.match(owner, '^(.*):o:%d+$')
+  local s = shadows[base]
+  if s == nil then
+    s = call('HGET', base .. ':ns', 'shadow') or false
+    shadows[base] = s
+  end
+  return s, base .. ':sums'
+end
+
+-- The generation of a packed version (see packing.py), packed: compares with newer().
+local function gen_of(v)
+  return sub(v, 1, 1 + byte(v, 1))
+end
+
+-- The rebuild's sum of counter id after adding dsum and dcount contributors: its new field
+-- ('x' once out of range, nil once no item counted there contributes) and the old one.
+local function shadow_sum(skey, id, t, dsum, dcount)
+  local f = call('HGET', skey, id)
+  if f == 'x' then return 'x', f end
+  local sum, count = '0', 0
+  if f then
+    sum, count = string.match(f, '^(.-)#(%d+)$')
+    count = tonumber(count)
+  end
+  sum, count = add(sum, dsum), count + dcount
+  if not fits(t, sum) then return 'x', f end
+  if count <= 0 then return nil, f end
+  return sum .. '#' .. count, f
+end
+
+-- The place of a counter identity ('V' key | 'H' L(key) key field | 'Z' L(key) key member).
+local function place_of(id)
+  local t = string.lower(sub(id, 1, 1))
+  if t == 'v' then return t, sub(id, 2), '' end
+  local n, p = len_at(id, 2)
+  return t, sub(id, p, p + n - 1), sub(id, p + n)
+end
