@@ -1,7 +1,8 @@
 """Aggregate views against an oracle, on the real redis-server: items move between groups,
 change amounts, are deleted and re-created; their records are delivered shuffled, duplicated
-and replayed, in batches, and a rebuild (a newer generation re-reading some items, then the
-sweep) may run part way. Every counter equals the oracle's sum over the items' final states,
+and replayed, in batches, and a rebuild (a newer generation re-reading some items while the
+stream writes some of them too, then the sweep) may run after a counter was deleted or changed
+outside viewkeeper. Every counter equals the oracle's sum over the items' final states,
 a counter no item contributes to is absent, and the claims count the contributors."""
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def tally(item: dict[str, Any]) -> Iterator[Entry]:
 
 
 TALLY = view_for(tally)
+Rebuild = tuple[list[Change], str]  # the rebuild's changes, and what was done to a counter
 
 states = st.none() | st.fixed_dictionaries(
     {
@@ -56,11 +58,12 @@ def change(item: str, gen: int, seq: int, state: dict[str, Any] | None) -> Chang
 
 
 @st.composite
-def deliveries(draw: st.DrawFn) -> tuple[dict[str, Any], list[list[Change]], list[str] | None]:
+def deliveries(draw: st.DrawFn) -> tuple[dict[str, Any], list[list[Change]], Rebuild | None]:
     """A history of states per item (stream order), delivered shuffled with duplicates and
-    replays in batches; optionally a rebuild (generation 1) part way: it re-reads the items
-    in ``reread`` at the state they have then and sweeps the others. Returns the final
-    states, the batches, and the rebuild's re-read items (None: no rebuild)."""
+    replays in batches; optionally a rebuild (generation 1) after it: it re-reads some items
+    at their final state (the others were deleted from the table meanwhile, say) and sweeps
+    the others, after a counter was deleted or changed outside viewkeeper. Returns the final
+    states, the batches, and the rebuild's changes and tampering (None: no rebuild)."""
     events = draw(st.lists(st.tuples(st.sampled_from(ITEMS), states), min_size=1, max_size=16))
     seqs = sorted(
         draw(
@@ -88,9 +91,19 @@ def deliveries(draw: st.DrawFn) -> tuple[dict[str, Any], list[list[Change]], lis
     reread = None
     if draw(st.booleans()):
         # the rebuild runs after every record was delivered once at least (the stream keeps
-        # flowing meanwhile: the replays below come after it); it reads the table's items
+        # flowing meanwhile: the replays below come after it); it reads the table's items,
+        # some of which the stream also writes at the new generation (their last record),
+        # before or after the scan reads them
         reread = [i for i in ITEMS if final.get(i) is not None and draw(st.booleans())]
-    return final, batches, reread
+        last = {r.item_key: r for r in records}
+        rebuild: list[Change] = []
+        for i in reread:
+            scan = change(i, 1, 0, final[i])
+            live = Change(TALLY, i, Version(1, last[i].version.sequence), last[i].entries)
+            rebuild += draw(st.sampled_from([[scan], [scan, live], [live, scan]]))
+        tamper = draw(st.sampled_from(["no", "delete", "change"]))
+        return final, batches, (rebuild, tamper)
+    return final, batches, None
 
 
 def expected(final: dict[str, Any]) -> dict[str, Any]:
@@ -132,7 +145,7 @@ def actual(client: Any) -> dict[str, Any]:
 )
 @given(case=deliveries())
 def test_every_counter_equals_the_sum_over_the_final_states(
-    redis_client: redis.Redis, case: tuple[dict[str, Any], list[list[Change]], list[str] | None]
+    redis_client: redis.Redis, case: tuple[dict[str, Any], list[list[Change]], Rebuild | None]
 ) -> None:
     final, batches, reread = case
     redis_client.flushall()
@@ -141,12 +154,19 @@ def test_every_counter_equals_the_sum_over_the_final_states(
         results = sink.apply(batch)
         assert all(r.outcome is not Outcome.ERROR and not r.collisions for r in results)
     if reread is not None:
-        # a rebuild at generation 1: re-read items, then the sweep retracts the rest; the
-        # stream's records (generation 0) delivered again afterwards are all stale
-        rebuild = [change(i, 1, 1, final[i]) for i in reread]
+        # something outside viewkeeper deletes or changes a counter; a rebuild at generation
+        # 1 re-reads items, then the sweep retracts the rest and sets every counter to the
+        # rebuild's sums; the stream's records (generation 0) delivered again are all stale
+        rebuild, tamper = reread
+        counter = next((k for k in sorted(redis_client.keys(b"sum:*"))), None)
+        if counter is not None and tamper == "delete":
+            redis_client.delete(counter)
+        elif counter is not None and tamper == "change":
+            redis_client.set(counter, "-12345")
+        sink.begin_rebuild(TALLY, 0)
         assert all(r.outcome is not Outcome.ERROR for r in sink.apply(rebuild))
         sink.sweep(TALLY, 1, 0)
-        final = {i: final[i] for i in reread}
+        final = {c.item_key: final[c.item_key] for c in rebuild}
         for batch in batches[-2:]:
             assert all(r.outcome is Outcome.STALE for r in sink.apply(batch))
     assert actual(redis_client) == expected(final)
