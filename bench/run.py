@@ -30,6 +30,7 @@ MODULES: list[str] = [
     "decode",
     "redis_pipeline",
     "changelog",
+    "counters",
     "opensearch_pipeline",
     "latency",
     "scale",
