@@ -11,15 +11,27 @@ from typing import Any
 import pytest
 import redis
 from opensearchpy import NotFoundError, OpenSearch
+from redis.cluster import RedisCluster
 
 from tests.helpers import Clock
-from tests.testbed import ENV_DYNAMODB, ENV_OPENSEARCH, ENV_REDIS
+from tests.testbed import (
+    ENV_DYNAMODB,
+    ENV_OPENSEARCH,
+    ENV_REDIS,
+    ENV_REDIS_CLUSTER,
+    ENV_REDIS_CLUSTER_CONTROL,
+    RemoteClusterControl,
+)
 from tests.testbed.dynamo import boto3_client
 from tests.testbed.dynamo import make_table as _make_table
 from viewkeeper.coordination.memory import MemoryStore
 from viewkeeper.sinks.opensearch import OpenSearchSink
 
 IN_CI = os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "redis_cluster: needs the test bed's Redis Cluster")
 
 
 def _service_url(var: str) -> str:
@@ -54,6 +66,64 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
     client.flushall()
     yield client
     client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url() -> str:
+    """URL of one node of the Redis Cluster (3 masters + 3 replicas)."""
+    return _service_url(ENV_REDIS_CLUSTER)
+
+
+def _flush_cluster(client: RedisCluster) -> None:
+    client.flushall(target_nodes=RedisCluster.PRIMARIES)
+
+
+@pytest.fixture
+def redis_cluster_client(redis_cluster_url: str) -> Iterator[RedisCluster]:
+    """redis-py RedisCluster (bytes replies); every master is flushed before and after."""
+    client = RedisCluster.from_url(redis_cluster_url)
+    _flush_cluster(client)
+    yield client
+    try:
+        _flush_cluster(client)
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_control(redis_cluster_url: str) -> RemoteClusterControl:
+    """Control over the cluster's processes, for fault tests (see tests/README-testing.md).
+
+    It exists only when the launcher (python -m tests.testbed run/serve) started the cluster:
+    it then exports VIEWKEEPER_TEST_REDIS_CLUSTER_CONTROL. A cluster given by URL alone
+    cannot be broken from here: under CI=true that FAILS the test; outside CI it is a skip.
+    """
+    description = os.environ.get(ENV_REDIS_CLUSTER_CONTROL, "")
+    if not description:
+        message = (
+            f"{ENV_REDIS_CLUSTER}={redis_cluster_url} was given without "
+            f"{ENV_REDIS_CLUSTER_CONTROL}: fault tests need the cluster that "
+            "`python -m tests.testbed run/serve` starts (unset the URL to let tests/run start it)"
+        )
+        if IN_CI:
+            pytest.fail(message)  # in CI a fault test that cannot run is a failure
+        pytest.skip(message)
+    return RemoteClusterControl(description)
+
+
+@pytest.fixture
+def redis_cluster_faults(
+    redis_cluster_control: RemoteClusterControl,
+) -> Iterator[RemoteClusterControl]:
+    """The cluster control for a test that breaks the cluster: before the test it is
+    healthy and empty; after it, heal() restarts/resumes nodes, closes open slot
+    migrations and waits until healthy again, then every master is flushed. Roles and slot
+    ranges may differ from the start: read them with masters(), node_for_slot(), ..."""
+    redis_cluster_control.heal()
+    redis_cluster_control.flush()
+    yield redis_cluster_control
+    redis_cluster_control.heal()
+    redis_cluster_control.flush()
 
 
 @pytest.fixture

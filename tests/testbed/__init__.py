@@ -1,4 +1,5 @@
-"""viewkeeper's test bed: real Redis, OpenSearch 2.19 and moto (DynamoDB + Streams) on loopback.
+"""viewkeeper's test bed: real Redis, a Redis Cluster (3 masters + 3 replicas), OpenSearch 2.19
+and moto (DynamoDB + Streams) on loopback.
 
 Command line (what ``tests/run`` uses)::
 
@@ -11,7 +12,7 @@ Python API::
     from tests.testbed import services, RedisServer, OpenSearchNode, MotoServer
 
     with services() as bed:          # honours the VIEWKEEPER_TEST_*_URL overrides
-        bed.redis_url, bed.opensearch_url, bed.dynamodb_url
+        bed.redis_url, bed.opensearch_url, bed.dynamodb_url, bed.redis_cluster_url
 
     # A test that needs to break a service owns its own instance (the ones started by
     # `tests/run` belong to the launcher process, not to pytest):
@@ -24,6 +25,11 @@ Python API::
     with OpenSearchNode() as node:   # ~5-10 s to start; its own data dir
         node.stop(); node.start()    # same port, data and indices KEPT
 
+    with RedisClusterServer() as cluster:           # ~3 s; 3 masters + 3 replicas
+        promoted = cluster.kill_master(cluster.masters()[0])   # and the other fault helpers
+    # pytest controls the cluster the launcher started through RemoteClusterControl
+    # (fixture redis_cluster_control), which asks the launcher to signal/start processes.
+
 Each service runs in its own process group (stop = SIGTERM to the group, SIGKILL after a
 timeout) and gets SIGTERM if the thread that started it dies; the JVM also exits when the
 launcher's stdin pipe closes. Logs: .cache/testbed/logs/<service>-<port>.log.
@@ -34,26 +40,48 @@ from .launcher import (
     ENV_DYNAMODB,
     ENV_OPENSEARCH,
     ENV_REDIS,
+    ENV_REDIS_CLUSTER,
+    ENV_REDIS_CLUSTER_CONTROL,
     RunningServices,
     run,
     services,
 )
 from .moto_server import MotoServer
 from .opensearch_node import OpenSearchNode, build_classpath
+from .redis_cluster import (
+    ClusterControl,
+    ClusterNodeServer,
+    Node,
+    RedisClusterServer,
+    RemoteClusterControl,
+    SlotMigration,
+    key_for_slot,
+    slot_of,
+)
 from .redis_server import RedisServer
 
 __all__ = [
     "ENV_DYNAMODB",
     "ENV_OPENSEARCH",
     "ENV_REDIS",
+    "ENV_REDIS_CLUSTER",
+    "ENV_REDIS_CLUSTER_CONTROL",
+    "ClusterControl",
+    "ClusterNodeServer",
     "MotoServer",
+    "Node",
     "OpenSearchNode",
+    "RedisClusterServer",
     "RedisServer",
+    "RemoteClusterControl",
     "RunningServices",
     "ServiceError",
     "ServiceProcess",
+    "SlotMigration",
     "build_classpath",
     "free_port",
+    "key_for_slot",
     "run",
     "services",
+    "slot_of",
 ]

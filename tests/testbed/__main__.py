@@ -13,7 +13,9 @@ from .opensearch_node import build_classpath
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tests.testbed",
-        description="Real Redis, OpenSearch and moto on 127.0.0.1 for viewkeeper's tests.",
+        description=(
+            "Real Redis, a Redis Cluster, OpenSearch and moto on 127.0.0.1 for viewkeeper's tests."
+        ),
     )
     sub = parser.add_subparsers(dest="action", required=True)
     run_parser = sub.add_parser(

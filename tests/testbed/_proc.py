@@ -1,10 +1,11 @@
-"""Process plumbing shared by the three services: ports, logs, process groups, readiness."""
+"""Process plumbing shared by the services: ports, logs, process groups, readiness."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import os
 import shutil
 import signal
@@ -52,15 +53,15 @@ def port_is_open(port: int, host: str = "127.0.0.1") -> bool:
     return False
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: the service gets SIGTERM when the thread that started it dies.
+def _die_with_parent(sig: signal.Signals = signal.SIGTERM) -> None:
+    """preexec_fn: the service gets ``sig`` (SIGTERM) when the thread that started it dies.
 
     This is the safety net for a launcher killed with SIGKILL; normal exits stop services
     explicitly. Caveat: it fires when the *thread* that forked exits, so start services from
     a thread that outlives them (the main thread, in practice).
     """
     if _libc is not None:
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        _libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
 
 
 SCRATCH_PREFIX = "viewkeeper-testbed-"
@@ -122,6 +123,8 @@ class ServiceProcess:
     name = "service"
     stop_timeout = 15.0
     start_timeout = 60.0
+    # sent when the starting thread dies (_die_with_parent); SIGKILL also ends a SIGSTOPped one
+    death_signal = signal.SIGTERM
 
     def __init__(self, port: int | None = None) -> None:
         self.port: int = port if port is not None else free_port()
@@ -203,7 +206,7 @@ class ServiceProcess:
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=functools.partial(_die_with_parent, self.death_signal),
             cwd=str(self.workdir()),
         )
 

@@ -1,9 +1,10 @@
-"""Start the three services (unless given by env vars), run a command, stop what was started."""
+"""Start the services (unless given by env vars), run a command, stop what was started."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -16,28 +17,44 @@ from types import FrameType
 from ._proc import ServiceError, ServiceProcess, log, prune_stale
 from .moto_server import MotoServer
 from .opensearch_node import OpenSearchNode
+from .redis_cluster import RedisClusterServer
 from .redis_server import RedisServer, ensure_redis_server
 
 ENV_REDIS = "VIEWKEEPER_TEST_REDIS_URL"
 ENV_OPENSEARCH = "VIEWKEEPER_TEST_OPENSEARCH_URL"
 ENV_DYNAMODB = "VIEWKEEPER_TEST_DYNAMODB_URL"
+ENV_REDIS_CLUSTER = "VIEWKEEPER_TEST_REDIS_CLUSTER_URL"
+# JSON: node ports/dirs and the control channel (address, token) of a cluster started by
+# the launcher; set only when the launcher started the cluster (see redis_cluster.py).
+ENV_REDIS_CLUSTER_CONTROL = "VIEWKEEPER_TEST_REDIS_CLUSTER_CONTROL"
 
 
 @dataclass
 class RunningServices:
-    """What ``services()`` yields: the three URLs and the servers it started itself."""
+    """What ``services()`` yields: the URLs and the servers it started itself.
+
+    ``redis_cluster_control`` is the JSON for VIEWKEEPER_TEST_REDIS_CLUSTER_CONTROL: set when
+    the cluster was started here (or passed through when the cluster URL was given with it).
+    """
 
     redis_url: str
     opensearch_url: str
     dynamodb_url: str
+    redis_cluster_url: str = ""
+    redis_cluster_control: str = ""
     started: dict[str, ServiceProcess] = field(default_factory=dict)
+    cluster: RedisClusterServer | None = None
 
     def env(self) -> dict[str, str]:
-        return {
+        env = {
             ENV_REDIS: self.redis_url,
             ENV_OPENSEARCH: self.opensearch_url,
             ENV_DYNAMODB: self.dynamodb_url,
+            ENV_REDIS_CLUSTER: self.redis_cluster_url,
         }
+        if self.redis_cluster_control:
+            env[ENV_REDIS_CLUSTER_CONTROL] = self.redis_cluster_control
+        return env
 
 
 def _redis_version() -> str:
@@ -67,16 +84,20 @@ def _ready_line(name: str, version: str, server: ServiceProcess) -> None:
 def services(
     env: Mapping[str, str] | None = None, quiet: bool = False
 ) -> Iterator[RunningServices]:
-    """Start Redis, OpenSearch and moto on loopback; yield their URLs; stop them on exit.
+    """Start Redis, OpenSearch, moto and a Redis Cluster on loopback; yield their URLs; stop
+    them on exit.
 
-    A service whose env var (VIEWKEEPER_TEST_REDIS_URL, ..._OPENSEARCH_URL, ..._DYNAMODB_URL)
-    is set to a non-empty value in ``env`` (default: os.environ) is not started: its URL is
-    used as given. Everything started here is stopped when the block exits, however it exits.
-    OpenSearch boots in the background while Redis and moto start.
+    A service whose env var (VIEWKEEPER_TEST_REDIS_URL, ..._OPENSEARCH_URL, ..._DYNAMODB_URL,
+    ..._REDIS_CLUSTER_URL) is set to a non-empty value in ``env`` (default: os.environ) is not
+    started: its URL is used as given (for the cluster, with the given ..._CONTROL, if any).
+    Everything started here is stopped when the block exits, however it exits. OpenSearch
+    boots in the background while the others start.
     """
     source = os.environ if env is None else env
-    given = {key: source.get(key, "") for key in (ENV_REDIS, ENV_OPENSEARCH, ENV_DYNAMODB)}
+    keys = (ENV_REDIS, ENV_OPENSEARCH, ENV_DYNAMODB, ENV_REDIS_CLUSTER)
+    given = {key: source.get(key, "") for key in keys}
     started: dict[str, ServiceProcess] = {}
+    cluster: RedisClusterServer | None = None
     prune_stale()
     try:
         node: OpenSearchNode | None = None
@@ -105,6 +126,24 @@ def services(
         elif not quiet:
             log(f"moto: using {ENV_DYNAMODB}={given[ENV_DYNAMODB]}")
 
+        cluster_control = source.get(ENV_REDIS_CLUSTER_CONTROL, "")
+        if not given[ENV_REDIS_CLUSTER]:
+            cluster = RedisClusterServer()
+            cluster.start()
+            cluster_control = cluster.serve_control()
+            if not quiet:
+                log(
+                    f"redis-cluster {_redis_version()} ready at {cluster.url} "
+                    f"(3 masters + 3 replicas, ports {','.join(map(str, cluster.ports()))}) "
+                    f"in {cluster.start_seconds or 0.0:.1f}s"
+                )
+        elif not quiet:
+            control = "with" if cluster_control else "without"
+            log(
+                f"redis-cluster: using {ENV_REDIS_CLUSTER}={given[ENV_REDIS_CLUSTER]} "
+                f"({control} {ENV_REDIS_CLUSTER_CONTROL})"
+            )
+
         if node is not None:
             node.wait_ready()
             if not quiet:
@@ -119,10 +158,18 @@ def services(
             redis_url=given[ENV_REDIS] or started["redis"].url,
             opensearch_url=given[ENV_OPENSEARCH] or started["opensearch"].url,
             dynamodb_url=given[ENV_DYNAMODB] or started["moto"].url,
+            redis_cluster_url=given[ENV_REDIS_CLUSTER] or (cluster.url if cluster else ""),
+            redis_cluster_control=cluster_control,
             started=started,
+            cluster=cluster,
         )
     finally:
         # Stop in reverse order of cost; each close() is bounded (SIGKILL after a timeout).
+        if cluster is not None:
+            try:
+                cluster.close()
+            except Exception as exc:  # keep stopping the others
+                log(f"stopping the redis cluster failed: {exc!r}")
         for server in reversed(list(started.values())):
             try:
                 server.close()
@@ -207,7 +254,7 @@ def serve() -> int:
     try:
         with services() as bed:
             for key, value in bed.env().items():
-                print(f"export {key}={value}", flush=True)
+                print(f"export {key}={shlex.quote(value)}", flush=True)
             log("services up; Ctrl-C stops them")
             while True:
                 time.sleep(3600)
