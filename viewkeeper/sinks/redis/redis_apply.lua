@@ -107,10 +107,21 @@ local function claim_of(id, item, vid)
   return vid .. ':' .. item
 end
 
+-- Two bytes per step (h * 65536 + 65535 < 2^53: exact in a double), the same number as one
+-- byte per step; remembered for the call (a counter is often touched by every change).
+local claim_keys = {}
 local function claim_key(id)
-  local h = 0
-  for i = 1, #id do h = (h * 256 + byte(id, i)) % M end
-  return claim_prefix .. (h % buckets)
+  local ck = claim_keys[id]
+  if ck then return ck end
+  local h, n = 0, #id
+  for i = 1, n - 1, 2 do
+    local b1, b2 = byte(id, i, i + 1)
+    h = (h * 65536 + b1 * 256 + b2) % M
+  end
+  if n % 2 == 1 then h = (h * 256 + byte(id, n)) % M end
+  ck = claim_prefix .. (h % buckets)
+  claim_keys[id] = ck
+  return ck
 end
 
 -- Packed versions compare bytewise (see packing.py); Lua's '<' uses strcoll, so compare bytes.
@@ -263,9 +274,11 @@ local function apply(a)
     if bad then return 'x', { -2, i, bad, ARGV[e + 3] } end
     if types[k] and types[k] ~= want[t] then return 'x', { -2, i, 'type', t } end
     types[k] = want[t]
-    local have = call('TYPE', k)['ok']
-    if have ~= 'none' and have ~= want[t] and not vanishes(k, have, RANGE[t] and rv or retract) then
-      return 'x', { -1, i, have }
+    if not RANGE[t] then -- a counter's key: checked when its sum is read (below)
+      local have = call('TYPE', k)['ok']
+      if have ~= 'none' and have ~= want[t] and not vanishes(k, have, retract) then
+        return 'x', { -1, i, have }
+      end
     end
     local ck = claim_key(ids[i])
     claims[i] = { ck, call('HGET', ck, ids[i]) }
@@ -290,7 +303,7 @@ local function apply(a)
     for id, c in pairs(counters) do
       local t, k, m, old, new, i = c[1], c[2], c[3], c[4], c[5], c[6]
       if changed then
-        local ck = claim_key(id)
+        local ck = i and claims[i][1] or claim_key(id)
         local cl = c.cl
         if cl == nil then cl = i and claims[i][2] or call('HGET', ck, id) end
         if replaced[id] then cl = false end -- this item's Value there becomes this counter
@@ -298,15 +311,18 @@ local function apply(a)
         if cl and not ours then
           if i then return 'x', { -4, i, cl } end
         elseif old ~= new or (old == nil) ~= (i == nil) then
-          local have = call('TYPE', k)['ok']
-          local other = have ~= 'none' and have ~= want[t]
-          if other and i and not vanishes(k, have, rv) then return 'x', { -1, i, have } end
+          -- the read fails only on a key of another type (checked then, not before)
+          local fine, cur, held = pcall(current, t, k, m)
+          local other = not fine
+          if other then
+            local have = call('TYPE', k)['ok']
+            if i and not vanishes(k, have, rv) then return 'x', { -1, i, have } end
+            cur, held = '0', nil
+          end
           local count = (ours and tonumber(sub(cl, #mine + 1)) or 0) + (i and 1 or 0) - (old and 1 or 0)
           if other and not i then -- the place was replaced: only the claim counts down
             sums[#sums + 1] = { t, k, m, nil, count, ck, id, nil, cl, noput = true }
           else
-            local cur, held = '0', nil
-            if not other then cur, held = current(t, k, m) end
             if replaced[id] then cur = '0' end
             if not cur then return 'x', { -3, 'integer', held, t, k, m } end
             local sum = add(add(cur, new), neg(old or '0'))
@@ -389,7 +405,8 @@ local function apply(a)
         if (count <= 0) == (pass == 1) then
           done[#done + 1] = x
           if not x.noput then put(t, k, m, count > 0 and sum or nil) end
-          if count > 0 then call('HSET', ck, id, mine .. count) else call('HDEL', ck, id) end
+          if count <= 0 then call('HDEL', ck, id)
+          elseif x[9] ~= mine .. count then call('HSET', ck, id, mine .. count) end
         end
       end
     end
