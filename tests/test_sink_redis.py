@@ -1073,3 +1073,23 @@ def test_a_claim_key_overwritten_with_another_type_is_a_lost_claim(client: Any) 
     sink.expect(CARD, "m2")
     assert outcomes(sink.apply([change(CARD, "o1", 1, order("o1"))])) == ["applied"]
     sink.close()
+
+
+def test_claim_buckets_follow_the_documented_hash(redis_client: redis.Redis) -> None:
+    """README "Key layout": the claim of an identity is in bucket int(identity, big-endian) %
+    2147483629 % owner_buckets, whatever the identity's length (the script hashes two bytes
+    per step: the same number)."""
+
+    @redis_view(table="orders", redis="cache", name="bucketed")
+    def bucketed(item: dict[str, Any]) -> Iterator[Entry]:
+        yield Value(item["k"], "1")
+
+    view = view_for(bucketed)
+    sink = RedisSink("cache", redis_client, owner_buckets=97)
+    sink.prepare([view])
+    keys = ["a", "ab", "abc", "order:o-00000001", "x" * 300, "é☃"]
+    sink.apply([Change(view, k, Version(0, "1"), [Value(k, "1")]) for k in keys])
+    for k in keys:
+        ident = b"V" + k.encode()
+        bucket = int.from_bytes(ident, "big") % 2147483629 % 97
+        assert redis_client.hexists(b"vk:c:%d" % bucket, ident), k
