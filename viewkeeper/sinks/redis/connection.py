@@ -275,6 +275,8 @@ class _Connection:
             return
         meta = self._prefix + b"meta"
 
+        self._refuse_cluster()
+
         def check() -> Any:
             self._load_apply_script(probe=True)
             self._learn_limits()
@@ -291,6 +293,27 @@ class _Connection:
                 f"owner_buckets: {int(stored)} (changing it needs an empty prefix and a rebuild)"
             )
         self._ready = True
+
+    def _refuse_cluster(self) -> None:
+        """Raise SinkError when the server runs in cluster mode (ElastiCache with cluster
+        mode enabled, ElastiCache Serverless, MemoryDB): one apply call touches keys of many
+        hash slots, which a cluster refuses (CROSSSLOT) or answers with MOVED. A server that
+        does not answer ``INFO cluster`` (an ACL, a proxy) is taken as standalone."""
+
+        def info() -> Any:
+            try:
+                return self._client.info("cluster")
+            except redis.ResponseError:
+                return {}
+
+        if not self._with_retry(info).get("cluster_enabled"):
+            return
+        raise SinkError(
+            f"redis sink {self.name!r} ({self.where}) is a Redis Cluster (cluster_enabled:1): "
+            "viewkeeper supports standalone Redis only (one apply call touches keys of many "
+            "hash slots). Point it at a standalone Redis: ElastiCache with cluster mode "
+            "disabled (its primary endpoint), or a Redis or Valkey primary"
+        )
 
     def _view_id(self, name: str) -> bytes:
         vid = self._view_ids.get(name)

@@ -70,6 +70,7 @@ class RedisSink(_Changelog):
 
     def ping(self) -> None:
         self._with_retry(self._client.ping)
+        self._refuse_cluster()
 
     def close(self) -> None:
         if self._owns_client:

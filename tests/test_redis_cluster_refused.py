@@ -1,0 +1,45 @@
+"""A Redis Cluster (ElastiCache with cluster mode enabled, Serverless, MemoryDB) is refused in
+one clear line, on the test bed's real 3-master cluster: viewkeeper's apply script touches
+keys of many hash slots in one call, which a cluster answers with CROSSSLOT or MOVED."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import vk, write_config
+from tests.test_cli import view_table  # noqa: F401 - a fixture
+from viewkeeper.sinks.base import SinkError
+from viewkeeper.sinks.redis import RedisSink
+
+MESSAGE = r"is a Redis Cluster \(cluster_enabled:1\): viewkeeper supports standalone Redis only"
+
+
+def test_a_cluster_is_refused_at_ping_and_prepare(redis_cluster_url: str) -> None:
+    sink = RedisSink.from_url("cache", redis_cluster_url, retry_seconds=1.0)
+    try:
+        with pytest.raises(SinkError, match=MESSAGE + ".*cluster mode disabled"):
+            sink.ping()
+        with pytest.raises(SinkError, match=MESSAGE):
+            sink.prepare([])
+    finally:
+        sink.close()
+
+
+def test_check_refuses_a_cluster_naming_the_connection(
+    tmp_path: Path,
+    view_table: Callable[..., str],  # noqa: F811 - the fixture imported from tests.test_cli
+    redis_cluster_url: str,
+    dynamodb_url: str,
+) -> None:
+    view_table()
+    config = write_config(
+        tmp_path, dynamodb_url=dynamodb_url, redis_url=redis_cluster_url, views=["cli_views"]
+    )
+    res = vk("check", "-c", str(config))
+    assert res.returncode != 0, res.stdout + res.stderr
+    out = res.stdout + res.stderr
+    assert "redis cache" in out and "is a Redis Cluster" in out, out
+    assert "Traceback" not in out
