@@ -302,6 +302,28 @@ local function apply(a)
     local was = into and rec and newer(gen_of(rec), floor) -- and the item's old contribution
     for id, c in pairs(counters) do
       local t, k, m, old, new, i = c[1], c[2], c[3], c[4], c[5], c[6]
+      local moves = changed and (old ~= new or (old == nil) ~= (i == nil)) -- the live sum
+      -- The rebuild's sums count this item's new contribution, less its old one when that
+      -- was counted there (its record's generation is above the floor too). A change at or
+      -- below the floor (a page read before the rebuild began, applied late) moves the live
+      -- sum only: that counter's rebuilt sum is then unknown ('x': not settled, left live).
+      local f = nil
+      if into and (changed or not was) then
+        local so, sn = was and old or nil, i and new or nil
+        if so ~= sn then
+          local before
+          f, before = shadow_sum(skey, id, t, add(sn or '0', neg(so or '0')),
+            (sn and 1 or 0) - (so and 1 or 0))
+          shadow[#shadow + 1] = { skey, id, f, before }
+        end
+      elseif floor and not into and moves then
+        shadow[#shadow + 1] = { skey, id, 'x', call('HGET', skey, id) }
+        f = 'x'
+      end
+      if into and f == nil then f = call('HGET', skey, id) or '' end
+      -- a live sum that cannot be computed (out of range, or no integer there: changed
+      -- outside viewkeeper) is left to the rebuild when this change counts in its sums
+      local settles = into and f ~= 'x'
       if changed then
         local ck = i and claims[i][1] or claim_key(id)
         local cl = c.cl
@@ -310,7 +332,7 @@ local function apply(a)
         local ours = cl and sub(cl, 1, #mine) == mine
         if cl and not ours then
           if i then return 'x', { -4, i, cl } end
-        elseif old ~= new or (old == nil) ~= (i == nil) then
+        elseif moves then
           -- the read fails only on a key of another type (checked then, not before)
           local fine, cur, held = pcall(current, t, k, m)
           local other = not fine
@@ -324,25 +346,18 @@ local function apply(a)
             sums[#sums + 1] = { t, k, m, nil, count, ck, id, nil, cl, noput = true }
           else
             if replaced[id] then cur = '0' end
-            if not cur then return 'x', { -3, 'integer', held, t, k, m } end
-            local sum = add(add(cur, new), neg(old or '0'))
-            if not fits(t, sum) then return 'x', { -3, 'overflow', sum, t, k, m } end
+            local sum = cur and add(add(cur, new), neg(old or '0'))
+            local bad = (not cur and { -3, 'integer', held, t, k, m })
+              or (not fits(t, sum) and { -3, 'overflow', sum, t, k, m })
+            if bad and not settles then return 'x', bad end
             if not i and new_ids[id] then -- a counter that became a Value of this item
               if count <= 0 then freed[id] = true end
+            elseif bad then -- only its contributors count; the rebuild sets its sum
+              sums[#sums + 1] = { t, k, m, nil, count, ck, id, nil, cl, noput = true }
             else
               sums[#sums + 1] = { t, k, m, sum, count, ck, id, held, cl }
             end
           end
-        end
-      end
-      -- The rebuild's sums count this item's new contribution, less its old one when that
-      -- was counted there (its record's generation is above the floor too).
-      if into and (changed or not was) then
-        local so, sn = was and old or nil, i and new or nil
-        if so ~= sn then
-          local f, before = shadow_sum(skey, id, t, add(sn or '0', neg(so or '0')),
-            (sn and 1 or 0) - (so and 1 or 0))
-          shadow[#shadow + 1] = { skey, id, f, before }
         end
       end
     end

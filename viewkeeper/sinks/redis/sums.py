@@ -34,19 +34,24 @@ class _Sums(_Apply):
     def begin_rebuild(self, view: View, floor: int) -> None:
         """From now on the apply script also sums each counter of ``view`` over the items
         written at generations above ``floor`` (in ``vk:{view}:sums``); :meth:`sweep` sets
-        the counters to those sums. A rebuild that began before and did not end is
-        forgotten."""
+        the counters to those sums."""
         if view.changelog:
             return
         ns, sums = self._claim_key(view), self._sums_key(view)
-
-        def begin() -> None:
-            pipe = self._client.pipeline(transaction=True)
-            pipe.delete(sums)
-            pipe.hset(ns, "shadow", _packed_int(floor))
-            pipe.execute()
-
-        self._with_retry(begin)
+        # Sums kept from a floor at or below this one (another rebuild running, or one that
+        # stopped) are kept: they are the sums over every item above it, as this rebuild's
+        # would be from now on, and replacing them would take them from that rebuild. One
+        # script: the check and the writes are one step.
+        script = (  # packed generations compare bytewise (Lua's '<' would use strcoll)
+            "local f, g = redis.call('HGET', KEYS[1], 'shadow'), ARGV[1] "
+            "if f then local le = #f < #g "
+            "  if #f == #g then le = true "
+            "    for i = 1, #f do local x, y = string.byte(f, i), string.byte(g, i) "
+            "      if x ~= y then le = x < y break end end end "
+            "  if le then return 0 end end "
+            "redis.call('DEL', KEYS[2]) redis.call('HSET', KEYS[1], 'shadow', g) return 1"
+        )
+        self._with_retry(lambda: self._client.eval(script, 2, ns, sums, _packed_int(floor)))
 
     def _retract_all(self, what: str, changes: Sequence[Change], now: float) -> int:
         """Apply ``changes`` (retractions: no entries), those refused again after the others
@@ -79,8 +84,14 @@ class _Sums(_Apply):
         a counter), then the rebuild's sums dropped. Returns how many were repaired."""
         ns, sums = self._claim_key(view), self._sums_key(view)
         floor = self._with_retry(lambda: self._client.hget(ns, "shadow"))
-        if floor is None or floor >= _packed_int(generation):
-            return 0  # no rebuild's sums, or those of a rebuild that began after this one
+        if floor is None:
+            return 0  # settled by another rebuild running beside this one
+        if floor >= _packed_int(generation):  # never: begin_rebuild keeps the lower floor
+            log.warning(
+                "view %s: counters not settled: the rebuild's sums belong to a later rebuild",
+                view.name,
+            )
+            return 0
         if keep:  # their contributions are in the live sums only: nothing can be settled
             log.warning(
                 "view %s: counters not settled from the rebuild's sums: %d item(s) could not "
