@@ -340,7 +340,8 @@ class _Apply(_Claims):
                 + f"the sum at {place} would be {value}, outside +/-{top} (what "
                 + ("a sorted-set score holds exactly" if kind == "z" else "a Redis integer holds")
                 + "); nothing of the change was written; count in a larger unit, or split "
-                "the counter",
+                "the counter (or, if it was changed outside viewkeeper, rebuild the view: "
+                "viewkeeper rebuild)",
             )
         if code == -4:  # a counter claimed by another view or by an item's entry
             t, key, ident, sub = entries[int(reply[1]) - 1]
