@@ -154,7 +154,7 @@ def test_a_second_rebuild_beginning_with_the_same_floor_wipes_the_running_rebuil
     assert c.get("sum:x") == b"7"
 
 
-def test_a_counter_changed_outside_to_a_large_integer_can_never_be_repaired_by_a_rebuild(
+def test_a_counter_changed_outside_to_a_large_integer_is_repaired_once_deleted(
     sink: RedisSink, redis_client: Any
 ) -> None:
     """Guarantee: a rebuild repairs counters changed outside viewkeeper; an overflow is an
@@ -190,6 +190,21 @@ def test_a_counter_changed_outside_to_a_large_integer_can_never_be_repaired_by_a
     )
     keep = {k for k, r in zip("AC", results, strict=True) if r.outcome is Outcome.ERROR}
     sink.sweep(MONEY, 1, 0, keep)
+    # Chosen (third round): a live sum that cannot be computed always refuses the change,
+    # loudly, naming the value and the way out (was: the second round's fix counted it
+    # silently, leaving the sum to a rebuild that might never settle it). The way out the
+    # message names: delete the counter, then rebuild — which repairs it.
+    assert keep == {"A"} and "rebuild the view" in str(results[0].error)
+    c.delete("sum:x")
+    sink.begin_rebuild(MONEY, 1)
+    results = sink.apply(
+        [
+            change(MONEY, "A", 0, {"g": "x", "a": 20}, gen=2),
+            change(MONEY, "C", 0, {"g": "x", "a": 4}, gen=2),
+        ]
+    )
+    assert applied(results)
+    sink.sweep(MONEY, 2, 0)
     assert c.get("sum:x") == b"24"
 
 

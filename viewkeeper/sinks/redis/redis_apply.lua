@@ -307,7 +307,7 @@ local function apply(a)
       -- was counted there (its record's generation is above the floor too). A change at or
       -- below the floor (a page read before the rebuild began, applied late) moves the live
       -- sum only: that counter's rebuilt sum is then unknown ('x': not settled, left live).
-      local f = nil
+      local f
       if into and (changed or not was) then
         local so, sn = was and old or nil, i and new or nil
         if so ~= sn then
@@ -320,10 +320,6 @@ local function apply(a)
         shadow[#shadow + 1] = { skey, id, 'x', call('HGET', skey, id) }
         f = 'x'
       end
-      if into and f == nil then f = call('HGET', skey, id) or '' end
-      -- a live sum that cannot be computed (out of range, or no integer there: changed
-      -- outside viewkeeper) is left to the rebuild when this change counts in its sums
-      local settles = into and f ~= 'x'
       if changed then
         local ck = i and claims[i][1] or claim_key(id)
         local cl = c.cl
@@ -346,14 +342,11 @@ local function apply(a)
             sums[#sums + 1] = { t, k, m, nil, count, ck, id, nil, cl, noput = true }
           else
             if replaced[id] then cur = '0' end
-            local sum = cur and add(add(cur, new), neg(old or '0'))
-            local bad = (not cur and { -3, 'integer', held, t, k, m })
-              or (not fits(t, sum) and { -3, 'overflow', sum, t, k, m })
-            if bad and not settles then return 'x', bad end
+            if not cur then return 'x', { -3, 'integer', held, t, k, m } end
+            local sum = add(add(cur, new), neg(old or '0'))
+            if not fits(t, sum) then return 'x', { -3, 'overflow', sum, t, k, m } end
             if not i and new_ids[id] then -- a counter that became a Value of this item
               if count <= 0 then freed[id] = true end
-            elseif bad then -- only its contributors count; the rebuild sets its sum
-              sums[#sums + 1] = { t, k, m, nil, count, ck, id, nil, cl, noput = true }
             else
               sums[#sums + 1] = { t, k, m, sum, count, ck, id, held, cl }
             end
@@ -428,6 +421,11 @@ local function apply(a)
     for _, s in ipairs(shadow) do
       sdone[#sdone + 1] = s
       if s[3] then call('HSET', s[1], s[2], s[3]) else call('HDEL', s[1], s[2]) end
+      -- '^': a change above the floor was counted (begin_rebuild keeps such sums)
+      if s[3] ~= 'x' and not counted[s[1]] then
+        counted[s[1]] = true
+        call('HSET', s[1], '^', '1')
+      end
     end
     call('HSET', owner, item, ver .. body)
   end)

@@ -95,7 +95,7 @@ end
 -- generation above which its sums count an item's contributions (field 'shadow' of the view's
 -- claim hash), and the hash of those sums (identity -> sum '#' contributors, or 'x' once a
 -- partial sum left its range); false when no rebuild runs. Read once per view and call.
-local shadows = {}
+local shadows, counted = {}, {} -- counted: sums hashes marked '^' in this call
 local function shadow_of(owner)
   local base = string.match(owner, '^(.*):o:%d+$')
   local s = shadows[base]

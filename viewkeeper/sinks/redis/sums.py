@@ -38,17 +38,20 @@ class _Sums(_Apply):
         if view.changelog:
             return
         ns, sums = self._claim_key(view), self._sums_key(view)
-        # Sums kept from a floor at or below this one (another rebuild running, or one that
-        # stopped) are kept: they are the sums over every item above it, as this rebuild's
-        # would be from now on, and replacing them would take them from that rebuild. One
-        # script: the check and the writes are one step.
+        # Sums that already count changes above their floor (field '^': a rebuild raised
+        # the generation and its changes are being counted) are kept whatever their floor:
+        # they are the sums over every item above it, which is what this rebuild needs too,
+        # and replacing them would take them from the rebuild that is running. Otherwise
+        # (none yet, or a rebuild that began but never raised) they hold nothing worth
+        # keeping: the lower of the two floors, and empty sums. One script: one step.
         script = (  # packed generations compare bytewise (Lua's '<' would use strcoll)
             "local f, g = redis.call('HGET', KEYS[1], 'shadow'), ARGV[1] "
-            "if f then local le = #f < #g "
-            "  if #f == #g then le = true "
+            "if f and redis.call('HEXISTS', KEYS[2], '^') == 1 then return 0 end "
+            "if f then local lower = #f < #g "
+            "  if #f == #g then lower = false "
             "    for i = 1, #f do local x, y = string.byte(f, i), string.byte(g, i) "
-            "      if x ~= y then le = x < y break end end end "
-            "  if le then return 0 end end "
+            "      if x ~= y then lower = x < y break end end end "
+            "  if lower then g = f end end "
             "redis.call('DEL', KEYS[2]) redis.call('HSET', KEYS[1], 'shadow', g) return 1"
         )
         self._with_retry(lambda: self._client.eval(script, 2, ns, sums, _packed_int(floor)))
@@ -102,7 +105,7 @@ class _Sums(_Apply):
             self._close_sums(ns, sums, floor)
             return 0
         mine = self._view_id(view.name) + b"#"
-        idents = set(self._with_retry(lambda: list(self._client.hkeys(sums))))
+        idents = set(self._with_retry(lambda: list(self._client.hkeys(sums)))) - {b"^"}
         for bucket in range(self.owner_buckets):
             key = self._claims + b"%d" % bucket
 
