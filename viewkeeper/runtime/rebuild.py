@@ -246,9 +246,9 @@ def rebuild(
     store.ensure()
     generations: dict[str, int] = {}
     pipeline = pipeline_factory(lambda name: generations.get(name, 0))
-    floors = store.generations()
     for view in views:  # before the generation is raised: see Sink.begin_rebuild
-        pipeline.sink_for(view).begin_rebuild(view, floors.get(view.name, 0))
+        floor = store.generations().get(view.name, 0)  # read last: the newest
+        pipeline.sink_for(view).begin_rebuild(view, floor)
     generations.update({v.name: store.raise_generation(v.name) for v in views})
     markers = (
         {v.name: namespaces.announce(v, generations[v.name]) for v in views}

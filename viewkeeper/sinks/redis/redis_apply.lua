@@ -297,7 +297,7 @@ local function apply(a)
   -- A rebuild running keeps sums of its own beside (shadow_of): see the end of the loop.
   local sums, freed, shadow = {}, {}, {}
   if next(counters) then
-    local floor, skey = shadow_of(owner)
+    local floor, skey, sweeping = shadow_of(owner, ver)
     local into = floor and newer(gen_of(ver), floor) -- this change counts in the rebuild's sums
     local was = into and rec and newer(gen_of(rec), floor) -- and the item's old contribution
     for id, c in pairs(counters) do
@@ -305,8 +305,10 @@ local function apply(a)
       local moves = changed and (old ~= new or (old == nil) ~= (i == nil)) -- the live sum
       -- The rebuild's sums count this item's new contribution, less its old one when that
       -- was counted there (its record's generation is above the floor too). A change at or
-      -- below the floor (a page read before the rebuild began, applied late) moves the live
-      -- sum only: that counter's rebuilt sum is then unknown ('x': not settled, left live).
+      -- below the floor (a page read before the rebuild began, applied late) that lands once
+      -- the sweep listed the owner records moves the live sum only: that counter's rebuilt
+      -- sum is then unknown ('x': not settled, left live). Before, the item is re-read above
+      -- the floor or retracted by the sweep, which puts it right in the sums.
       local f
       if into and (changed or not was) then
         local so, sn = was and old or nil, i and new or nil
@@ -316,7 +318,7 @@ local function apply(a)
             (sn and 1 or 0) - (so and 1 or 0))
           shadow[#shadow + 1] = { skey, id, f, before }
         end
-      elseif floor and not into and moves then
+      elseif floor and not into and moves and sweeping then
         shadow[#shadow + 1] = { skey, id, 'x', call('HGET', skey, id) }
         f = 'x'
       end
@@ -421,11 +423,6 @@ local function apply(a)
     for _, s in ipairs(shadow) do
       sdone[#sdone + 1] = s
       if s[3] then call('HSET', s[1], s[2], s[3]) else call('HDEL', s[1], s[2]) end
-      -- '^': a change above the floor was counted (begin_rebuild keeps such sums)
-      if s[3] ~= 'x' and not counted[s[1]] then
-        counted[s[1]] = true
-        call('HSET', s[1], '^', '1')
-      end
     end
     call('HSET', owner, item, ver .. body)
   end)
@@ -447,18 +444,17 @@ local function apply(a)
 end
 
 -- The end of a rebuild (RedisSink.sweep, maintenance.py): counters set to the rebuild's sums
--- ('#', the view's claim hash, its sums hash, the view id, the floor the rebuild began with,
--- m, then m counter identities). Each one is set to its sum there and its claim to its
+-- ('#', the view's claim hash, its sums hash, the view id, m, then m counter identities). Each one is set to its sum there and its claim to its
 -- contributors, or removed when no item counted there contributes: what a counter was
 -- changed to outside viewkeeper (or lost) is repaired. Left alone (code 's'): a counter
 -- another view or entry holds, one whose partial sum left its range, one whose place holds
--- another type. Codes: '1' repaired, '0' right already, 's' left alone, 'n' not this
--- rebuild's sums (another one began since: all 'n').
+-- another type. Codes: '1' repaired, '0' right already, 's' left alone, 'n' no sums
+-- (another rebuild settled them since: all 'n').
 local function finalize_group(a, codes)
-  local ns, skey, vid, floor, m = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], tonumber(ARGV[a + 5])
-  local open = call('HGET', ns, 'shadow') == floor
+  local ns, skey, vid, m = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4])
+  local open = call('HEXISTS', ns, 'shadow') == 1
   local mine = vid .. '#'
-  for j = a + 6, a + 5 + m do
+  for j = a + 5, a + 4 + m do
     local id, code = ARGV[j], 'n'
     if open then
       local t, k, mm = place_of(id)
@@ -487,7 +483,7 @@ local function finalize_group(a, codes)
     end
     codes[#codes + 1] = code
   end
-  return a + 6 + m
+  return a + 5 + m
 end
 
 -- A command that fails inside one change (nothing foreseen does: types, scores and sizes are

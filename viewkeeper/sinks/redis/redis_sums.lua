@@ -91,24 +91,33 @@ local function put(t, k, m, x)
   else call('ZREM', k, m) end
 end
 
--- A rebuild of the view running (RedisSink.begin_rebuild, maintenance.py): the packed
--- generation above which its sums count an item's contributions (field 'shadow' of the view's
--- claim hash), and the hash of those sums (identity -> sum '#' contributors, or 'x' once a
--- partial sum left its range); false when no rebuild runs. Read once per view and call.
-local shadows, counted = {}, {} -- counted: sums hashes marked '^' in this call
-local function shadow_of(owner)
-  local base = string.match(owner, '^(.*):o:%d+$')
-  local s = shadows[base]
-  if s == nil then
-    s = call('HGET', base .. ':ns', 'shadow') or false
-    shadows[base] = s
-  end
-  return s, base .. ':sums'
-end
-
 -- The generation of a packed version (see packing.py), packed: compares with newer().
 local function gen_of(v)
   return sub(v, 1, 1 + byte(v, 1))
+end
+
+-- A rebuild of the view running (RedisSink.begin_rebuild, sums.py): the packed generation
+-- above which its sums count an item's contributions (field 'shadow' of the view's claim
+-- hash), the hash of those sums (identity -> sum '#' contributors, or 'x' when unknown), and
+-- whether its sweep has listed the owner records (field 'sweeping'); false when no rebuild
+-- runs. Read once per view and call. Field 'top' keeps the highest generation of a change
+-- to the view's counters (begin_rebuild's floor is at least that).
+local shadows = {}
+local function shadow_of(owner, ver)
+  local base = string.match(owner, '^(.*):o:%d+$')
+  local ns = base .. ':ns'
+  local s = shadows[base]
+  if s == nil then
+    local got = call('HMGET', ns, 'shadow', 'sweeping', 'top')
+    s = { got[1] or false, got[2] and true or false, got[3] or false }
+    shadows[base] = s
+  end
+  local g = gen_of(ver)
+  if not s[3] or newer(g, s[3]) then
+    s[3] = g
+    call('HSET', ns, 'top', g)
+  end
+  return s[1], base .. ':sums', s[2]
 end
 
 -- The rebuild's sum of counter id after adding dsum and dcount contributors: its new field

@@ -11,13 +11,14 @@ in one order and not in another). README.md, "Counters".
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Collection, Sequence
 from functools import partial
 
 from viewkeeper.projection.api import View
 from viewkeeper.sinks.base import Change, Outcome, SinkError
 from viewkeeper.sinks.redis.apply import _Apply
-from viewkeeper.sinks.redis.packing import _b, _Batch, _packed_int
+from viewkeeper.sinks.redis.packing import _b, _Batch, _packed_int, _text
 
 log = logging.getLogger("viewkeeper.sinks.redis")
 
@@ -33,28 +34,49 @@ class _Sums(_Apply):
 
     def begin_rebuild(self, view: View, floor: int) -> None:
         """From now on the apply script also sums each counter of ``view`` over the items
-        written at generations above ``floor`` (in ``vk:{view}:sums``); :meth:`sweep` sets
-        the counters to those sums."""
+        written at generations above the floor (in ``vk:{view}:sums``): ``floor``, or the
+        highest generation a change to the view's counters had (field ``top``) if higher.
+        :meth:`sweep` sets the counters to those sums. Sums another rebuild began (running,
+        or stopped) are joined, not replaced: they count every item above their floor, which
+        is at or below this one (``top`` only grows), so they serve this rebuild too; a new
+        token (field ``shadow_id``) tells a rebuild that ends first to leave them in place."""
         if view.changelog:
             return
+        script = (  # packed generations compare bytewise (Lua's '<' would use strcoll)
+            "redis.call('HSET', KEYS[1], 'shadow_id', ARGV[2]) "
+            "if redis.call('HEXISTS', KEYS[1], 'shadow') == 1 then return 0 end "
+            "local top, g = redis.call('HGET', KEYS[1], 'top'), ARGV[1] "
+            "if top then local higher = #top > #g "
+            "  if #top == #g then for i = 1, #g do local x, y = string.byte(top, i), "
+            "    string.byte(g, i) if x ~= y then higher = x > y break end end end "
+            "  if higher then g = top end end "
+            "redis.call('DEL', KEYS[2]) redis.call('HDEL', KEYS[1], 'sweeping') "
+            "redis.call('HSET', KEYS[1], 'shadow', g) return 1"
+        )
         ns, sums = self._claim_key(view), self._sums_key(view)
-        # Sums that already count changes above their floor (field '^': a rebuild raised
-        # the generation and its changes are being counted) are kept whatever their floor:
-        # they are the sums over every item above it, which is what this rebuild needs too,
-        # and replacing them would take them from the rebuild that is running. Otherwise
-        # (none yet, or a rebuild that began but never raised) they hold nothing worth
-        # keeping: the lower of the two floors, and empty sums. One script: one step.
+        token = uuid.uuid4().hex
+        self._with_retry(lambda: self._client.eval(script, 2, ns, sums, _packed_int(floor), token))
+
+    def _sweeping(self, view: View, generation: int) -> str | None:
+        """The sweep of a rebuild of ``view`` at ``generation`` starts, before it lists the
+        owner records: when the sums' floor is below ``generation`` (once this sweep is
+        done, every record is above it: the sums are complete), from now on a change at or
+        below the floor marks what it moves unknown (field ``sweeping``), and the sums'
+        token now is returned (a rebuild joining later changes it). None when there are no
+        sums for this sweep (none began, one settled them, or they began above it)."""
         script = (  # packed generations compare bytewise (Lua's '<' would use strcoll)
             "local f, g = redis.call('HGET', KEYS[1], 'shadow'), ARGV[1] "
-            "if f and redis.call('HEXISTS', KEYS[2], '^') == 1 then return 0 end "
-            "if f then local lower = #f < #g "
-            "  if #f == #g then lower = false "
-            "    for i = 1, #f do local x, y = string.byte(f, i), string.byte(g, i) "
-            "      if x ~= y then lower = x < y break end end end "
-            "  if lower then g = f end end "
-            "redis.call('DEL', KEYS[2]) redis.call('HSET', KEYS[1], 'shadow', g) return 1"
+            "if not f then return false end "
+            "local below = #f < #g "
+            "if #f == #g then for i = 1, #g do local x, y = string.byte(f, i), "
+            "  string.byte(g, i) if x ~= y then below = x < y break end end end "
+            "if not below then return false end "
+            "redis.call('HSET', KEYS[1], 'sweeping', '1') "
+            "return redis.call('HGET', KEYS[1], 'shadow_id')"
         )
-        self._with_retry(lambda: self._client.eval(script, 2, ns, sums, _packed_int(floor)))
+        ns, gen = self._claim_key(view), _packed_int(generation)
+        token = self._with_retry(lambda: self._client.eval(script, 1, ns, gen))
+        return None if token is None else _text(token)
 
     def _retract_all(self, what: str, changes: Sequence[Change], now: float) -> int:
         """Apply ``changes`` (retractions: no entries), those refused again after the others
@@ -81,20 +103,12 @@ class _Sums(_Apply):
             )
         return applied
 
-    def _finish_sums(self, view: View, generation: int, keep: Collection[str]) -> int:
-        """The end of a rebuild at ``generation``: each counter of ``view`` set to the
-        rebuild's sum (the live sums equal them unless something outside viewkeeper changed
-        a counter), then the rebuild's sums dropped. Returns how many were repaired."""
+    def _finish_sums(self, view: View, token: str, keep: Collection[str]) -> int:
+        """The end of a rebuild: each counter of ``view`` set to the rebuild's sum (the live
+        sums equal them unless something outside viewkeeper changed a counter), then the
+        sums dropped unless a rebuild joined them since ``token`` was read (it settles them
+        again at its end). Returns how many were repaired."""
         ns, sums = self._claim_key(view), self._sums_key(view)
-        floor = self._with_retry(lambda: self._client.hget(ns, "shadow"))
-        if floor is None:
-            return 0  # settled by another rebuild running beside this one
-        if floor >= _packed_int(generation):  # never: begin_rebuild keeps the lower floor
-            log.warning(
-                "view %s: counters not settled: the rebuild's sums belong to a later rebuild",
-                view.name,
-            )
-            return 0
         if keep:  # their contributions are in the live sums only: nothing can be settled
             log.warning(
                 "view %s: counters not settled from the rebuild's sums: %d item(s) could not "
@@ -102,10 +116,10 @@ class _Sums(_Apply):
                 view.name,
                 len(keep),
             )
-            self._close_sums(ns, sums, floor)
+            self._close_sums(ns, sums, token)
             return 0
         mine = self._view_id(view.name) + b"#"
-        idents = set(self._with_retry(lambda: list(self._client.hkeys(sums)))) - {b"^"}
+        idents = set(self._with_retry(lambda: list(self._client.hkeys(sums))))
         for bucket in range(self.owner_buckets):
             key = self._claims + b"%d" % bucket
 
@@ -116,19 +130,20 @@ class _Sums(_Apply):
         repaired, skipped, ordered = 0, 0, sorted(idents)
         for i in range(0, len(ordered), _FINALIZE_SLICE):
             part = ordered[i : i + _FINALIZE_SLICE]
-            args = [b"#", ns, sums, self._view_id(view.name), floor, b"%d" % len(part), *part]
-            batch = _Batch([], [], [args])
+            args = [b"#", ns, sums, self._view_id(view.name), b"%d" % len(part)]
+            batch = _Batch([], [], [args + part])
             self._check(batch, view.name)
             codes = self._with_retry(partial(self._finalize_call, batch))
             if codes.count(b"n"):
-                log.warning("view %s: another rebuild began: it settles the counters", view.name)
+                log.warning("view %s: another rebuild settled the counters", view.name)
                 return repaired
             repaired += codes.count(b"1")
             skipped += codes.count(b"s")
         if skipped:
             log.warning(
                 "view %s: %d counter(s) left as they are after the rebuild: held by another "
-                "view, of another type, or a partial sum out of range",
+                "view, of another type, moved by a record read before the rebuild began, or "
+                "a partial sum out of range",
                 view.name,
                 skipped,
             )
@@ -139,7 +154,7 @@ class _Sums(_Apply):
                 view.name,
                 repaired,
             )
-        self._close_sums(ns, sums, floor)
+        self._close_sums(ns, sums, token)
         return repaired
 
     def _finalize_call(self, batch: _Batch) -> bytes:
@@ -153,11 +168,12 @@ class _Sums(_Apply):
             raise self._unexpected(batch.reply)
         return codes
 
-    def _close_sums(self, ns: bytes, sums: bytes, floor: bytes) -> None:
+    def _close_sums(self, ns: bytes, sums: bytes, token: str) -> None:
         """Drop the rebuild's sums, unless another rebuild began meanwhile (a script: the
         check and the delete are one step)."""
         script = (
-            "if redis.call('HGET', KEYS[1], 'shadow') == ARGV[1] then "
-            "redis.call('HDEL', KEYS[1], 'shadow') redis.call('DEL', KEYS[2]) end"
+            "if redis.call('HGET', KEYS[1], 'shadow_id') == ARGV[1] then "
+            "redis.call('HDEL', KEYS[1], 'shadow', 'shadow_id', 'sweeping') "
+            "redis.call('DEL', KEYS[2]) end"
         )
-        self._with_retry(lambda: self._client.eval(script, 2, ns, sums, floor))
+        self._with_retry(lambda: self._client.eval(script, 2, ns, sums, token))
