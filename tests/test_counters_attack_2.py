@@ -15,49 +15,17 @@ records are changes stamped with the generation their reader held."""
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
-from tests.helpers import view_for, write_config
-from viewkeeper import Counter, redis_view
-from viewkeeper.projection.api import View
-from viewkeeper.projection.entries import Entry
-from viewkeeper.projection.project import project
-from viewkeeper.projection.versions import Version
-from viewkeeper.sinks.base import Change, Outcome
+from tests.counter_support import INT64_MAX, MONEY, SEQ, applied, change, sink  # noqa: F401
+
+# ruff: noqa: F811 - the tests take the fixture `sink` imported above
+from tests.helpers import write_config
+from viewkeeper.sinks.base import Outcome
 from viewkeeper.sinks.redis import RedisSink
-
-SEQ = 10**20
-INT64_MAX = 2**63 - 1
-
-
-@redis_view(table="orders", redis="cache", name="money")
-def money(item: dict[str, Any]) -> Iterator[Entry]:
-    yield Counter(f"sum:{item['g']}", amount=item["a"])
-
-
-MONEY = view_for(money)
-
-
-def change(view: View, item: str, seq: int, state: dict[str, Any] | None, gen: int = 0) -> Change:
-    entries = [] if state is None else project(view, {"id": item, **state}, item, ("id",))
-    return Change(view, item, Version(gen, str(seq)), entries)
-
-
-@pytest.fixture
-def sink(redis_client: redis.Redis) -> Iterator[RedisSink]:
-    s = RedisSink("cache", redis_client, retry_seconds=2)
-    s.prepare([MONEY])
-    yield s
-    s.close()
-
-
-def applied(results: list[Any]) -> bool:
-    return all(r.outcome is Outcome.APPLIED for r in results)
 
 
 def test_an_old_generation_record_applied_after_the_sweep_listed_items_is_counted_twice_negative(
