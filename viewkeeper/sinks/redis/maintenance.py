@@ -27,15 +27,15 @@ class _Maintenance(_Sums):
         """Retract and tombstone items whose record is older than ``generation`` (rebuild),
         except those in ``keep``; then set the view's counters to the rebuild's sums
         (:meth:`begin_rebuild`). Raises SinkError when a retraction stays refused."""
-        token = self._sweeping(view, generation)  # before the owner records are listed
+        sweep = self._sweeping(view, generation)  # before the owner records are listed
         changes = [
             Change(view, rec.item_key, Version(generation, "0"), [])
             for rec in self.iter_owner_records(view)
             if rec.version.generation < generation and rec.entries and rec.item_key not in keep
         ]
         retracted = self._retract_all(f"view {view.name}: the sweep", changes, now)
-        if token is not None:
-            self._finish_sums(view, token, keep)
+        if sweep is not None:
+            self._finish_sums(view, sweep, keep)
         return retracted
 
     def purge_tombstones(self, view: View | str, older_than: float | None = None) -> int:
@@ -72,7 +72,8 @@ class _Maintenance(_Sums):
             part = keys[i : i + 1000]
             self._with_retry(lambda part=part: self._client.delete(*part))  # type: ignore[misc]
         ns = self._claim_key(view)
-        self._with_retry(lambda: self._client.hdel(ns, "shadow", "shadow_id", "sweeping"))
+        fields = ("shadow", "shadow_id", "shadow_epoch", "sweeping", "top")  # sums.py
+        self._with_retry(lambda: self._client.hdel(ns, *fields))
         return retracted
 
     # -- helpers for tests and checkers --------------------------------------------------------

@@ -444,17 +444,18 @@ local function apply(a)
 end
 
 -- The end of a rebuild (RedisSink.sweep, maintenance.py): counters set to the rebuild's sums
--- ('#', the view's claim hash, its sums hash, the view id, m, then m counter identities). Each one is set to its sum there and its claim to its
+-- ('#', the view's claim hash, its sums hash, the view id, the sums' epoch when the sweep
+-- began, m, then m counter identities). Each one is set to its sum there and its claim to its
 -- contributors, or removed when no item counted there contributes: what a counter was
 -- changed to outside viewkeeper (or lost) is repaired. Left alone (code 's'): a counter
 -- another view or entry holds, one whose partial sum left its range, one whose place holds
--- another type. Codes: '1' repaired, '0' right already, 's' left alone, 'n' no sums
--- (another rebuild settled them since: all 'n').
+-- another type. Codes: '1' repaired, '0' right already, 's' left alone, 'n' not those sums
+-- (another rebuild settled them, or made them again, since: all 'n').
 local function finalize_group(a, codes)
-  local ns, skey, vid, m = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4])
-  local open = call('HEXISTS', ns, 'shadow') == 1
+  local ns, skey, vid, epoch, m = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], tonumber(ARGV[a + 5])
+  local open = call('HGET', ns, 'shadow_epoch') == epoch
   local mine = vid .. '#'
-  for j = a + 5, a + 4 + m do
+  for j = a + 6, a + 5 + m do
     local id, code = ARGV[j], 'n'
     if open then
       local t, k, mm = place_of(id)
@@ -483,7 +484,7 @@ local function finalize_group(a, codes)
     end
     codes[#codes + 1] = code
   end
-  return a + 5 + m
+  return a + 6 + m
 end
 
 -- A command that fails inside one change (nothing foreseen does: types, scores and sizes are

@@ -18,7 +18,7 @@ from functools import partial
 from viewkeeper.projection.api import View
 from viewkeeper.sinks.base import Change, Outcome, SinkError
 from viewkeeper.sinks.redis.apply import _Apply
-from viewkeeper.sinks.redis.packing import _b, _Batch, _packed_int, _text
+from viewkeeper.sinks.redis.packing import _b, _Batch, _packed_int
 
 log = logging.getLogger("viewkeeper.sinks.redis")
 
@@ -44,26 +44,28 @@ class _Sums(_Apply):
             return
         script = (  # packed generations compare bytewise (Lua's '<' would use strcoll)
             "redis.call('HSET', KEYS[1], 'shadow_id', ARGV[2]) "
-            "if redis.call('HEXISTS', KEYS[1], 'shadow') == 1 then return 0 end "
+            "if redis.call('HEXISTS', KEYS[1], 'shadow') == 1 then "
+            "  redis.call('HDEL', KEYS[1], 'sweeping') return 0 end "
             "local top, g = redis.call('HGET', KEYS[1], 'top'), ARGV[1] "
             "if top then local higher = #top > #g "
             "  if #top == #g then for i = 1, #g do local x, y = string.byte(top, i), "
             "    string.byte(g, i) if x ~= y then higher = x > y break end end end "
             "  if higher then g = top end end "
             "redis.call('DEL', KEYS[2]) redis.call('HDEL', KEYS[1], 'sweeping') "
-            "redis.call('HSET', KEYS[1], 'shadow', g) return 1"
+            "redis.call('HSET', KEYS[1], 'shadow', g, 'shadow_epoch', ARGV[2]) return 1"
         )
         ns, sums = self._claim_key(view), self._sums_key(view)
-        token = uuid.uuid4().hex
+        token = uuid.uuid4().hex  # also the sums' epoch when they are made here
         self._with_retry(lambda: self._client.eval(script, 2, ns, sums, _packed_int(floor), token))
 
-    def _sweeping(self, view: View, generation: int) -> str | None:
+    def _sweeping(self, view: View, generation: int) -> tuple[bytes, bytes] | None:
         """The sweep of a rebuild of ``view`` at ``generation`` starts, before it lists the
         owner records: when the sums' floor is below ``generation`` (once this sweep is
         done, every record is above it: the sums are complete), from now on a change at or
         below the floor marks what it moves unknown (field ``sweeping``), and the sums'
-        token now is returned (a rebuild joining later changes it). None when there are no
-        sums for this sweep (none began, one settled them, or they began above it)."""
+        token and epoch now are returned (a rebuild joining later changes the token; sums
+        made again, the epoch). None when there are no sums for this sweep (none began, one
+        settled them, or they began above it)."""
         script = (  # packed generations compare bytewise (Lua's '<' would use strcoll)
             "local f, g = redis.call('HGET', KEYS[1], 'shadow'), ARGV[1] "
             "if not f then return false end "
@@ -72,11 +74,11 @@ class _Sums(_Apply):
             "  string.byte(g, i) if x ~= y then below = x < y break end end end "
             "if not below then return false end "
             "redis.call('HSET', KEYS[1], 'sweeping', '1') "
-            "return redis.call('HGET', KEYS[1], 'shadow_id')"
+            "return redis.call('HMGET', KEYS[1], 'shadow_id', 'shadow_epoch')"
         )
         ns, gen = self._claim_key(view), _packed_int(generation)
-        token = self._with_retry(lambda: self._client.eval(script, 1, ns, gen))
-        return None if token is None else _text(token)
+        got = self._with_retry(lambda: self._client.eval(script, 1, ns, gen))
+        return None if not got else (got[0] or b"", got[1] or b"")
 
     def _retract_all(self, what: str, changes: Sequence[Change], now: float) -> int:
         """Apply ``changes`` (retractions: no entries), those refused again after the others
@@ -103,12 +105,13 @@ class _Sums(_Apply):
             )
         return applied
 
-    def _finish_sums(self, view: View, token: str, keep: Collection[str]) -> int:
+    def _finish_sums(self, view: View, sweep: tuple[bytes, bytes], keep: Collection[str]) -> int:
         """The end of a rebuild: each counter of ``view`` set to the rebuild's sum (the live
         sums equal them unless something outside viewkeeper changed a counter), then the
         sums dropped unless a rebuild joined them since ``token`` was read (it settles them
         again at its end). Returns how many were repaired."""
         ns, sums = self._claim_key(view), self._sums_key(view)
+        token, epoch = sweep
         if keep:  # their contributions are in the live sums only: nothing can be settled
             log.warning(
                 "view %s: counters not settled from the rebuild's sums: %d item(s) could not "
@@ -120,6 +123,7 @@ class _Sums(_Apply):
             return 0
         mine = self._view_id(view.name) + b"#"
         idents = set(self._with_retry(lambda: list(self._client.hkeys(sums))))
+        idents = {i for i in idents if i[:1] in (b"V", b"H", b"Z")}  # counter identities
         for bucket in range(self.owner_buckets):
             key = self._claims + b"%d" % bucket
 
@@ -130,12 +134,15 @@ class _Sums(_Apply):
         repaired, skipped, ordered = 0, 0, sorted(idents)
         for i in range(0, len(ordered), _FINALIZE_SLICE):
             part = ordered[i : i + _FINALIZE_SLICE]
-            args = [b"#", ns, sums, self._view_id(view.name), b"%d" % len(part)]
+            args = [b"#", ns, sums, self._view_id(view.name), epoch, b"%d" % len(part)]
             batch = _Batch([], [], [args + part])
             self._check(batch, view.name)
             codes = self._with_retry(partial(self._finalize_call, batch))
             if codes.count(b"n"):
-                log.warning("view %s: another rebuild settled the counters", view.name)
+                log.warning(
+                    "view %s: the rebuild's sums were settled or made again by another rebuild",
+                    view.name,
+                )
                 return repaired
             repaired += codes.count(b"1")
             skipped += codes.count(b"s")
@@ -168,12 +175,12 @@ class _Sums(_Apply):
             raise self._unexpected(batch.reply)
         return codes
 
-    def _close_sums(self, ns: bytes, sums: bytes, token: str) -> None:
+    def _close_sums(self, ns: bytes, sums: bytes, token: bytes) -> None:
         """Drop the rebuild's sums, unless another rebuild began meanwhile (a script: the
         check and the delete are one step)."""
         script = (
             "if redis.call('HGET', KEYS[1], 'shadow_id') == ARGV[1] then "
-            "redis.call('HDEL', KEYS[1], 'shadow', 'shadow_id', 'sweeping') "
+            "redis.call('HDEL', KEYS[1], 'shadow', 'shadow_id', 'shadow_epoch', 'sweeping') "
             "redis.call('DEL', KEYS[2]) end"
         )
         self._with_retry(lambda: self._client.eval(script, 2, ns, sums, token))
