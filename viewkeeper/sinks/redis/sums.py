@@ -44,8 +44,7 @@ class _Sums(_Apply):
             return
         script = (  # packed generations compare bytewise (Lua's '<' would use strcoll)
             "redis.call('HSET', KEYS[1], 'shadow_id', ARGV[2]) "
-            "if redis.call('HEXISTS', KEYS[1], 'shadow') == 1 then "
-            "  redis.call('HDEL', KEYS[1], 'sweeping') return 0 end "
+            "if redis.call('HEXISTS', KEYS[1], 'shadow') == 1 then return 0 end "
             "local top, g = redis.call('HGET', KEYS[1], 'top'), ARGV[1] "
             "if top then local higher = #top > #g "
             "  if #top == #g then for i = 1, #g do local x, y = string.byte(top, i), "
