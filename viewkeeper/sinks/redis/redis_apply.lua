@@ -309,18 +309,15 @@ local function apply(a)
       -- the sweep listed the owner records moves the live sum only: that counter's rebuilt
       -- sum is then unknown ('x': not settled, left live). Before, the item is re-read above
       -- the floor or retracted by the sweep, which puts it right in the sums.
-      local f
       if into and (changed or not was) then
         local so, sn = was and old or nil, i and new or nil
         if so ~= sn then
-          local before
-          f, before = shadow_sum(skey, id, t, add(sn or '0', neg(so or '0')),
+          local f, before = shadow_sum(skey, id, t, add(sn or '0', neg(so or '0')),
             (sn and 1 or 0) - (so and 1 or 0))
           shadow[#shadow + 1] = { skey, id, f, before }
         end
       elseif floor and not into and moves and sweeping then
         shadow[#shadow + 1] = { skey, id, 'x', call('HGET', skey, id) }
-        f = 'x'
       end
       if changed then
         local ck = i and claims[i][1] or claim_key(id)

@@ -22,6 +22,13 @@ from viewkeeper.sinks.redis.packing import _b, _Batch, _packed_int
 
 log = logging.getLogger("viewkeeper.sinks.redis")
 
+# Whether packed generation a is below b (packing.py: length first, then the bytes), for the
+# scripts below; bytewise, as redis_apply.lua's newer(): Lua's '<' on strings uses strcoll.
+_BELOW = (
+    "local function below(a, b) if #a ~= #b then return #a < #b end "
+    "for i = 1, #a do local x, y = string.byte(a, i), string.byte(b, i) "
+    "if x ~= y then return x < y end end return false end "
+)
 _FINALIZE_SLICE = 500  # counter identities per script call when a rebuild settles its sums
 
 
@@ -42,14 +49,11 @@ class _Sums(_Apply):
         token (field ``shadow_id``) tells a rebuild that ends first to leave them in place."""
         if view.changelog:
             return
-        script = (  # packed generations compare bytewise (Lua's '<' would use strcoll)
+        script = _BELOW + (
             "redis.call('HSET', KEYS[1], 'shadow_id', ARGV[2]) "
             "if redis.call('HEXISTS', KEYS[1], 'shadow') == 1 then return 0 end "
             "local top, g = redis.call('HGET', KEYS[1], 'top'), ARGV[1] "
-            "if top then local higher = #top > #g "
-            "  if #top == #g then for i = 1, #g do local x, y = string.byte(top, i), "
-            "    string.byte(g, i) if x ~= y then higher = x > y break end end end "
-            "  if higher then g = top end end "
+            "if top and below(g, top) then g = top end "
             "redis.call('DEL', KEYS[2]) redis.call('HDEL', KEYS[1], 'sweeping') "
             "redis.call('HSET', KEYS[1], 'shadow', g, 'shadow_epoch', ARGV[2]) return 1"
         )
@@ -65,13 +69,9 @@ class _Sums(_Apply):
         token and epoch now are returned (a rebuild joining later changes the token; sums
         made again, the epoch). None when there are no sums for this sweep (none began, one
         settled them, or they began above it)."""
-        script = (  # packed generations compare bytewise (Lua's '<' would use strcoll)
+        script = _BELOW + (
             "local f, g = redis.call('HGET', KEYS[1], 'shadow'), ARGV[1] "
-            "if not f then return false end "
-            "local below = #f < #g "
-            "if #f == #g then for i = 1, #g do local x, y = string.byte(f, i), "
-            "  string.byte(g, i) if x ~= y then below = x < y break end end end "
-            "if not below then return false end "
+            "if not f or not below(f, g) then return false end "
             "redis.call('HSET', KEYS[1], 'sweeping', '1') "
             "return redis.call('HMGET', KEYS[1], 'shadow_id', 'shadow_epoch')"
         )
