@@ -140,9 +140,17 @@ SCORE_MAX = 2**53
 double, exact for integers up to 2**53."""
 
 
-def _amount(kind: str, key: str, amount: object, limit: int, lowest: int) -> int:
+def amount_range(sorted_set: bool) -> tuple[int, int]:
+    """The lowest and highest amount, and sum, of a SortedSetCounter (``sorted_set``) or a
+    Counter."""
+    return (-SCORE_MAX, SCORE_MAX) if sorted_set else (-INT64_MAX - 1, INT64_MAX)
+
+
+def _amount(kind: str, key: str, amount: object) -> int:
     """``amount`` as an int: an int (not a bool) or an integral Decimal within
-    ``lowest..limit``; anything else is refused here, where the view builds the entry."""
+    :func:`amount_range`; anything else is refused here, where the view builds the entry."""
+    sorted_set = kind == "SortedSetCounter"
+    lowest, limit = amount_range(sorted_set)
     if isinstance(amount, Decimal) and amount.is_finite() and amount == amount.to_integral_value():
         amount = int(amount)
     if isinstance(amount, bool) or not isinstance(amount, int):
@@ -156,7 +164,7 @@ def _amount(kind: str, key: str, amount: object, limit: int, lowest: int) -> int
             f"{kind} {key!r}: amount {amount} is outside {lowest}..{limit}"
             + (
                 " (a sorted-set score is a double, exact up to 2**53)"
-                if limit == SCORE_MAX
+                if sorted_set
                 else " (a Redis integer is signed 64-bit)"
             )
             + "; use a smaller unit or split the sum"
@@ -181,9 +189,7 @@ class Counter:
             raise TypeError(
                 f"Counter {self.key!r}: field must be a str or None, got {self.field!r}"
             )
-        object.__setattr__(
-            self, "amount", _amount("Counter", self.key, self.amount, INT64_MAX, -INT64_MAX - 1)
-        )
+        object.__setattr__(self, "amount", _amount("Counter", self.key, self.amount))
 
     @property
     def ident(self) -> tuple[str, str, str]:
@@ -206,7 +212,7 @@ class SortedSetCounter:
         object.__setattr__(
             self,
             "amount",
-            _amount("SortedSetCounter", self.key, self.amount, SCORE_MAX, -SCORE_MAX),
+            _amount("SortedSetCounter", self.key, self.amount),
         )
 
     @property

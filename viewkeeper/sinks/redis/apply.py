@@ -18,7 +18,7 @@ from typing import Any
 import redis
 from redis.exceptions import NoScriptError
 
-from viewkeeper.projection.entries import INT64_MAX, MAX_TTL, SCORE_MAX
+from viewkeeper.projection.entries import MAX_TTL, amount_range
 from viewkeeper.sinks.base import APPLIED, STALE, Change, Collision, Outcome, Result
 from viewkeeper.sinks.encoding import EncodeError
 from viewkeeper.sinks.redis.claims import _Claims
@@ -45,8 +45,8 @@ _HEAD = 1024  # bytes of a call that are not its changes' arguments (EVALSHA sha
 
 def _amount_in_range(t: bytes, key: bytes, sub: bytes, total: int) -> bytes:
     """The sum of the amounts one item yields for one counter, within the counter's range."""
-    top = SCORE_MAX if t == b"z" else INT64_MAX
-    if not (-top if t == b"z" else -top - 1) <= total <= top:
+    low, top = amount_range(t == b"z")
+    if not low <= total <= top:
         raise _Reject(
             f"the view yields {_describe(t.decode(), key, sub)} more than once and its amounts "
             f"add up to {total}, outside what the counter holds (+/-{top}); nothing was written"
@@ -333,7 +333,7 @@ class _Apply(_Claims):
                     "viewkeeper; nothing of the change was written; delete it and rebuild "
                     "the view (viewkeeper rebuild)",
                 )
-            top = SCORE_MAX if kind == "z" else INT64_MAX
+            top = amount_range(kind == "z")[1]
             return Result(
                 Outcome.ERROR,
                 self._where(change)
@@ -368,9 +368,7 @@ class _Apply(_Claims):
         for j in range(1, len(reply), 2):
             t, key, ident, sub = entries[int(reply[j]) - 1]
             other_view, other_item = self._claim_owner(ident, reply[j + 1])
-            if not other_item:
-                other_item = f"the counter of view {other_view}"
-            elif other_view != change.view.name:
+            if other_view != change.view.name:
                 other_item = f"{other_item} (view {other_view})"
             collisions.append(Collision(_describe(t, key, sub), other_item))
         return Result(Outcome.APPLIED, collisions=collisions)
