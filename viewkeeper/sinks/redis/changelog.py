@@ -38,12 +38,11 @@ from viewkeeper.sinks.encoding import EncodeError, redis_value
 from viewkeeper.sinks.redis.apply import _again, _read
 from viewkeeper.sinks.redis.connection import _is_transient, log
 from viewkeeper.sinks.redis.maintenance import _Maintenance
-from viewkeeper.sinks.redis.packing import _b, _Batch, _text
+from viewkeeper.sinks.redis.packing import _b, _Batch, _text, tag_for_slot
 
 _PER_CALL = 256  # appends per script call (a page of a view is usually one call)
 _MAX_FIELDS = 1000  # fields of one stream entry (the script unpacks them into one XADD)
 DEAD_LETTER_NOTE_TTL = 30 * 24 * 3600  # how long a dead-lettered record's note is kept
-_TAGS: dict[int, bytes] = {}
 
 
 def slot_tag(key: bytes) -> bytes:
@@ -58,13 +57,7 @@ def slot_tag(key: bytes) -> bytes:
             return key[start + 1 : end]
     elif b"}" not in key:
         return key
-    if not _TAGS:
-        i = 0
-        while len(_TAGS) < 16384:
-            tag = b"%d" % i
-            _TAGS.setdefault(key_slot(tag), tag)
-            i += 1
-    return _TAGS[key_slot(key)]
+    return tag_for_slot(key_slot(key))
 
 
 class _Changelog(_Maintenance):

@@ -90,6 +90,40 @@ def _is_transient(exc: BaseException) -> bool:
     return code in _TRANSIENT_CODES
 
 
+def with_retry(fn: Callable[[], T], seconds: float, who: str, scrub: Callable[[str], str]) -> T:
+    """Run ``fn``, retrying transient failures (:func:`_is_transient`) with backoff for
+    ``seconds``, then raise SinkUnavailable saying why (``who``: the sink and where it is;
+    ``scrub`` hides the password in messages). Both Redis sinks call through it."""
+    try:
+        for attempt in Retrying(
+            stop=stop_after_delay(seconds),
+            reraise=True,
+            wait=wait_random_exponential(multiplier=0.05, max=1.0),
+            retry=retry_if_exception(_is_transient),
+        ):
+            with attempt:
+                return fn()
+    except AuthenticationError as exc:
+        raise SinkUnavailable(
+            f"{who}: authentication failed ({scrub(str(exc))}); check the URL's "
+            "password or the credential file"
+        ) from None
+    except NoPermissionError as exc:
+        raise SinkUnavailable(
+            f"{who}: permission refused after retrying for {seconds:g}s ({scrub(str(exc))}); "
+            "the batch is held: give the user the commands (+evalsha +script|load +hgetall "
+            "...) and keys (~*) viewkeeper writes"
+        ) from None
+    except Exception as exc:
+        if not _is_transient(exc):
+            raise
+        raise SinkUnavailable(
+            f"{who} is unavailable after retrying for {seconds:g}s: "
+            f"{type(exc).__name__}: {scrub(str(exc))}"
+        ) from None
+    raise AssertionError("unreachable")
+
+
 def _cannot_compile_shebang(exc: redis.ResponseError) -> bool:
     """A compile error at the shebang: "... unexpected symbol near '#'" (Redis < 7, fakeredis)."""
     return "'#'" in str(exc) and not _is_transient(exc)
@@ -177,36 +211,9 @@ class _Connection:
 
     def _with_retry(self, fn: Callable[[], T]) -> T:
         """Run ``fn``, retrying transient failures with backoff for ``retry_seconds``."""
-        try:
-            for attempt in Retrying(
-                stop=stop_after_delay(self.retry_seconds),
-                reraise=True,
-                wait=wait_random_exponential(multiplier=0.05, max=1.0),
-                retry=retry_if_exception(_is_transient),
-            ):
-                with attempt:
-                    return fn()
-        except AuthenticationError as exc:
-            raise SinkUnavailable(
-                f"redis sink {self.name!r} at {self.where}: authentication "
-                f"failed ({self._scrub(str(exc))}); check the URL's "
-                "password or the credential file"
-            ) from None
-        except NoPermissionError as exc:
-            raise SinkUnavailable(
-                f"redis sink {self.name!r} at {self.where}: permission refused after retrying "
-                f"for {self.retry_seconds:g}s ({self._scrub(str(exc))}); the batch is held: "
-                "give the user the commands (+evalsha +script|load +hgetall ...) and keys "
-                "(~*) viewkeeper writes"
-            ) from None
-        except Exception as exc:
-            if not _is_transient(exc):
-                raise
-            raise SinkUnavailable(
-                f"redis sink {self.name!r} at {self.where} is unavailable after retrying for "
-                f"{self.retry_seconds:g}s: {type(exc).__name__}: {self._scrub(str(exc))}"
-            ) from None
-        raise AssertionError("unreachable")
+        return with_retry(
+            fn, self.retry_seconds, f"redis sink {self.name!r} at {self.where}", self._scrub
+        )
 
     def _unexpected(self, reply: Any) -> SinkError:
         return SinkError(
@@ -309,10 +316,11 @@ class _Connection:
         if not self._with_retry(info).get("cluster_enabled"):
             return
         raise SinkError(
-            f"redis sink {self.name!r} ({self.where}) is a Redis Cluster (cluster_enabled:1): "
-            "viewkeeper supports standalone Redis only (one apply call touches keys of many "
-            "hash slots). Point it at a standalone Redis: ElastiCache with cluster mode "
-            "disabled (its primary endpoint), or a Redis or Valkey primary"
+            f"redis sink {self.name!r} ({self.where}) is a Redis Cluster (cluster_enabled:1), "
+            "but this connection is for a standalone Redis (one apply call of its sink touches "
+            f"keys of many hash slots); set cluster: true on this connection (redis.{self.name}) "
+            "to use the cluster sink, or point it at a standalone Redis (ElastiCache with "
+            "cluster mode disabled: its primary endpoint, or a Redis or Valkey primary)"
         )
 
     def _view_id(self, name: str) -> bytes:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from redis.crc import key_slot
+
 from viewkeeper.projection.entries import (
     Counter,
     HashField,
@@ -56,6 +58,23 @@ def _b(text: str) -> bytes:
         return text.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:
         return text.encode("utf-8", "surrogatepass")
+
+
+_TAGS: list[bytes] = []
+
+
+def tag_for_slot(slot: int) -> bytes:
+    """The shortest decimal text that hashes to cluster slot ``slot`` (0-16383): ``{TAG}`` in
+    a key puts it in that slot, whatever other braces the key holds."""
+    if not _TAGS:
+        tags: dict[int, bytes] = {}
+        i = 0
+        while len(tags) < 16384:
+            tag = b"%d" % i
+            tags.setdefault(key_slot(tag), tag)
+            i += 1
+        _TAGS.extend(tags[s] for s in range(16384))
+    return _TAGS[slot]
 
 
 def _text(raw: bytes) -> str:

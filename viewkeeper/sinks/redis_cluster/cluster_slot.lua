@@ -1,0 +1,362 @@
+#!lua
+-- viewkeeper on Redis Cluster: one step of the apply protocol in ONE hash slot (README.md in
+-- this package, "The protocol"). Every key it touches is declared in KEYS, all in one slot.
+--
+-- KEYS[1] the slot's bookkeeping hash vk:{TAG}:c: entry claims (field = entry identity) and,
+--         per view, its marker (field '#' .. view id) and write counter ('#' .. view id .. 'n')
+-- ARGV[1] the step: O (read an owner record, note what it may write), E (entries: write or
+--         retract), F (write an owner record if it is still what was read), P (forget pending
+--         entries), K (forget old entry tombstones)
+-- ARGV[2] now (epoch seconds)   ARGV[3] k, then k triples: view id, the marker the slot must
+--         hold for it, the highest write counter the client saw there (0: none yet)
+-- then the step's own arguments (below).
+--
+-- Returns { 'L', i } when the slot does not hold the i-th view's marker (its data was lost:
+-- a node restarted empty, a FLUSHALL, a replica promoted empty; or the view was re-armed),
+-- { 'L', i, 'back' } when it holds it with a write counter below what the client saw (a
+-- replica promoted before it had every write): nothing written. Else { codes, counters,
+-- details... }: one code per item of the step, and the write counters after this call.
+--
+-- Packed versions compare bytewise (README.md of the Redis sink, "Encodings"). A claim is
+-- '+' (live) or '-' (a tombstone), L(#owner) owner, the packed version, and for a tombstone
+-- the time it was written. owner = view id .. ':' .. item key.
+
+local byte, char, sub = string.byte, string.char, string.sub
+local call = redis.call
+local op, now = ARGV[1], ARGV[2]
+local CLAIMS = KEYS[1]
+
+local function len_at(s, p)
+  local b = byte(s, p)
+  if b < 253 then return b, p + 1 end
+  local b1, b2, b3, b4 = byte(s, p + 1, p + 4)
+  return ((b1 * 256 + b2) * 256 + b3) * 256 + b4, p + 5
+end
+
+local function L(n)
+  if n < 253 then return char(n) end
+  return char(253, math.floor(n / 16777216) % 256, math.floor(n / 65536) % 256,
+    math.floor(n / 256) % 256, n % 256)
+end
+
+-- a > b for packed versions (bytewise; a prefix is the smaller)
+local function newer(a, b)
+  if a == b then return false end
+  for i = 1, math.min(#a, #b) do
+    local x, y = byte(a, i), byte(b, i)
+    if x ~= y then return x > y end
+  end
+  return #a > #b
+end
+
+-- the packed version at the start of s (an owner record or after a claim's owner), and what follows
+local function version_at(s, p)
+  local lg = byte(s, p)
+  local e = p + 1 + lg + byte(s, p + 1 + lg)
+  return sub(s, p, e), e + 1
+end
+
+-- One entry of an owner record body or of a pending list: t L(#k) k [L(#m) m]. Returns the
+-- part's text and where the next one starts.
+local function part_at(s, p)
+  local t = sub(s, p, p)
+  local n, q = len_at(s, p + 1)
+  q = q + n
+  if t ~= 'V' then
+    n, q = len_at(s, q)
+    q = q + n
+  end
+  return sub(s, p, q - 1), q
+end
+
+local function body_parts(body)
+  local set = {}
+  if body and sub(body, 1, 1) ~= '~' then
+    local p = 1
+    while p <= #body do
+      local part
+      part, p = part_at(body, p)
+      set[part] = true
+    end
+  end
+  return set
+end
+
+-- A pending list: L(#v) v L(#part) part, repeated. As an array of { version, part }.
+local function pending_of(raw)
+  local out = {}
+  if raw then
+    local p = 1
+    while p <= #raw do
+      local n
+      n, p = len_at(raw, p)
+      local v = sub(raw, p, p + n - 1)
+      n, p = len_at(raw, p + n)
+      out[#out + 1] = { v, sub(raw, p, p + n - 1) }
+      p = p + n
+    end
+  end
+  return out
+end
+
+local function pending_text(list)
+  local parts = {}
+  for _, x in ipairs(list) do parts[#parts + 1] = L(#x[1]) .. x[1] .. L(#x[2]) .. x[2] end
+  return table.concat(parts)
+end
+
+local function claim_of(raw)
+  if not raw then return nil end
+  local n, p = len_at(raw, 2)
+  local ver, q = version_at(raw, p + n)
+  return { live = sub(raw, 1, 1) == '+', owner = sub(raw, p, p + n - 1), version = ver,
+    at = sub(raw, q) }
+end
+
+local function claim_text(live, owner, ver)
+  if live then return '+' .. L(#owner) .. owner .. ver end
+  return '-' .. L(#owner) .. owner .. ver .. now
+end
+
+local TRANSIENT = { OOM = true, READONLY = true, MASTERDOWN = true, BUSY = true, LOADING = true,
+  CLUSTERDOWN = true, TRYAGAIN = true, NOREPLICAS = true, MISCONF = true, NOPERM = true }
+
+local function message(err)
+  if type(err) == 'table' then return err.err or err.message or 'error' end
+  return tostring(err)
+end
+
+local function transient(msg)
+  msg = string.gsub(string.gsub(msg, '^[^ ]*: %d+: ', '', 1), '%s+$', '')
+  msg = string.gsub(msg, '^%-', '', 1)
+  local code = string.match(msg, '^(%u+)')
+  if code and TRANSIENT[code] then return msg end
+  return nil
+end
+
+-- The views' markers in this slot, then their write counters (the call's first write).
+local k = tonumber(ARGV[3])
+local a = 4
+for i = 1, k do
+  local got = call('HMGET', CLAIMS, '#' .. ARGV[a], '#' .. ARGV[a] .. 'n')
+  if got[1] ~= ARGV[a + 1] then return { 'L', tostring(i) } end
+  local n = tonumber(got[2] or '0') or 0
+  if n < tonumber(ARGV[a + 2]) then return { 'L', tostring(i), 'back' } end
+  a = a + 3
+end
+local counters = {}
+for i = 1, k do
+  local ok, n = pcall(call, 'HINCRBY', CLAIMS, '#' .. ARGV[4 + 3 * (i - 1)] .. 'n', 1)
+  if not ok then
+    local msg = message(n)
+    return redis.error_reply(transient(msg) or msg)
+  end
+  counters[i] = n
+end
+
+local codes, details = {}, {}
+
+-- O: read owner records (KEYS[2] owner hash, KEYS[3] pending hash). Per change: item key,
+-- packed version v, m, then m parts the change will write. A change at or below the record's
+-- version is stale ('s': nothing noted). Else ('o') the parts that neither the record lists
+-- nor the pending list holds at v or above are noted there at v, before the change writes
+-- them: whoever reads this record later knows they may exist. Details: record, pending list.
+if op == 'O' then
+  local c = tonumber(ARGV[a])
+  local p = a + 1
+  for _ = 1, c do
+    local item, v, m = ARGV[p], ARGV[p + 1], tonumber(ARGV[p + 2])
+    local rec = call('HGET', KEYS[2], item)
+    local praw = call('HGET', KEYS[3], item)
+    local code = 'o'
+    if rec and not newer(v, (version_at(rec, 1))) then
+      code = 's'
+    elseif m > 0 then
+      local listed = {}
+      if rec then
+        local _, q = version_at(rec, 1)
+        listed = body_parts(sub(rec, q))
+      end
+      local pend = pending_of(praw)
+      local changed = false
+      for j = p + 3, p + 2 + m do
+        local part = ARGV[j]
+        if not listed[part] then
+          local found = false
+          for _, x in ipairs(pend) do
+            if x[2] == part then
+              found = true
+              if newer(v, x[1]) then x[1] = v; changed = true end
+            end
+          end
+          if not found then pend[#pend + 1] = { v, part }; changed = true end
+        end
+      end
+      if changed then
+        praw = pending_text(pend)
+        call('HSET', KEYS[3], item, praw)
+      end
+    end
+    codes[#codes + 1] = code
+    details[#details + 1] = rec or false
+    details[#details + 1] = praw or false
+    p = p + 3 + m
+  end
+  return { table.concat(codes), counters, unpack(details) }
+end
+
+-- E: entries of this slot. Per entry: kind, owner, packed version t, type (V H S Z), key's
+-- index in KEYS, field or member, value or score, ttl or ''. Kinds:
+--   w  write at t: stale ('0') when the claim is this owner's at a version above t; over
+--      another owner's live claim it writes and answers 'c' with that owner (a view bug)
+--   r  retract at t: when the claim is this owner's live one below t, the entry is removed;
+--      the claim becomes this owner's tombstone at t (unless it is this owner's at t or above,
+--      or another owner's live one: '0'), which stops any write of this owner below t
+--   s  the same with "at t or below" (a stale or losing change removing what it wrote)
+-- A key of another type than the entry's: a write fails ('x', with the type); a retraction
+-- leaves the key alone (replaced outside viewkeeper: the entry is gone already).
+local want = { V = 'string', H = 'hash', S = 'set', Z = 'zset' }
+if op == 'E' then
+  local c = tonumber(ARGV[a])
+  local p = a + 1
+  for _ = 1, c do
+    local kind, owner, t, ty, ki, x, y, ttl =
+      ARGV[p], ARGV[p + 1], ARGV[p + 2], ARGV[p + 3], tonumber(ARGV[p + 4]), ARGV[p + 5], ARGV[p + 6], ARGV[p + 7]
+    p = p + 8
+    local key = KEYS[ki]
+    local id = ty == 'V' and ('V' .. key) or (ty .. L(#key) .. key .. x)
+    local cl = claim_of(call('HGET', CLAIMS, id))
+    local mine = cl and cl.owner == owner
+    local code, detail = '1', false
+    if kind == 'w' then
+      if mine and newer(cl.version, t) then
+        code = '0'
+      else
+        local have = call('TYPE', key)['ok']
+        if have ~= 'none' and have ~= want[ty] then
+          code, detail = 'x', have
+        else
+          local ok, err = pcall(function()
+            if ty == 'V' then
+              if ttl ~= '' then call('SET', key, y, 'EX', ttl) else call('SET', key, y) end
+            elseif ty == 'H' then call('HSET', key, x, y)
+            elseif ty == 'S' then call('SADD', key, x)
+            else call('ZADD', key, y, x) end
+          end)
+          if not ok then
+            local msg = message(err)
+            if transient(msg) then return redis.error_reply(transient(msg)) end
+            code, detail = 'x', msg
+          else
+            if cl and cl.live and not mine then code, detail = 'c', cl.owner end
+            if not (mine and cl.live and cl.version == t) then
+              call('HSET', CLAIMS, id, claim_text(true, owner, t))
+            end
+          end
+        end
+      end
+    else
+      local at_or_below = kind == 's'
+      if cl and cl.live and not mine then
+        code = '0'
+      elseif mine and (newer(cl.version, t) or (cl.version == t and (not at_or_below or not cl.live))) then
+        code = '0'
+      else
+        if mine and cl.live and call('TYPE', key)['ok'] == want[ty] then
+          if ty == 'V' then call('DEL', key)
+          elseif ty == 'H' then call('HDEL', key, x)
+          elseif ty == 'S' then call('SREM', key, x)
+          else call('ZREM', key, x) end
+        end
+        call('HSET', CLAIMS, id, claim_text(false, owner, t))
+      end
+    end
+    codes[#codes + 1] = code
+    details[#details + 1] = detail
+  end
+  return { table.concat(codes), counters, unpack(details) }
+end
+
+-- Forget pending parts of one item: those in `handled` noted below t (a retraction at t
+-- stops their writers), and those in `listed` noted at or below t (the record lists them now).
+local function forget(pkey, item, t, handled, listed)
+  local praw = call('HGET', pkey, item)
+  if not praw then return end
+  local keep = {}
+  for _, x in ipairs(pending_of(praw)) do
+    local drop = (handled[x[2]] and newer(t, x[1])) or (listed[x[2]] and not newer(x[1], t))
+    if not drop then keep[#keep + 1] = x end
+  end
+  if #keep == 0 then call('HDEL', pkey, item)
+  elseif #keep ~= #pending_of(praw) then call('HSET', pkey, item, pending_text(keep)) end
+end
+
+-- F: write owner records (KEYS[2] owner hash, KEYS[3] pending hash). Per change: item key,
+-- the version read at step O ('' for none), packed version v, the record's body, h, then h
+-- pending parts the change retracted at v. Written ('1') only when the record still has the
+-- version read: every entry the record replaced was retracted first. The same record there
+-- already: '1' (a resent call). A record at v or above: 's' (the change lost; details: the
+-- record). A record moved meanwhile below v: 'm' (details: record, pending list), the caller
+-- retracts what that record adds and tries again.
+if op == 'F' then
+  local c = tonumber(ARGV[a])
+  local p = a + 1
+  for _ = 1, c do
+    local item, w, v, body, h = ARGV[p], ARGV[p + 1], ARGV[p + 2], ARGV[p + 3], tonumber(ARGV[p + 4])
+    local handled = {}
+    for j = p + 5, p + 4 + h do handled[ARGV[j]] = true end
+    p = p + 5 + h
+    local rec = call('HGET', KEYS[2], item)
+    local cur = rec and (version_at(rec, 1)) or ''
+    local code, d1, d2 = '1', false, false
+    if cur == w and newer(v, cur) then
+      call('HSET', KEYS[2], item, v .. body)
+      forget(KEYS[3], item, v, handled, body_parts(body))
+    elseif cur == v and sub(rec, #v + 1) == body then
+      code = '1'
+    elseif cur ~= '' and not newer(v, cur) then
+      code, d1 = 's', rec
+    else
+      code, d1, d2 = 'm', rec or false, call('HGET', KEYS[3], item) or false
+    end
+    codes[#codes + 1] = code
+    details[#details + 1] = d1
+    details[#details + 1] = d2
+  end
+  return { table.concat(codes), counters, unpack(details) }
+end
+
+-- P: forget pending parts (KEYS[3] pending hash) a stale or losing change retracted: per
+-- item: item key, t, h, then h parts (forgotten when noted below t).
+if op == 'P' then
+  local c = tonumber(ARGV[a])
+  local p = a + 1
+  for _ = 1, c do
+    local item, t, h = ARGV[p], ARGV[p + 1], tonumber(ARGV[p + 2])
+    local handled = {}
+    for j = p + 3, p + 2 + h do handled[ARGV[j]] = true end
+    p = p + 3 + h
+    forget(KEYS[3], item, t, handled, {})
+    codes[#codes + 1] = '1'
+  end
+  return { table.concat(codes), counters }
+end
+
+-- K: forget entry tombstones written before ARGV[a] (epoch seconds): the identities after it,
+-- each re-read here (a claim written since is kept).
+if op == 'K' then
+  local cutoff = tonumber(ARGV[a])
+  for j = a + 1, #ARGV do
+    local raw = call('HGET', CLAIMS, ARGV[j])
+    local cl = claim_of(raw)
+    if cl and not cl.live and tonumber(cl.at) and tonumber(cl.at) < cutoff then
+      call('HDEL', CLAIMS, ARGV[j])
+      codes[#codes + 1] = '1'
+    else
+      codes[#codes + 1] = '0'
+    end
+  end
+  return { table.concat(codes), counters }
+end
+
+return redis.error_reply('ERR viewkeeper cluster script: unknown step ' .. tostring(op))

@@ -1,0 +1,262 @@
+"""The connection: the cluster client, the sink's state, and the one way calls are sent.
+
+Owns ``__init__``, the key names (README.md, "Key layout"), :meth:`_Connection._run`: many
+calls of ``cluster_slot.lua``, each in one slot, sent at once (grouped by node, every node
+written before any is read: redis-py's cluster pipeline), the ones that failed for the
+cluster's state (a failover, a migrating slot: MOVED, ASK, TRYAGAIN, CLUSTERDOWN, a lost
+connection) sent again until ``retry_seconds``, and the script loaded again where a node does
+not have it (a promoted replica, a new node); the view ids (``vk:views``) and the bucket
+count (``vk:meta``), as the standalone sink keeps them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from importlib import resources
+from typing import Any, TypeVar
+
+import redis
+from redis.cluster import RedisCluster
+from redis.crc import key_slot
+from redis.exceptions import NoScriptError, RedisClusterException
+
+from viewkeeper.projection.api import View
+from viewkeeper.sinks.base import SinkError, SinkUnavailable
+from viewkeeper.sinks.redis.connection import _is_transient, with_retry
+from viewkeeper.sinks.redis.packing import _b, _text, tag_for_slot
+
+log = logging.getLogger("viewkeeper.sinks.redis_cluster")
+T = TypeVar("T")
+SLOTS = 16384
+
+Call = tuple[list[bytes], list[bytes]]  # one script call: its keys (one slot), its arguments
+
+
+def _load(name: str) -> bytes:
+    return resources.files("viewkeeper.sinks.redis_cluster").joinpath(name).read_bytes()
+
+
+def _load_views_script() -> bytes:
+    return resources.files("viewkeeper.sinks.redis").joinpath("redis_views.lua").read_bytes()
+
+
+class _Connection:
+    """The sink's state and its calls' plumbing; the layers above it add the rest."""
+
+    def __init__(
+        self,
+        name: str,
+        client: RedisCluster | None = None,
+        *,
+        url: str | None = None,
+        key_prefix: str = "vk:",
+        entry_prefix: str = "",
+        owner_buckets: int = 1024,
+        tombstone_retention: float = 48 * 3600,
+        clock: Callable[[], float] = time.time,
+        retry_seconds: float = 5.0,
+        batch_size: int = 500,
+    ) -> None:
+        if client is None:
+            if url is None:
+                raise ValueError(f"redis sink {name!r}: give a client or a url")
+            client = RedisCluster.from_url(url, socket_connect_timeout=2.0, socket_timeout=10.0)
+            self._owns_client = True
+        else:
+            self._owns_client = False
+        kw = client.nodes_manager.connection_kwargs
+        if kw.get("decode_responses"):
+            raise ValueError(
+                f"redis sink {name!r}: the client must use decode_responses=False; "
+                "owner records are binary"
+            )
+        if not 1 <= owner_buckets <= SLOTS or not key_prefix or "{" in key_prefix:
+            raise ValueError(
+                f"redis sink {name!r}: owner_buckets must be 1 to {SLOTS} on a cluster and "
+                f"key_prefix non-empty without braces (got {owner_buckets}, {key_prefix!r})"
+            )
+        self.name = name
+        first = client.nodes_manager.startup_nodes
+        self.where = (
+            "cluster " + ",".join(sorted(first)[:3]) if first else "cluster <no startup node>"
+        )
+        self.key_prefix = key_prefix
+        self.entry_prefix = entry_prefix
+        self._entry_prefix = _b(entry_prefix)
+        self.owner_buckets = owner_buckets
+        self.tombstone_retention = tombstone_retention
+        self.retry_seconds = retry_seconds
+        self.batch_size = batch_size
+        self._client: Any = client  # bytes replies; redis-py's annotations assume str
+        self._clock = clock
+        self._secret = str(kw.get("password") or "")
+        self._prefix = _b(key_prefix)
+        self._src = _load("cluster_slot.lua")
+        self._sha = hashlib.sha1(self._src).hexdigest().encode()
+        self._views_script = client.register_script(_load_views_script())
+        self._registry = self._prefix + b"views"
+        self._view_ids: dict[str, bytes] = {}
+        self._view_names: dict[bytes, str] = {}
+        self._markers: dict[str, bytes] = {}  # view -> the marker every slot must hold
+        # (view, slot) -> the highest write counter seen there under that marker
+        self._seen: dict[tuple[str, int], int] = {}
+        self._seen_lock = threading.Lock()
+        self._ready = False
+
+    # -- keys (README.md, "Key layout") ------------------------------------------------------
+    def _tagged(self, slot: int) -> bytes:
+        return self._prefix + b"{" + tag_for_slot(slot) + b"}:"
+
+    def _claims_key(self, slot: int) -> bytes:
+        """The slot's bookkeeping: entry claims and each view's marker and write counter."""
+        return self._tagged(slot) + b"c"
+
+    def _bucket_slot(self, bucket: int) -> int:
+        return bucket * SLOTS // self.owner_buckets  # buckets spread evenly over the slots
+
+    def _bucket(self, item: bytes) -> int:
+        return zlib.crc32(item) % self.owner_buckets
+
+    def _owner_keys(self, view: View | str, bucket: int) -> tuple[bytes, bytes, bytes]:
+        """(claims, owner records, pending lists) of a bucket of the view: one slot."""
+        vid = self._view_id(view if isinstance(view, str) else view.name)
+        head = self._tagged(self._bucket_slot(bucket))
+        return head + b"c", head + b"o:" + vid, head + b"p:" + vid
+
+    def _claim_key(self, view: View | str) -> bytes:
+        name = view if isinstance(view, str) else view.name
+        return self._prefix + b"{" + _b(name).replace(b"}", b"") + b"}:ns"
+
+    @staticmethod
+    def _slot(key: bytes) -> int:
+        return int(key_slot(key))
+
+    # -- calls -------------------------------------------------------------------------------
+    def _scrub(self, text: str) -> str:
+        return text.replace(self._secret, "***") if self._secret else text
+
+    def _with_retry(self, fn: Callable[[], T]) -> T:
+        return with_retry(
+            fn, self.retry_seconds, f"redis sink {self.name!r} at {self.where}", self._scrub
+        )
+
+    def _run(self, calls: Sequence[Call]) -> list[Any]:
+        """Run every call of ``cluster_slot.lua`` (each one slot), all at once; the replies, in
+        order. A call that failed for the cluster's state is sent again (every step is
+        idempotent: README.md, "The protocol") until ``retry_seconds``, then SinkUnavailable;
+        any other error raises SinkError."""
+        replies: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        deadline = time.monotonic() + self.retry_seconds
+        wait = 0.02
+        last: BaseException | None = None
+        while todo:
+            load = False
+            try:
+                pipe = self._client.pipeline(transaction=False)
+                for i in todo:
+                    keys, args = calls[i]
+                    pipe.execute_command("EVALSHA", self._sha, len(keys), *keys, *args)
+                results = pipe.execute(raise_on_error=False)
+            except Exception as exc:  # the whole pipeline: a node down, the cluster down
+                if not _is_transient(exc) and not isinstance(exc, redis.RedisError):
+                    raise
+                results = [exc] * len(todo)
+            again = []
+            for i, res in zip(todo, results, strict=True):
+                if isinstance(res, NoScriptError):
+                    load = True
+                    again.append(i)
+                elif isinstance(res, BaseException):
+                    if not _is_transient(res) and not isinstance(res, RedisClusterException):
+                        raise SinkError(
+                            f"redis sink {self.name!r} ({self.where}): a script call failed: "
+                            f"{type(res).__name__}: {self._scrub(str(res))}"
+                        )
+                    last = res
+                    again.append(i)
+                else:
+                    replies[i] = res
+            todo = again
+            if load:
+                self._with_retry(lambda: self._client.script_load(self._src))
+            if todo and not load:
+                if time.monotonic() > deadline:
+                    raise SinkUnavailable(
+                        f"redis sink {self.name!r} at {self.where} is unavailable after "
+                        f"retrying for {self.retry_seconds:g}s: {type(last).__name__}: "
+                        f"{self._scrub(str(last))}"
+                    )
+                time.sleep(wait)
+                wait = min(wait * 2, 0.5)
+        return replies
+
+    # -- view ids and the bucket count ------------------------------------------------------
+    def _view_id(self, name: str) -> bytes:
+        vid = self._view_ids.get(name)
+        if vid is None:
+            vid = bytes(
+                self._with_retry(lambda: self._views_script(keys=[self._registry], args=[name]))
+            )
+            self._view_ids[name], self._view_names[vid] = vid, name
+        return vid
+
+    def _view_name(self, vid: bytes) -> str:
+        if vid not in self._view_names:
+            raw = self._with_retry(lambda: self._client.hget(self._registry, b"#" + vid))
+            self._view_names[vid] = _text(raw) if raw else f"#{_text(vid)}"
+        return self._view_names[vid]
+
+    def _ensure_ready(self) -> None:
+        if self._ready:
+            return
+        self._refuse_standalone()
+        meta = self._prefix + b"meta"
+
+        def check() -> Any:
+            self._client.script_load(self._src)
+            self._client.hsetnx(meta, "owner_buckets", self.owner_buckets)
+            return self._client.hget(meta, "owner_buckets")
+
+        stored = self._with_retry(check)
+        if int(stored) != self.owner_buckets:
+            raise SinkError(
+                f"redis sink {self.name!r} ({self.where}): owner_buckets is {self.owner_buckets} "
+                f"but the data under {self.key_prefix!r} was written with {int(stored)}; set "
+                f"owner_buckets: {int(stored)} (changing it needs an empty prefix and a rebuild)"
+            )
+        self._ready = True
+
+    def _refuse_standalone(self) -> None:
+        """SinkError when the server is not in cluster mode (``cluster: true`` set on a
+        standalone Redis)."""
+
+        def info() -> Any:
+            node = self._client.get_default_node()
+            return self._client.info("cluster", target_nodes=node)
+
+        try:
+            enabled = self._with_retry(info).get("cluster_enabled")
+        except redis.ResponseError:
+            return  # INFO refused (an ACL): the cluster client's own discovery decides
+        if not enabled:
+            raise SinkError(
+                f"redis sink {self.name!r} ({self.where}) is not a Redis Cluster "
+                "(cluster_enabled:0): remove `cluster: true` from this connection"
+            )
+
+    def masters(self) -> list[Any]:
+        """The cluster's primaries, as the client knows them now."""
+        return list(self._client.get_primaries())
+
+    def _unexpected(self, reply: Any) -> SinkError:
+        return SinkError(
+            f"redis sink {self.name!r} ({self.where}): the cluster script answered "
+            f"{self._scrub(repr(reply))[:200]}, which this client does not know; nothing is "
+            "reported applied"
+        )
