@@ -13,6 +13,7 @@ from typing import Any
 import fakeredis
 import pytest
 import redis
+from redis.cluster import RedisCluster
 
 from tests.helpers import view_for
 from viewkeeper import HashField, SetMember, SortedSetMember, Value, redis_view
@@ -31,6 +32,7 @@ from viewkeeper.sinks.base import (
 )
 from viewkeeper.sinks.encoding import redis_value
 from viewkeeper.sinks.redis import RedisSink, pack_version
+from viewkeeper.sinks.redis_cluster import RedisClusterSink
 
 SEQ = 10**20  # 21 digits, like DynamoDB's
 
@@ -74,17 +76,25 @@ def entries(*items: Entry) -> list[Entry]:
     return list(items)
 
 
-@pytest.fixture(params=["redis", "fakeredis"])
-def client(request: pytest.FixtureRequest) -> redis.Redis:
+@pytest.fixture(params=["redis", "fakeredis", "cluster"])
+def client(request: pytest.FixtureRequest) -> Any:
+    """The real redis-server, fakeredis, or the real Redis Cluster (the cluster sink)."""
     if request.param == "redis":
         real: redis.Redis = request.getfixturevalue("redis_client")
         return real
+    if request.param == "cluster":
+        return request.getfixturevalue("redis_cluster_client")
     return fakeredis.FakeRedis(server=fakeredis.FakeServer())
 
 
+# What only the standalone sink has (its script's arguments, its claim buckets, its connection
+# handling): tests/test_sink_redis_cluster.py has the cluster's own.
+standalone_only = pytest.mark.parametrize("client", ["redis", "fakeredis"], indirect=True)
+
+
 @pytest.fixture
-def sink(client: redis.Redis) -> Iterator[RedisSink]:
-    s = RedisSink("cache", client, retry_seconds=2)
+def sink(client: Any) -> Iterator[Any]:
+    s = any_sink(client)
     s.prepare([CARD, COPY, SHORT])
     yield s
     s.close()
@@ -95,6 +105,20 @@ def real_sink(redis_client: redis.Redis) -> RedisSink:
     s = RedisSink("cache", redis_client, retry_seconds=2)
     s.prepare([CARD, COPY, SHORT])
     return s
+
+
+def any_sink(client: Any, **options: Any) -> Any:
+    """The sink for ``client``: the cluster sink on a cluster client, else the standalone one."""
+    if isinstance(client, RedisCluster):
+        return RedisClusterSink("cache", client, retry_seconds=2, **options)
+    return RedisSink("cache", client, retry_seconds=2, **options)
+
+
+def live_claims(sink: Any, client: Any) -> int:
+    """How many entry claims the sink holds (a cluster keeps retracted ones as tombstones)."""
+    if isinstance(sink, RedisClusterSink):
+        return sum(c.live for c in sink.iter_claims())
+    return sum(client.hlen(k) for k in client.scan_iter(b"vk:c:*"))
 
 
 def outcomes(results: list[Result]) -> list[str]:
@@ -124,7 +148,7 @@ def test_each_entry_type_is_written_updated_and_deleted(sink: RedisSink, client:
     assert outcomes(sink.apply([change(CARD, "o1", SEQ + 3, None)])) == ["applied"]
     assert data_keys(client) == []
     assert sink.owned_entries(CARD, "o1") == []  # a tombstone
-    assert not any(k.startswith(b"vk:c:") for k in client.scan_iter())  # claims released
+    assert live_claims(sink, client) == 0  # claims released
 
 
 def test_moved_keys_retract_old_entries_in_the_same_apply(sink: RedisSink, client: Any) -> None:
@@ -344,6 +368,7 @@ def test_a_huge_ttl_that_reaches_the_sink_writes_nothing_and_leaves_no_orphan(
     assert "ttl" in str(results[0].error) and str(TOO_LONG) in str(results[0].error)
 
 
+@standalone_only
 @pytest.mark.parametrize(
     ("at", "bad"),
     [
@@ -406,9 +431,10 @@ def test_a_retracted_entry_whose_key_changed_type_outside_is_left_alone(
     assert not client.exists("k0") and client.get("v:i") == b"2"
     assert client.get("k") == b"foreign string" and client.hgetall("k2") == {b"f": b"foreign hash"}
     assert sink.owned_entries(CARD, "i") == [("V", "v:i", "")]
-    assert sum(client.hlen(k) for k in client.scan_iter(b"vk:c:*")) == 1  # claims released
+    assert live_claims(sink, client) == 1  # claims released
 
 
+@standalone_only
 def test_claims_are_read_before_the_first_write(sink: RedisSink, client: Any) -> None:
     """A claim bucket that is not a hash (bookkeeping damaged outside viewkeeper) fails the
     change before its first write, not after its first entries were written."""
@@ -534,7 +560,7 @@ def test_hostile_contents_are_stored_verbatim(sink: RedisSink, client: Any, item
         "applied"
     ]
     assert data_keys(client) == [b"other"]
-    assert sum(client.hlen(k) for k in client.scan_iter(b"vk:c:*")) == 1  # claims released
+    assert live_claims(sink, client) == 1  # claims released
 
 
 def test_many_changes_keep_their_order_across_slices(sink: RedisSink, client: Any) -> None:
@@ -570,7 +596,7 @@ def test_sweep_retracts_older_generations_and_leaves_newer_ones(
 
 def test_purge_removes_old_tombstones_only(client: Any) -> None:
     now = [1_000_000.0]
-    sink = RedisSink("cache", client, clock=lambda: now[0], tombstone_retention=3600)
+    sink = any_sink(client, clock=lambda: now[0], tombstone_retention=3600)
     sink.apply(
         [
             change(CARD, "old", 1, order("old")),
@@ -696,6 +722,7 @@ def test_value_bytes_are_the_documented_encoding(real_sink: RedisSink, redis_cli
     assert redis_client.get("k") == redis_value(value) == b'{"n":1,"s":["a","b"]}'
 
 
+@standalone_only
 def test_buckets_past_listpack_size_are_read_completely(client: Any) -> None:
     sink = RedisSink("small", client, key_prefix="vk2:", owner_buckets=2)
     sink.apply([change(CARD, f"o{i}", 1, order(f"o{i}")) for i in range(300)])
@@ -708,6 +735,7 @@ def test_buckets_past_listpack_size_are_read_completely(client: Any) -> None:
     assert sorted(client.scan_iter()) == [b"vk2:meta", b"vk2:views"]
 
 
+@standalone_only
 def test_a_connection_lost_mid_batch_resends_what_got_no_reply(
     sink: RedisSink, client: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -730,6 +758,7 @@ def test_a_connection_lost_mid_batch_resends_what_got_no_reply(
     assert client.zcard("customer:c1:orders") == 400
 
 
+@standalone_only
 def test_a_redis_error_inside_one_change_fails_that_change_alone(
     sink: RedisSink, client: Any
 ) -> None:
@@ -888,6 +917,7 @@ def test_oom_holds_the_batch_and_no_change_is_half_applied(script: str) -> None:
         client.close()
 
 
+@standalone_only
 def test_a_server_that_cannot_compile_the_shebang_gets_the_script_without_it(
     client: Any,
 ) -> None:
@@ -1022,6 +1052,7 @@ def test_an_evicting_maxmemory_policy_is_warned_about(
         sink.close()
 
 
+@standalone_only
 def test_a_claim_whose_write_counter_goes_back_is_lost_and_two_writers_never_look_so(
     client: Any,
 ) -> None:
@@ -1059,6 +1090,7 @@ def test_a_claim_whose_write_counter_goes_back_is_lost_and_two_writers_never_loo
         s.close()
 
 
+@standalone_only
 def test_a_claim_key_overwritten_with_another_type_is_a_lost_claim(client: Any) -> None:
     owner = Owner("arn:t", "coord", "dep")
     sink = RedisSink("cache", client, retry_seconds=1)

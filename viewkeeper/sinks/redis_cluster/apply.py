@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from viewkeeper.sinks.base import APPLIED, STALE, Change, Collision, Outcome, Result
+from viewkeeper.sinks.encoding import EncodeError
 from viewkeeper.sinks.redis.packing import (
+    _KIND,
     _L,
     _b,
     _describe,
@@ -32,6 +34,10 @@ from viewkeeper.sinks.redis_cluster.connection import Call
 
 _PER_CALL = 400  # entries (or records) per script call; a slot's share of a batch is smaller
 _WANT = {"V": "string", "H": "hash", "S": "set", "Z": "zset"}
+
+
+def _where(change: Change) -> str:
+    return f"view {change.view.name}, item {change.item_key!r}: "
 
 
 def _version_end(raw: bytes, p: int = 0) -> int:
@@ -121,11 +127,18 @@ class _Apply(_Claims):
         results: list[Result | None] = [None] * len(changes)
         works: list[_Work] = []
         stamp = b"%d" % int(now)
+        seen: set[tuple[bytes, bytes]] = set()
         for i, change in enumerate(changes):
             try:
-                works.append(self._work(i, change, stamp))
-            except _Reject as exc:
-                results[i] = Result(Outcome.ERROR, error=str(exc))
+                w = self._work(i, change, stamp)
+            except (_Reject, EncodeError, TypeError, ValueError) as exc:
+                results[i] = Result(Outcome.ERROR, error=_where(change) + str(exc))
+                continue
+            if (w.owner, w.version) in seen:  # a duplicate in the batch: stale, as a replay
+                results[i] = STALE
+                continue
+            seen.add((w.owner, w.version))
+            works.append(w)
         self._step_o(works, stamp)
         active = [w for w in works if w.result is None]
         while active:
@@ -141,14 +154,25 @@ class _Apply(_Claims):
         item = _b(change.item_key)
         vid = self._view_id(view.name)
         writes: dict[bytes, tuple[str, bytes, bytes, bytes, bytes]] = {}
+        types: dict[bytes, str] = {}
         for entry in change.entries:
             t, key, _ident, a, b = _entry_args(entry, self._entry_prefix)
             ty = t.decode()
+            if key.startswith(self._prefix):
+                raise _Reject(
+                    f"entry key {_text(key)!r} is inside viewkeeper's bookkeeping prefix "
+                    f"{self.key_prefix!r}; use another key in the view"
+                )
             if ty in "vhz":
                 raise _Reject(
-                    f"view {view.name}: {type(entry).__name__} {_text(key)!r}: counters are "
-                    "not supported on a Redis Cluster connection yet; give the view a "
+                    f"{type(entry).__name__} at key {_text(key)!r}: counters are not "
+                    "supported on a Redis Cluster connection yet; give the view a "
                     "standalone redis connection"
+                )
+            if _WANT[types.setdefault(key, ty)] != _WANT[ty]:
+                raise _Reject(
+                    f"the view yields both a {_KIND[types[key]]} and a {_KIND[ty]} at key "
+                    f"{_text(key)!r}; a key has one type"
                 )
             if ty == "V":
                 x, y, ttl = b"", a, b
@@ -189,6 +213,13 @@ class _Apply(_Claims):
                 members.append(part)
         replies = self._send(calls, members)
         for reply, part in zip(replies, members, strict=True):
+            if isinstance(reply, BaseException):
+                for w in part:
+                    w.result = Result(
+                        Outcome.ERROR,
+                        error=_where(w.change) + f"Redis rejected the change: {reply}",
+                    )
+                continue
             codes = reply[0]
             for j, w in enumerate(part):
                 rec, praw = reply[2 + 2 * j], reply[3 + 2 * j]
@@ -241,25 +272,39 @@ class _Apply(_Claims):
 
     # -- step E ------------------------------------------------------------------------------
     def _step_e(self, works: list[_Work], stamp: bytes) -> None:
-        per_slot: dict[int, list[tuple[_Work, int]]] = {}
+        per_slot: dict[int, list[tuple[_Work, list[int]]]] = {}
         for w in works:
+            mine: dict[int, list[int]] = {}
             for j, op in enumerate(w.ops):
-                per_slot.setdefault(self._slot(op[3]), []).append((w, j))
+                mine.setdefault(self._slot(op[3]), []).append(j)
+            for slot, js in mine.items():
+                per_slot.setdefault(slot, []).append((w, js))
         calls: list[Call] = []
         members: list[list[tuple[_Work, int]]] = []
-        for slot, ops in per_slot.items():
-            for j in range(0, len(ops), _PER_CALL):
-                part = ops[j : j + _PER_CALL]
+        for slot, groups in per_slot.items():
+            chunks: list[list[tuple[_Work, list[int]]]] = [[]]
+            size = 0
+            for group in groups:  # a change's entries in a slot stay in one call
+                if size and size + len(group[1]) > _PER_CALL:
+                    chunks.append([])
+                    size = 0
+                chunks[-1].append(group)
+                size += len(group[1])
+            for chunk in chunks:
                 keys = [self._claims_key(slot)]
                 index: dict[bytes, int] = {}
-                args = [b"%d" % len(part)]
-                for w, k in part:
-                    kind, owner, t, key, x, y, ttl, at = w.ops[k]
-                    if key not in index:
-                        keys.append(key)
-                        index[key] = len(keys)
-                    args += [kind, owner, at, t.encode(), b"%d" % index[key], x, y, ttl]
-                views = sorted({w.change.view.name for w, _ in part})
+                args = [b"%d" % len(chunk)]
+                part: list[tuple[_Work, int]] = []
+                for w, js in chunk:
+                    args.append(b"%d" % len(js))
+                    for k in js:
+                        kind, owner, t, key, x, y, ttl, at = w.ops[k]
+                        if key not in index:
+                            keys.append(key)
+                            index[key] = len(keys)
+                        args += [kind, owner, at, t.encode(), b"%d" % index[key], x, y, ttl]
+                        part.append((w, k))
+                views = sorted({w.change.view.name for w, _ in chunk})
                 calls.append((keys, [b"E", stamp, *self._checks(views, slot), *args]))
                 members.append(part)
         slots = [self._slot(c[0][0]) for c in calls]
@@ -267,25 +312,33 @@ class _Apply(_Claims):
         replies = self._run(calls)
         self._refused(replies, checked, slots)
         for reply, part in zip(replies, members, strict=True):
+            if isinstance(reply, BaseException):  # the call failed whole: its changes too
+                for w, _ in part:
+                    w.error = _where(w.change) + f"Redis rejected the change: {reply}"
+                    w.then = "X"
+                continue
             codes = reply[0]
             for j, (w, k) in enumerate(part):
                 code, detail = codes[j : j + 1], reply[2 + j]
                 _, _, t, key, x, _, _, _ = w.ops[k]
-                if code == b"x":
+                if code == b"x" and not detail:  # another entry of its group failed
+                    w.then = "X"
+                elif code == b"x":
+                    view, item = w.change.view.name, w.change.item_key
                     w.error = (
-                        f"{_describe(t, key, x)}: the key holds a {_text(detail)}, not a {_WANT[t]}"
-                        if detail in (b"string", b"hash", b"set", b"zset", b"list", b"stream")
-                        else f"{_describe(t, key, x)}: {_text(detail)}"
+                        f"key {_text(key)!r} holds a {_text(detail[6:])}, view {view} writes a "
+                        f"{_KIND[t]} there (item {item!r}); delete or rename that key, or "
+                        "change the view so that each Redis key keeps one type"
+                        if detail.startswith(b"type: ")
+                        else _where(w.change) + f"Redis rejected the change: {_text(detail)}"
                     )
                     w.then = "X"
                 elif code == b"c":
                     vid, _, other = bytes(detail).partition(b":")
                     name = self._view_name(vid)
-                    who = (
-                        _text(other)
-                        if name == w.change.view.name
-                        else f"{_text(other)} of view {name}"
-                    )
+                    who = _text(other)
+                    if name != w.change.view.name:
+                        who += f" (view {name})"
                     w.collisions.append(Collision(_describe(t, key, x), who))
         for w in works:
             w.ops = []
@@ -325,6 +378,12 @@ class _Apply(_Claims):
                 members.append((step, part))
         replies = self._send(calls, [m for _, m in members])
         for reply, (step, part) in zip(replies, members, strict=True):
+            if isinstance(reply, BaseException):
+                for w in part:  # F: entries written, no record: undone at the next round
+                    w.error = _where(w.change) + f"Redis rejected the change: {reply}"
+                    w.then = "X" if step == "F" else ""
+                    w.result = None if step == "F" else STALE
+                continue
             codes = reply[0]
             for j, w in enumerate(part):
                 code = codes[j : j + 1]
@@ -360,13 +419,15 @@ class _Apply(_Claims):
         return list(keys), [step, stamp, *self._checks(views, slot), *args]
 
     def _send(self, calls: list[Call], members: list[list[_Work]]) -> list[Any]:
+        """Run the O, F or P calls; a call that failed whole (bookkeeping damaged outside
+        viewkeeper) ends its changes as errors, having noted or written nothing in that slot."""
         if not calls:
             return []
         slots = [m[0].slot for m in members]
         checked = [self._checked(sorted({w.change.view.name for w in m})) for m in members]
         replies = self._run(calls)
         for reply in replies:
-            if not isinstance(reply, list) or not reply:
+            if not isinstance(reply, BaseException) and (not isinstance(reply, list) or not reply):
                 raise self._unexpected(reply)
         self._refused(replies, checked, slots)
         return replies

@@ -122,6 +122,8 @@ class _Claims(_Connection):
             self._lose(lost)
         with self._seen_lock:
             for reply, views, slot in zip(replies, checked, slots, strict=True):
+                if isinstance(reply, BaseException):
+                    continue
                 counters = reply[1]
                 if not isinstance(counters, list) or len(counters) != len(views):
                     raise self._unexpected(reply)

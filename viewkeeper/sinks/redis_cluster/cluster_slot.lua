@@ -138,7 +138,12 @@ end
 local k = tonumber(ARGV[3])
 local a = 4
 for i = 1, k do
-  local got = call('HMGET', CLAIMS, '#' .. ARGV[a], '#' .. ARGV[a] .. 'n')
+  local ok, got = pcall(call, 'HMGET', CLAIMS, '#' .. ARGV[a], '#' .. ARGV[a] .. 'n')
+  if not ok then -- not a hash (overwritten outside viewkeeper): the slot lost its bookkeeping
+    local refused = transient(message(got))
+    if refused then return redis.error_reply(refused) end
+    return { 'L', tostring(i) }
+  end
   if got[1] ~= ARGV[a + 1] then return { 'L', tostring(i) } end
   local n = tonumber(got[2] or '0') or 0
   if n < tonumber(ARGV[a + 2]) then return { 'L', tostring(i), 'back' } end
@@ -205,42 +210,76 @@ if op == 'O' then
   return { table.concat(codes), counters, unpack(details) }
 end
 
--- E: entries of this slot. Per entry: kind, owner, packed version t, type (V H S Z), key's
--- index in KEYS, field or member, value or score, ttl or ''. Kinds:
+-- E: entries of this slot, in groups (one per change): g, then per group n and n entries.
+-- Per entry: kind, owner, packed version t, type (V H S Z), key's index in KEYS, field or
+-- member, value or score, ttl or ''. Kinds:
 --   w  write at t: stale ('0') when the claim is this owner's at a version above t; over
 --      another owner's live claim it writes and answers 'c' with that owner (a view bug)
 --   r  retract at t: when the claim is this owner's live one below t, the entry is removed;
 --      the claim becomes this owner's tombstone at t (unless it is this owner's at t or above,
 --      or another owner's live one: '0'), which stops any write of this owner below t
 --   s  the same with "at t or below" (a stale or losing change removing what it wrote)
--- A key of another type than the entry's: a write fails ('x', with the type); a retraction
--- leaves the key alone (replaced outside viewkeeper: the entry is gone already).
+-- A group is checked before its first write: a key of another type than an entry written
+-- there fails the whole group ('x', detail 'type: <type>'; nothing of it written in this
+-- slot), unless the group's retractions empty that key. A retraction whose key holds another
+-- type leaves the key alone (replaced outside viewkeeper: the entry is gone already).
 local want = { V = 'string', H = 'hash', S = 'set', Z = 'zset' }
+local card = { set = 'SCARD', zset = 'ZCARD', hash = 'HLEN' }
+local function ident(ty, key, x)
+  if ty == 'V' then return 'V' .. key end
+  return ty .. L(#key) .. key .. x
+end
 if op == 'E' then
-  local c = tonumber(ARGV[a])
+  local g = tonumber(ARGV[a])
   local p = a + 1
-  for _ = 1, c do
-    local kind, owner, t, ty, ki, x, y, ttl =
-      ARGV[p], ARGV[p + 1], ARGV[p + 2], ARGV[p + 3], tonumber(ARGV[p + 4]), ARGV[p + 5], ARGV[p + 6], ARGV[p + 7]
-    p = p + 8
-    local key = KEYS[ki]
-    local id = ty == 'V' and ('V' .. key) or (ty .. L(#key) .. key .. x)
-    local cl = claim_of(call('HGET', CLAIMS, id))
-    local mine = cl and cl.owner == owner
-    local code, detail = '1', false
-    if kind == 'w' then
-      if mine and newer(cl.version, t) then
-        code = '0'
-      else
-        local have = call('TYPE', key)['ok']
-        if have ~= 'none' and have ~= want[ty] then
-          code, detail = 'x', have
+  for _ = 1, g do
+    local n = tonumber(ARGV[p])
+    p = p + 1
+    local ops = {}
+    for j = 1, n do
+      local q = p + 8 * (j - 1)
+      local key = KEYS[tonumber(ARGV[q + 4])]
+      local o = { kind = ARGV[q], owner = ARGV[q + 1], t = ARGV[q + 2], ty = ARGV[q + 3],
+        key = key, x = ARGV[q + 5], y = ARGV[q + 6], ttl = ARGV[q + 7] }
+      o.id = ident(o.ty, key, o.x)
+      o.cl = claim_of(call('HGET', CLAIMS, o.id))
+      o.mine = o.cl and o.cl.owner == o.owner
+      ops[j] = o
+    end
+    p = p + 8 * n
+    -- the group's check: every key written holds its type, or nothing, or vanishes here
+    local bad
+    for j, o in ipairs(ops) do
+      if o.kind == 'w' and not (o.mine and newer(o.cl.version, o.t)) then
+        local have = call('TYPE', o.key)['ok']
+        if have ~= 'none' and have ~= want[o.ty] then
+          local removed = 0
+          for _, r in ipairs(ops) do
+            if r.kind ~= 'w' and r.key == o.key and r.mine and r.cl.live and want[r.ty] == have then
+              removed = removed + 1
+            end
+          end
+          local size = have == 'string' and 1 or (card[have] and call(card[have], o.key) or -1)
+          if removed < size then bad = { j, have }; break end
+        end
+      end
+    end
+    for j, o in ipairs(ops) do
+      local code, detail = '1', false
+      if bad then
+        code = 'x'
+        if j == bad[1] then detail = 'type: ' .. bad[2] end
+      elseif o.kind == 'w' then
+        local cl, mine = o.cl, o.mine
+        if mine and newer(cl.version, o.t) then
+          code = '0'
         else
+          local key, x, y = o.key, o.x, o.y
           local ok, err = pcall(function()
-            if ty == 'V' then
-              if ttl ~= '' then call('SET', key, y, 'EX', ttl) else call('SET', key, y) end
-            elseif ty == 'H' then call('HSET', key, x, y)
-            elseif ty == 'S' then call('SADD', key, x)
+            if o.ty == 'V' then
+              if o.ttl ~= '' then call('SET', key, y, 'EX', o.ttl) else call('SET', key, y) end
+            elseif o.ty == 'H' then call('HSET', key, x, y)
+            elseif o.ty == 'S' then call('SADD', key, x)
             else call('ZADD', key, y, x) end
           end)
           if not ok then
@@ -249,30 +288,32 @@ if op == 'E' then
             code, detail = 'x', msg
           else
             if cl and cl.live and not mine then code, detail = 'c', cl.owner end
-            if not (mine and cl.live and cl.version == t) then
-              call('HSET', CLAIMS, id, claim_text(true, owner, t))
+            if not (mine and cl.live and cl.version == o.t) then
+              call('HSET', CLAIMS, o.id, claim_text(true, o.owner, o.t))
             end
           end
         end
-      end
-    else
-      local at_or_below = kind == 's'
-      if cl and cl.live and not mine then
-        code = '0'
-      elseif mine and (newer(cl.version, t) or (cl.version == t and (not at_or_below or not cl.live))) then
-        code = '0'
       else
-        if mine and cl.live and call('TYPE', key)['ok'] == want[ty] then
-          if ty == 'V' then call('DEL', key)
-          elseif ty == 'H' then call('HDEL', key, x)
-          elseif ty == 'S' then call('SREM', key, x)
-          else call('ZREM', key, x) end
+        local cl, mine = claim_of(call('HGET', CLAIMS, o.id)), nil
+        mine = cl and cl.owner == o.owner
+        if cl and cl.live and not mine then
+          code = '0'
+        elseif mine and (newer(cl.version, o.t) or (cl.version == o.t and (o.kind ~= 's' or not cl.live))) then
+          code = '0'
+        else
+          local key, x = o.key, o.x
+          if mine and cl.live and call('TYPE', key)['ok'] == want[o.ty] then
+            if o.ty == 'V' then call('DEL', key)
+            elseif o.ty == 'H' then call('HDEL', key, x)
+            elseif o.ty == 'S' then call('SREM', key, x)
+            else call('ZREM', key, x) end
+          end
+          call('HSET', CLAIMS, o.id, claim_text(false, o.owner, o.t))
         end
-        call('HSET', CLAIMS, id, claim_text(false, owner, t))
       end
+      codes[#codes + 1] = code
+      details[#details + 1] = detail
     end
-    codes[#codes + 1] = code
-    details[#details + 1] = detail
   end
   return { table.concat(codes), counters, unpack(details) }
 end

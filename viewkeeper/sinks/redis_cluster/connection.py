@@ -149,7 +149,8 @@ class _Connection:
         """Run every call of ``cluster_slot.lua`` (each one slot), all at once; the replies, in
         order. A call that failed for the cluster's state is sent again (every step is
         idempotent: README.md, "The protocol") until ``retry_seconds``, then SinkUnavailable;
-        any other error raises SinkError."""
+        a call that failed for itself (a key of viewkeeper's overwritten outside) answers its
+        error, which its caller turns into its changes' errors."""
         replies: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
         deadline = time.monotonic() + self.retry_seconds
@@ -174,10 +175,8 @@ class _Connection:
                     again.append(i)
                 elif isinstance(res, BaseException):
                     if not _is_transient(res) and not isinstance(res, RedisClusterException):
-                        raise SinkError(
-                            f"redis sink {self.name!r} ({self.where}): a script call failed: "
-                            f"{type(res).__name__}: {self._scrub(str(res))}"
-                        )
+                        replies[i] = res  # the call's own failure: its caller decides
+                        continue
                     last = res
                     again.append(i)
                 else:

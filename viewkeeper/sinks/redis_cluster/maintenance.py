@@ -132,7 +132,7 @@ class _Maintenance(_Apply):
 
     def purge_tombstones(self, view: View | str, older_than: float | None = None) -> int:
         """Forget owner and entry tombstones written before ``older_than`` (default: now -
-        retention), each re-checked where it is."""
+        retention), each re-checked where it is; returns how many owner tombstones."""
         cutoff = int(self._clock() - self.tombstone_retention if older_than is None else older_than)
         name = view if isinstance(view, str) else view.name
         purge = self._client.register_script(_load_purge())
@@ -154,8 +154,12 @@ class _Maintenance(_Apply):
             ([self._claims_key(slot)], [b"K", b"0", b"0", b"%d" % cutoff, *ids])
             for slot, ids in per_slot.items()
         ]
-        for reply in self._run(calls):
-            purged += reply[0].count(b"1")
+        forgotten = sum(
+            r[0].count(b"1") for r in self._run(calls) if not isinstance(r, BaseException)
+        )
+        log.debug(
+            "redis sink %s: view %s: %d entry tombstones forgotten", self.name, name, forgotten
+        )
         return purged
 
     def wipe(self, view: View) -> int:
