@@ -6,10 +6,13 @@ hosts, TLS settings and credentials (a Redis URL's password is moved out of the 
 from __future__ import annotations
 
 import re
+from typing import cast
 from urllib.parse import parse_qs, urlsplit
 
 from viewkeeper.config.messages import _did_you_mean, _kind, _show, _show_url
 from viewkeeper.config.model import (
+    CLUSTER_OWNER_BUCKETS,
+    CLUSTER_SLOTS,
     AwsConfig,
     BasicAuth,
     OpenSearchConnection,
@@ -56,6 +59,8 @@ def _redis(s: _Section) -> RedisConnection:
             "put it in the URL's user part or use password_env, password_file "
             "or password_credential",
         )
+    query_db = ",".join(parse_qs(parts.query).get("db", []))
+    cluster = _cluster_flag(s, raw, parts.scheme, query_db or db)
     url, url_password = _split_password(raw)
     password = s.secret()
     if url_password is not None:
@@ -84,13 +89,21 @@ def _redis(s: _Section) -> RedisConnection:
             "sets only one of ssl_cert_file and ssl_key_file",
             "a client certificate needs both",
         )
+    key_prefix = s.text("key_prefix", "vk:", example='"vk:"', allow_empty=True)
+    if cluster and "{" in key_prefix:
+        raise s.ctx.error(
+            (*s.path, "key_prefix"),
+            f"{_show(key_prefix)} holds '{{', but cluster is true: the cluster sink puts a "
+            "hash tag in each bookkeeping key itself",
+            'use a prefix without braces, like key_prefix: "vk:"',
+        )
     return RedisConnection(
         name=str(s.path[-1]),
         url=url,
         password=password,
-        key_prefix=s.text("key_prefix", "vk:", example='"vk:"', allow_empty=True),
+        key_prefix=key_prefix,
         entry_prefix=s.text("entry_prefix", "", example='"app1:"', allow_empty=True),
-        owner_buckets=s.integer("owner_buckets", 4096, 1, 1 << 20),
+        owner_buckets=_owner_buckets(s, cluster),
         ssl_ca_file=s.file("ssl_ca_file", "CA file"),
         ssl_cert_reqs=cert_reqs,
         ssl_check_hostname=s.flag("ssl_check_hostname", True) and cert_reqs != "none",
@@ -99,7 +112,61 @@ def _redis(s: _Section) -> RedisConnection:
         socket_timeout=s.seconds("socket_timeout", 10.0, positive=True),
         connect_timeout=s.seconds("connect_timeout", 5.0, positive=True),
         health_check_interval=s.integer("health_check_interval", 30, 0, 3600),
+        cluster=cluster,
     )
+
+
+def _owner_buckets(s: _Section, cluster: bool) -> int:
+    """``owner_buckets``: 1 to 2^20 (standalone), 1 to 16384 with ``cluster: true`` (the
+    cluster sink spreads the buckets over the hash slots)."""
+    if not cluster:
+        return cast(int, s.integer("owner_buckets", 4096, 1, 1 << 20))
+    value = cast(int, s.integer("owner_buckets", CLUSTER_OWNER_BUCKETS, 1, 1 << 20))
+    if value > CLUSTER_SLOTS:
+        raise s.ctx.error(
+            (*s.path, "owner_buckets"),
+            f"{value} is out of range with cluster: true (a cluster has {CLUSTER_SLOTS} hash "
+            "slots)",
+            f"use a whole number between 1 and {CLUSTER_SLOTS}, like owner_buckets: "
+            f"{CLUSTER_OWNER_BUCKETS}",
+        )
+    return value
+
+
+def _cluster_flag(s: _Section, raw: str, scheme: str, db: str) -> bool:
+    """``cluster``: true or false (a YAML boolean, not a string or a number); a cluster URL
+    is TCP (``redis://``/``rediss://``) and names database 0 or none (a cluster has no
+    other)."""
+    path = (*s.path, "cluster")
+    value = s.data.get("cluster")
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise s.ctx.error(
+            path,
+            f"{_show(value)} is {_kind(value)}, not true or false",
+            "write cluster: true for a Redis Cluster (ElastiCache with cluster mode enabled, "
+            "ElastiCache Serverless, MemoryDB) or leave it out (false) for a standalone Redis",
+        )
+    if not value:
+        return False
+    url_path = (*s.path, "url")
+    if scheme == "unix":
+        raise s.ctx.error(
+            url_path,
+            f"{_show_url(raw)} is a unix socket, but cluster is true: a Redis Cluster is "
+            "reached over TCP",
+            "use redis://host:port or rediss://host:port (any node of the cluster), or "
+            "remove cluster: true",
+        )
+    if db and not (db.isdigit() and int(db) == 0):
+        raise s.ctx.error(
+            url_path,
+            f"{_show_url(raw)} names database {db}, but cluster is true: a Redis Cluster "
+            "has database 0 only",
+            "end the URL with /0 (or no path), or remove cluster: true for a standalone Redis",
+        )
+    return True
 
 
 def _opensearch(s: _Section, aws: AwsConfig) -> OpenSearchConnection:

@@ -15,6 +15,8 @@ from typing import Any, Literal
 from viewkeeper.ops.logs import register_secret
 
 __all__ = [
+    "CLUSTER_OWNER_BUCKETS",
+    "CLUSTER_SLOTS",
     "AwsConfig",
     "BasicAuth",
     "CertReqs",
@@ -104,14 +106,25 @@ class TableConfig:
     starting_position: StartingPosition = "LATEST"
 
 
+# owner_buckets of a ``cluster: true`` connection that leaves it out (the field's default is
+# a standalone Redis's): the cluster sink's own default (sinks/redis_cluster/)
+CLUSTER_OWNER_BUCKETS = 1024
+CLUSTER_SLOTS = 16384  # a Redis Cluster's hash slots: the most owner_buckets it can take
+
+
 @dataclass(frozen=True)
 class RedisConnection:
     """One named Redis (``redis: {cache: ...}``).
 
     ``url`` never holds the password: one written in the URL is moved to ``password``.
-    ``owner_buckets`` spreads the owner records of a view over that many hashes.
+    ``owner_buckets`` spreads the owner records of a view over that many hashes
+    (:data:`CLUSTER_OWNER_BUCKETS` by default with ``cluster: true``, at most
+    :data:`CLUSTER_SLOTS` there).
     ``key_prefix`` starts viewkeeper's bookkeeping keys; ``entry_prefix`` is put before every
     key the views write (several deployments or tenants on one database; the demo).
+    ``cluster``: the URL is one node of a Redis Cluster (ElastiCache with cluster mode
+    enabled, ElastiCache Serverless, MemoryDB), served by the cluster sink; database 0 only,
+    and a ``key_prefix`` without ``{`` (the sink adds the hash tags).
     """
 
     name: str
@@ -128,6 +141,7 @@ class RedisConnection:
     socket_timeout: float = 10.0
     connect_timeout: float = 5.0
     health_check_interval: int = 30
+    cluster: bool = False
 
     @property
     def tls(self) -> bool:
