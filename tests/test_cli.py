@@ -444,7 +444,7 @@ def test_check_prints_one_line_per_connection_with_where_it_is(
     res = vk("check", "-c", str(config))
     assert res.returncode == 0, res.stdout + res.stderr
     host_port = redis_url.split("//")[1].split("/")[0]
-    assert f"  redis cache: ok ({host_port})" in res.stdout.splitlines(), res.stdout
+    assert f"  redis cache: ok ({host_port}, standalone)" in res.stdout.splitlines(), res.stdout
 
 
 # ==== TLS to Redis: a certificate that does not verify is reported at once ==================

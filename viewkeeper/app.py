@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
@@ -34,34 +35,61 @@ from viewkeeper.sinks.base import Owner, Sink, SinkUnavailable
 from viewkeeper.stream.client import StreamClient
 from viewkeeper.stream.http import HttpStreamClient
 
-__all__ = ["App", "opensearch_client_for", "redis_client_for"]
+__all__ = ["App", "opensearch_client_for", "redis_client_for", "redis_cluster_client_for"]
 
 log = logging.getLogger("viewkeeper.app")
 
 
-def redis_client_for(conn: RedisConnection, **overrides: Any) -> Any:
-    """The client of one ``redis:`` connection of the config (see sinks/connect.py)."""
-    from viewkeeper.sinks.connect import RedisTls, redis_client
+def _redis_options(conn: RedisConnection) -> dict[str, Any]:
+    """What a ``redis:`` connection gives its client, standalone or cluster."""
+    from viewkeeper.sinks.connect import RedisTls
 
-    options: dict[str, Any] = {
+    tls = RedisTls(
+        conn.ssl_cert_reqs,
+        conn.ssl_check_hostname,
+        conn.ssl_ca_file,
+        conn.ssl_cert_file,
+        conn.ssl_key_file,
+    )
+    return {
+        "password": conn.password.reveal() if conn.password is not None else None,
+        "tls": tls if conn.tls else None,
         "socket_timeout": conn.socket_timeout,
         "connect_timeout": conn.connect_timeout,
         "health_check_interval": conn.health_check_interval,
     }
-    return redis_client(
-        conn.url,
-        password=conn.password.reveal() if conn.password is not None else None,
-        tls=RedisTls(
-            conn.ssl_cert_reqs,
-            conn.ssl_check_hostname,
-            conn.ssl_ca_file,
-            conn.ssl_cert_file,
-            conn.ssl_key_file,
-        )
-        if conn.tls
-        else None,
-        **(options | overrides),
-    )
+
+
+def redis_client_for(conn: RedisConnection, **overrides: Any) -> Any:
+    """The client of one ``redis:`` connection of the config (see sinks/connect.py): a
+    client of the one server its URL names, also for a ``cluster: true`` connection (a
+    probe of that node); :func:`redis_cluster_client_for` gives the cluster's client."""
+    from viewkeeper.sinks.connect import redis_client
+
+    return redis_client(conn.url, **(_redis_options(conn) | overrides))
+
+
+def redis_cluster_client_for(conn: RedisConnection, **overrides: Any) -> Any:
+    """The cluster client (``redis.cluster.RedisCluster``) of one ``redis:`` connection with
+    ``cluster: true`` (see sinks/connect.py). It connects as it is built: a server that is
+    not in cluster mode is a ``NotACluster`` (a SinkError) naming the connection and the
+    fix; one that cannot be reached now is a ``SinkUnavailable`` naming the connection."""
+    from viewkeeper.sinks.base import SinkUnavailable
+    from viewkeeper.sinks.connect import NotACluster, describe_target, redis_cluster_client
+
+    try:
+        return redis_cluster_client(conn.url, **(_redis_options(conn) | overrides))
+    except NotACluster as exc:
+        answered = f" (CLUSTER SLOTS answered: {exc.reply})" if exc.reply else ""
+        raise NotACluster(
+            f"redis sink {conn.name!r} ({describe_target(conn.url)}) has cluster: true, but "
+            f"the server is not in cluster mode{answered}; remove cluster: true from "
+            f"redis.{conn.name} to use it as a standalone Redis (or point the URL at a node "
+            "of a Redis Cluster)",
+            exc.reply,
+        ) from exc
+    except SinkUnavailable as exc:
+        raise SinkUnavailable(f"redis sink {conn.name!r}: {exc}") from exc
 
 
 def opensearch_client_for(conn: OpenSearchConnection, aws: AwsConfig, **overrides: Any) -> Any:
@@ -159,22 +187,32 @@ class App:
             self._sinks = self._build_sinks()
         return self._sinks
 
-    def build_sink(self, kind: str, name: str) -> Sink:
+    def build_sink(self, kind: str, name: str, *, client: Any = None) -> Sink:
         """One connection's sink, built (not yet prepared) from the config: the daemon builds
-        them all, `check` builds each on its own so one failure does not hide the others."""
+        them all, `check` builds each on its own so one failure does not hide the others.
+        A ``redis:`` connection with ``cluster: true`` gets the cluster sink; ``client``: the
+        Redis client to give it (default: one built from the config, without redis-py's
+        retries: the sinks retry)."""
         retention = self.config.tombstones.retention_hours * 3600
         if kind == "redis":
+            rconf = self.config.redis[name]
+            options: dict[str, Any] = {
+                "key_prefix": rconf.key_prefix,
+                "entry_prefix": rconf.entry_prefix,
+                "owner_buckets": rconf.owner_buckets,
+                "tombstone_retention": retention,
+            }
+            if rconf.cluster:
+                if client is None:  # first: it refuses a server that is not a cluster
+                    client = self.redis_cluster_client(name)
+                from viewkeeper.sinks.redis_cluster import RedisClusterSink
+
+                return RedisClusterSink(name, client, **options)
             from viewkeeper.sinks.redis import RedisSink
 
-            rconf = self.config.redis[name]
-            return RedisSink(
-                name,
-                redis_client_for(rconf, retries=False),
-                key_prefix=rconf.key_prefix,
-                entry_prefix=rconf.entry_prefix,
-                owner_buckets=rconf.owner_buckets,
-                tombstone_retention=retention,
-            )
+            if client is None:
+                client = redis_client_for(rconf, retries=False)
+            return RedisSink(name, client, **options)
         from viewkeeper.sinks.opensearch import OpenSearchSink
 
         oconf = self.config.opensearch[name]
@@ -184,6 +222,24 @@ class App:
             index_prefix=oconf.index_prefix,
             tombstone_retention=retention,
         )
+
+    def redis_cluster_client(self, name: str) -> Any:
+        """The cluster client of ``redis.<name>`` (``cluster: true``), without redis-py's
+        retries. It connects as it is built (sinks/connect.py): the daemon
+        (``wait_for_sinks``) waits for a cluster that cannot be reached, as it waits for any
+        sink at start (nothing is leased before every view's namespace is claimed); batch
+        use fails at once with the reason."""
+        rconf = self.config.redis[name]
+        delay = 1.0
+        while True:
+            try:
+                return redis_cluster_client_for(rconf, retries=False)
+            except SinkUnavailable as exc:
+                if not self.wait_for_sinks:
+                    raise
+                log.error("%s; waiting for it", exc)
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
 
     def _build_sinks(self) -> dict[SinkKey, Sink]:
         sinks: dict[SinkKey, Sink] = {

@@ -187,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--redis-url", help="use this Redis instead of fakeredis")
     p.add_argument(
+        "--redis-cluster",
+        action="store_true",
+        help="--redis-url is a node of a Redis Cluster: use the cluster sink (as cluster: true "
+        "does in a config)",
+    )
+    p.add_argument(
         "--opensearch-url", help="also keep an OpenSearch index (e.g. http://127.0.0.1:9200)"
     )
     p.add_argument(

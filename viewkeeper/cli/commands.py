@@ -158,21 +158,39 @@ def _failure_line(exc: BaseException) -> str:
 def _check_connection(app: Any, kind: str, name: str) -> tuple[str, list[str]]:
     """Build one connection's sink on its own, reach it, prepare its views and read their
     claims (another deployment's namespace fails the check, NamespaceOwned); return where it
-    is and a line per view. (App.sinks builds every sink at once: the first failure would
-    stop it.)"""
+    is (for Redis, and in which mode it was reached: ``standalone`` or ``cluster, N
+    masters``) and a line per view. (App.sinks builds every sink at once: the first failure
+    would stop it.)
+
+    A Redis in cluster mode without ``cluster: true`` is refused by the standalone sink's
+    ping, and ``cluster: true`` on a standalone Redis by the cluster client (it asks for the
+    cluster's slots as it is built); each says which way to set ``cluster``."""
     from viewkeeper.runtime.namespaces import NamespaceOwned, Namespaces
-    from viewkeeper.sinks.connect import describe_target
+    from viewkeeper.sinks.connect import cluster_masters, describe_target
 
     views = [v for v in app.registry if (v.kind, v.connection) == (kind, name)]
+    client: Any = None
     if kind == "redis":
         rconf = app.config.redis[name]
         where = describe_target(rconf.url)
         probe_redis_tls(name, rconf)
+        if rconf.cluster:
+            client = app.redis_cluster_client(name)
     else:
         where = ", ".join(describe_target(h) for h in app.config.opensearch[name].hosts)
-    sink = app.build_sink(kind, name)
+    try:
+        sink = app.build_sink(kind, name, client=client)
+    except BaseException:
+        if client is not None:
+            client.close()
+        raise
     try:
         sink.ping()
+        if kind == "redis":
+            # the standalone sink's ping refuses a server in cluster mode
+            cluster = client is not None
+            mode = f"cluster, {cluster_masters(client)} masters" if cluster else "standalone"
+            where = f"{where}, {mode}"
         sink.prepare(views)
         spaces = Namespaces(
             app.registry,
@@ -182,10 +200,12 @@ def _check_connection(app: Any, kind: str, name: str) -> tuple[str, list[str]]:
         )
         claims = [(view.name, *spaces.inspect(view, sink)) for view in views]
     finally:
-        try:
-            sink.close()
-        except Exception as exc:  # closing is best effort
-            log.debug("closing %s %s: %s", kind, name, exc)
+        for closing in (sink, client):
+            try:
+                if closing is not None:
+                    closing.close()
+            except Exception as exc:  # closing is best effort
+                log.debug("closing %s %s: %s", kind, name, exc)
     refused = [text for _, ok, text in claims if not ok]
     if refused:
         raise NamespaceOwned("; ".join(refused))
@@ -245,4 +265,5 @@ def cmd_demo(args: argparse.Namespace) -> int:
         opensearch_url=args.opensearch_url,
         pace=args.pace,
         keep=args.keep,
+        redis_cluster=args.redis_cluster,
     )

@@ -1,7 +1,8 @@
 """`viewkeeper demo`: the product in one minute, with nothing but Python installed.
 
 A local DynamoDB with a stream (moto's server, in this process, on loopback), fakeredis
-unless ``--redis-url`` is given, OpenSearch only with ``--opensearch-url``. It creates an
+unless ``--redis-url`` is given (a Redis Cluster with ``--redis-cluster``: any of its nodes'
+URLs), OpenSearch only with ``--opensearch-url``. It creates an
 ``orders`` table, runs the daemon on the example views in ``views/orders.py``, then writes,
 changes and deletes orders and prints, after each step, what changed in the views — then
 replays the whole stream to show that nothing changes twice.
@@ -133,10 +134,20 @@ def run_demo(
     pace: float = 0.6,
     out: Any = None,
     keep: bool = False,
+    redis_cluster: bool = False,
 ) -> int:
     """Run the demo (see the module doc); 0 when it ran, 2 when views/orders.py is not
-    importable from the current directory."""
+    importable from the current directory or ``redis_cluster`` is asked for without a
+    ``redis_url`` (the embedded fakeredis is a standalone Redis)."""
     import logging
+
+    if redis_cluster and not redis_url:
+        print(
+            "viewkeeper demo: --redis-cluster needs --redis-url (a node of your Redis "
+            "Cluster, like redis://127.0.0.1:7000/0): the demo's embedded Redis is standalone",
+            file=sys.stderr,
+        )
+        return 2
 
     from moto.server import ThreadedMotoServer
 
@@ -154,7 +165,9 @@ def run_demo(
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     moto.start()
     try:
-        demo = _Demo(f"http://127.0.0.1:{port}", redis_url, opensearch_url, pace, registry)
+        demo = _Demo(
+            f"http://127.0.0.1:{port}", redis_url, opensearch_url, pace, registry, redis_cluster
+        )
         demo.run(keep)
         return 0
     finally:
@@ -193,11 +206,13 @@ class _Demo:
         opensearch_url: str | None,
         pace: float,
         registry: ViewRegistry,
+        redis_cluster: bool = False,
     ) -> None:
         import boto3
 
         self.endpoint = endpoint
         self.redis_url = redis_url
+        self.redis_cluster = redis_cluster
         self.opensearch_url = opensearch_url
         self.pace = pace
         self.registry = registry
@@ -208,7 +223,7 @@ class _Demo:
     def run(self, keep: bool) -> None:
         print(
             f"{BOLD}viewkeeper demo{RESET}: DynamoDB (moto) on {self.endpoint}; Redis: "
-            f"{self.redis_url or 'fakeredis (in-process)'}; OpenSearch: "
+            f"{self._redis_shown()}; OpenSearch: "
             f"{self.opensearch_url or 'off (give --opensearch-url)'}"
         )
         print(f"views from views/orders.py: {', '.join(v.name for v in self.registry)}")
@@ -235,6 +250,7 @@ class _Demo:
             print(f"\nkept the demo's keys ('{REDIS_PREFIX}...') and indexes")
         else:
             _remove_demo_names(self.rclient, self.opensearch_url)
+        self.rclient.close()
         print(
             f"\n{BOLD}Done.{RESET} The views are plain functions in views/orders.py; try "
             "`viewkeeper --help`."
@@ -250,7 +266,20 @@ class _Demo:
             StreamSpecification={"StreamEnabled": True, "StreamViewType": "NEW_AND_OLD_IMAGES"},
         )
 
+    def _redis_shown(self) -> str:
+        """The Redis the demo writes to, for its first line (never a password)."""
+        if not self.redis_url:
+            return "fakeredis (in-process)"
+        from viewkeeper.sinks.connect import describe_target
+
+        where = describe_target(self.redis_url)
+        return f"Redis Cluster at {where}" if self.redis_cluster else where
+
     def _redis(self) -> Any:
+        if self.redis_url and self.redis_cluster:
+            from viewkeeper.sinks.connect import redis_cluster_client
+
+            return redis_cluster_client(self.redis_url)
         if self.redis_url:
             from viewkeeper.sinks.connect import redis_client
 
@@ -261,10 +290,9 @@ class _Demo:
 
     def _app(self) -> App:
         """The daemon's assembly on the demo's config; the Redis sink is the demo's own
-        client (fakeredis unless a Redis was given)."""
+        client (fakeredis unless a Redis was given; the cluster sink on a Redis Cluster)."""
         from viewkeeper.app import App
         from viewkeeper.config import parse_config
-        from viewkeeper.sinks.redis import RedisSink
 
         raw: dict[str, Any] = {
             "aws": {"region": "us-east-1", "endpoint_url": self.endpoint},
@@ -275,6 +303,7 @@ class _Demo:
                     "url": self.redis_url or "redis://127.0.0.1:6379/0",
                     "entry_prefix": REDIS_PREFIX,
                     "key_prefix": REDIS_PREFIX + "vk:",
+                    "cluster": self.redis_cluster,
                 }
             },
             "coordination": {"table": "viewkeeper-coordination"},
@@ -286,16 +315,17 @@ class _Demo:
                 "search": {"hosts": [self.opensearch_url], "index_prefix": INDEX_PREFIX}
             }
         config = parse_config(raw, "demo")
-        redis_sink = RedisSink(
-            "cache", self.rclient, entry_prefix=REDIS_PREFIX, key_prefix=REDIS_PREFIX + "vk:"
-        )
-        redis_sink.prepare([v for v in self.registry if v.kind == "redis"])
-        sinks: dict[Any, Any] = {("redis", "cache"): redis_sink}
-        app = App(config, registry=self.registry, sinks=None if self.opensearch_url else sinks)
+        # the sinks as the daemon builds them (the cluster sink with cluster: true), the
+        # Redis one on the demo's own client
+        builder = App(config, registry=self.registry, sinks={})
+        sinks: dict[Any, Any] = {
+            ("redis", "cache"): builder.build_sink("redis", "cache", client=self.rclient)
+        }
         if self.opensearch_url:
-            built = app.sinks  # builds the OpenSearch sink from the config
-            built[("redis", "cache")] = redis_sink
-        return app
+            sinks[("opensearch", "search")] = builder.build_sink("opensearch", "search")
+        for (kind, _), sink in sinks.items():
+            sink.prepare([v for v in self.registry if v.kind == kind])
+        return App(config, registry=self.registry, sinks=sinks)
 
     # -- the story -----------------------------------------------------------------------
     def _say(self, title: str) -> None:
