@@ -1,5 +1,5 @@
-"""I1 + I2 for the Redis sink: any delivery of any history converges to the projection of the
-items' final states, on the real redis-server."""
+"""I1 + I2 for the Redis sinks: any delivery of any history converges to the projection of the
+items' final states, on the real redis-server and the real Redis Cluster."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from redis.cluster import RedisCluster
 
 from viewkeeper import HashField, SetMember, SortedSetMember, Value, redis_view
 from viewkeeper.projection.api import view_of
@@ -19,6 +19,7 @@ from viewkeeper.projection.versions import Version
 from viewkeeper.sinks.base import Change, Outcome
 from viewkeeper.sinks.encoding import redis_value
 from viewkeeper.sinks.redis import RedisSink, pack_version
+from viewkeeper.sinks.redis_cluster import RedisClusterSink
 
 ITEMS = ("o-1", "o-2", "o-3", "o-4")
 
@@ -119,6 +120,26 @@ def actual_keys(client: Any) -> dict[bytes, Any]:
     return out
 
 
+@pytest.fixture(params=["redis", "cluster"])
+def server(request: pytest.FixtureRequest) -> Any:
+    """The real redis-server, or the real Redis Cluster."""
+    return request.getfixturevalue(
+        "redis_client" if request.param == "redis" else "redis_cluster_client"
+    )
+
+
+def sink_for(client: Any) -> Any:
+    if isinstance(client, RedisCluster):
+        return RedisClusterSink("cache", client)
+    return RedisSink("cache", client)
+
+
+def live_claims(sink: Any, client: Any) -> int:
+    if isinstance(sink, RedisClusterSink):
+        return sum(c.live for c in sink.iter_claims())
+    return sum(client.hlen(k) for k in client.scan_iter(b"vk:c:*"))
+
+
 @settings(
     max_examples=60,
     deadline=None,
@@ -126,22 +147,22 @@ def actual_keys(client: Any) -> dict[bytes, Any]:
 )
 @given(case=deliveries())
 def test_any_delivery_converges_to_the_projection_of_the_final_states(
-    redis_client: redis.Redis, case: tuple[dict[str, Any], list[list[Change]]]
+    server: Any, case: tuple[dict[str, Any], list[list[Change]]]
 ) -> None:
     final, batches = case
-    redis_client.flushall()
-    sink = RedisSink("cache", redis_client)
+    server.flushall()
+    sink = sink_for(server)
     for batch in batches:
         results = sink.apply(batch)
         assert all(r.outcome is not Outcome.ERROR and not r.collisions for r in results)
-    assert actual_keys(redis_client) == expected_keys(final)
+    assert actual_keys(server) == expected_keys(final)
     # the bookkeeping agrees: each item owns exactly its projection, claims hold nothing else
     owned = 0
     for item, state in final.items():
         want = [] if state is None else [e.ident for e in project(BOARD, state, item, ("id",))]
         assert sorted(sink.owned_entries(BOARD, item) or []) == sorted(want)
         owned += len(want)
-    assert sum(redis_client.hlen(k) for k in redis_client.scan_iter(b"vk:c:*")) == owned
+    assert live_claims(sink, server) == owned
 
 
 @given(

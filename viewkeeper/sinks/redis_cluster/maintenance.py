@@ -9,6 +9,7 @@ goes through the steps of apply.py or the script's K step, each re-checking what
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -265,11 +266,17 @@ class _Maintenance(_Apply):
                     yield _parse_record(item, raw)
 
     def iter_claims(self, view: View | str | None = None) -> Iterator[ClaimRecord]:
-        """Every entry claim (of ``view``, or all), slot by slot."""
+        """Every entry claim (of ``view``, or all), slot by slot (the slots' bookkeeping hashes
+        listed by a SCAN of every master)."""
         vid = None if view is None else self._view_id(view if isinstance(view, str) else view.name)
-        for first in range(0, SLOTS, 2048):
-            keys = [self._claims_key(s) for s in range(first, first + 2048)]
-            for _, fields in self._hash_all(keys):
+        pattern = re.sub(rb"([*?\[\]\\])", rb"\\\1", self._prefix) + b"{*}:c"
+
+        def listed() -> list[bytes]:  # SCAN filters on the server: one pass per master
+            return sorted(set(self._client.scan_iter(match=pattern, count=10000, _type="hash")))
+
+        keys = self._with_retry(listed)
+        for first in range(0, len(keys), 2048):
+            for _, fields in self._hash_all(keys[first : first + 2048]):
                 for ident, raw in fields.items():
                     if ident[:1] == b"#":
                         continue  # a view's marker or write counter
