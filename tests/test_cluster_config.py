@@ -592,6 +592,38 @@ def test_run_refuses_cluster_true_on_a_standalone_redis_in_one_line(
     assert "Traceback" not in res.stderr, res.stderr
 
 
+@pytest.mark.redis_cluster
+def test_run_with_cluster_true_writes_the_views_into_the_cluster(
+    tmp_path: Path,
+    view_table: Callable[..., str],  # noqa: F811
+    dynamodb: Any,
+    redis_cluster_url: str,
+    redis_cluster_client: RedisCluster,
+    dynamodb_url: str,
+) -> None:
+    """The assembly end to end: a config with cluster: true, `run --until-caught-up`, the
+    view's entries in the cluster (on every master: the keys hash to many slots)."""
+    table = view_table()
+    keys = [f"k{i}" for i in range(30)]
+    for pk in keys:
+        dynamodb.put_item(TableName=table, Item={"pk": {"S": pk}})
+    dynamodb.delete_item(TableName=table, Key={"pk": {"S": "k0"}})
+    config = write_config(
+        tmp_path,
+        dynamodb_url=dynamodb_url,
+        views=["cli_views"],
+        tables={table: {"starting_position": "TRIM_HORIZON"}},
+        redis={"cache": {"url": redis_cluster_url, "cluster": True}},
+    )
+    res = vk("run", "--until-caught-up", "-c", str(config), timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    for pk in keys[1:]:
+        assert redis_cluster_client.get(f"cli:{pk}") == b"1", pk
+    assert redis_cluster_client.get("cli:k0") is None  # the delete retracted it
+    masters = {redis_cluster_client.get_node_from_key(f"cli:{pk}").name for pk in keys[1:]}
+    assert len(masters) == 3
+
+
 # ==== viewkeeper demo --redis-cluster =======================================================
 
 
