@@ -646,6 +646,22 @@ def test_the_demo_refuses_redis_cluster_without_a_redis_url() -> None:
     assert "Traceback" not in res.stderr
 
 
+def test_the_demo_says_which_flag_to_change_for_the_redis_it_is_given(
+    redis_url: str, redis_cluster_url: str
+) -> None:
+    res = demo("--redis-url", redis_url, "--redis-cluster")
+    assert res.returncode == 2, res.stdout + res.stderr
+    host_port = redis_url.split("//")[1].split("/")[0]
+    line = f"viewkeeper demo: --redis-url {host_port} is not a Redis Cluster ("
+    assert line in res.stderr and "; drop --redis-cluster" in res.stderr, res.stderr
+    res = demo("--redis-url", redis_cluster_url)
+    assert res.returncode == 2, res.stdout + res.stderr
+    host_port = redis_cluster_url.split("//")[1].split("/")[0]
+    line = f"viewkeeper demo: --redis-url {host_port} is a Redis Cluster; add --redis-cluster"
+    assert line in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+
+
 @pytest.mark.redis_cluster
 def test_the_demo_runs_on_a_redis_cluster(
     redis_cluster_url: str, redis_cluster_client: RedisCluster

@@ -137,8 +137,9 @@ def run_demo(
     redis_cluster: bool = False,
 ) -> int:
     """Run the demo (see the module doc); 0 when it ran, 2 when views/orders.py is not
-    importable from the current directory or ``redis_cluster`` is asked for without a
-    ``redis_url`` (the embedded fakeredis is a standalone Redis)."""
+    importable from the current directory, or ``redis_cluster`` does not fit ``redis_url``
+    (asked for without one: the embedded fakeredis is a standalone Redis; a standalone Redis
+    with it, a cluster without it)."""
     import logging
 
     if redis_cluster and not redis_url:
@@ -170,8 +171,15 @@ def run_demo(
         )
         demo.run(keep)
         return 0
+    except _WrongRedis as exc:
+        print(f"viewkeeper demo: {exc}", file=sys.stderr)
+        return 2
     finally:
         moto.stop()
+
+
+class _WrongRedis(Exception):
+    """--redis-url is a cluster without --redis-cluster, or the other way round."""
 
 
 def _demo_views(with_opensearch: bool) -> ViewRegistry | None:
@@ -276,14 +284,33 @@ class _Demo:
         return f"Redis Cluster at {where}" if self.redis_cluster else where
 
     def _redis(self) -> Any:
+        """The demo's client; a Redis Cluster without ``--redis-cluster`` (or a standalone
+        Redis with it) is :class:`_WrongRedis`, saying which flag to change."""
+        from viewkeeper.sinks.connect import NotACluster, describe_target
+
+        where = describe_target(self.redis_url or "")
         if self.redis_url and self.redis_cluster:
             from viewkeeper.sinks.connect import redis_cluster_client
 
-            return redis_cluster_client(self.redis_url)
+            try:
+                return redis_cluster_client(self.redis_url)
+            except NotACluster as exc:
+                said = f" ({exc.reply})" if exc.reply else ""
+                raise _WrongRedis(
+                    f"--redis-url {where} is not a Redis Cluster{said}; drop --redis-cluster"
+                ) from None
         if self.redis_url:
             from viewkeeper.sinks.connect import redis_client
 
-            return redis_client(self.redis_url)
+            client = redis_client(self.redis_url)
+            try:
+                cluster = client.info("cluster").get("cluster_enabled")
+            except Exception:  # unreachable, or INFO refused: the demo's first write says
+                cluster = False
+            if cluster:
+                client.close()
+                raise _WrongRedis(f"--redis-url {where} is a Redis Cluster; add --redis-cluster")
+            return client
         import fakeredis
 
         return fakeredis.FakeRedis()
