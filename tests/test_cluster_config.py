@@ -572,6 +572,22 @@ def test_check_refuses_cluster_true_on_a_standalone_redis_with_the_fix(
     assert "coordination table" in res.stdout  # the other checks still ran
 
 
+def test_check_names_a_cluster_it_cannot_reach_and_goes_on(
+    tmp_path: Path,
+    view_table: Callable[..., str],  # noqa: F811
+    dynamodb_url: str,
+) -> None:
+    view_table()
+    port = free_port()
+    res = check(tmp_path, dynamodb_url, {"url": f"redis://127.0.0.1:{port}/0", "cluster": True})
+    assert res.returncode == 1, res.stdout + res.stderr
+    (line,) = [x for x in res.stdout.splitlines() if x.startswith("  redis cache: ")]
+    assert line.startswith("  redis cache: FAILED: redis sink 'cache': redis cluster at "), line
+    assert f"127.0.0.1:{port} cannot be reached" in line, line
+    assert "check that the service is running" in line, line
+    assert "Traceback" not in res.stdout + res.stderr
+
+
 def test_run_refuses_cluster_true_on_a_standalone_redis_in_one_line(
     tmp_path: Path,
     view_table: Callable[..., str],  # noqa: F811
