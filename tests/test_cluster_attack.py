@@ -351,7 +351,7 @@ def test_braced_keys_on_every_master_converge_after_a_crash_mid_e_and_a_newer_ch
     # each claim sits in its key's own slot
     for c in replay.iter_claims(VIEW):
         key = _place_of(c.identity)[1]
-        assert cluster.hexists(replay._claims_key(replay._slot(key)), c.identity)
+        assert cluster.hexists(replay._claims_key(replay._slot(key)), c.field)
 
 
 def test_key_changing_type_in_one_batch_and_replays_in_every_order(

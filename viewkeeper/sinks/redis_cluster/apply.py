@@ -255,7 +255,7 @@ class _Apply(_Claims):
         have written that the record does not list, and the pending parts; then P forgets
         them. STALE."""
         parts = set(mine) | {p for _, p in pending if p not in w.listed}
-        w.ops = [self._op(b"s", w, p, w.read) for p in sorted(parts)]
+        w.ops = [self._op(b"r", w, p, w.read) for p in sorted(parts)]
         w.then, w.forget_at, w.forget = ("P" if parts else ""), w.read, sorted(parts)
         if not parts:
             w.result = STALE
@@ -350,7 +350,7 @@ class _Apply(_Claims):
             if w.then == "X":  # an entry refused: the change is an error; undo what it added
                 w.result = Result(Outcome.ERROR, error=w.error)
                 mine = [p for p in w.writes if p not in w.listed]
-                w.ops = [self._op(b"s", w, p, w.version) for p in mine]
+                w.ops = [self._op(b"r", w, p, w.version) for p in mine]
                 w.then = "E"
             elif w.then in ("F", "P"):
                 groups.setdefault((w.then, w.keys[1]), []).append(w)

@@ -17,9 +17,10 @@
 -- replica promoted before it had every write): nothing written. Else { codes, counters,
 -- details... }: one code per item of the step, and the write counters after this call.
 --
--- Packed versions compare bytewise (README.md of the Redis sink, "Encodings"). A claim is
--- '+' (live) or '-' (a tombstone), L(#owner) owner, the packed version, and for a tombstone
--- the time it was written. owner = view id .. ':' .. item key.
+-- Packed versions compare bytewise (README.md of the Redis sink, "Encodings"). An entry's
+-- claim (field = its identity) is '+', L(#owner) owner and the packed version it was written
+-- at; an owner's retraction mark (field '-' L(#owner) owner identity) the packed version it
+-- was retracted at and the time. owner = view id .. ':' .. item key.
 
 local byte, char, sub = string.byte, string.char, string.sub
 local call = redis.call
@@ -105,17 +106,22 @@ local function pending_text(list)
   return table.concat(parts)
 end
 
+-- A live claim (field = identity): '+', L(#owner) owner, packed version.
 local function claim_of(raw)
   if not raw then return nil end
   local n, p = len_at(raw, 2)
-  local ver, q = version_at(raw, p + n)
-  return { live = sub(raw, 1, 1) == '+', owner = sub(raw, p, p + n - 1), version = ver,
-    at = sub(raw, q) }
+  return { owner = sub(raw, p, p + n - 1), version = (version_at(raw, p + n)) }
 end
 
-local function claim_text(live, owner, ver)
-  if live then return '+' .. L(#owner) .. owner .. ver end
-  return '-' .. L(#owner) .. owner .. ver .. now
+local function claim_text(owner, ver)
+  return '+' .. L(#owner) .. owner .. ver
+end
+
+-- An owner's retraction mark for an entry (field = tomb_field(owner, identity)): the packed
+-- version it was retracted at, then the time. Kept per (entry, owner), beside whoever claims
+-- the entry now, so that no older write of that owner lands later.
+local function tomb_field(owner, id)
+  return '-' .. L(#owner) .. owner .. id
 end
 
 local TRANSIENT = { OOM = true, READONLY = true, MASTERDOWN = true, BUSY = true, LOADING = true,
@@ -213,22 +219,63 @@ end
 -- E: entries of this slot, in groups (one per change): g, then per group n and n entries.
 -- Per entry: kind, owner, packed version t, type (V H S Z), key's index in KEYS, field or
 -- member, value or score, ttl or ''. Kinds:
---   w  write at t: stale ('0') when the claim is this owner's at a version above t; over
---      another owner's live claim it writes and answers 'c' with that owner (a view bug)
---   r  retract at t: when the claim is this owner's live one below t, the entry is removed;
---      the claim becomes this owner's tombstone at t (unless it is this owner's at t or above,
---      or another owner's live one: '0'), which stops any write of this owner below t
---   s  the same with "at t or below" (a stale or losing change removing what it wrote)
--- A group is checked before its first write: a key of another type than an entry written
--- there fails the whole group ('x', detail 'type: <type>'; nothing of it written in this
--- slot), unless the group's retractions empty that key. A retraction whose key holds another
--- type leaves the key alone (replaced outside viewkeeper: the entry is gone already).
+--   w  write at t: stale ('0') when this owner claims the entry at a version above t, or
+--      retracted it above t; over another owner's live claim it writes and answers 'c' with
+--      that owner (a view bug, as on standalone)
+--   r  retract at t: when this owner claims the entry at t or below, the entry is removed and
+--      the claim released; in any case (unless this owner claims it above t: '0') this
+--      owner's retraction mark is raised to t, which makes any write of this owner below t
+--      stale here, whoever claims the entry meanwhile
+-- A group is checked before its first write. A key holding another type than an entry
+-- written there: when everything in it is this owner's, claimed above t, the write is stale;
+-- claimed at t or below (older entries of the item, not retracted yet), they are retracted at
+-- t first; anything else there (another owner's, no claim, over 1000 elements) fails the
+-- whole group ('x', detail 'type: <type>'; nothing of it written in this slot). A retraction
+-- whose key holds another type leaves the key alone (the entry is gone already).
 local want = { V = 'string', H = 'hash', S = 'set', Z = 'zset' }
-local card = { set = 'SCARD', zset = 'ZCARD', hash = 'HLEN' }
 local function ident(ty, key, x)
   if ty == 'V' then return 'V' .. key end
   return ty .. L(#key) .. key .. x
 end
+local letter = { string = 'V', hash = 'H', set = 'S', zset = 'Z' }
+-- The identities of what a key of type `have` holds (nil when it is too big to look at).
+local function held(key, have)
+  local t = letter[have]
+  if not t then return nil end
+  if t == 'V' then return { 'V' .. key } end
+  local cmd = { H = 'HLEN', S = 'SCARD', Z = 'ZCARD' }
+  if call(cmd[t], key) > 1000 then return nil end
+  local members
+  if t == 'H' then members = call('HKEYS', key)
+  elseif t == 'S' then members = call('SMEMBERS', key)
+  else members = call('ZRANGE', key, 0, -1) end
+  local out = {}
+  for i, m in ipairs(members) do out[i] = t .. L(#key) .. key .. m end
+  return out
+end
+
+local function remove(ty, key, x)
+  if call('TYPE', key)['ok'] ~= want[ty] then return end
+  if ty == 'V' then call('DEL', key)
+  elseif ty == 'H' then call('HDEL', key, x)
+  elseif ty == 'S' then call('SREM', key, x)
+  else call('ZREM', key, x) end
+end
+
+-- Raise owner's retraction mark for id to t (never lower it).
+local function mark(owner, id, t)
+  local tf = tomb_field(owner, id)
+  local raw = call('HGET', CLAIMS, tf)
+  if not raw or newer(t, (version_at(raw, 1))) then call('HSET', CLAIMS, tf, t .. now) end
+end
+
+-- Whether owner's write at t of id is stale: it claims id above t, or retracted it above t.
+local function stale_write(owner, id, t, cl)
+  if cl and cl.owner == owner and newer(cl.version, t) then return true end
+  local raw = call('HGET', CLAIMS, tomb_field(owner, id))
+  return raw ~= false and raw ~= nil and newer((version_at(raw, 1)), t)
+end
+
 if op == 'E' then
   local g = tonumber(ARGV[a])
   local p = a + 1
@@ -242,25 +289,41 @@ if op == 'E' then
       local o = { kind = ARGV[q], owner = ARGV[q + 1], t = ARGV[q + 2], ty = ARGV[q + 3],
         key = key, x = ARGV[q + 5], y = ARGV[q + 6], ttl = ARGV[q + 7] }
       o.id = ident(o.ty, key, o.x)
-      o.cl = claim_of(call('HGET', CLAIMS, o.id))
-      o.mine = o.cl and o.cl.owner == o.owner
       ops[j] = o
     end
     p = p + 8 * n
-    -- the group's check: every key written holds its type, or nothing, or vanishes here
-    local bad
+    -- the group's check, before any write: the type of every key written
+    local bad, clear = nil, {}
     for j, o in ipairs(ops) do
-      if o.kind == 'w' and not (o.mine and newer(o.cl.version, o.t)) then
-        local have = call('TYPE', o.key)['ok']
-        if have ~= 'none' and have ~= want[o.ty] then
-          local removed = 0
-          for _, r in ipairs(ops) do
-            if r.kind ~= 'w' and r.key == o.key and r.mine and r.cl.live and want[r.ty] == have then
-              removed = removed + 1
-            end
+      if o.kind == 'w' then
+        o.cl = claim_of(call('HGET', CLAIMS, o.id))
+        o.stale = stale_write(o.owner, o.id, o.t, o.cl)
+        local have = not o.stale and call('TYPE', o.key)['ok']
+        if have and have ~= 'none' and have ~= want[o.ty] then
+          local ids = held(o.key, have)
+          local older, newest = {}, nil
+          for _, id in ipairs(ids or {}) do
+            local cl = claim_of(call('HGET', CLAIMS, id))
+            if not cl or cl.owner ~= o.owner then ids = nil; break end
+            if newer(cl.version, o.t) then newest = cl.version else older[#older + 1] = id end
           end
-          local size = have == 'string' and 1 or (card[have] and call(card[have], o.key) or -1)
-          if removed < size then bad = { j, have }; break end
+          if not ids or #ids == 0 then
+            bad = { j, have }
+            break
+          elseif newest then
+            o.stale = true -- this item's newer entries hold the key
+          else
+            clear[#clear + 1] = { o.key, older, o.owner, o.t }
+          end
+        end
+      end
+    end
+    if not bad then -- this item's older entries of another type at a key it writes
+      for _, c in ipairs(clear) do
+        call('DEL', c[1])
+        for _, id in ipairs(c[2]) do
+          call('HDEL', CLAIMS, id)
+          mark(c[3], id, c[4])
         end
       end
     end
@@ -270,10 +333,10 @@ if op == 'E' then
         code = 'x'
         if j == bad[1] then detail = 'type: ' .. bad[2] end
       elseif o.kind == 'w' then
-        local cl, mine = o.cl, o.mine
-        if mine and newer(cl.version, o.t) then
+        if o.stale then
           code = '0'
         else
+          local cl = claim_of(call('HGET', CLAIMS, o.id)) -- a clear above may have changed it
           local key, x, y = o.key, o.x, o.y
           local ok, err = pcall(function()
             if o.ty == 'V' then
@@ -287,28 +350,23 @@ if op == 'E' then
             if transient(msg) then return redis.error_reply(transient(msg)) end
             code, detail = 'x', msg
           else
-            if cl and cl.live and not mine then code, detail = 'c', cl.owner end
-            if not (mine and cl.live and cl.version == o.t) then
-              call('HSET', CLAIMS, o.id, claim_text(true, o.owner, o.t))
+            if cl and cl.owner ~= o.owner then code, detail = 'c', cl.owner end
+            if not (cl and cl.owner == o.owner and cl.version == o.t) then
+              call('HSET', CLAIMS, o.id, claim_text(o.owner, o.t))
             end
+            call('HDEL', CLAIMS, tomb_field(o.owner, o.id)) -- at or below t: no longer needed
           end
         end
       else
-        local cl, mine = claim_of(call('HGET', CLAIMS, o.id)), nil
-        mine = cl and cl.owner == o.owner
-        if cl and cl.live and not mine then
-          code = '0'
-        elseif mine and (newer(cl.version, o.t) or (cl.version == o.t and (o.kind ~= 's' or not cl.live))) then
+        local cl = claim_of(call('HGET', CLAIMS, o.id))
+        if cl and cl.owner == o.owner and newer(cl.version, o.t) then
           code = '0'
         else
-          local key, x = o.key, o.x
-          if mine and cl.live and call('TYPE', key)['ok'] == want[o.ty] then
-            if o.ty == 'V' then call('DEL', key)
-            elseif o.ty == 'H' then call('HDEL', key, x)
-            elseif o.ty == 'S' then call('SREM', key, x)
-            else call('ZREM', key, x) end
+          if cl and cl.owner == o.owner then
+            remove(o.ty, o.key, o.x)
+            call('HDEL', CLAIMS, o.id)
           end
-          call('HSET', CLAIMS, o.id, claim_text(false, o.owner, o.t))
+          mark(o.owner, o.id, o.t)
         end
       end
       codes[#codes + 1] = code
@@ -318,14 +376,15 @@ if op == 'E' then
   return { table.concat(codes), counters, unpack(details) }
 end
 
--- Forget pending parts of one item: those in `handled` noted below t (a retraction at t
--- stops their writers), and those in `listed` noted at or below t (the record lists them now).
+-- Forget pending parts of one item noted at t or below: those in `handled` (retracted at t:
+-- a writer below t is stale there now; one at t is the same record, whose own F or replay
+-- settles it) and those in `listed` (the record lists them now).
 local function forget(pkey, item, t, handled, listed)
   local praw = call('HGET', pkey, item)
   if not praw then return end
   local keep = {}
   for _, x in ipairs(pending_of(praw)) do
-    local drop = (handled[x[2]] and newer(t, x[1])) or (listed[x[2]] and not newer(x[1], t))
+    local drop = (handled[x[2]] or listed[x[2]]) and not newer(x[1], t)
     if not drop then keep[#keep + 1] = x end
   end
   if #keep == 0 then call('HDEL', pkey, item)
@@ -383,14 +442,14 @@ if op == 'P' then
   return { table.concat(codes), counters }
 end
 
--- K: forget entry tombstones written before ARGV[a] (epoch seconds): the identities after it,
--- each re-read here (a claim written since is kept).
+-- K: forget retraction marks written before ARGV[a] (epoch seconds): the fields after it,
+-- each re-read here (a mark raised since is kept).
 if op == 'K' then
   local cutoff = tonumber(ARGV[a])
   for j = a + 1, #ARGV do
     local raw = call('HGET', CLAIMS, ARGV[j])
-    local cl = claim_of(raw)
-    if cl and not cl.live and tonumber(cl.at) and tonumber(cl.at) < cutoff then
+    local at = raw and tonumber(sub(raw, select(2, version_at(raw, 1))))
+    if at and at < cutoff then
       call('HDEL', CLAIMS, ARGV[j])
       codes[#codes + 1] = '1'
     else

@@ -35,26 +35,34 @@ _TOP = Version(2**63, "0")  # above any version a deployment writes: the wipe's 
 
 @dataclass(frozen=True, slots=True)
 class ClaimRecord:
-    """One entry claim of a slot (README.md, "Key layout")."""
+    """One entry's claim in a slot, or an owner's retraction mark (README.md, "Key layout")."""
 
+    field: bytes  # the hash field: the identity, or '-' owner identity for a mark
     identity: bytes
     view_id: bytes
     item_key: str
-    live: bool
+    live: bool  # a claim (else a retraction mark)
     generation: int
-    deleted_at: int | None
+    deleted_at: int | None  # a mark: when it was raised
 
 
-def _parse_claim(identity: bytes, raw: bytes) -> ClaimRecord:
-    n, p = _len_at(raw, 1)
-    owner = raw[p : p + n]
-    q = p + n
+def _parse_claim(field: bytes, raw: bytes) -> ClaimRecord:
+    if field[:1] == b"-":
+        n, p = _len_at(field, 1)
+        owner, identity = field[p : p + n], field[p + n :]
+        q = 0
+    else:
+        n, p = _len_at(raw, 1)
+        owner, identity = raw[p : p + n], field
+        q = p + n
     lg = raw[q]
     gen = int.from_bytes(raw[q + 1 : q + 1 + lg])
     end = q + 2 + lg + raw[q + 1 + lg]
     vid, _, item = owner.partition(b":")
-    live = raw[:1] == b"+"
-    return ClaimRecord(identity, vid, _text(item), live, gen, None if live else int(raw[end:]))
+    live = field[:1] != b"-"
+    return ClaimRecord(
+        field, identity, vid, _text(item), live, gen, None if live else int(raw[end:])
+    )
 
 
 def _place_of(identity: bytes) -> tuple[str, bytes, bytes]:
@@ -132,8 +140,9 @@ class _Maintenance(_Apply):
         return retracted + len(left)
 
     def purge_tombstones(self, view: View | str, older_than: float | None = None) -> int:
-        """Forget owner and entry tombstones written before ``older_than`` (default: now -
-        retention), each re-checked where it is; returns how many owner tombstones."""
+        """Forget owner tombstones and entries' retraction marks written before
+        ``older_than`` (default: now - retention), each re-checked where it is; returns how
+        many owner tombstones."""
         cutoff = int(self._clock() - self.tombstone_retention if older_than is None else older_than)
         name = view if isinstance(view, str) else view.name
         purge = self._client.register_script(_load_purge())
@@ -150,7 +159,7 @@ class _Maintenance(_Apply):
         per_slot: dict[int, list[bytes]] = {}
         for c in self.iter_claims(name):
             if c.deleted_at is not None and c.deleted_at < cutoff:
-                per_slot.setdefault(self._slot(_place_of(c.identity)[1]), []).append(c.identity)
+                per_slot.setdefault(self._slot(_place_of(c.identity)[1]), []).append(c.field)
         calls = [
             ([self._claims_key(slot)], [b"K", b"0", b"0", b"%d" % cutoff, *ids])
             for slot, ids in per_slot.items()
@@ -188,7 +197,7 @@ class _Maintenance(_Apply):
         marks = [b"#" + vid, b"#" + vid + b"n"]
         per_slot: dict[int, list[bytes]] = {}
         for c in self.iter_claims(view):
-            per_slot.setdefault(self._slot(_place_of(c.identity)[1]), []).append(c.identity)
+            per_slot.setdefault(self._slot(_place_of(c.identity)[1]), []).append(c.field)
         for first in range(0, SLOTS, 2048):
 
             def forget(first: int = first) -> None:
