@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from redis.cluster import RedisCluster
 from redis.crc import key_slot
 
 from tests.helpers import registry_of
@@ -24,6 +25,7 @@ from viewkeeper.runtime.pipeline import Pipeline
 from viewkeeper.sinks.base import Append, Claim, NamespaceLost, Outcome, Owner
 from viewkeeper.sinks.redis import RedisSink
 from viewkeeper.sinks.redis.changelog import slot_tag
+from viewkeeper.sinks.redis_cluster import RedisClusterSink
 from viewkeeper.stream.records import ChangeRecord
 
 TABLE = "orders"
@@ -46,9 +48,20 @@ def _view(stream: str = "orders:events", **kw: Any) -> View:
     return view
 
 
+@pytest.fixture(params=["redis", "cluster"])
+def redis_client(request: pytest.FixtureRequest, redis_client: Any) -> Any:
+    """The real redis-server, or the real Redis Cluster (the cluster sink)."""
+    if request.param == "cluster":
+        return request.getfixturevalue("redis_cluster_client")
+    return redis_client
+
+
 @pytest.fixture
-def sink(redis_client: Any, redis_url: str) -> Iterator[RedisSink]:
-    s = RedisSink.from_url("cache", redis_url)
+def sink(redis_client: Any, redis_url: str) -> Iterator[Any]:
+    if isinstance(redis_client, RedisCluster):
+        s: Any = RedisClusterSink("cache", redis_client)
+    else:
+        s = RedisSink.from_url("cache", redis_url)
     yield s
     s.close()
 

@@ -26,7 +26,7 @@ whose record a re-read had appended is appended again: the one case left.
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from functools import partial
 from typing import Any
 
@@ -58,6 +58,88 @@ def slot_tag(key: bytes) -> bytes:
     elif b"}" not in key:
         return key
     return tag_for_slot(key_slot(key))
+
+
+def group_args(
+    keys: tuple[bytes, bytes, bytes],
+    prefix: bytes,
+    retention: float,
+    appends: Sequence[Append],
+    indexes: list[int],
+    now: float,
+    results: list[Any],
+) -> tuple[list[int], list[bytes]] | None:
+    """The change-log group of ``redis_apply.lua`` for appends of one view (its stream, high-
+    water hash and replay prefix ``keys``), and per append sent its index (-1: the note of an
+    append refused here, whose ERROR is put in ``results``). None when nothing is sent. Both
+    Redis sinks send it (the cluster sink in the stream key's slot)."""
+    view = appends[indexes[0]].view
+    stream, hw, rp = keys
+    if stream.startswith(prefix):
+        for i in indexes:
+            results[i] = Result(Outcome.ERROR, f"view {view.name}: stream key refused")
+        return None
+    cap, age = view.options.get("maxlen"), view.options.get("max_age")
+    minid = b"%d" % max(0, int((now - age) * 1000)) if age else b""
+    args: list[bytes] = []
+    sent: list[int] = []
+    for i in indexes:
+        a = appends[i]
+        if a.failed:
+            args += (_b(a.shard), b"%d" % int(a.sequence), b"-1")
+            sent.append(i)
+            continue
+        try:
+            if len(a.body) > _MAX_FIELDS:
+                raise EncodeError(f"{len(a.body)} fields; a stream entry takes {_MAX_FIELDS}")
+            fields = [x for k, v in a.body.items() for x in (_b(k), redis_value(v))]
+        except (EncodeError, TypeError, ValueError) as exc:
+            results[i] = Result(Outcome.ERROR, f"view {view.name}, item {a.item_key!r}: {exc}")
+            args += (_b(a.shard), b"%d" % int(a.sequence), b"-1")  # dead-lettered: noted
+            sent.append(-1)
+            continue
+        args += (_b(a.shard), b"%d" % int(a.sequence), b"%d" % len(a.body), *fields)
+        sent.append(i)
+    if not sent:
+        return None
+    ttl = b"%d" % max(1, int(retention))
+    notes = b"%d" % DEAD_LETTER_NOTE_TTL
+    head = [b"", stream, hw, rp, b"%d" % cap if cap else b"", minid, ttl, notes]
+    head.append(b"%d" % len(sent))
+    return sent, head + args
+
+
+def read_codes(
+    appends: Sequence[Append],
+    indexes: list[int],
+    reply: Any,
+    results: list[Result | None],
+    error: Callable[[Append, str], Result],
+    unexpected: Callable[[Any], Exception],
+) -> None:
+    """The results of one change-log group's reply (``indexes``: as group_args gave them)."""
+    if isinstance(reply, Exception):  # the call was refused whole
+        for i in indexes:
+            if i >= 0:
+                results[i] = error(appends[i], _text(str(reply).encode()))
+        return
+    codes = reply[0] if isinstance(reply, list) and reply else None
+    if not isinstance(codes, bytes) or len(codes) != len(indexes):
+        raise unexpected(reply)
+    details = iter(reply[2:])
+    for i, code in zip(indexes, codes, strict=True):
+        if i < 0:  # the note of an append refused before it was sent
+            if code == 101:  # b"e": its detail is in the reply too
+                next(details)
+            continue
+        if code == 49:  # b"1"
+            results[i] = APPLIED
+        elif code == 48:  # b"0": appended before
+            results[i] = STALE
+        elif code == 101:  # b"e"
+            results[i] = error(appends[i], _text(next(details)))
+        else:
+            raise unexpected(reply)
 
 
 class _Changelog(_Maintenance):
@@ -181,68 +263,25 @@ class _Changelog(_Maintenance):
         """One script call's change-log group for appends of one view (see redis_apply.lua);
         an append that cannot be encoded gets its ERROR in ``results`` instead."""
         view = appends[indexes[0]].view
-        stream, hw, rp = self.changelog_keys(view)
-        if stream.startswith(self._prefix):
-            for i in indexes:
-                results[i] = Result(Outcome.ERROR, f"view {view.name}: stream key refused")
+        group = group_args(
+            self.changelog_keys(view),
+            self._prefix,
+            self.tombstone_retention,
+            appends,
+            indexes,
+            now,
+            results,
+        )
+        if group is None:
             return None
-        cap, age = view.options.get("maxlen"), view.options.get("max_age")
-        minid = b"%d" % max(0, int((now - age) * 1000)) if age else b""
-        args: list[bytes] = []
-        sent: list[int] = []  # per append sent, its index (-1: a note of an append refused here)
-        for i in indexes:
-            a = appends[i]
-            if a.failed:
-                args += (_b(a.shard), b"%d" % int(a.sequence), b"-1")
-                sent.append(i)
-                continue
-            try:
-                if len(a.body) > _MAX_FIELDS:
-                    raise EncodeError(f"{len(a.body)} fields; a stream entry takes {_MAX_FIELDS}")
-                fields = [x for k, v in a.body.items() for x in (_b(k), redis_value(v))]
-            except (EncodeError, TypeError, ValueError) as exc:
-                results[i] = Result(Outcome.ERROR, f"view {view.name}, item {a.item_key!r}: {exc}")
-                args += (_b(a.shard), b"%d" % int(a.sequence), b"-1")  # dead-lettered: noted
-                sent.append(-1)
-                continue
-            args += (_b(a.shard), b"%d" % int(a.sequence), b"%d" % len(a.body), *fields)
-            sent.append(i)
-        if not sent:
-            return None
-        ttl = b"%d" % max(1, int(self.tombstone_retention))
-        notes = b"%d" % DEAD_LETTER_NOTE_TTL
-        head = [b"", stream, hw, rp, b"%d" % cap if cap else b"", minid, ttl, notes]
-        head.append(b"%d" % len(sent))
-        batch = _Batch(sent, [], [head + args])
+        batch = _Batch(group[0], [], [group[1]])
         self._check(batch, view.name)
         return batch
 
     def _append_results(
         self, appends: Sequence[Append], b: _Batch, results: list[Result | None]
     ) -> None:
-        reply = b.reply
-        if isinstance(reply, Exception):  # the call was refused whole
-            for i in b.indexes:
-                if i >= 0:
-                    results[i] = self._append_error(appends[i], _text(str(reply).encode()))
-            return
-        codes = reply[0] if isinstance(reply, list) and reply else None
-        if not isinstance(codes, bytes) or len(codes) != len(b.indexes):
-            raise self._unexpected(reply)
-        details = iter(reply[2:])
-        for i, code in zip(b.indexes, codes, strict=True):
-            if i < 0:  # the note of an append refused before it was sent
-                if code == 101:  # b"e": its detail is in the reply too
-                    next(details)
-                continue
-            if code == 49:  # b"1"
-                results[i] = APPLIED
-            elif code == 48:  # b"0": appended before
-                results[i] = STALE
-            elif code == 101:  # b"e"
-                results[i] = self._append_error(appends[i], _text(next(details)))
-            else:
-                raise self._unexpected(reply)
+        read_codes(appends, b.indexes, b.reply, results, self._append_error, self._unexpected)
 
     def _append_error(self, a: Append, text: str) -> Result:
         return Result(

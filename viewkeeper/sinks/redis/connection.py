@@ -66,6 +66,15 @@ def _load(name: str) -> bytes:
     return resources.files("viewkeeper.sinks.redis").joinpath(name).read_bytes()
 
 
+def apply_script() -> bytes:
+    """``redis_apply.lua`` with ``redis_sums.lua`` in its place (the cluster sink sends its
+    change-log groups too)."""
+    source = _load("redis_apply.lua")
+    if _INCLUDE not in source:
+        raise AssertionError("redis_apply.lua lost its line " + repr(_INCLUDE))
+    return source.replace(_INCLUDE, _load("redis_sums.lua"), 1)
+
+
 def _is_transient(exc: BaseException) -> bool:
     """Whether ``exc`` is the server's state, not the command's: the batch is held and
     retried, never dead-lettered. That includes refused credentials and permissions (NOAUTH,
@@ -184,10 +193,7 @@ class _Connection:
         self._claims = self._prefix + b"c:"
         self._nbuckets = b"%d" % owner_buckets
         self._registry = self._prefix + b"views"
-        source = _load("redis_apply.lua")
-        if _INCLUDE not in source:
-            raise AssertionError("redis_apply.lua lost its line " + repr(_INCLUDE))
-        source = source.replace(_INCLUDE, _load("redis_sums.lua"), 1)
+        source = apply_script()
         if not source.startswith(_SHEBANG):
             raise AssertionError("redis_apply.lua must start with " + repr(_SHEBANG))
         self._apply_legacy = source[len(_SHEBANG) :]  # the same script without the shebang

@@ -51,16 +51,7 @@ class _Claims(_Connection):
         marker = _b(claim.marker)
         had = self._with_retry(lambda: self._client.hget(key, "marker"))
         if had != marker:
-            field = b"#" + self._view_id(view.name)
-            for first in range(0, SLOTS, 2048):
-
-                def mark(first: int = first) -> None:
-                    pipe = self._client.pipeline(transaction=False)
-                    for slot in range(first, first + 2048):
-                        pipe.hset(self._claims_key(slot), field, marker)
-                    pipe.execute()
-
-                self._with_retry(mark)
+            self._write_markers(view, marker)
         fields = {
             "source": claim.owner.source,
             "coordination": claim.owner.coordination,
@@ -74,6 +65,19 @@ class _Claims(_Connection):
             self._client.hset(key, mapping=fields)
 
         self._with_retry(write)
+
+    def _write_markers(self, view: View, marker: bytes) -> None:
+        """The marker in every slot (a change-log view: in its stream's slot alone)."""
+        field = b"#" + self._view_id(view.name)
+        for first in range(0, SLOTS, 2048):
+
+            def mark(first: int = first) -> None:
+                pipe = self._client.pipeline(transaction=False)
+                for slot in range(first, first + 2048):
+                    pipe.hset(self._claims_key(slot), field, marker)
+                pipe.execute()
+
+            self._with_retry(mark)
 
     def expect(self, view: View, marker: str | None) -> None:
         """From now on, each call checks ``view``'s marker in its slot, and the slot's write

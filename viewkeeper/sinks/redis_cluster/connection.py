@@ -145,12 +145,14 @@ class _Connection:
             fn, self.retry_seconds, f"redis sink {self.name!r} at {self.where}", self._scrub
         )
 
-    def _run(self, calls: Sequence[Call]) -> list[Any]:
+    def _run(self, calls: Sequence[Call], script: tuple[bytes, bytes] | None = None) -> list[Any]:
         """Run every call of ``cluster_slot.lua`` (each one slot), all at once; the replies, in
-        order. A call that failed for the cluster's state is sent again (every step is
+        order (``script``: another script than ``cluster_slot.lua``, as (source, sha)). A call
+        that failed for the cluster's state is sent again (every step is
         idempotent: README.md, "The protocol") until ``retry_seconds``, then SinkUnavailable;
         a call that failed for itself (a key of viewkeeper's overwritten outside) answers its
         error, which its caller turns into its changes' errors."""
+        src, sha = script or (self._src, self._sha)
         replies: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
         deadline = time.monotonic() + self.retry_seconds
@@ -162,7 +164,7 @@ class _Connection:
                 pipe = self._client.pipeline(transaction=False)
                 for i in todo:
                     keys, args = calls[i]
-                    pipe.execute_command("EVALSHA", self._sha, len(keys), *keys, *args)
+                    pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
                 results = pipe.execute(raise_on_error=False)
             except Exception as exc:  # the whole pipeline: a node down, the cluster down
                 if not _is_transient(exc) and not isinstance(exc, redis.RedisError):
@@ -183,7 +185,7 @@ class _Connection:
                     replies[i] = res
             todo = again
             if load:
-                self._with_retry(lambda: self._client.script_load(self._src))
+                self._with_retry(lambda: self._client.script_load(src))
             if todo and not load:
                 if time.monotonic() > deadline:
                     raise SinkUnavailable(

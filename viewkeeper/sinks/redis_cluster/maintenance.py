@@ -17,7 +17,7 @@ from typing import Any
 
 from viewkeeper.projection.api import View
 from viewkeeper.projection.versions import Version
-from viewkeeper.sinks.base import Append, Change, Outcome, Result, SinkError, SinkUnavailable
+from viewkeeper.sinks.base import Change, Outcome, Result, SinkError, SinkUnavailable
 from viewkeeper.sinks.redis.packing import (
     Ident,
     OwnerRecord,
@@ -80,16 +80,9 @@ class _Maintenance(_Apply):
 
     # -- the Sink protocol -----------------------------------------------------------------
     def prepare(self, views: Sequence[View]) -> None:
-        """Load the script, check the bucket count, register the views' ids; refuse views
-        this mode does not support yet."""
+        """Load the script, check the bucket count, register the views' ids."""
         self._ensure_ready()
         for view in views:
-            if view.changelog:
-                raise SinkError(
-                    f"view {view.name}: change-log views are not supported on a Redis Cluster "
-                    f"connection yet (redis sink {self.name!r}); give it a standalone redis "
-                    "connection"
-                )
             self._view_id(view.name)
 
     def apply(self, changes: Sequence[Change]) -> list[Result]:
@@ -102,10 +95,6 @@ class _Maintenance(_Apply):
         except SinkUnavailable:
             self._ready = False
             raise
-
-    def append(self, appends: Sequence[Append]) -> list[Result]:
-        why = "change-log views are not supported on a Redis Cluster connection yet"
-        return [Result(Outcome.ERROR, error=why) for _ in appends]
 
     def begin_rebuild(self, view: View, floor: int) -> None:
         """Nothing to begin: no view on a cluster holds sums over items (counters)."""

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from viewkeeper.sinks.redis_cluster.maintenance import _Maintenance
+from viewkeeper.sinks.redis_cluster.changelog import _Changelog
 
 
-class RedisClusterSink(_Maintenance):
+class RedisClusterSink(_Changelog):
     """A ``redis:`` connection to a Redis Cluster (``cluster: true``), serving all its views.
 
     Its constructor is ``_Connection.__init__`` (connection.py): a ``client``
