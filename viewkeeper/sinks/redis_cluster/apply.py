@@ -16,11 +16,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from viewkeeper.projection.entries import amount_range
 from viewkeeper.sinks.base import APPLIED, STALE, Change, Collision, Outcome, Result
 from viewkeeper.sinks.encoding import EncodeError
+from viewkeeper.sinks.redis.apply import _amount_in_range
 from viewkeeper.sinks.redis.packing import (
     _KIND,
     _L,
+    _REDIS_TYPE,
     _b,
     _describe,
     _entry_args,
@@ -33,7 +36,6 @@ from viewkeeper.sinks.redis_cluster.claims import _Claims
 from viewkeeper.sinks.redis_cluster.connection import Call
 
 _PER_CALL = 400  # entries (or records) per script call; a slot's share of a batch is smaller
-_WANT = {"V": "string", "H": "hash", "S": "set", "Z": "zset"}
 
 
 def _where(change: Change) -> str:
@@ -46,8 +48,8 @@ def _version_end(raw: bytes, p: int = 0) -> int:
 
 
 def _parts_of(body: bytes) -> list[bytes]:
-    """The entries of an owner record's body (``t L(#k) k [L(#m) m]`` each); none for a
-    tombstone (``~time``)."""
+    """The entries' places in an owner record's body (``t L(#k) k [L(#m) m]`` each, a
+    counter's amount after it); none for a tombstone (``~time``)."""
     out: list[bytes] = []
     p = 0
     if body[:1] == b"~":
@@ -57,10 +59,13 @@ def _parts_of(body: bytes) -> list[bytes]:
         t = body[p : p + 1]
         n, p = _len_at(body, p + 1)
         p += n
-        if t != b"V":
+        if t not in (b"V", b"v"):
             n, p = _len_at(body, p)
             p += n
         out.append(body[start:p])
+        if t in (b"v", b"h", b"z"):  # a counter: its amount
+            n, p = _len_at(body, p)
+            p += n
     return out
 
 
@@ -78,11 +83,11 @@ def _pending_of(raw: bytes | None) -> list[tuple[bytes, bytes]]:
 
 
 def _place(part: bytes) -> tuple[str, bytes, bytes]:
-    """(type, key, field or member) of an entry part."""
+    """(type, key, field or member) of an entry's place."""
     t = chr(part[0])
     n, p = _len_at(part, 1)
     key = part[p : p + n]
-    if t == "V":
+    if t in "Vv":
         return t, key, b""
     n, q = _len_at(part, p + n)
     return t, key, part[q : q + n]
@@ -90,7 +95,7 @@ def _place(part: bytes) -> tuple[str, bytes, bytes]:
 
 def _part(t: str, key: bytes, sub: bytes) -> bytes:
     head = t.encode() + _L(len(key)) + key
-    return head if t == "V" else head + _L(len(sub)) + sub
+    return head if t in "Vv" else head + _L(len(sub)) + sub
 
 
 @dataclass(slots=True)
@@ -163,25 +168,30 @@ class _Apply(_Claims):
                     f"entry key {_text(key)!r} is inside viewkeeper's bookkeeping prefix "
                     f"{self.key_prefix!r}; use another key in the view"
                 )
-            if ty in "vhz":
-                raise _Reject(
-                    f"{type(entry).__name__} at key {_text(key)!r}: counters are not "
-                    "supported on a Redis Cluster connection yet; give the view a "
-                    "standalone redis connection"
-                )
-            if _WANT[types.setdefault(key, ty)] != _WANT[ty]:
+            if _REDIS_TYPE[types.setdefault(key, ty)] != _REDIS_TYPE[ty]:
                 raise _Reject(
                     f"the view yields both a {_KIND[types[key]]} and a {_KIND[ty]} at key "
                     f"{_text(key)!r}; a key has one type"
                 )
-            if ty == "V":
-                x, y, ttl = b"", a, b
-            elif ty == "H":
-                x, y, ttl = a, b, b""
-            else:
-                x, y, ttl = a, b, b""
-            writes[_part(ty, key, x)] = (ty, key, x, y, ttl)  # duplicates: the last counts
-        body = b"".join(writes) if writes else b"~" + stamp
+            x, y, ttl = (b"", a, b) if ty == "V" else (a, b, b"")
+            place = _part(ty, key, x)
+            twin = _part(ty.swapcase(), key, x)  # a counter and an entry at one place
+            if twin in writes:
+                raise _Reject(
+                    f"the view yields both a {_KIND[ty.swapcase()]} and a {_KIND[ty]} for "
+                    f"{_describe(ty, key, x)}; a counter shares its place with nothing else"
+                )
+            if ty in "vhz" and place in writes:  # one item counted twice: amounts add up
+                total = int(writes[place][3]) + int(y)
+                y = _amount_in_range(t, key, x, total)
+            writes[place] = (ty, key, x, y, ttl)  # duplicates: the last counts
+        body = (
+            b"".join(
+                p + (_L(len(w[3])) + w[3] if w[0] in "vhz" else b"") for p, w in writes.items()
+            )
+            if writes
+            else b"~" + stamp
+        )
         bucket = self._bucket(item)
         keys = self._owner_keys(view, bucket)
         return _Work(
@@ -324,14 +334,7 @@ class _Apply(_Claims):
                 if code == b"x" and not detail:  # another entry of its group failed
                     w.then = "X"
                 elif code == b"x":
-                    view, item = w.change.view.name, w.change.item_key
-                    w.error = (
-                        f"key {_text(key)!r} holds a {_text(detail[6:])}, view {view} writes a "
-                        f"{_KIND[t]} there (item {item!r}); delete or rename that key, or "
-                        "change the view so that each Redis key keeps one type"
-                        if detail.startswith(b"type: ")
-                        else _where(w.change) + f"Redis rejected the change: {_text(detail)}"
-                    )
+                    w.error = self._refusal(w.change, t, key, x, bytes(detail))
                     w.then = "X"
                 elif code == b"c":
                     vid, _, other = bytes(detail).partition(b":")
@@ -342,6 +345,43 @@ class _Apply(_Claims):
                     w.collisions.append(Collision(_describe(t, key, x), who))
         for w in works:
             w.ops = []
+
+    def _refusal(self, change: Change, t: str, key: bytes, x: bytes, detail: bytes) -> str:
+        """The message of an entry the script refused (README.md, "The protocol")."""
+        what, _, value = detail.partition(b": ")
+        place = _describe(t, key, x)
+        if what == b"type":
+            return (
+                f"key {_text(key)!r} holds a {_text(value)}, view {change.view.name} writes a "
+                f"{_KIND[t]} there (item {change.item_key!r}); delete or rename that key, or "
+                "change the view so that each Redis key keeps one type"
+            )
+        if what == b"claimed":
+            if value[:1] == b"#":  # another view's counter
+                owner = f"view {self._view_name(value[1:].split(b'#')[0])}"
+            else:
+                vid, _, other = value.partition(b":")
+                owner = f"view {self._view_name(vid)}, item {_text(other)!r}"
+            return _where(change) + (
+                f"{place} is already written by {owner}: a counter is the sum of one view's "
+                "items, so nothing of the change was written there; give the counter a key "
+                "of its own"
+            )
+        if what == b"integer":
+            return _where(change) + (
+                f"{place} holds {_text(value)[:100]!r}, not an integer: it was written outside "
+                "viewkeeper; nothing of the change was written there; delete it and rebuild "
+                "the view (viewkeeper rebuild)"
+            )
+        if what == b"overflow":
+            top = amount_range(t == "z")[1]
+            return _where(change) + (
+                f"the sum at {place} would be {_text(value)}, outside +/-{top} (what "
+                + ("a sorted-set score holds exactly" if t == "z" else "a Redis integer holds")
+                + "); nothing of the change was written there; count in a larger unit, or "
+                "split the counter"
+            )
+        return _where(change) + f"Redis rejected the change: {_text(detail)}"
 
     # -- steps F and P -----------------------------------------------------------------------
     def _step_f(self, works: list[_Work], stamp: bytes) -> None:

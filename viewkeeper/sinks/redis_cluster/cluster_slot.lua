@@ -22,7 +22,7 @@
 -- at; an owner's retraction mark (field '-' L(#owner) owner identity) the packed version it
 -- was retracted at and the time. owner = view id .. ':' .. item key.
 
-local byte, char, sub = string.byte, string.char, string.sub
+local byte, char, sub, find, concat = string.byte, string.char, string.sub, string.find, table.concat
 local call = redis.call
 local op, now = ARGV[1], ARGV[2]
 local CLAIMS = KEYS[1]
@@ -50,6 +50,8 @@ local function newer(a, b)
   return #a > #b
 end
 
+-- @include redis_sums.lua (the counters' exact sums: connection.py puts it here)
+
 -- the packed version at the start of s (an owner record or after a claim's owner), and what follows
 local function version_at(s, p)
   local lg = byte(s, p)
@@ -63,11 +65,16 @@ local function part_at(s, p)
   local t = sub(s, p, p)
   local n, q = len_at(s, p + 1)
   q = q + n
-  if t ~= 'V' then
+  if t ~= 'V' and t ~= 'v' then
     n, q = len_at(s, q)
     q = q + n
   end
-  return sub(s, p, q - 1), q
+  local place = sub(s, p, q - 1)
+  if t == 'v' or t == 'h' or t == 'z' then -- a counter: its amount follows, not its place
+    n, q = len_at(s, q)
+    q = q + n
+  end
+  return place, q
 end
 
 local function body_parts(body)
@@ -106,9 +113,11 @@ local function pending_text(list)
   return table.concat(parts)
 end
 
--- A live claim (field = identity): '+', L(#owner) owner, packed version.
+-- A live claim (field = identity): '+', L(#owner) owner, packed version; or a counter's
+-- claim: '#', its view id, '#', how many items contribute to it.
 local function claim_of(raw)
   if not raw then return nil end
+  if sub(raw, 1, 1) == '#' then return { counter = raw, owner = raw, version = '' } end
   local n, p = len_at(raw, 2)
   return { owner = sub(raw, p, p + n - 1), version = (version_at(raw, p + n)) }
 end
@@ -276,6 +285,80 @@ local function stale_write(owner, id, t, cl)
   return raw ~= false and raw ~= nil and newer((version_at(raw, 1)), t)
 end
 
+local COUNTER = { v = 'V', h = 'H', z = 'Z' }
+-- A counter's contribution by an owner (field '&' L(#owner) owner identity): the packed
+-- version it was written at, then the amount.
+local function contribution(owner, id)
+  local raw = call('HGET', CLAIMS, '&' .. L(#owner) .. owner .. id)
+  if not raw then return nil end
+  local ver, q = version_at(raw, 1)
+  return { version = ver, amount = sub(raw, q) }
+end
+
+local function mark_above(owner, id, t)
+  local raw = call('HGET', CLAIMS, tomb_field(owner, id))
+  return raw ~= false and raw ~= nil and newer((version_at(raw, 1)), t)
+end
+
+-- The check of a counter entry o of a group (README.md, "Counters"): sets o.skip (stale), or
+-- o.sum, o.count, o.mine (what to write), or returns what fails the group.
+local function check_counter(o, ops)
+  local ty, c = o.ty, contribution(o.owner, o.id)
+  o.c = c
+  if o.kind == 'w' then
+    o.skip = (c and newer(c.version, o.t)) or mark_above(o.owner, o.id, o.t)
+  else
+    o.skip = (c and newer(c.version, o.t)) or not c
+  end
+  if o.skip then return nil end
+  local vid = sub(o.owner, 1, find(o.owner, ':', 1, true) - 1)
+  local mine = '#' .. vid .. '#'
+  local cl = call('HGET', CLAIMS, o.id)
+  local replaced = false
+  if cl and sub(cl, 1, #mine) ~= mine then
+    local other = claim_of(cl)
+    for _, r in ipairs(ops) do -- this item's own entry there, retracted first by this change
+      if r.kind ~= 'w' and not COUNTER[r.ty] and r.id == o.id and other.owner == r.owner then
+        replaced = true
+      end
+    end
+    if not replaced then return 'claimed: ' .. other.owner end
+  end
+  local count = (cl and not replaced) and tonumber(sub(cl, #mine + 1)) or 0
+  local fine, cur, held = pcall(current, ty, o.key, o.x)
+  if not fine then return 'type: ' .. call('TYPE', o.key)['ok'] end
+  if replaced then cur = '0' end
+  local old, new = c and c.amount or '0', o.kind == 'w' and o.y or '0'
+  o.mine = mine
+  o.count = count + (o.kind == 'w' and (c and 0 or 1) or -1)
+  if not cur then
+    if o.kind == 'w' then return 'integer: ' .. tostring(held) end
+    o.noput = true -- retracting from a place changed outside viewkeeper: its count only
+    return nil
+  end
+  o.sum = add(cur, add(new, neg(old)))
+  if not fits(ty, o.sum) then return 'overflow: ' .. o.sum end
+  return nil
+end
+
+local function apply_counter(o)
+  if o.count <= 0 then
+    if not o.noput then put(o.ty, o.key, o.x, nil) end
+    call('HDEL', CLAIMS, o.id)
+  else
+    if not o.noput then put(o.ty, o.key, o.x, o.sum) end
+    call('HSET', CLAIMS, o.id, o.mine .. o.count)
+  end
+  local cf = '&' .. L(#o.owner) .. o.owner .. o.id
+  if o.kind == 'w' then
+    call('HSET', CLAIMS, cf, o.t .. o.y)
+    call('HDEL', CLAIMS, tomb_field(o.owner, o.id))
+  else
+    call('HDEL', CLAIMS, cf)
+    mark(o.owner, o.id, o.t)
+  end
+end
+
 if op == 'E' then
   local g = tonumber(ARGV[a])
   local p = a + 1
@@ -288,15 +371,27 @@ if op == 'E' then
       local key = KEYS[tonumber(ARGV[q + 4])]
       local o = { kind = ARGV[q], owner = ARGV[q + 1], t = ARGV[q + 2], ty = ARGV[q + 3],
         key = key, x = ARGV[q + 5], y = ARGV[q + 6], ttl = ARGV[q + 7] }
-      o.id = ident(o.ty, key, o.x)
+      o.id = ident(COUNTER[o.ty] or o.ty, key, o.x)
       ops[j] = o
     end
     p = p + 8 * n
     -- the group's check, before any write: the type of every key written
     local bad, clear = nil, {}
     for j, o in ipairs(ops) do
-      if o.kind == 'w' then
+      if COUNTER[o.ty] then
+        local why = check_counter(o, ops)
+        if why then bad = { j, why }; break end
+      elseif o.kind == 'w' then
         o.cl = claim_of(call('HGET', CLAIMS, o.id))
+        if o.cl and o.cl.counter then -- a counter there: only if this item was its last
+          local last = false
+          for _, r in ipairs(ops) do
+            if r.kind ~= 'w' and COUNTER[r.ty] and r.id == o.id and r.owner == o.owner
+              and sub(o.cl.counter, -2) == '#1' then last = true end
+          end
+          if not last then bad = { j, 'claimed: ' .. o.cl.counter }; break end
+          o.cl = nil
+        end
         o.stale = stale_write(o.owner, o.id, o.t, o.cl)
         local have = not o.stale and call('TYPE', o.key)['ok']
         if have and have ~= 'none' and have ~= want[o.ty] then
@@ -331,7 +426,17 @@ if op == 'E' then
       local code, detail = '1', false
       if bad then
         code = 'x'
-        if j == bad[1] then detail = 'type: ' .. bad[2] end
+        if j == bad[1] then
+          detail = bad[2]
+          if not find(detail, '^%l+: ') then detail = 'type: ' .. detail end
+        end
+      elseif COUNTER[o.ty] then
+        if o.skip then
+          code = '0'
+          if o.kind ~= 'w' and not o.c then mark(o.owner, o.id, o.t); code = '1' end
+        else
+          apply_counter(o)
+        end
       elseif o.kind == 'w' then
         if o.stale then
           code = '0'

@@ -41,6 +41,13 @@ def _load(name: str) -> bytes:
     return resources.files("viewkeeper.sinks.redis_cluster").joinpath(name).read_bytes()
 
 
+_INCLUDE = b"-- @include redis_sums.lua (the counters' exact sums: connection.py puts it here)\n"
+
+
+def _load_sums() -> bytes:
+    return resources.files("viewkeeper.sinks.redis").joinpath("redis_sums.lua").read_bytes()
+
+
 def _load_views_script() -> bytes:
     return resources.files("viewkeeper.sinks.redis").joinpath("redis_views.lua").read_bytes()
 
@@ -96,7 +103,7 @@ class _Connection:
         self._clock = clock
         self._secret = str(kw.get("password") or "")
         self._prefix = _b(key_prefix)
-        self._src = _load("cluster_slot.lua")
+        self._src = _load("cluster_slot.lua").replace(_INCLUDE, _load_sums(), 1)
         self._sha = hashlib.sha1(self._src).hexdigest().encode()
         self._views_script = client.register_script(_load_views_script())
         self._registry = self._prefix + b"views"

@@ -35,34 +35,42 @@ _TOP = Version(2**63, "0")  # above any version a deployment writes: the wipe's 
 
 @dataclass(frozen=True, slots=True)
 class ClaimRecord:
-    """One entry's claim in a slot, or an owner's retraction mark (README.md, "Key layout")."""
+    """One field of a slot's bookkeeping hash (README.md, "Key layout"): an entry's claim, a
+    counter's claim, an item's contribution to a counter, or an owner's retraction mark."""
 
-    field: bytes  # the hash field: the identity, or '-' owner identity for a mark
+    field: bytes
     identity: bytes
     view_id: bytes
-    item_key: str
-    live: bool  # a claim (else a retraction mark)
-    generation: int
+    item_key: str  # "" for a counter's claim
+    kind: str  # "claim", "counter", "contribution" or "mark"
+    generation: int  # of the version (0 for a counter's claim)
     deleted_at: int | None  # a mark: when it was raised
+
+    @property
+    def live(self) -> bool:
+        """Something an item owns now (an entry, or its part of a counter)."""
+        return self.kind in ("claim", "contribution")
 
 
 def _parse_claim(field: bytes, raw: bytes) -> ClaimRecord:
-    if field[:1] == b"-":
+    if field[:1] not in (b"-", b"&") and raw[:1] == b"#":  # '#' view id '#' contributors
+        return ClaimRecord(field, field, raw[1:].split(b"#")[0], "", "counter", 0, None)
+    if field[:1] in (b"-", b"&"):
         n, p = _len_at(field, 1)
         owner, identity = field[p : p + n], field[p + n :]
         q = 0
+        kind = "mark" if field[:1] == b"-" else "contribution"
     else:
         n, p = _len_at(raw, 1)
         owner, identity = raw[p : p + n], field
         q = p + n
+        kind = "claim"
     lg = raw[q]
     gen = int.from_bytes(raw[q + 1 : q + 1 + lg])
     end = q + 2 + lg + raw[q + 1 + lg]
     vid, _, item = owner.partition(b":")
-    live = field[:1] != b"-"
-    return ClaimRecord(
-        field, identity, vid, _text(item), live, gen, None if live else int(raw[end:])
-    )
+    at = int(raw[end:]) if kind == "mark" else None
+    return ClaimRecord(field, identity, vid, _text(item), kind, gen, at)
 
 
 def _place_of(identity: bytes) -> tuple[str, bytes, bytes]:
@@ -236,6 +244,8 @@ class _Maintenance(_Apply):
         packed = pack_version(at)
         for i, c in enumerate(claims):
             t, key, sub = _place_of(c.identity)
+            if c.kind == "contribution":
+                t = t.lower()  # the counter's entry type
             change = Change(view, c.item_key, at, [])
             w = _Work(
                 i, change, c.view_id + b":" + _b(c.item_key), packed, b"", {}, (b"", b"", b""), 0
