@@ -587,12 +587,15 @@ def test_concurrent_writers_and_a_reader(fake: FakeStream) -> None:
             fake.put_item("t", {"pk": f"w{w}-{i % 10}", "i": i})
 
     def reader() -> None:
+        # done on an empty page asked for after every writer finished (stop read *before*
+        # the read: an empty page taken earlier says nothing about the last writes)
         nonlocal it
-        while it is not None and not (stop.is_set() and got and len(got) == 400):
+        while it is not None:
+            writers_done = stop.is_set()
             page = fake.get_records(it, 37)
             got.extend(page.records)
             it = page.next_iterator
-            if stop.is_set() and not page.records:
+            if writers_done and not page.records:
                 return
 
     threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
@@ -604,6 +607,8 @@ def test_concurrent_writers_and_a_reader(fake: FakeStream) -> None:
         t.join()
     stop.set()
     r.join(timeout=30)
+    assert not r.is_alive(), "the reader never saw the end of the records"
+    assert it is not None  # an open shard always gives a next iterator
     assert len(got) == 400
     assert seqs(got) == sorted(set(seqs(got)))
 
