@@ -213,7 +213,7 @@ def assert_converged(client: RedisCluster, sink: Any, final: dict[str, list[Entr
 # ---- holes ---------------------------------------------------------------------------------
 
 
-# HOLE: an older Value in a batch SETs over the item's newer hash, then its clean-up DELs it
+# HOLE (fixed): an older Value in a batch SETs over the item's newer hash, then its clean-up DELs it
 # E's type check counts a retraction that will not remove (the claim is newer), so an
 # older Value's SET replaces the item's newer hash, and the older change's clean-up DELs it.
 def test_older_value_in_the_same_batch_replaces_the_newer_hash_of_its_key(
@@ -228,7 +228,7 @@ def test_older_value_in_the_same_batch_replaces_the_newer_hash_of_its_key(
     assert_converged(cluster, sink, {"i": [newer]})
 
 
-# HOLE: a slow process's older Value SETs over the newer hash of the key, then DELs it
+# HOLE (fixed): a slow process's older Value SETs over the newer hash of the key, then DELs it
 # The same across two processes (a lease moved: the old holder is behind): the newer
 # change (a hash field at the key) passes O, then the older one (a Value there) passes O and
 # reads the newer one's note; the newer one completes; the older one's E counts the newer,
@@ -246,7 +246,7 @@ def test_older_value_of_a_slow_process_replaces_the_newer_hash_of_its_key(
     assert_converged(cluster, new_holder, {"i": [new]})
 
 
-# HOLE: a replay at the same version with other entries leaves the first attempt's entry
+# HOLE (fixed): a replay at the same version with other entries leaves the first attempt's entry
 # A crash after E, then the same record sent again while the view yields other entries
 # (the view's code changed between the two): the replay's retraction at v skips the claim the
 # first attempt wrote at v, so the entry stays live, claimed, and pending, though no record
@@ -263,7 +263,7 @@ def test_replay_with_other_entries_at_the_same_version_leaves_the_first_attempts
     assert_converged(cluster, second, {"i": [keep]})
 
 
-# HOLE: a held older write of a key's previous owner destroys the new owner's entry
+# HOLE (fixed): a held older write of a key's previous owner destroys the new owner's entry
 # A key handed from one item to another (A no longer yields it, B does): A's older
 # change, held by a slow process after its step O, writes over B's live claim (A's own
 # tombstone there was replaced by B's claim, so nothing marks the write stale), then loses at F
@@ -281,7 +281,7 @@ def test_held_older_write_of_the_previous_owner_deletes_the_new_owners_entry(
     assert_converged(cluster, fast, {"A": [], "B": [b]})
 
 
-# HOLE: a held rebuild scan write destroys the entry the stream handed to another item
+# HOLE (fixed): a held rebuild scan write destroys the entry the stream handed to another item
 # The same during a rebuild: the scan read A while A held the seat; the stream (after the
 # handshake, generation G) moves the seat to B while the scan's write sits between O and E;
 # the scan's write then lands over B's claim and its clean-up deletes the seat; the sweep
@@ -301,7 +301,7 @@ def test_rebuild_scan_write_of_the_previous_owner_deletes_the_streams_new_owner(
     assert_converged(cluster, rebuild, {"A": [], "B": [b]})
 
 
-# HOLE: the newest record is dead-lettered and the sink keeps the older one's hash
+# HOLE (fixed): the newest record is dead-lettered and the sink keeps the older one's hash
 # The mirror race ends in a dead letter for the NEWEST record, the sink showing the older
 # one: the newer change (a Value at the key) passes O; the older one (a hash field there, from
 # a slow process) passes O, reads that note, retracts the Value at its older version and

@@ -129,7 +129,7 @@ def S(value: str | int) -> tuple[str, bytes]:
 # ---- holes: a counter and an entry of one item at one key ---------------------------------
 
 
-# HOLE: an older Counter of the item writes over its newer Value at the key, then deletes it
+# HOLE (fixed): an older Counter of the item writes over its newer Value at the key, then deletes it
 # Item i: a Value at k (v1), a Counter at k (v2), a Value at k again (v3). v3 and then v2 (its
 # replay: any order) in one batch: both pass O on record v1; E writes v3's Value, then v2's
 # counter check sees the Value claimed by i and i's retraction of it in the group, and takes
@@ -149,7 +149,7 @@ def test_older_counter_in_a_batch_writes_over_the_items_newer_value_and_deletes_
     assert sink.pending_count(VIEW) == 0
 
 
-# HOLE: the same across processes: a slow holder's older Counter replaces the newer Value
+# HOLE (fixed): the same across processes: a slow holder's older Counter replaces the newer Value
 # The older change (a Counter at k) of a process that is behind (a lease moved) passes O
 # and is held; the newer change (a Value at k again) runs whole in another process; the held
 # one's E SETs its sum over the Value and its clean-up deletes the key (I1, I2).
@@ -167,7 +167,7 @@ def test_older_counter_of_a_slow_process_replaces_the_items_newer_value(
     assert fast.pending_count(VIEW) == 0
 
 
-# HOLE: an older Value of the item writes over its newer Counter, the counter is lost
+# HOLE (fixed): an older Value of the item writes over its newer Counter, the counter is lost
 # Item i: a Counter at k (v1), a Value at k (v2), the Counter again with another amount (v3).
 # v3 then v2 in one batch: v2's group retracts the counter at v2 (skipped: i's contribution
 # is at v3) and writes the Value; its check takes the counter as "this item's last" because
@@ -194,7 +194,7 @@ def test_older_value_in_a_batch_writes_over_the_items_newer_counter(
     assert sink.pending_count(VIEW) == 0
 
 
-# HOLE: an item's entry turning into a Counter of another Redis type at its key is refused
+# HOLE (fixed): an item's entry turning into a Counter of another Redis type at its key is refused
 # Standalone applies it (a key of another type is fine when the change retracts all it
 # holds). On the cluster, the counter's check reads the key's current sum (GET / ZSCORE) on
 # the item's own older hash or set before anything is retracted, and refuses the change as a
@@ -237,7 +237,7 @@ def test_an_items_entry_turning_into_a_counter_of_another_type_at_its_key(
     assert sink.pending_count(VIEW) == 0
 
 
-# HOLE: retracting a contribution from a counter whose key now holds another type is refused
+# HOLE (fixed): retracting a contribution from a counter whose key now holds another type is refused
 # Standalone applies the change (a counter whose place holds another type now only counts its
 # contributors). On the cluster the retraction's check reads the sum (GET on a hash) and
 # fails the whole change as "writes a string Counter there" though it writes nothing: every
@@ -262,7 +262,7 @@ def test_a_delete_retracting_from_a_counter_replaced_by_a_hash_is_refused(
     }
 
 
-# HOLE: a stale older write at a key that became another item's counter is dead-lettered
+# HOLE (fixed): a stale older write at a key that became another item's counter is dead-lettered
 # A's older change (a Value at k) is held after O by a slow process; A leaves k (v2), then B
 # counts at k. The held write is stale (A retracted k at v2: its mark is there), but E checks
 # for a counter's claim before staleness and refuses the change as a type/claim conflict:
@@ -286,7 +286,7 @@ def test_a_held_stale_value_at_a_key_now_another_items_counter_is_stale_not_an_e
     assert got == ["stale"]  # ... but the stale record was an ERROR (a dead letter)
 
 
-# HOLE: an item's stale pending counter note lets its Value overwrite another item's counter
+# HOLE (fixed): an item's stale pending counter note lets its Value overwrite another item's counter
 # X's create (a Counter at k) dies after O: its pending list notes k. Y is then k's only
 # contributor. X's next change writes a Value at k: its group retracts X's counter at k (X
 # has no contribution: skipped) and the Value's check takes the counter as "this item's
@@ -313,7 +313,7 @@ def test_a_dead_pending_counter_note_lets_a_value_overwrite_another_items_counte
     assert outcomes(sink.apply([ch("Y", 2)])) == ["applied"]
 
 
-# HOLE: the sweep's retraction of a stray contribution is refused and the sweep says nothing
+# HOLE (fixed): the sweep's retraction of a stray contribution is refused and the sweep says nothing
 # _retract_claims runs step E and never reads its works' errors: a retraction the script
 # refuses (here: the sum without the stray would overflow) is counted as retracted, logged as
 # done, and the stray contribution stays counted (I5: nothing silent; _retract_all raises

@@ -300,10 +300,28 @@ local function mark_above(owner, id, t)
   return raw ~= false and raw ~= nil and newer((version_at(raw, 1)), t)
 end
 
--- The check of a counter entry o of a group (README.md, "Counters"): sets o.skip (stale), or
--- o.sum, o.count, o.mine (what to write), or returns what fails the group.
-local function check_counter(o, ops)
-  local ty, c = o.ty, contribution(o.owner, o.id)
+-- A key holding another type (have) than entry o writes there: 'stale' when everything in
+-- it is this item's at a version above o's, 'clear' and their identities when it is this
+-- item's at o's version or below (retracted first), nil for anything else (refused).
+local function resolve(o, have)
+  local ids = held(o.key, have)
+  if not ids or #ids == 0 then return nil end
+  local older, newest = {}, false
+  for _, id in ipairs(ids) do
+    local cl = claim_of(call('HGET', CLAIMS, id))
+    if not cl or cl.counter or cl.owner ~= o.owner then return nil end
+    if newer(cl.version, o.t) then newest = true else older[#older + 1] = id end
+  end
+  if newest then return 'stale' end
+  return 'clear', older
+end
+
+-- The check of a counter entry o of a group (README.md, "Counters"): sets o.skip (stale),
+-- o.gone (a retraction that only drops the contribution), or o.sum, o.count, o.mine (what
+-- to write); adds to clear the item's older entries of another type at its key; returns
+-- what fails the group.
+local function check_counter(o, clear)
+  local c = contribution(o.owner, o.id)
   o.c = c
   if o.kind == 'w' then
     o.skip = (c and newer(c.version, o.t)) or mark_above(o.owner, o.id, o.t)
@@ -314,34 +332,63 @@ local function check_counter(o, ops)
   local vid = sub(o.owner, 1, find(o.owner, ':', 1, true) - 1)
   local mine = '#' .. vid .. '#'
   local cl = call('HGET', CLAIMS, o.id)
-  local replaced = false
   if cl and sub(cl, 1, #mine) ~= mine then
     local other = claim_of(cl)
-    for _, r in ipairs(ops) do -- this item's own entry there, retracted first by this change
-      if r.kind ~= 'w' and not COUNTER[r.ty] and r.id == o.id and other.owner == r.owner then
-        replaced = true
-      end
+    local own = not other.counter and other.owner == o.owner
+    if o.kind ~= 'w' then -- the place is not this view's counter any more: drop the part
+      o.gone = true
+      return nil
+    elseif not own then
+      return 'claimed: ' .. other.owner
+    elseif newer(other.version, o.t) then -- this item's newer entry holds the place
+      o.skip = true
+      return nil
     end
-    if not replaced then return 'claimed: ' .. other.owner end
+    o.replaced = true -- this item's older entry there: the counter takes its place
   end
-  local count = (cl and not replaced) and tonumber(sub(cl, #mine + 1)) or 0
-  local fine, cur, held = pcall(current, ty, o.key, o.x)
-  if not fine then return 'type: ' .. call('TYPE', o.key)['ok'] end
-  if replaced then cur = '0' end
+  local have = call('TYPE', o.key)['ok']
+  local cleared = false
+  if have ~= 'none' and have ~= want[COUNTER[o.ty]] then
+    if o.kind ~= 'w' then
+      o.noput = true -- retracting from a place replaced outside viewkeeper: its count only
+    else
+      local how, ids = resolve(o, have)
+      if how == 'stale' then o.skip = true; return nil end
+      if not how then return 'type: ' .. have end
+      clear[#clear + 1] = { o.key, ids, o.owner, o.t }
+      cleared = true
+    end
+  end
+  local count = (cl and not o.replaced) and tonumber(sub(cl, #mine + 1)) or 0
+  local cur, held_value = '0', nil
+  if not o.noput and not cleared and not o.replaced then
+    local fine
+    fine, cur, held_value = pcall(current, o.ty, o.key, o.x)
+    if not fine then return 'type: ' .. have end
+  end
   local old, new = c and c.amount or '0', o.kind == 'w' and o.y or '0'
   o.mine = mine
   o.count = count + (o.kind == 'w' and (c and 0 or 1) or -1)
   if not cur then
-    if o.kind == 'w' then return 'integer: ' .. tostring(held) end
+    if o.kind == 'w' then return 'integer: ' .. tostring(held_value) end
     o.noput = true -- retracting from a place changed outside viewkeeper: its count only
     return nil
   end
-  o.sum = add(cur, add(new, neg(old)))
-  if not fits(ty, o.sum) then return 'overflow: ' .. o.sum end
+  if not o.noput then
+    o.sum = add(cur, add(new, neg(old)))
+    if not fits(o.ty, o.sum) then return 'overflow: ' .. o.sum end
+  end
   return nil
 end
 
 local function apply_counter(o)
+  local cf = '&' .. L(#o.owner) .. o.owner .. o.id
+  if o.gone then
+    call('HDEL', CLAIMS, cf)
+    mark(o.owner, o.id, o.t)
+    return
+  end
+  if o.replaced then mark(o.owner, o.id, o.t) end -- the item's entry the counter replaces
   if o.count <= 0 then
     if not o.noput then put(o.ty, o.key, o.x, nil) end
     call('HDEL', CLAIMS, o.id)
@@ -349,7 +396,6 @@ local function apply_counter(o)
     if not o.noput then put(o.ty, o.key, o.x, o.sum) end
     call('HSET', CLAIMS, o.id, o.mine .. o.count)
   end
-  local cf = '&' .. L(#o.owner) .. o.owner .. o.id
   if o.kind == 'w' then
     call('HSET', CLAIMS, cf, o.t .. o.y)
     call('HDEL', CLAIMS, tomb_field(o.owner, o.id))
@@ -379,36 +425,39 @@ if op == 'E' then
     local bad, clear = nil, {}
     for j, o in ipairs(ops) do
       if COUNTER[o.ty] then
-        local why = check_counter(o, ops)
+        local why = check_counter(o, clear)
         if why then bad = { j, why }; break end
       elseif o.kind == 'w' then
         o.cl = claim_of(call('HGET', CLAIMS, o.id))
         if o.cl and o.cl.counter then -- a counter there: only if this item was its last
-          local last = false
-          for _, r in ipairs(ops) do
-            if r.kind ~= 'w' and COUNTER[r.ty] and r.id == o.id and r.owner == o.owner
-              and sub(o.cl.counter, -2) == '#1' then last = true end
+          local vid = sub(o.owner, 1, find(o.owner, ':', 1, true) - 1)
+          local c = contribution(o.owner, o.id)
+          if mark_above(o.owner, o.id, o.t) or (c and newer(c.version, o.t)) then
+            o.stale = true -- this item's newer change left or holds the place
+          else
+            local last = false
+            if c and o.cl.counter == '#' .. vid .. '#1' then
+              for _, r in ipairs(ops) do
+                if r.kind ~= 'w' and COUNTER[r.ty] and r.id == o.id and r.owner == o.owner then
+                  last = true
+                end
+              end
+            end
+            if not last then bad = { j, 'claimed: ' .. o.cl.counter }; break end
+            o.cl = nil
           end
-          if not last then bad = { j, 'claimed: ' .. o.cl.counter }; break end
-          o.cl = nil
         end
-        o.stale = stale_write(o.owner, o.id, o.t, o.cl)
+        o.stale = o.stale or stale_write(o.owner, o.id, o.t, o.cl)
         local have = not o.stale and call('TYPE', o.key)['ok']
         if have and have ~= 'none' and have ~= want[o.ty] then
-          local ids = held(o.key, have)
-          local older, newest = {}, nil
-          for _, id in ipairs(ids or {}) do
-            local cl = claim_of(call('HGET', CLAIMS, id))
-            if not cl or cl.owner ~= o.owner then ids = nil; break end
-            if newer(cl.version, o.t) then newest = cl.version else older[#older + 1] = id end
-          end
-          if not ids or #ids == 0 then
+          local how, ids = resolve(o, have)
+          if not how then
             bad = { j, have }
             break
-          elseif newest then
+          elseif how == 'stale' then
             o.stale = true -- this item's newer entries hold the key
           else
-            clear[#clear + 1] = { o.key, older, o.owner, o.t }
+            clear[#clear + 1] = { o.key, ids, o.owner, o.t }
           end
         end
       end
@@ -543,6 +592,43 @@ if op == 'P' then
     p = p + 3 + h
     forget(KEYS[3], item, t, handled, {})
     codes[#codes + 1] = '1'
+  end
+  return { table.concat(codes), counters }
+end
+
+-- S: counters set to the sum of their contributions (the end of a rebuild: what was changed
+-- outside viewkeeper is repaired). Per counter: its type (v h z), its key's index in KEYS,
+-- field or member, the view's claim prefix ('#' view id '#'), n, then n contribution fields
+-- and values, as the caller read them. Only when the claim counts exactly n contributors and
+-- each one still holds that value (nothing changed since the caller read them) is the sum
+-- written: '1' repaired, '0' right already, 's' left as it is (changed meanwhile, too many
+-- to check, or its place holds another type).
+if op == 'S' then
+  local m = tonumber(ARGV[a])
+  local p = a + 1
+  for _ = 1, m do
+    local ty, key, x, mine, n = ARGV[p], KEYS[tonumber(ARGV[p + 1])], ARGV[p + 2], ARGV[p + 3], tonumber(ARGV[p + 4])
+    local id = ident(COUNTER[ty], key, x)
+    local code, sum = 's', '0'
+    local same = call('HGET', CLAIMS, id) == mine .. n
+    for j = p + 5, p + 4 + 2 * n, 2 do
+      if not same then break end
+      local raw = call('HGET', CLAIMS, ARGV[j])
+      same = raw == ARGV[j + 1]
+      if same then
+        local _, q = version_at(raw, 1)
+        sum = add(sum, sub(raw, q))
+      end
+    end
+    p = p + 5 + 2 * n
+    if same and fits(ty, sum) then
+      local fine, _, held = pcall(current, ty, key, x)
+      if fine then
+        code = '0'
+        if held ~= sum then put(ty, key, x, sum); code = '1' end
+      end
+    end
+    codes[#codes + 1] = code
   end
   return { table.concat(codes), counters }
 end

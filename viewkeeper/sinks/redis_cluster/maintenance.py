@@ -45,6 +45,7 @@ class ClaimRecord:
     kind: str  # "claim", "counter", "contribution" or "mark"
     generation: int  # of the version (0 for a counter's claim)
     deleted_at: int | None  # a mark: when it was raised
+    raw: bytes = b""  # the field's value
 
     @property
     def live(self) -> bool:
@@ -54,7 +55,7 @@ class ClaimRecord:
 
 def _parse_claim(field: bytes, raw: bytes) -> ClaimRecord:
     if field[:1] not in (b"-", b"&") and raw[:1] == b"#":  # '#' view id '#' contributors
-        return ClaimRecord(field, field, raw[1:].split(b"#")[0], "", "counter", 0, None)
+        return ClaimRecord(field, field, raw[1:].split(b"#")[0], "", "counter", 0, None, raw)
     if field[:1] in (b"-", b"&"):
         n, p = _len_at(field, 1)
         owner, identity = field[p : p + n], field[p + n :]
@@ -70,7 +71,7 @@ def _parse_claim(field: bytes, raw: bytes) -> ClaimRecord:
     end = q + 2 + lg + raw[q + 1 + lg]
     vid, _, item = owner.partition(b":")
     at = int(raw[end:]) if kind == "mark" else None
-    return ClaimRecord(field, identity, vid, _text(item), kind, gen, at)
+    return ClaimRecord(field, identity, vid, _text(item), kind, gen, at, raw)
 
 
 def _place_of(identity: bytes) -> tuple[str, bytes, bytes]:
@@ -134,7 +135,59 @@ class _Maintenance(_Apply):
             if c.live and c.generation < floor and c.item_key not in keep
         ]
         self._retract_claims(view, left, Version(generation, "0"), now)
+        self._settle_counters(view)
         return retracted + len(left)
+
+    def _settle_counters(self, view: View) -> None:
+        """Set each of the view's counters to the sum of the contributions kept beside it
+        (step S, each counter checked unchanged since read): a counter changed or deleted
+        outside viewkeeper is repaired, as on standalone. Logged: how many, and any left."""
+        per_counter: dict[bytes, list[ClaimRecord]] = {}
+        claims: dict[bytes, ClaimRecord] = {}
+        for c in self.iter_claims(view):
+            if c.kind == "counter":
+                claims[c.identity] = c
+            elif c.kind == "contribution":
+                per_counter.setdefault(c.identity, []).append(c)
+        if not claims:
+            return
+        per_slot: dict[int, list[tuple[ClaimRecord, list[ClaimRecord]]]] = {}
+        for identity, claim in claims.items():
+            if len(per_counter.get(identity, [])) > 5000:  # one script call checks them all
+                log.warning(
+                    "redis sink %s: view %s: counter %r has over 5000 contributors: not checked",
+                    self.name,
+                    view.name,
+                    identity,
+                )
+                continue
+            key = _place_of(identity)[1]
+            per_slot.setdefault(self._slot(key), []).append((claim, per_counter.get(identity, [])))
+        calls: list[tuple[list[bytes], list[bytes]]] = []
+        for slot, items in per_slot.items():
+            for first in range(0, len(items), 100):
+                keys = [self._claims_key(slot)]
+                args = [b"%d" % len(items[first : first + 100])]
+                for claim, parts in items[first : first + 100]:
+                    t, key, sub = _place_of(claim.identity)
+                    keys.append(key)
+                    mine = claim.raw[: claim.raw.rindex(b"#") + 1]
+                    args += [t.lower().encode(), b"%d" % len(keys), sub, mine, b"%d" % len(parts)]
+                    for c in parts:
+                        args += [c.field, c.raw]
+                calls.append((keys, [b"S", b"0", b"0", *args]))
+        codes = b"".join(r[0] for r in self._run(calls) if not isinstance(r, BaseException))
+        if codes.count(b"1") or codes.count(b"s"):
+            log.warning(
+                "redis sink %s (%s): view %s: %d counter(s) set to the sum of their "
+                "contributions (changed outside viewkeeper), %d left as the stream keeps them "
+                "(changed meanwhile, or their place holds another type)",
+                self.name,
+                self.where,
+                view.name,
+                codes.count(b"1"),
+                codes.count(b"s"),
+            )
 
     def purge_tombstones(self, view: View | str, older_than: float | None = None) -> int:
         """Forget owner tombstones and entries' retraction marks written before
@@ -233,7 +286,7 @@ class _Maintenance(_Apply):
         log.warning(
             "redis sink %s (%s): view %s: %d entr(ies) claimed below generation %d that no "
             "owner record lists (a node lost records, or a change died between its steps): "
-            "retracted",
+            "retracting them",
             self.name,
             self.where,
             view.name,
@@ -253,6 +306,12 @@ class _Maintenance(_Apply):
             w.ops = [(b"r", w.owner, t, key, sub, b"", b"", packed)]
             works.append(w)
         self._step_e(works, b"%d" % int(now))
+        refused = [f"{w.change.item_key}: {w.error}" for w in works if w.then == "X"]
+        if refused:
+            raise SinkError(
+                f"redis sink {self.name!r}: view {view.name}: {len(refused)} retraction(s) of "
+                f"entries no record lists were refused, first: {refused[0]}"
+            )
 
     # -- readers (checkers, tests) -----------------------------------------------------------
     def owned_entries(self, view: View | str, item_key: str) -> list[Ident] | None:
