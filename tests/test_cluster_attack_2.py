@@ -108,7 +108,7 @@ def book(sink: Any, cluster: RedisCluster, view: View = VIEW) -> dict[str, Any]:
         if c.kind == "claim":
             entries[place] = c.item_key
         elif c.kind == "counter":
-            counters[place] = int(raw.split(b"#")[-1])
+            counters[place] = int(raw.split(b"#")[2])  # "#<vid>#<n>#<sum>"
         elif c.kind == "contribution":
             shares.setdefault(place, {})[c.item_key] = int(raw[_version_end(raw) :])
     return {"entries": entries, "counters": counters, "shares": shares}

@@ -16,7 +16,7 @@ import redis
 from redis.cluster import RedisCluster
 
 from tests.helpers import view_for
-from viewkeeper import Counter, SortedSetCounter, Value, redis_view
+from viewkeeper import Counter, HashField, SortedSetCounter, Value, redis_view
 from viewkeeper.projection.api import View
 from viewkeeper.projection.entries import Entry
 from viewkeeper.projection.project import ProjectionError, project
@@ -268,6 +268,27 @@ def test_one_item_yielding_a_counter_twice_counts_the_sum(sink: RedisSink, clien
     sink.apply([change(LINES, "o2", SEQ + 1, {"id": "o2", "lines": [{"p": "p1", "qty": 1}]})])
     sink.apply([change(LINES, "o1", SEQ + 2, {"id": "o1", "lines": [{"p": "p2", "qty": 4}]})])
     assert client.get("product:p1:sold") == b"1" and client.get("product:p2:sold") == b"4"
+
+
+def test_a_counter_its_item_alone_holds_turns_into_an_entry_of_another_type_at_its_key(
+    sink: RedisSink, client: Any, request: pytest.FixtureRequest
+) -> None:
+    """The key changes type (a string Counter, then a HashField there): the counter this
+    item alone contributed to vanishes with the change, so the new entry is no conflict (was
+    refused on a cluster: tests/test_cluster_attack_3.py). Open on standalone (strict xfail):
+    redis_apply.lua removes a vanishing counter after the change's writes (its step 6), so the
+    HashField is refused and the newest record dead-lettered; removing it before them needs
+    the counters' undo on a refused write (README "A change is all or nothing") reworked."""
+    if not isinstance(sink, RedisClusterSink):
+        why = "standalone: a vanishing counter is removed after the change's writes"
+        request.applymarker(pytest.mark.xfail(strict=True, reason=why))
+    [r] = sink.apply([Change(SHAPE, "o1", Version(0, "1"), [Counter("k:1", amount=5)])])
+    assert r.outcome is Outcome.APPLIED and client.get("k:1") == b"5"
+    [r] = sink.apply([Change(SHAPE, "o1", Version(0, "2"), [HashField("k:1", "f", "x")])])
+    assert (r.outcome, r.error) == (Outcome.APPLIED, None)
+    assert client.hgetall("k:1") == {b"f": b"x"}
+    [r] = sink.apply([Change(SHAPE, "o1", Version(0, "3"), [Counter("k:1", amount=2)])])
+    assert (r.outcome, r.error) == (Outcome.APPLIED, None) and client.get("k:1") == b"2"
 
 
 def test_an_entry_switching_between_value_and_counter(sink: RedisSink, client: Any) -> None:

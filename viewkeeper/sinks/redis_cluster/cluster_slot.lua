@@ -114,7 +114,8 @@ local function pending_text(list)
 end
 
 -- A live claim (field = identity): '+', L(#owner) owner, packed version; or a counter's
--- claim: '#', its view id, '#', how many items contribute to it.
+-- claim: '#', its view id, '#', how many items contribute to it, '#', the sum of their
+-- contributions (what the counter holds unless it was changed outside viewkeeper).
 local function claim_of(raw)
   if not raw then return nil end
   if sub(raw, 1, 1) == '#' then return { counter = raw, owner = raw, version = '' } end
@@ -303,14 +304,33 @@ end
 -- A key holding another type (have) than entry o writes there: 'stale' when everything in
 -- it is this item's at a version above o's, 'clear' and their identities when it is this
 -- item's at o's version or below (retracted first), nil for anything else (refused).
-local function resolve(o, have)
+local function last_counter(o, id, cl, ops)
+  local vid = sub(o.owner, 1, find(o.owner, ':', 1, true) - 1)
+  if sub(cl, 1, #vid + 4) ~= '#' .. vid .. '#1#' then return false end
+  local c = contribution(o.owner, id)
+  if not c or newer(c.version, o.t) then return false end
+  for _, r in ipairs(ops) do
+    if r.kind ~= 'w' and COUNTER[r.ty] and r.id == id and r.owner == o.owner then return true end
+  end
+  return false
+end
+
+local function resolve(o, have, ops)
   local ids = held(o.key, have)
   if not ids or #ids == 0 then return nil end
   local older, newest = {}, false
   for _, id in ipairs(ids) do
-    local cl = claim_of(call('HGET', CLAIMS, id))
-    if not cl or cl.counter or cl.owner ~= o.owner then return nil end
-    if newer(cl.version, o.t) then newest = true else older[#older + 1] = id end
+    local raw = call('HGET', CLAIMS, id)
+    local cl = claim_of(raw)
+    if cl and cl.counter then -- a counter this change retracts, its item the only contributor
+      if not last_counter(o, id, raw, ops) then return nil end
+    elseif not cl or cl.owner ~= o.owner then
+      return nil
+    elseif newer(cl.version, o.t) then
+      newest = true
+    else
+      older[#older + 1] = id
+    end
   end
   if newest then return 'stale' end
   return 'clear', older
@@ -320,7 +340,7 @@ end
 -- o.gone (a retraction that only drops the contribution), or o.sum, o.count, o.mine (what
 -- to write); adds to clear the item's older entries of another type at its key; returns
 -- what fails the group.
-local function check_counter(o, clear)
+local function check_counter(o, clear, ops)
   local c = contribution(o.owner, o.id)
   o.c = c
   if o.kind == 'w' then
@@ -352,14 +372,18 @@ local function check_counter(o, clear)
     if o.kind ~= 'w' then
       o.noput = true -- retracting from a place replaced outside viewkeeper: its count only
     else
-      local how, ids = resolve(o, have)
+      local how, ids = resolve(o, have, ops)
       if how == 'stale' then o.skip = true; return nil end
       if not how then return 'type: ' .. have end
       clear[#clear + 1] = { o.key, ids, o.owner, o.t }
       cleared = true
     end
   end
-  local count = (cl and not o.replaced) and tonumber(sub(cl, #mine + 1)) or 0
+  local count, stored = 0, '0'
+  if cl and not o.replaced then
+    local n, total = string.match(sub(cl, #mine + 1), '^(%d+)#(%-?%d+)$')
+    count, stored = tonumber(n) or 0, total or '0'
+  end
   local cur, held_value = '0', nil
   if not o.noput and not cleared and not o.replaced then
     local fine
@@ -372,8 +396,9 @@ local function check_counter(o, clear)
   if not cur then
     if o.kind == 'w' then return 'integer: ' .. tostring(held_value) end
     o.noput = true -- retracting from a place changed outside viewkeeper: its count only
-    return nil
   end
+  o.stored = add(stored, add(new, neg(old)))
+  if not fits(o.ty, o.stored) then return 'overflow: ' .. o.stored end
   if not o.noput then
     o.sum = add(cur, add(new, neg(old)))
     if not fits(o.ty, o.sum) then return 'overflow: ' .. o.sum end
@@ -394,7 +419,7 @@ local function apply_counter(o)
     call('HDEL', CLAIMS, o.id)
   else
     if not o.noput then put(o.ty, o.key, o.x, o.sum) end
-    call('HSET', CLAIMS, o.id, o.mine .. o.count)
+    call('HSET', CLAIMS, o.id, o.mine .. o.count .. '#' .. o.stored)
   end
   if o.kind == 'w' then
     call('HSET', CLAIMS, cf, o.t .. o.y)
@@ -425,7 +450,7 @@ if op == 'E' then
     local bad, clear = nil, {}
     for j, o in ipairs(ops) do
       if COUNTER[o.ty] then
-        local why = check_counter(o, clear)
+        local why = check_counter(o, clear, ops)
         if why then bad = { j, why }; break end
       elseif o.kind == 'w' then
         o.cl = claim_of(call('HGET', CLAIMS, o.id))
@@ -436,7 +461,7 @@ if op == 'E' then
             o.stale = true -- this item's newer change left or holds the place
           else
             local last = false
-            if c and o.cl.counter == '#' .. vid .. '#1' then
+            if c and sub(o.cl.counter, 1, #vid + 4) == '#' .. vid .. '#1#' then
               for _, r in ipairs(ops) do
                 if r.kind ~= 'w' and COUNTER[r.ty] and r.id == o.id and r.owner == o.owner then
                   last = true
@@ -450,7 +475,7 @@ if op == 'E' then
         o.stale = o.stale or stale_write(o.owner, o.id, o.t, o.cl)
         local have = not o.stale and call('TYPE', o.key)['ok']
         if have and have ~= 'none' and have ~= want[o.ty] then
-          local how, ids = resolve(o, have)
+          local how, ids = resolve(o, have, ops)
           if not how then
             bad = { j, have }
             break
@@ -596,36 +621,25 @@ if op == 'P' then
   return { table.concat(codes), counters }
 end
 
--- S: counters set to the sum of their contributions (the end of a rebuild: what was changed
--- outside viewkeeper is repaired). Per counter: its type (v h z), its key's index in KEYS,
--- field or member, the view's claim prefix ('#' view id '#'), n, then n contribution fields
--- and values, as the caller read them. Only when the claim counts exactly n contributors and
--- each one still holds that value (nothing changed since the caller read them) is the sum
--- written: '1' repaired, '0' right already, 's' left as it is (changed meanwhile, too many
--- to check, or its place holds another type).
+-- S: counters set to the sum their claim keeps of their contributions (the end of a rebuild:
+-- what was changed outside viewkeeper is repaired). Per counter: its type (v h z), its key's
+-- index in KEYS, field or member, the view's claim prefix ('#' view id '#'). '1' repaired,
+-- '0' right already, 's' left as it is (not this view's counter now, or its place holds
+-- another type).
 if op == 'S' then
   local m = tonumber(ARGV[a])
   local p = a + 1
   for _ = 1, m do
-    local ty, key, x, mine, n = ARGV[p], KEYS[tonumber(ARGV[p + 1])], ARGV[p + 2], ARGV[p + 3], tonumber(ARGV[p + 4])
-    local id = ident(COUNTER[ty], key, x)
-    local code, sum = 's', '0'
-    local same = call('HGET', CLAIMS, id) == mine .. n
-    for j = p + 5, p + 4 + 2 * n, 2 do
-      if not same then break end
-      local raw = call('HGET', CLAIMS, ARGV[j])
-      same = raw == ARGV[j + 1]
-      if same then
-        local _, q = version_at(raw, 1)
-        sum = add(sum, sub(raw, q))
-      end
-    end
-    p = p + 5 + 2 * n
-    if same and fits(ty, sum) then
-      local fine, _, held = pcall(current, ty, key, x)
+    local ty, key, x, mine = ARGV[p], KEYS[tonumber(ARGV[p + 1])], ARGV[p + 2], ARGV[p + 3]
+    p = p + 4
+    local cl = call('HGET', CLAIMS, ident(COUNTER[ty], key, x))
+    local sum = cl and sub(cl, 1, #mine) == mine and string.match(sub(cl, #mine + 1), '^%d+#(%-?%d+)$')
+    local code = 's'
+    if sum then
+      local fine, _, held_value = pcall(current, ty, key, x)
       if fine then
         code = '0'
-        if held ~= sum then put(ty, key, x, sum); code = '1' end
+        if held_value ~= sum then put(ty, key, x, sum); code = '1' end
       end
     end
     codes[#codes + 1] = code

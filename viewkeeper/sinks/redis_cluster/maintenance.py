@@ -139,49 +139,30 @@ class _Maintenance(_Apply):
         return retracted + len(left)
 
     def _settle_counters(self, view: View) -> None:
-        """Set each of the view's counters to the sum of the contributions kept beside it
-        (step S, each counter checked unchanged since read): a counter changed or deleted
-        outside viewkeeper is repaired, as on standalone. Logged: how many, and any left."""
-        per_counter: dict[bytes, list[ClaimRecord]] = {}
-        claims: dict[bytes, ClaimRecord] = {}
+        """Set each of the view's counters to the sum its claim keeps of its contributions
+        (step S, each counter atomically): a counter changed or deleted outside viewkeeper is
+        repaired, as on standalone. Logged: how many."""
+        per_slot: dict[int, list[ClaimRecord]] = {}
         for c in self.iter_claims(view):
             if c.kind == "counter":
-                claims[c.identity] = c
-            elif c.kind == "contribution":
-                per_counter.setdefault(c.identity, []).append(c)
-        if not claims:
-            return
-        per_slot: dict[int, list[tuple[ClaimRecord, list[ClaimRecord]]]] = {}
-        for identity, claim in claims.items():
-            if len(per_counter.get(identity, [])) > 5000:  # one script call checks them all
-                log.warning(
-                    "redis sink %s: view %s: counter %r has over 5000 contributors: not checked",
-                    self.name,
-                    view.name,
-                    identity,
-                )
-                continue
-            key = _place_of(identity)[1]
-            per_slot.setdefault(self._slot(key), []).append((claim, per_counter.get(identity, [])))
+                per_slot.setdefault(self._slot(_place_of(c.identity)[1]), []).append(c)
+        mine = b"#" + self._view_id(view.name) + b"#"
         calls: list[tuple[list[bytes], list[bytes]]] = []
-        for slot, items in per_slot.items():
-            for first in range(0, len(items), 100):
+        for slot, claims in per_slot.items():
+            for first in range(0, len(claims), 200):
                 keys = [self._claims_key(slot)]
-                args = [b"%d" % len(items[first : first + 100])]
-                for claim, parts in items[first : first + 100]:
+                args = [b"%d" % len(claims[first : first + 200])]
+                for claim in claims[first : first + 200]:
                     t, key, sub = _place_of(claim.identity)
                     keys.append(key)
-                    mine = claim.raw[: claim.raw.rindex(b"#") + 1]
-                    args += [t.lower().encode(), b"%d" % len(keys), sub, mine, b"%d" % len(parts)]
-                    for c in parts:
-                        args += [c.field, c.raw]
+                    args += [t.lower().encode(), b"%d" % len(keys), sub, mine]
                 calls.append((keys, [b"S", b"0", b"0", *args]))
         codes = b"".join(r[0] for r in self._run(calls) if not isinstance(r, BaseException))
         if codes.count(b"1") or codes.count(b"s"):
             log.warning(
                 "redis sink %s (%s): view %s: %d counter(s) set to the sum of their "
-                "contributions (changed outside viewkeeper), %d left as the stream keeps them "
-                "(changed meanwhile, or their place holds another type)",
+                "contributions (changed outside viewkeeper), %d left alone (their place holds "
+                "another type)",
                 self.name,
                 self.where,
                 view.name,
