@@ -99,7 +99,7 @@ _MOVES = [
 ]
 
 
-# HOLE: a counter moving to another Redis type at its key (its only contributor) is refused
+# HOLE (fixed): a counter moving to another Redis type at its key (its only contributor) is refused
 # Item i alone counts at k (a string Counter, say); its next change counts at k as a
 # SortedSetCounter (or a hash-field Counter): the key must change type. Standalone applies it
 # (a counter this item alone contributed to and no longer does vanishes: the read of the new
@@ -137,7 +137,7 @@ def test_a_counter_moving_to_another_type_at_its_key_is_refused(
     assert sink.pending_count(VIEW) == 0
 
 
-# HOLE: a counter turning into an entry of another type at its key (sole contributor): refused
+# HOLE (fixed): a counter turning into an entry of another type at its key (sole contributor): refused
 # The same with a plain entry: i alone counts at k (a string Counter) and its next change
 # writes HashField(k, f) (or a hash-field counter becomes a Value, a sorted-set counter a
 # HashField). The group retracts i's counter, its last contribution, but the new entry's
@@ -309,7 +309,7 @@ def _racing_s(monkeypatch: pytest.MonkeyPatch, rebuild: Any, then: Callable[[], 
     monkeypatch.setattr(rebuild, "_run", racing)
 
 
-# HOLE: a tampered counter is not repaired by the rebuild once the stream touches it meanwhile
+# HOLE (fixed): a tampered counter is not repaired by the rebuild once the stream touches it meanwhile
 # A counter k (A 3 + B 4) is set to 100 outside viewkeeper; a rebuild (generation 1) reads
 # A and B, then its sweep lists k's contributions for step S. Before S runs, the stream
 # applies A's next change (amount 5, generation 1): the live sum becomes 100 + 5 - 3 = 102.
