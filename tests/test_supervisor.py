@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import logging
 import os
 import random
@@ -50,7 +51,7 @@ from botocore.exceptions import ClientError
 from prometheus_client import REGISTRY
 
 import viewkeeper.runtime.supervisor as supervisor_module
-from tests.fakestream_server import FakeStreamServer
+from tests.fakestream_server import FakeStreamServer, _Forwarder
 from tests.helpers import REPO, redis_view_keys, vk_env, write_config
 from tests.testbed.dynamo import boto3_client
 from tests.views_e2e import fake_views, scale_views
@@ -818,6 +819,45 @@ class Proc:
         return self.log.read_text(errors="replace")
 
 
+class OneWritePerItem(_Forwarder):
+    """The fake server's forwarding to moto, handing moto one write per item at a time.
+
+    DynamoDB applies the writes to one item one after the other, each conditional write
+    checked against the state the previous one left: the lease protocol rests on that
+    (of several takes of a lease at the counter they saw, one wins). moto's threaded
+    server checks a condition and then applies the update with no lock in between, so
+    racing takes of one free lease could all be granted — and the stored owner, counter
+    and token could come from different takes. In the rolling restart, when a drained
+    process's leases fell free and the others took them at once, a process could end up
+    renewing a lease whose stored owner was another, which lost it and did not release
+    it at its drain: the lease stayed owned by the drained process. Writes to different
+    items (different leases) still go in parallel, as in DynamoDB."""
+
+    _WRITES = frozenset({"UpdateItem", "PutItem", "DeleteItem"})
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self._items: dict[tuple[str, str], threading.Lock] = {}
+        self._items_lock = threading.Lock()
+
+    def send(
+        self, method: str, path: str, headers: list[tuple[str, str]], body: bytes
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
+        target = next((v for k, v in headers if k.lower() == "x-amz-target"), "")
+        if target.rpartition(".")[2] not in self._WRITES:
+            return super().send(method, path, headers, body)
+        payload = json.loads(body)
+        # the coordination table's key is (pk, sk); without them, one lock for the table
+        key = payload.get("Key") or {
+            k: v for k, v in payload.get("Item", {}).items() if k in ("pk", "sk")
+        }
+        item = (str(payload.get("TableName")), json.dumps(key, sort_keys=True))
+        with self._items_lock:
+            lock = self._items.setdefault(item, threading.Lock())
+        with lock:
+            return super().send(method, path, headers, body)
+
+
 @dataclass
 class Cluster:
     """A fake-stream table ``scale`` served over HTTP, moto for coordination, real Redis, and
@@ -844,7 +884,9 @@ class Cluster:
     def __post_init__(self) -> None:
         self.fake = FakeStream()
         self.fake.create_table("scale", ("pk",), shards=self.shards)
-        self.server = FakeStreamServer(self.fake, self.dynamodb_url).start()
+        self.server = FakeStreamServer(self.fake, self.dynamodb_url)
+        self.server.forwarder = OneWritePerItem(self.dynamodb_url)  # see its doc
+        self.server.start()
         self.config = write_config(
             self.tmp,
             dynamodb_url=self.server.url,
@@ -1111,6 +1153,51 @@ def assert_applies_only_by_owners(cluster: Cluster) -> dict[str, Any]:
         "max_apply_after_loss": round(max(after_loss, default=0.0), 2),
         "handovers": sum(max(0, len(t) - 1) for t in tenures.values()),
     }
+
+
+def test_the_clusters_coordination_table_grants_a_contested_lease_once(
+    cluster_factory: Callable[..., Cluster],
+) -> None:
+    """The lease protocol rests on DynamoDB's conditional writes being atomic per item: of
+    takes racing for one lease at the counter they saw, one wins. moto's server checks a
+    condition, then applies the update, with no lock in between, so several takes could
+    all win (seen in the rolling restart: a drained process stayed a lease's owner while
+    another renewed the lease in its name). The processes' coordination traffic goes
+    through the cluster's server, which hands moto one write per item at a time."""
+    cluster = cluster_factory(1)
+    through = DynamoDBStore(boto3_client("dynamodb", cluster.server.url), cluster.store.table)
+    arn = cluster.fake.stream_arn("scale")
+    assert cluster.store.create_lease(Lease("contested", "shardId-contested", arn, ()))
+    racers = 8
+    wrong: list[str] = []
+
+    def take(free: Lease, owner: str, barrier: threading.Barrier, won: list[Lease]) -> None:
+        barrier.wait()
+        taken = through.take_lease(free, owner)
+        if taken is not None:
+            won.append(taken)
+
+    for trial in range(30):
+        (free,) = cluster.store.list_leases("contested")
+        assert free.owner is None, free
+        barrier = threading.Barrier(racers)
+        won: list[Lease] = []
+        threads = [
+            threading.Thread(target=take, args=(free, f"racer-{i}-{trial}", barrier, won))
+            for i in range(racers)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        (stored,) = cluster.store.list_leases("contested")
+        if len(won) != 1 or (won[0].owner, won[0].counter) != (stored.owner, stored.counter):
+            wrong.append(
+                f"trial {trial}: takes granted {[(w.owner, w.counter) for w in won]}, "
+                f"stored {(stored.owner, stored.counter)}"
+            )
+        cluster.store.release_lease(stored)
+    assert wrong == [], "\n".join(wrong)
 
 
 def test_three_processes_share_fairly_and_a_kill_9_loses_nothing(
