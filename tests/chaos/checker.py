@@ -13,6 +13,9 @@ Each difference is one entry: **missing** (expected, absent), **stale** (present
 value or score, or a key of the wrong type), **orphaned** (present, not expected). A fourth
 count looks under the hood: viewkeeper's Redis owner records must list exactly the entries
 each live item owns (a wrong owner record is an orphan or a stale entry waiting to happen).
+On a Redis Cluster (the cluster sink, ``redis_sink=``) a fifth: the live entry claims of the
+sink's slots must be exactly the entries the projection yields, each claimed by its item (a
+live claim no item yields is an entry a later sweep or change would not retract).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ __all__ = [
     "CheckReport",
     "Counts",
     "check_sinks",
+    "compare_claims",
     "compare_docs",
     "compare_redis",
     "expected_docs",
@@ -82,10 +86,12 @@ class CheckReport:
     redis: Counts
     opensearch: Counts
     owner_records: Counts
+    claims: Counts | None = None  # the cluster sink's live entry claims (compare_claims)
 
     @property
     def ok(self) -> bool:
-        return not (self.redis.total or self.opensearch.total or self.owner_records.total)
+        claims = self.claims.total if self.claims is not None else 0
+        return not (self.redis.total or self.opensearch.total or self.owner_records.total or claims)
 
     def summary(self) -> str:
         lines = [
@@ -94,11 +100,15 @@ class CheckReport:
             f"opensearch docs:     {self.opensearch.line()}",
             f"redis owner records: {self.owner_records.line()}",
         ]
-        for name, counts in (
+        parts = [
             ("redis", self.redis),
             ("opensearch", self.opensearch),
             ("owner records", self.owner_records),
-        ):
+        ]
+        if self.claims is not None:
+            lines.append(f"redis entry claims:  {self.claims.line()}")
+            parts.append(("claims", self.claims))
+        for name, counts in parts:
             lines += [f"  {name} {e}" for e in counts.examples]
         return "\n".join(lines)
 
@@ -272,7 +282,7 @@ def _idents(item: Mapping[str, Any], view: View) -> set[tuple[str, str, str]]:
 
 
 def compare_owner_records(
-    items: Sequence[Mapping[str, Any]], views: Iterable[View], sink: RedisSink,
+    items: Sequence[Mapping[str, Any]], views: Iterable[View], sink: Any,
     key_names: Sequence[str],
 ) -> Counts:  # fmt: skip
     """viewkeeper's bookkeeping: each live item's owner record lists exactly its entries;
@@ -299,6 +309,58 @@ def compare_owner_records(
         for key in by_key.keys() - seen:
             c.compared += 1
             c.add("missing", f"{view.name} {key!r} has no owner record")
+    return c
+
+
+def _claimed_ident(identity: bytes) -> tuple[str, str, str]:
+    """An entry identity as the Redis sinks store it (their README, "Encodings": ``V key`` |
+    ``H L(key) key field`` | ``S L(key) key member`` | ``Z L(key) key member``, ``L(n)`` one
+    byte below 253, else 0xfd and 4 bytes) as (type, key, field or member)."""
+    kind = chr(identity[0])
+    if kind == "V":
+        return kind, _text(identity[1:]), ""
+    n, p = identity[1], 2
+    if n >= 253:
+        n, p = int.from_bytes(identity[2:6], "big"), 6
+    return kind, _text(identity[p : p + n]), _text(identity[p + n :])
+
+
+def compare_claims(
+    items: Sequence[Mapping[str, Any]], views: Iterable[View], sink: Any,
+    key_names: Sequence[str], redis_client: Any, prefix: str = "vk:",
+) -> Counts:  # fmt: skip
+    """The cluster sink's bookkeeping in the entries' slots (``sink.iter_claims()``, read
+    once: it reads every slot): the live claims of each view are exactly the entries its items
+    yield, each claimed by its own item. A live claim no item yields is **orphaned** (whatever
+    its entry holds: nothing will retract it), an entry without a live claim **missing**, one
+    claimed by another item **stale**. Claims name their view by its short id, which the
+    registry hash ``vk:views`` maps back (``#<id>`` -> name: the Redis sink's README)."""
+    registry = redis_client.hgetall(f"{prefix}views".encode())
+    names = {k[1:]: _text(v) for k, v in registry.items() if k.startswith(b"#") and k != b"#"}
+    got: dict[str, dict[tuple[str, str, str], str]] = {}
+    for cl in sink.iter_claims():
+        if cl.live:
+            name = names.get(cl.view_id, f"#{_text(cl.view_id)}")
+            got.setdefault(name, {})[_claimed_ident(cl.identity)] = cl.item_key
+    c = Counts()
+    views = list(views)
+    for view in views:
+        want = {ident: item_key(item, key_names) for item in items for ident in _idents(item, view)}
+        has = got.get(view.name, {})
+        for ident in sorted(want.keys() | has.keys()):
+            c.compared += 1
+            where = f"{view.name} {ident}"
+            if ident not in has:
+                c.add("missing", f"{where}: no live claim (item {want[ident]!r} yields it)")
+            elif ident not in want:
+                c.add("orphaned", f"{where}: claimed live by {has[ident]!r}, yielded by none")
+            elif has[ident] != want[ident]:
+                c.add("stale", f"{where}: claimed by {has[ident]!r}, yielded by {want[ident]!r}")
+    known = {v.name for v in views}
+    for name in sorted(got.keys() - known):  # other views of the registry are not checked
+        if name.startswith("#"):  # an id the registry does not name: whose are they?
+            c.compared += len(got[name])
+            c.add("orphaned", f"{len(got[name])} live claims of an unknown view id {name}")
     return c
 
 
@@ -339,8 +401,11 @@ def check_sinks(
     registry: ViewRegistry,
     redis_client: Any,
     opensearch: OpenSearchSink,
+    redis_sink: Any = None,
 ) -> CheckReport:
-    """Scan the table, project it, and compare every sink of every view of ``table``."""
+    """Scan the table, project it, and compare every sink of every view of ``table``.
+    ``redis_sink``: the sink whose bookkeeping is read (default: a standalone RedisSink on
+    ``redis_client``); a cluster sink (it has ``iter_claims``) adds the claims' count."""
     items = scan_items(db, table)
     views = registry.by_table(table)
     redis_views = [v for v in views if v.kind == "redis"]
@@ -356,5 +421,9 @@ def check_sinks(
             setattr(os_counts, name, getattr(os_counts, name) + getattr(part, name))
         os_counts.examples += part.examples
         os_counts.where += part.where
-    owners = compare_owner_records(items, redis_views, RedisSink("cache", redis_client), key_names)
-    return CheckReport(len(items), redis_counts, os_counts, owners)
+    sink = redis_sink if redis_sink is not None else RedisSink("cache", redis_client)
+    owners = compare_owner_records(items, redis_views, sink, key_names)
+    claims = None
+    if hasattr(sink, "iter_claims"):
+        claims = compare_claims(items, redis_views, sink, key_names, redis_client)
+    return CheckReport(len(items), redis_counts, os_counts, owners, claims)

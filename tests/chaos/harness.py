@@ -19,6 +19,14 @@ watched by ``tick`` too: it acts when the rebuild reaches its phase, and asserts
 status when it ends. Services are started and stopped from the calling (main) thread only:
 the test bed's processes die with the thread that forked them (the second Redis that the
 READONLY fault fails over to included).
+
+Cluster mode (``redis_cluster=`` the test bed's cluster control instead of ``redis_server``):
+the ``cache`` connection is the Redis Cluster (``cluster: true``), the checks read it through
+the cluster sink (its live entry claims too), and the cluster's own faults replace the
+standalone Redis ones: a manual failover, a slot migrating step by step (ASK, TRYAGAIN),
+a master unreachable (SIGSTOP, shorter or longer than the node timeout) and a master
+killed (SIGKILL, back later as a replica). They do not overlap each other or a background
+rebuild, as the Redis faults do not.
 """
 
 from __future__ import annotations
@@ -43,11 +51,13 @@ from opensearchpy import OpenSearch
 from tests.chaos.checker import CheckReport, check_sinks
 from tests.chaos.daemons import CliJob, Daemon, run_cli
 from tests.chaos.proxy import CutMode, TcpProxy
-from tests.testbed import RedisServer
+from tests.chaos.workload import OWNERS, STATUSES
+from tests.testbed import ClusterControl, RedisServer, SlotMigration, slot_of
 from viewkeeper.coordination.dynamodb import DynamoDBStore
 from viewkeeper.coordination.model import Lease, LeaseState
 from viewkeeper.projection.registry import ViewRegistry, load_views
 from viewkeeper.sinks.opensearch import OpenSearchSink
+from viewkeeper.sinks.redis_cluster import RedisClusterSink
 
 __all__ = ["VIEWS_MODULE", "Harness"]
 
@@ -94,16 +104,19 @@ class Harness:
         dynamodb_url: str,
         opensearch_url: str,
         os_prefix: str,
-        redis_server: RedisServer,
+        redis_server: RedisServer | None,
         rng: random.Random,
         slots: tuple[str, ...] = ("a", "b"),
+        redis_cluster: ClusterControl | None = None,
     ) -> None:
+        assert (redis_server is None) != (redis_cluster is None), "a Redis or a cluster"
         self.workdir = workdir
         self.db = db
         self.dynamodb_url = dynamodb_url
         self.opensearch_url = opensearch_url
         self.os_prefix = os_prefix
         self.redis_server = redis_server
+        self.redis_cluster = redis_cluster
         self.rng = rng
         self.t0 = time.monotonic()
         self.figures = Figures()
@@ -111,7 +124,14 @@ class Harness:
         self.coord_table = f"vk-coord-chaos-{uuid.uuid4().hex[:8]}"
         self.store = DynamoDBStore(db, self.coord_table)
         self.registry: ViewRegistry = load_views([VIEWS_MODULE])
-        self.redis = redis.Redis.from_url(redis_server.url)
+        self.redis: Any
+        self.redis_sink: RedisClusterSink | None = None  # the checker's reader in cluster mode
+        if redis_cluster is not None:
+            self.redis = redis_cluster.cluster_client()
+            self.redis_sink = RedisClusterSink("cache", self.redis)
+        else:
+            assert redis_server is not None
+            self.redis = redis.Redis.from_url(redis_server.url)
         self.os_client = OpenSearch(hosts=[opensearch_url], timeout=30)
         self.os_sink = OpenSearchSink("search", self.os_client, index_prefix=os_prefix)
         self.os_proxy = TcpProxy(opensearch_url, name="opensearch").start()
@@ -149,13 +169,16 @@ class Harness:
         }
         if worker_id:
             worker["worker_id"] = worker_id
+        if self.redis_cluster is not None:
+            cache = {"url": self._cluster_url(), "cluster": True}
+        else:
+            assert self.redis_server is not None
+            cache = {"url": self.redis_server.url}
         cfg = {
             "aws": {"region": "us-east-1", "endpoint_url": endpoint},
             "tables": {TABLE: {"starting_position": "TRIM_HORIZON"}},
             "views": [VIEWS_MODULE],
-            "redis": {
-                "cache": {"url": self.redis_server.url, "socket_timeout": 3, "connect_timeout": 1}
-            },
+            "redis": {"cache": {**cache, "socket_timeout": 3, "connect_timeout": 1}},
             "opensearch": {
                 "search": {
                     "hosts": [search],
@@ -170,7 +193,9 @@ class Harness:
             "metrics": {"port": None},
             "logging": {"level": "INFO"},
         }
-        path.write_text(yaml.safe_dump(cfg))
+        part = path.with_name(path.name + ".part")  # whole or not at all: a Lambda cold start
+        part.write_text(yaml.safe_dump(cfg))  # may read it while a fault rewrites it
+        part.replace(path)
         return path
 
     # --- bookkeeping -----------------------------------------------------------------------------
@@ -192,7 +217,7 @@ class Harness:
         """The chaos Redis is down or in a fault, or a rebuild (which must write it) runs:
         Redis faults do not overlap each other or a background rebuild."""
         return (
-            not self.redis_server.is_running()
+            (self.redis_server is not None and not self.redis_server.is_running())
             or any(p.tag == "redis" for p in self.pending)
             or bool(self.jobs)
         )
@@ -507,6 +532,127 @@ class Harness:
         self.redis.config_set("maxmemory", 0)
         self.note(f"redis maxmemory lifted ({refused} OOM replies under it)")
 
+    # --- the cluster's faults (cluster mode) ----------------------------------------------------
+    @property
+    def cluster(self) -> ClusterControl:
+        assert self.redis_cluster is not None, "not in cluster mode"
+        return self.redis_cluster
+
+    def _cluster_url(self) -> str:
+        """A node whose process runs and is not paused now: the one node a config names
+        (redis-py finds the others); rewritten at each daemon start and before each use of
+        the direct config, so that it names none that a fault took down meanwhile."""
+        return f"redis://127.0.0.1:{self.cluster.live_ports()[0]}/0"
+
+    def refresh_direct_config(self) -> None:
+        if self.redis_cluster is not None:
+            self.write_config(self.direct_config, direct=True)
+
+    def hot_slots(self) -> list[int]:
+        """Slots of the chaos views' shared keys (a sorted set and a hash per owner, a set
+        per status: most changes write some of them) and of the busiest owner-record bucket."""
+        keys = [f"chaos:owner:{o}:{kind}" for o in OWNERS for kind in ("by-n", "status")]
+        slots = {slot_of(k) for k in [*keys, *(f"chaos:status:{s}" for s in STATUSES)]}
+        buckets = list(self.redis.scan_iter(match=b"vk:{*}:o:*", count=1000))
+        if buckets:
+            slots.add(slot_of(max(buckets, key=lambda k: (self.redis.hlen(k), k))))
+        return sorted(slots)
+
+    def redirections(self) -> Counter[str]:
+        """ASK and TRYAGAIN replies the masters have sent (INFO errorstats)."""
+        out: Counter[str] = Counter()
+        for master in self.cluster.masters():
+            with self.cluster.client(master) as conn:
+                stats = conn.info("errorstats")
+            for code in ("ASK", "TRYAGAIN"):
+                found = stats.get(f"errorstat_{code}")
+                out[code] += int(found["count"]) if isinstance(found, dict) else 0
+        return out
+
+    def cluster_failover(self, rng: random.Random) -> None:
+        """CLUSTER FAILOVER on the replica of a hot slot's master (waits until it is done:
+        a manual failover loses no write)."""
+        slot = rng.choice(self.hot_slots())
+        master = self.cluster.node_for_slot(slot)
+        replica = self.cluster.replicas_of(master)[0]
+        self.fault("cluster failover", f"{master.port} -> {replica.port} (slot {slot})")
+        self.cluster.failover(replica)
+        self.note(f"cluster failover done: {replica.port} is the master of slot {slot}")
+
+    def cluster_migrate(self, rng: random.Random, seconds: float) -> None:
+        """A hot slot migrates to another master: half its keys now (calls get ASK for them,
+        TRYAGAIN for keys on both sides), the rest and the hand-over after ``seconds``."""
+        slot = rng.choice(self.hot_slots())
+        source = self.cluster.node_for_slot(slot)
+        target = rng.choice([m for m in self.cluster.masters() if m.node_id != source.node_id])
+        before = self.redirections()
+        migration = self.cluster.begin_migration(slot, target)
+        # the slot's bookkeeping hash first: a call for keys not on the source then gets ASK
+        left = sorted(migration.keys_left(), key=lambda k: not k.endswith(b"}:c"))
+        moved = migration.move_keys(left[: (len(left) + 1) // 2])
+        self.fault(
+            "cluster slot migration",
+            f"slot {slot} {source.port} -> {target.port}: {moved} of {len(left)} keys now, the "
+            f"rest in {seconds:.1f}s",
+        )
+        self.later(
+            seconds,
+            f"slot {slot} handed over",
+            partial(self._end_migration, migration, before),
+            tag="redis",
+        )
+
+    def _end_migration(self, migration: SlotMigration, before: Counter[str]) -> None:
+        moved = migration.finish()
+        after = self.redirections()
+        for code in ("ASK", "TRYAGAIN"):
+            self.figures.effects[f"{code} replies"] += after[code] - before[code]
+        self.note(f"slot {migration.slot} on {migration.target.port} ({moved} more keys moved)")
+
+    def cluster_pause(self, rng: random.Random, seconds: float) -> None:
+        """A master stops answering (SIGSTOP) for ``seconds``: shorter than the node timeout,
+        calls time out and are sent again; longer, its replica takes over and it comes back
+        as a replica."""
+        master = rng.choice(self.cluster.masters())
+        failover = seconds * 1000 > self.cluster.node_timeout_ms
+        self.cluster.pause(master, seconds)
+        self.refresh_direct_config()  # for a Lambda cold start meanwhile
+        self.fault(
+            f"cluster master unreachable{' (failover)' if failover else ''}",
+            f"{master.port} SIGSTOPped for {seconds:.1f}s",
+        )
+        self.later(seconds, f"cluster node {master.port} resumed", self._cluster_healthy, "redis")
+
+    def cluster_kill_master(self, rng: random.Random, down_for: float) -> None:
+        """SIGKILL of a master; waits until its replica took over; it is started again
+        ``down_for`` seconds later (empty: it becomes a replica of the new master)."""
+        master = rng.choice(self.cluster.masters())
+        self.fault("cluster master kill -9", f"{master.port}, started again {down_for:.1f}s later")
+        promoted = self.cluster.kill_master(master)
+        self.refresh_direct_config()
+        self.note(f"cluster: {promoted.port} took over from {master.port}")
+        self.later(
+            down_for,
+            f"cluster node {master.port} restarted",
+            partial(self._restart_node, master.port),
+            tag="redis",
+        )
+
+    def _restart_node(self, port: int) -> None:
+        self.cluster.restart_as_replica(port)
+        self._cluster_healthy()
+
+    def _cluster_healthy(self) -> None:
+        """Until every node is up, each master has a synced replica and no slot migrates
+        (the next cluster fault needs them)."""
+        self.cluster.wait_healthy(30.0)
+        self.refresh_direct_config()
+
+    def lost_views(self) -> list[str]:
+        """Views marked needs_rebuild: a loss a sink noticed (in cluster mode: writes a
+        killed or failed-over master acknowledged but never replicated)."""
+        return sorted(n for n, s in self.store.view_states().items() if s.needs_rebuild)
+
     # --- rebuilds --------------------------------------------------------------------------------
     def rebuild_handover(
         self, how: str, phase: str, down_for: float, items_per_second: float
@@ -518,6 +664,7 @@ class Harness:
         ``down_for``; "SIGSTOP": resumed after ``down_for``), so the lease moves while the
         rebuild runs. Its exit status is asserted when it ends (:meth:`tick`)."""
         self.fault("rebuild + lease handover", f"{how} of the holder in the {phase}")
+        self.refresh_direct_config()
         args = ["rebuild", "--all", "-c", str(self.direct_config)]
         args += ["--max-items-per-second", f"{items_per_second:.1f}"]
         self._rebuilds += 1
@@ -570,6 +717,7 @@ class Harness:
         )
 
     def rebuild(self) -> None:
+        self.refresh_direct_config()
         started = time.monotonic()
         res = run_cli(["rebuild", "--all", "-c", str(self.direct_config)], log=self.tool_log)
         self.note(
@@ -586,13 +734,16 @@ class Harness:
         self.os_proxy.restore()
         for proxy in self.ddb_proxies.values():
             proxy.restore()
-        if not self.redis_server.is_running():
+        if self.redis_server is not None and not self.redis_server.is_running():
             self.redis_server.start()
+        if self.redis_cluster is not None:  # resumed, started, migrations finished, healthy
+            self.redis_cluster.heal()
         for d in self.daemons.values():
             d.resume()
 
     def drain(self, timeout: float = 180.0) -> None:
         """One `viewkeeper run --until-caught-up` against the services directly."""
+        self.refresh_direct_config()
         started = time.monotonic()
         res = run_cli(
             ["run", "-c", str(self.direct_config), "--until-caught-up"],
@@ -616,6 +767,7 @@ class Harness:
             registry=self.registry,
             redis_client=self.redis,
             opensearch=self.os_sink,
+            redis_sink=self.redis_sink,
         )
 
     def stream_records(self) -> Iterator[dict[str, Any]]:
