@@ -37,6 +37,7 @@ MODULES: list[str] = [
     "rebuild",
     "memory",
     "processes",
+    "cluster",
 ]
 
 
