@@ -476,7 +476,6 @@ def test_the_daemon_killed_mid_work_and_restarted_replays_to_the_exact_state(
     end_clean(bed)
 
 
-# BUG: at times its rebuild dies on tag_for_slot's thread race (see the last test of this file)
 def test_a_rebuild_while_writing_converges_with_no_orphan(
     make_bed: Callable[..., Bed], redis_cluster_client: RedisCluster
 ) -> None:
@@ -541,7 +540,6 @@ def start_writing(bed: Bed) -> RedisCluster:
     return bed.client()
 
 
-# BUG: ClusterError "TTL exhausted." (ASK/TRYAGAIN mid-migration) is dead-lettered, not retried
 def test_slots_migrating_while_changes_are_applied(
     make_bed: Callable[..., Bed],
     redis_cluster_faults: RemoteClusterControl,
@@ -553,11 +551,10 @@ def test_slots_migrating_while_changes_are_applied(
     two halves (between them the sink's calls get ASK for keys already moved and TRYAGAIN
     for a call whose keys are on both sides), then the slots are handed over.
 
-    Fails now (see BUG above): a call that keeps getting TRYAGAIN while its slot's keys are on
-    both sides ends, in redis-py, with ``ClusterError("TTL exhausted.")`` after 16 tries;
-    ``RedisClusterSink._run`` retries only ``_is_transient`` errors and RedisClusterException,
-    so it answers that error as the call's own and the changes are dead-lettered ("Redis
-    rejected the change: TTL exhausted.") instead of being held until the slot settles."""
+    Failed before: a call that keeps getting TRYAGAIN while its slot's keys are on both
+    sides ends, in redis-py, with ``ClusterError("TTL exhausted.")`` after 16 tries, which
+    ``RedisClusterSink._run`` answered as the call's own error: the changes were
+    dead-lettered. It is the cluster's state now: held until the slot settles."""
     control = redis_cluster_faults
     bed = make_bed(control)
     try:
@@ -693,7 +690,6 @@ def kill_behind(
     return master, lag
 
 
-# BUG: at times its rebuild dies on tag_for_slot's thread race (see the last test of this file)
 def test_masters_killed_with_sigkill_are_exact_or_the_loss_is_noticed(
     make_bed: Callable[..., Bed],
     redis_cluster_faults: RemoteClusterControl,
@@ -705,8 +701,11 @@ def test_masters_killed_with_sigkill_are_exact_or_the_loss_is_noticed(
     sink noticed (needs_rebuild) and `viewkeeper rebuild` makes it exact; silently wrong
     fails. Then the loss made certain: the master of ``{b}`` is killed once its replica has
     been cut off for a second of writes (see kill_behind); the writer goes on, so the daemon
-    writes the slot of ``{b}`` again, where the write counter went back: cluster_card must
-    be marked needs_rebuild, and the rebuild makes the cluster exact."""
+    writes the slot of ``{b}`` again. The sink acknowledges a batch only once a replica of
+    every master it wrote has it (RedisClusterSink._replicated), so the batch written while
+    the replica was cut off is held, then sent again to the promoted replica; either the
+    cluster is exact, or a loss was noticed and the rebuild makes it exact (seen in some
+    runs since the wait: open), never silently wrong."""
     control = redis_cluster_faults
     bed = make_bed(control)
     try:
@@ -730,17 +729,15 @@ def test_masters_killed_with_sigkill_are_exact_or_the_loss_is_noticed(
         control.restart_as_replica(second)
         bed.write_for(1.0)
         finish(bed)
-        noticed = bed.losses().get("cluster_card", 0) > losses.get("cluster_card", 0)
-        assert noticed and "cluster_card" in bed.lost(), (
-            f"the master acknowledged writes it never replicated ({lag} bytes) and the daemon "
-            f"wrote that slot again, yet no loss was noticed: {bed.lost()}, {bed.losses()}\n"
-            f"{bed.check(client).summary()}\n{bed.explain()}"
-        )
-        behind = settle(bed, client)
+        # the sink acknowledges a batch only once a replica has it: the batch written while
+        # the replica was cut off is held, and sent again to the promoted replica; a loss
+        # was still noticed in some runs (the view rebuilt, exact): not silently wrong
+        behind = settle(bed, client)  # exact, or the loss noticed and the rebuild exact
+        bed.note(f"losses before the second kill: {losses}")
     except BaseException:
         print(bed.explain())
         raise
-    assert behind.startswith("loss noticed"), behind
+    assert behind == "nothing lost" or behind.startswith("loss noticed"), behind
     say(
         capsys,
         f"\nkill -9 of master {first.port}: {plain}; of master {second.port} {lag} bytes "
@@ -749,7 +746,6 @@ def test_masters_killed_with_sigkill_are_exact_or_the_loss_is_noticed(
     end_clean(bed)
 
 
-# BUG: writes a promoted replica lacks go unnoticed unless the same process writes there again
 def test_writes_a_killed_master_lost_are_noticed_even_if_nothing_writes_there_again(
     make_bed: Callable[..., Bed],
     redis_cluster_faults: RemoteClusterControl,
@@ -761,13 +757,11 @@ def test_writes_a_killed_master_lost_are_noticed_even_if_nothing_writes_there_ag
     writes those slots. The loss must still be noticed, or the cluster be exact: a view
     left wrong with no needs_rebuild and no error is the silent loss I5 forbids.
 
-    Fails now (see BUG above): a slot's write counter is compared with what the process saw
-    there only by that process's next call in that slot (cluster_slot.lua's first lines);
-    nothing else reads the counters (the markers are all there: the replica had them), so
-    with no later change there, or after the daemon restarts (a new process has seen no
-    counter), the loss is never noticed: items missing, stale and orphaned, no
-    needs_rebuild, no error (seen: 17 missing, 14 stale, 4 orphaned data entries, 3 stale
-    owner records, 17 missing and 4 orphaned claims)."""
+    Failed before: a slot's write counter is compared with what the process saw there only
+    by that process's next call in that slot, so with no later change there the loss went
+    unnoticed (seen: 17 missing, 14 stale, 4 orphaned data entries). Now the sink
+    acknowledges a batch only once a replica of every master it wrote has it: the batch is
+    held while the replica is cut off and sent again to it once promoted: exact."""
     control = redis_cluster_faults
     bed = make_bed(control)
     try:
@@ -780,7 +774,7 @@ def test_writes_a_killed_master_lost_are_noticed_even_if_nothing_writes_there_ag
             for pk, sk in rng.sample(make_keys(KEYS), 8):
                 owner = rng.choice(("ana", "bo"))
                 put(bed.db, pk, sk, "paid", owner, str(rng.randrange(100, 999)))
-            bed.drain()  # applied and checkpointed, acknowledged by the master alone
+            time.sleep(4.0)  # applied by the master alone: the batch is held, not checkpointed
 
         master, lag = kill_behind(bed, control, slot_of("{b}"), changes)
         control.restart_as_replica(master)
@@ -802,7 +796,7 @@ from viewkeeper.sinks.redis import packing
 
 sys.setswitchinterval(1e-6)  # threads switch often: the window is a few milliseconds wide
 for attempt in range(5):  # each time as in a fresh process: the table not built yet
-    packing._TAGS.clear()
+    packing._TAGS = ()
     start = threading.Barrier(8)
 
     def first_use(slot):
@@ -823,7 +817,6 @@ print("ok")
 """
 
 
-# BUG: packing.tag_for_slot builds its table unlocked: threads using it first at once mix it up
 def test_slot_tags_are_right_when_threads_build_them_at_once() -> None:
     """The rebuild of test_masters_killed_with_sigkill_are_exact_or_the_loss_is_noticed
     failed once (rebuild exit 1: ``RedisClusterException: EVALSHA - all keys must map to the
@@ -834,7 +827,8 @@ def test_slot_tags_are_right_when_threads_build_them_at_once() -> None:
     it, interleaved, and slots get another slot's tag. A call's bookkeeping key
     ``vk:{TAG}:c`` then lies in another slot than its entries (redis-py refuses the call),
     and the O and F steps' keys (claims, owner records, pending lists, all on the same wrong
-    tag) go to another slot silently, where no other process looks for them."""
+    tag) go to another slot silently, where no other process looks for them. Fixed: the
+    table is built aside and published whole."""
     res = subprocess.run(
         [sys.executable, "-c", _TAG_RACE],
         cwd=REPO,

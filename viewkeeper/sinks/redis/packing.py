@@ -60,21 +60,24 @@ def _b(text: str) -> bytes:
         return text.encode("utf-8", "surrogatepass")
 
 
-_TAGS: list[bytes] = []
+_TAGS: tuple[bytes, ...] = ()
 
 
 def tag_for_slot(slot: int) -> bytes:
     """The shortest decimal text that hashes to cluster slot ``slot`` (0-16383): ``{TAG}`` in
-    a key puts it in that slot, whatever other braces the key holds."""
-    if not _TAGS:
+    a key puts it in that slot, whatever other braces the key holds. The table is built on
+    first use and published whole (threads using it first at once each see it complete)."""
+    global _TAGS
+    table = _TAGS
+    if not table:
         tags: dict[int, bytes] = {}
         i = 0
         while len(tags) < 16384:
             tag = b"%d" % i
             tags.setdefault(key_slot(tag), tag)
             i += 1
-        _TAGS.extend(tags[s] for s in range(16384))
-    return _TAGS[slot]
+        table = _TAGS = tuple(tags[s] for s in range(16384))
+    return table[slot]
 
 
 def _text(raw: bytes) -> str:

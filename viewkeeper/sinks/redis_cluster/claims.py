@@ -124,17 +124,17 @@ class _Claims(_Connection):
                 )
         if lost:
             self._lose(lost)
-        with self._seen_lock:
-            for reply, views, slot in zip(replies, checked, slots, strict=True):
-                if isinstance(reply, BaseException):
-                    continue
-                counters = reply[1]
-                if not isinstance(counters, list) or len(counters) != len(views):
-                    raise self._unexpected(reply)
-                for view, n in zip(views, counters, strict=True):
-                    key = (view, slot)
-                    if n > self._seen.get(key, 0):
-                        self._seen[key] = n
+        pending = self._pending_seen  # remembered once a replica has them (_replicated)
+        for reply, views, slot in zip(replies, checked, slots, strict=True):
+            if isinstance(reply, BaseException):
+                continue
+            counters = reply[1]
+            if not isinstance(counters, list) or len(counters) != len(views):
+                raise self._unexpected(reply)
+            for view, n in zip(views, counters, strict=True):
+                key = (view, slot)
+                if n > pending.get(key, 0):
+                    pending[key] = n
 
     def _lose(self, lost: dict[str, str]) -> None:
         erase = self._client.register_script(_ERASE)

@@ -23,7 +23,16 @@ from typing import Any, TypeVar
 import redis
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
-from redis.exceptions import NoScriptError, RedisClusterException
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    ClusterError,
+    MovedError,
+    NoScriptError,
+    RedisClusterException,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 
 from viewkeeper.projection.api import View
 from viewkeeper.sinks.base import SinkError, SinkUnavailable
@@ -33,6 +42,19 @@ from viewkeeper.sinks.redis.packing import _b, _text, tag_for_slot
 log = logging.getLogger("viewkeeper.sinks.redis_cluster")
 T = TypeVar("T")
 SLOTS = 16384
+
+# The cluster's state, not the call's: redirections that ran out ("TTL exhausted" while slots
+# migrate), a slot not covered during a failover. Sent again until retry_seconds.
+_CLUSTER_STATE = (
+    ClusterError,
+    ClusterDownError,
+    MovedError,
+    AskError,
+    TryAgainError,
+    SlotNotCoveredError,
+    redis.ConnectionError,
+    redis.TimeoutError,
+)
 
 Call = tuple[list[bytes], list[bytes]]  # one script call: its keys (one slot), its arguments
 
@@ -114,6 +136,26 @@ class _Connection:
         self._seen: dict[tuple[str, int], int] = {}
         self._seen_lock = threading.Lock()
         self._ready = False
+        # per thread (each shard worker applies its own batches): the slots written since the
+        # last _replicated(), and the write counters seen there, remembered only once a
+        # replica has the writes (a batch held and sent again after a failover must not
+        # look like a rollback)
+        self._local = threading.local()
+        self._no_replication_info = False
+
+    @property
+    def _written(self) -> set[int]:
+        written: set[int] | None = getattr(self._local, "written", None)
+        if written is None:
+            written = self._local.written = set()
+        return written
+
+    @property
+    def _pending_seen(self) -> dict[tuple[str, int], int]:
+        pending: dict[tuple[str, int], int] | None = getattr(self._local, "seen", None)
+        if pending is None:
+            pending = self._local.seen = {}
+        return pending
 
     # -- keys (README.md, "Key layout") ------------------------------------------------------
     def _tagged(self, slot: int) -> bytes:
@@ -171,10 +213,11 @@ class _Connection:
                 pipe = self._client.pipeline(transaction=False)
                 for i in todo:
                     keys, args = calls[i]
+                    self._written.add(self._slot(keys[0]))
                     pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
                 results = pipe.execute(raise_on_error=False)
             except Exception as exc:  # the whole pipeline: a node down, the cluster down
-                if not _is_transient(exc) and not isinstance(exc, redis.RedisError):
+                if not _is_transient(exc) and not isinstance(exc, _CLUSTER_STATE):
                     raise
                 results = [exc] * len(todo)
             again = []
@@ -183,7 +226,12 @@ class _Connection:
                     load = True
                     again.append(i)
                 elif isinstance(res, BaseException):
-                    if not _is_transient(res) and not isinstance(res, RedisClusterException):
+                    if isinstance(res, RedisClusterException):  # a call across slots: a bug
+                        raise SinkError(
+                            f"redis sink {self.name!r} ({self.where}): {res} (a viewkeeper bug: "
+                            "the batch is held; please report it)"
+                        )
+                    if not _is_transient(res) and not isinstance(res, _CLUSTER_STATE):
                         replies[i] = res  # the call's own failure: its caller decides
                         continue
                     last = res
@@ -203,6 +251,70 @@ class _Connection:
                 time.sleep(wait)
                 wait = min(wait * 2, 0.5)
         return replies
+
+    def _replicated(self) -> None:
+        """Return once every master written since the last call has passed those writes to a
+        replica (its offset reached the master's): a batch is acknowledged — and its records
+        checkpointed — only then, so a master that dies and is replaced by its replica loses
+        no acknowledged write (Redis replicates asynchronously). A master with no replica in
+        the topology is not waited for; one whose replica lags past ``retry_seconds`` (cut off,
+        paused) raises SinkUnavailable: the batch is held and sent again, after a failover
+        to the new master. Where INFO is refused (some managed services) nothing is waited for
+        (logged once); the write counters still notice a rollback (README.md, "Claims")."""
+        slots, self._local.written = self._written, set()
+        seen, self._local.seen = self._pending_seen, {}
+        if not self._no_replication_info and slots:
+            self._wait_for_replicas(slots)
+        with self._seen_lock:  # the batch is safe: its write counters become the marks
+            for key, n in seen.items():
+                if n > self._seen.get(key, 0):
+                    self._seen[key] = n
+
+    def _wait_for_replicas(self, slots: set[int]) -> None:
+        """Wait (see _replicated) for a replica of each master owning one of ``slots``."""
+        cache = self._client.nodes_manager.slots_cache
+        masters: dict[str, Any] = {}
+        for slot in slots:
+            nodes = cache.get(slot) or []
+            if len(nodes) > 1:  # a master with a replica
+                masters[nodes[0].name] = nodes[0]
+        deadline = time.monotonic() + self.retry_seconds
+        for name, node in masters.items():
+            target: int | None = None
+            while True:
+                try:
+                    info = self._client.info("replication", target_nodes=node)
+                except redis.ResponseError as exc:
+                    if _is_transient(exc):
+                        info = {}
+                    else:
+                        self._no_replication_info = True
+                        log.warning(
+                            "redis sink %s (%s): INFO replication refused (%s): batches are "
+                            "acknowledged without waiting for a replica",
+                            self.name,
+                            self.where,
+                            exc,
+                        )
+                        return
+                except _CLUSTER_STATE:
+                    info = {}
+                if target is None and "master_repl_offset" in info:
+                    target = int(info["master_repl_offset"])
+                offsets = [
+                    int(v.get("offset", -1))
+                    for k, v in info.items()
+                    if k.startswith("slave") and isinstance(v, dict) and v.get("state") == "online"
+                ]
+                if target is not None and offsets and max(offsets) >= target:
+                    break
+                if time.monotonic() > deadline:
+                    raise SinkUnavailable(
+                        f"redis sink {self.name!r} ({self.where}): master {name} has not "
+                        f"passed this batch's writes to a replica after {self.retry_seconds:g}s; "
+                        "the batch is held (a failover or a lagging replica)"
+                    )
+                time.sleep(0.002)
 
     # -- view ids and the bucket count ------------------------------------------------------
     def _view_id(self, name: str) -> bytes:
