@@ -697,6 +697,10 @@ def test_the_demo_runs_on_a_redis_cluster(
         assert "~ orders:count:new" in out and "+ orders:count:paid" in out
         assert "[carol@1999, alice@4250]" in out
         assert "- order:o-1003" in out
+        steps = re.split(r"\n\d\. ", out)  # each step shows its own writes, none late
+        assert "+ orders:events                1 events" in steps[1], steps[1]
+        assert "'event': 'MODIFY', 'status': 'paid'" in steps[4], steps[4]
+        assert '~ order:o-1001                 {"status":"paid"' in steps[4], steps[4]
         replay = out.split("replays the stream from the start")[1]
         assert "(no change)" in replay and "dead-lettered 0" in replay
         assert "Traceback" not in res.stderr, res.stderr

@@ -112,6 +112,19 @@ def _remove_demo_names(rclient: Any, opensearch_url: str | None) -> int:
     return removed
 
 
+def _records_accounted(registry: ViewRegistry) -> int:
+    """(record, view) pairs the daemon has accounted for so far (viewkeeper_records_total):
+    one record a demo step writes adds one per view."""
+    from prometheus_client import REGISTRY
+
+    total = 0.0
+    for view in registry:
+        for outcome in ("applied", "stale", "dead_lettered"):
+            labels = {"view": view.name, "outcome": outcome}
+            total += REGISTRY.get_sample_value("viewkeeper_records_total", labels) or 0.0
+    return int(total)
+
+
 def _print_diff(before: dict[str, str], after: dict[str, str]) -> None:
     changed = False
     for key in sorted(set(before) | set(after)):
@@ -362,20 +375,23 @@ class _Demo:
     def _changes(self) -> None:
         """Writes to the table, each followed by what changed in the views."""
 
-        def settle() -> None:
+        def settle(records_before: int) -> None:
+            """Until the step's record is accounted for by every view (applied, appended,
+            stale or dead-lettered: all written by then), at most 10 s. A fixed wait after
+            the first change showed a slower sink's (a cluster's) last writes a step late."""
             deadline = time.monotonic() + 10
-            before = _redis_snapshot(self.rclient)
             while time.monotonic() < deadline:
-                time.sleep(0.05)
-                if _redis_snapshot(self.rclient) != before:
+                if _records_accounted(self.registry) >= records_before + len(self.registry):
                     break
-            time.sleep(0.3)  # let the last page of this step land
+                time.sleep(0.05)
+            time.sleep(0.05)
 
         def act(title: str, write: Callable[[], None]) -> None:
             self._say(title)
             before = _redis_snapshot(self.rclient)
+            records_before = _records_accounted(self.registry)
             write()
-            settle()
+            settle(records_before)
             _print_diff(before, _redis_snapshot(self.rclient))
             time.sleep(self.pace)
 
