@@ -148,6 +148,7 @@ class _Apply(_Claims):
         active = [w for w in works if w.result is None]
         while active:
             self._step_e(active, stamp)
+            self._replicated(commit=False)  # the entries safe before the records say so
             self._step_f(active, stamp)
             active = [w for w in active if w.result is None]
         for w in works:

@@ -252,7 +252,7 @@ class _Connection:
                 wait = min(wait * 2, 0.5)
         return replies
 
-    def _replicated(self) -> None:
+    def _replicated(self, commit: bool = True) -> None:
         """Return once every master written since the last call has passed those writes to a
         replica (its offset reached the master's): a batch is acknowledged — and its records
         checkpointed — only then, so a master that dies and is replaced by its replica loses
@@ -260,11 +260,16 @@ class _Connection:
         the topology is not waited for; one whose replica lags past ``retry_seconds`` (cut off,
         paused) raises SinkUnavailable: the batch is held and sent again, after a failover
         to the new master. Where INFO is refused (some managed services) nothing is waited for
-        (logged once); the write counters still notice a rollback (README.md, "Claims")."""
+        (logged once); the write counters still notice a rollback (README.md, "Claims").
+        apply also calls it between steps E and F (``commit`` False): an owner record is
+        written only once its entries are safe, or a failover that lost the entries would
+        leave the record saying they are there, and the batch sent again would be stale."""
         slots, self._local.written = self._written, set()
-        seen, self._local.seen = self._pending_seen, {}
         if not self._no_replication_info and slots:
             self._wait_for_replicas(slots)
+        if not commit:
+            return
+        seen, self._local.seen = self._pending_seen, {}
         with self._seen_lock:  # the batch is safe: its write counters become the marks
             for key, n in seen.items():
                 if n > self._seen.get(key, 0):
