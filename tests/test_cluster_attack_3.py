@@ -137,7 +137,7 @@ def test_a_counter_moving_to_another_type_at_its_key_is_refused(
     assert sink.pending_count(VIEW) == 0
 
 
-# HOLE (fixed): a counter turning into an entry of another type at its key (sole contributor): refused
+# HOLE (fixed): a counter turning into an entry of another type at its key (sole contributor)
 # The same with a plain entry: i alone counts at k (a string Counter) and its next change
 # writes HashField(k, f) (or a hash-field counter becomes a Value, a sorted-set counter a
 # HashField). The group retracts i's counter, its last contribution, but the new entry's
@@ -309,7 +309,7 @@ def _racing_s(monkeypatch: pytest.MonkeyPatch, rebuild: Any, then: Callable[[], 
     monkeypatch.setattr(rebuild, "_run", racing)
 
 
-# HOLE (fixed): a tampered counter is not repaired by the rebuild once the stream touches it meanwhile
+# HOLE (fixed): a tampered counter not repaired by the rebuild once the stream touches it
 # A counter k (A 3 + B 4) is set to 100 outside viewkeeper; a rebuild (generation 1) reads
 # A and B, then its sweep lists k's contributions for step S. Before S runs, the stream
 # applies A's next change (amount 5, generation 1): the live sum becomes 100 + 5 - 3 = 102.
