@@ -724,7 +724,8 @@ def test_masters_killed_with_sigkill_are_exact_or_the_loss_is_noticed(
         losses = bed.losses()
         bed.writer.start()
         bed.write_for(1.0)
-        second, lag = kill_behind(bed, control, slot_of("{b}"), lambda: bed.write_for(1.0))
+        # writes long enough that a held batch is sent again while the replica is cut off
+        second, lag = kill_behind(bed, control, slot_of("{b}"), lambda: bed.write_for(7.0))
         bed.write_for(1.5)
         control.restart_as_replica(second)
         bed.write_for(1.0)
