@@ -380,7 +380,7 @@ def test_any_replays_and_overlaps_append_each_record_exactly_once(
 @example(shards=[2], failing={1}, first=[], then=[(True, 0, 0, 1), (False, 0, 0, 2)])
 @example(shards=[2], failing={1}, first=[], then=[(False, 0, 0, 2)])
 @settings(
-    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
     shards=st.lists(st.integers(1, 6), min_size=1, max_size=3),
