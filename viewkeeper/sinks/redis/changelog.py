@@ -142,6 +142,31 @@ def read_codes(
             raise unexpected(reply)
 
 
+def purge_marks(client: Any, hw: bytes, cutoff: int) -> int:
+    """Forget the high-water marks of shards that appended nothing since ``cutoff`` (their
+    records are out of the stream's 24 hours); both Redis sinks' purge."""
+    marks = client.hgetall(hw)
+    old = [f for f, t in marks.items() if f[:1] == b"@" and t.isdigit() and int(t) < cutoff]
+    if old:
+        client.hdel(hw, *[x for f in old for x in (f, f[1:])])
+    return len(old)
+
+
+def wipe_changelog(client: Any, keys: tuple[bytes, bytes, bytes]) -> int:
+    """Delete a change-log view's stream (not a key of another type: not ours), its
+    high-water hash and replay keys; the stream entries deleted. Both Redis sinks' wipe."""
+    stream, hw, rp = keys
+    n = 0
+    if client.type(stream) == b"stream":
+        n = int(client.xlen(stream))
+        client.delete(stream)
+    client.delete(hw)
+    pattern = re.sub(rb"([*?\[\]\\])", rb"\\\1", rp) + b"*"
+    for key in client.scan_iter(match=pattern, count=1000):
+        client.delete(key)
+    return n
+
+
 class _Changelog(_Maintenance):
     """The ``Sink`` protocol's ``append``, and purge and wipe for change-log views."""
 
@@ -303,33 +328,13 @@ class _Changelog(_Maintenance):
         if isinstance(view, str) or not view.changelog:
             return super().purge_tombstones(view, older_than)
         cutoff = int(self._clock() - self.tombstone_retention if older_than is None else older_than)
-        _, hw, _ = self.changelog_keys(view)
-
-        def purge() -> int:
-            marks = self._client.hgetall(hw)
-            old = [f for f, t in marks.items() if f[:1] == b"@" and t.isdigit() and int(t) < cutoff]
-            if old:
-                self._client.hdel(hw, *[x for f in old for x in (f, f[1:])])
-            return len(old)
-
-        return int(self._with_retry(purge))
+        hw = self.changelog_keys(view)[1]
+        return int(self._with_retry(partial(purge_marks, self._client, hw, cutoff)))
 
     def wipe(self, view: View) -> int:
         """For a change-log view: delete its stream and its bookkeeping (a take-over);
         returns the number of stream entries deleted."""
         if not view.changelog:
             return super().wipe(view)
-        stream, hw, rp = self.changelog_keys(view)
-
-        def wipe() -> int:
-            n = 0
-            if self._client.type(stream) == b"stream":  # a key of another type is not ours
-                n = int(self._client.xlen(stream))
-                self._client.delete(stream)
-            self._client.delete(hw)
-            pattern = re.sub(rb"([*?\[\]\\])", rb"\\\1", rp) + b"*"
-            for key in self._client.scan_iter(match=pattern, count=1000):
-                self._client.delete(key)
-            return n
-
-        return int(self._with_retry(wipe))
+        keys = self.changelog_keys(view)
+        return int(self._with_retry(partial(wipe_changelog, self._client, keys)))

@@ -11,12 +11,19 @@ answered before the next, as on standalone.
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Collection, Sequence
+from functools import partial
 
 from viewkeeper.projection.api import View
 from viewkeeper.sinks.base import Append, Outcome, Result, SinkError
-from viewkeeper.sinks.redis.changelog import _PER_CALL, group_args, read_codes, slot_tag
+from viewkeeper.sinks.redis.changelog import (
+    _PER_CALL,
+    group_args,
+    purge_marks,
+    read_codes,
+    slot_tag,
+    wipe_changelog,
+)
 from viewkeeper.sinks.redis.connection import apply_script
 from viewkeeper.sinks.redis.packing import _b, _text
 from viewkeeper.sinks.redis_cluster.connection import Call, log
@@ -194,32 +201,12 @@ class _Changelog(_Maintenance):
         if isinstance(view, str) or not view.changelog:
             return super().purge_tombstones(view, older_than)
         cutoff = int(self._clock() - self.tombstone_retention if older_than is None else older_than)
-        _, hw, _ = self.changelog_keys(view)
-
-        def purge() -> int:
-            marks = self._client.hgetall(hw)
-            old = [f for f, t in marks.items() if f[:1] == b"@" and t.isdigit() and int(t) < cutoff]
-            if old:
-                self._client.hdel(hw, *[x for f in old for x in (f, f[1:])])
-            return len(old)
-
-        return int(self._with_retry(purge))
+        hw = self.changelog_keys(view)[1]
+        return int(self._with_retry(partial(purge_marks, self._client, hw, cutoff)))
 
     def wipe(self, view: View) -> int:
         """For a change-log view: delete its stream and its bookkeeping (a take-over)."""
         if not view.changelog:
             return super().wipe(view)
-        stream, hw, rp = self.changelog_keys(view)
-
-        def wipe() -> int:
-            n = 0
-            if self._client.type(stream) == b"stream":  # a key of another type is not ours
-                n = int(self._client.xlen(stream))
-                self._client.delete(stream)
-            self._client.delete(hw)
-            pattern = re.sub(rb"([*?\[\]\\])", rb"\\\1", rp) + b"*"
-            for key in self._client.scan_iter(match=pattern, count=1000):
-                self._client.delete(key)
-            return n
-
-        return int(self._with_retry(wipe))
+        keys = self.changelog_keys(view)
+        return int(self._with_retry(partial(wipe_changelog, self._client, keys)))
