@@ -81,12 +81,20 @@ log = logging.getLogger(__name__)
 FK_VIEWS = load_views(["tests.views_e2e.fake_views"])
 
 
-def wait_until(cond: Callable[[], bool], timeout: float, what: str, step: float = 0.02) -> float:
-    """Poll ``cond`` until true; returns the seconds it took (fails naming ``what``)."""
+def wait_until(
+    cond: Callable[[], bool],
+    timeout: float,
+    what: str,
+    step: float = 0.02,
+    state: Callable[[], object] | None = None,
+) -> float:
+    """Poll ``cond`` until true; returns the seconds it took (fails naming ``what`` and, if
+    given, what ``state()`` shows then)."""
     started = time.monotonic()
     while not cond():
         if time.monotonic() - started > timeout:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+            seen = f"; state then: {state()}" if state is not None else ""
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}{seen}")
         time.sleep(step)
     return time.monotonic() - started
 
@@ -1083,6 +1091,18 @@ def renewal_gaps(
     return gaps
 
 
+def lease_moves(samples: Sequence[Sample]) -> list[tuple[float, str, int | None, int | None]]:
+    """(time, shard, pid before, pid after) of each change of owner the sampler saw."""
+    moves: list[tuple[float, str, int | None, int | None]] = []
+    last: dict[str, int | None] = {}
+    for s in list(samples):
+        for shard, (pid, _, _, _) in s.leases.items():
+            if shard in last and last[shard] != pid:
+                moves.append((round(s.at, 1), shard[-6:], last[shard], pid))
+            last[shard] = pid
+    return moves
+
+
 def assert_applies_only_by_owners(cluster: Cluster) -> dict[str, Any]:
     """Every apply on a shard came from the process holding its lease, or from the previous
     holder shortly after it lost it.
@@ -1325,7 +1345,16 @@ def test_a_rolling_restart_loses_nothing_and_drains_cleanly(
         wait_until(
             lambda new=new: cluster.counts().get(new.pid, 0) >= 2, 60, f"restart {i}: a lease"
         )
-    wait_until(partial(cluster.fair, procs), 60, "a fair share after the restarts", step=0.1)
+    wait_until(
+        partial(cluster.fair, procs),
+        60,
+        "a fair share after the restarts",
+        step=0.1,
+        state=lambda: (
+            f"leases per pid {dict(cluster.counts())} (live: {[p.pid for p in procs]}); "
+            f"last lease moves {lease_moves(cluster.samples)[-8:]}"
+        ),
+    )
     time.sleep(0.5)
     cluster.stop_writer()
     cluster.wait_converged()
