@@ -702,10 +702,13 @@ def test_masters_killed_with_sigkill_are_exact_or_the_loss_is_noticed(
     fails. Then the loss made certain: the master of ``{b}`` is killed once its replica has
     been cut off for a second of writes (see kill_behind); the writer goes on, so the daemon
     writes the slot of ``{b}`` again. The sink acknowledges a batch only once a replica of
-    every master it wrote has it (RedisClusterSink._replicated), so the batch written while
-    the replica was cut off is held, then sent again to the promoted replica; either the
-    cluster is exact, or a loss was noticed and the rebuild makes it exact (seen in some
-    runs since the wait: open), never silently wrong."""
+    every master it wrote has it (``WAIT`` in each pipeline: _Connection._send_node), so the
+    batch written while the replica was cut off is held, then sent again to the promoted
+    replica; either the cluster is exact, or a loss was noticed and the rebuild makes it
+    exact, never silently wrong. (A loss was noticed here in some runs while the wait went by
+    the client's slot table alone: after the first kill it listed no replica for the promoted
+    master, whose old master came back as its replica later, so nothing waited for it; see
+    test_a_batch_is_held_while_a_replica_the_client_does_not_know_of_is_behind.)"""
     control = redis_cluster_faults
     bed = make_bed(control)
     try:
@@ -731,8 +734,7 @@ def test_masters_killed_with_sigkill_are_exact_or_the_loss_is_noticed(
         bed.write_for(1.0)
         finish(bed)
         # the sink acknowledges a batch only once a replica has it: the batch written while
-        # the replica was cut off is held, and sent again to the promoted replica; a loss
-        # was still noticed in some runs (the view rebuilt, exact): not silently wrong
+        # the replica was cut off is held, and sent again to the promoted replica
         behind = settle(bed, client)  # exact, or the loss noticed and the rebuild exact
         bed.note(f"losses before the second kill: {losses}")
     except BaseException:

@@ -17,7 +17,15 @@ from tests.helpers import view_for
 from viewkeeper import Counter, SetMember, Value, redis_view
 from viewkeeper.projection.entries import Entry
 from viewkeeper.projection.versions import Version
-from viewkeeper.sinks.base import Change, Claim, NamespaceLost, Outcome, Owner, Result
+from viewkeeper.sinks.base import (
+    Change,
+    Claim,
+    NamespaceLost,
+    Outcome,
+    Owner,
+    Result,
+    SinkUnavailable,
+)
 from viewkeeper.sinks.redis_cluster import RedisClusterSink
 
 
@@ -159,3 +167,49 @@ def test_results_come_back_in_order_across_slots_and_duplicates(cluster: RedisCl
     assert outcomes(results) == ["applied"] * 150 + ["error"] + ["applied"] * 150 + ["stale"] * 10
     assert all(cluster.get(f"k:{n}") == str(n).encode() for n in range(300))
     assert Outcome.ERROR is results[150].outcome and "bookkeeping prefix" in str(results[150].error)
+
+
+def test_a_batch_is_held_while_a_replica_the_client_does_not_know_of_is_behind(
+    redis_cluster_faults: Any,
+) -> None:
+    """The client's topology is stale (a node came back as a replica after the client's last
+    refresh: it thinks the master has none), and that replica is cut off from its master.
+    A batch written there must not be acknowledged: the master's death would lose it, with
+    nothing noticed if no later write lands there (I5).
+
+    Failed before: the wait for a replica went by the client's slot table only, so the
+    batch came back APPLIED at once, on the master alone (in CI, test_cluster_e2e.py's
+    test_writes_a_killed_master_lost_are_noticed_even_if_nothing_writes_there_again came out
+    silently wrong, and a loss was noticed where none should be). Now each pipeline to a
+    master thought to have no replica asks it (ROLE) and waits if it does."""
+    control = redis_cluster_faults
+    client = control.cluster_client()
+    try:
+        sink = armed(client)
+        key = "seat:held"
+        master = control.node_for_slot(key_slot(key.encode()))
+        replica = control.replicas_of(master)[0]
+        with client.nodes_manager._lock:  # the stale topology: no replica anywhere
+            for owners in client.nodes_manager.slots_cache.values():
+                del owners[1:]
+        control.command(replica, "CONFIG", "SET", "masterauth", "not-the-masters-password")
+        try:
+            control.command(master, "CLIENT", "KILL", "TYPE", "replica")
+
+            def cut() -> list[str]:
+                status = control.info(replica, "replication").get("master_link_status")
+                return [] if status == "down" else [f"link {status}"]
+
+            control.wait_until(f"the replication link of {replica} to drop", cut, 10.0)
+            with pytest.raises(SinkUnavailable, match="replica"):
+                sink.apply([ch("held", 1, Value(key, "paid"))])
+        finally:
+            control.command(replica, "CONFIG", "SET", "masterauth", "")
+        # once the replica has caught up, the same batch sent again is acknowledged
+        assert outcomes(sink.apply([ch("held", 1, Value(key, "paid"))])) in (
+            ["applied"],
+            ["stale"],
+        )
+        assert client.get(key) == b"paid"
+    finally:
+        client.close()

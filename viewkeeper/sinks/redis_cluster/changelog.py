@@ -85,7 +85,7 @@ class _Changelog(_Maintenance):
     def append(self, appends: Sequence[Append]) -> list[Result]:
         """Change-log entries, each appended once; one Result per append."""
         self._ensure_ready()
-        self._local.written, self._local.seen = set(), {}  # what a failed call left: not ours
+        self._local.seen = {}  # what a failed call left: not ours
         now = self._clock()
         results: list[Result | None] = [None] * len(appends)
         per_view: dict[str, list[int]] = {}
@@ -122,7 +122,7 @@ class _Changelog(_Maintenance):
         out = [r for r in results if r is not None]
         if len(out) != len(appends):  # never checkpoint past an append without an answer
             raise AssertionError(f"{len(appends) - len(out)} appends got no result")
-        self._replicated()
+        self._commit_seen()
         return out
 
     def _send_group(

@@ -124,7 +124,7 @@ class _Claims(_Connection):
                 )
         if lost:
             self._lose(lost)
-        pending = self._pending_seen  # remembered once a replica has them (_replicated)
+        pending = self._pending_seen  # remembered once the batch is acknowledged (_commit_seen)
         for reply, views, slot in zip(replies, checked, slots, strict=True):
             if isinstance(reply, BaseException):
                 continue

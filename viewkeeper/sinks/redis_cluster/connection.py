@@ -1,11 +1,12 @@
 """The connection: the cluster client, the sink's state, and the one way calls are sent.
 
 Owns ``__init__``, the key names (README.md, "Key layout"), :meth:`_Connection._run`: many
-calls of ``cluster_slot.lua``, each in one slot, sent at once (grouped by node, every node
-written before any is read: redis-py's cluster pipeline), the ones that failed for the
+calls of ``cluster_slot.lua``, each in one slot, sent at once (one pipeline per master, the
+masters at once, each pipeline ending in a wait for a replica), the ones that failed for the
 cluster's state (a failover, a migrating slot: MOVED, ASK, TRYAGAIN, CLUSTERDOWN, a lost
-connection) sent again until ``retry_seconds``, and the script loaded again where a node does
-not have it (a promoted replica, a new node); the view ids (``vk:views``) and the bucket
+connection, a replica not reached) sent again where the cluster now says until
+``retry_seconds``, and the script loaded again where a node does not have it (a promoted
+replica, a new node); the view ids (``vk:views``) and the bucket
 count (``vk:meta``), as the standalone sink keeps them.
 """
 
@@ -17,11 +18,12 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from typing import Any, TypeVar
 
 import redis
-from redis.cluster import RedisCluster
+from redis.cluster import PRIMARY, ClusterNode, RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import (
     AskError,
@@ -29,7 +31,6 @@ from redis.exceptions import (
     ClusterError,
     MovedError,
     NoScriptError,
-    RedisClusterException,
     SlotNotCoveredError,
     TryAgainError,
 )
@@ -43,9 +44,28 @@ log = logging.getLogger("viewkeeper.sinks.redis_cluster")
 T = TypeVar("T")
 SLOTS = 16384
 
-# The cluster's state, not the call's: redirections that ran out ("TTL exhausted" while slots
-# migrate), a slot not covered during a failover. Sent again until retry_seconds.
+
+class _NotReplicated(Exception):
+    """A master did not pass a pipeline's writes to a replica within the wait."""
+
+
+def _replicas_listed(nodes: Any) -> bool:
+    """Whether a master's ``CLUSTER NODES`` (as redis-py parses it) lists a replica of its
+    own that is not failed; False where the command was refused."""
+    if not isinstance(nodes, dict):
+        return False
+    me = next((n["node_id"] for n in nodes.values() if "myself" in n["flags"].split(",")), None)
+    return any(
+        n.get("master_id") == me
+        and not {"fail", "handshake", "noaddr"} & set(n["flags"].split(","))
+        for n in nodes.values()
+    )
+
+
+# The cluster's state, not the call's: redirections, a slot not covered during a failover, a
+# lost connection, a replica not reached. Sent again until retry_seconds.
 _CLUSTER_STATE = (
+    _NotReplicated,
     ClusterError,
     ClusterDownError,
     MovedError,
@@ -136,19 +156,14 @@ class _Connection:
         self._seen: dict[tuple[str, int], int] = {}
         self._seen_lock = threading.Lock()
         self._ready = False
-        # per thread (each shard worker applies its own batches): the slots written since the
-        # last _replicated(), and the write counters seen there, remembered only once a
-        # replica has the writes (a batch held and sent again after a failover must not
-        # look like a rollback)
+        # per thread (each shard worker applies its own batches): the write counters seen in
+        # this batch, remembered only once it is acknowledged (a batch held and sent again
+        # after a failover must not look like a rollback)
         self._local = threading.local()
-        self._no_replication_info = False
-
-    @property
-    def _written(self) -> set[int]:
-        written: set[int] | None = getattr(self._local, "written", None)
-        if written is None:
-            written = self._local.written = set()
-        return written
+        self._no_wait = False
+        self._wait_ms = max(1, int(min(retry_seconds, 2.0) * 1000))
+        self._executor: ThreadPoolExecutor | None = None
+        self._found_replicated: set[str] = set()  # masters whose replica the topology missed
 
     @property
     def _pending_seen(self) -> dict[tuple[str, int], int]:
@@ -196,130 +211,206 @@ class _Connection:
 
     def _run(self, calls: Sequence[Call], script: tuple[bytes, bytes] | None = None) -> list[Any]:
         """Run every call of ``cluster_slot.lua`` (each one slot), all at once; the replies, in
-        order (``script``: another script than ``cluster_slot.lua``, as (source, sha)). A call
-        that failed for the cluster's state is sent again (every step is
-        idempotent: README.md, "The protocol") until ``retry_seconds``, then SinkUnavailable;
-        a call that failed for itself (a key of viewkeeper's overwritten outside) answers its
-        error, which its caller turns into its changes' errors."""
+        order (``script``: another script than ``cluster_slot.lua``, as (source, sha)). The
+        calls go to their masters in one pipeline per master, the masters at once, each
+        pipeline ending in a replica wait (:meth:`_send_node`): a reply is returned only once
+        a replica has what its call wrote. A call that failed for the cluster's state (MOVED,
+        ASK, TRYAGAIN, CLUSTERDOWN, a lost connection, a replica not reached) is sent again,
+        where the cluster now says (every step is idempotent: README.md, "The protocol"),
+        until ``retry_seconds``, then SinkUnavailable; a call that failed for itself (a key of
+        viewkeeper's overwritten outside) answers its error, which its caller turns into its
+        changes' errors."""
         src, sha = script or (self._src, self._sha)
         replies: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
+        asks: dict[int, tuple[str, int]] = {}  # call -> the node an ASK sent it to
         deadline = time.monotonic() + self.retry_seconds
         wait = 0.02
         last: BaseException | None = None
         while todo:
-            load = False
-            try:
-                pipe = self._client.pipeline(transaction=False)
-                for i in todo:
-                    keys, args = calls[i]
-                    self._written.add(self._slot(keys[0]))
-                    pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
-                results = pipe.execute(raise_on_error=False)
-            except Exception as exc:  # the whole pipeline: a node down, the cluster down
-                if not _is_transient(exc) and not isinstance(exc, _CLUSTER_STATE):
-                    raise
-                results = [exc] * len(todo)
+            load = refresh = pause = False
+            results = self._send_calls(
+                sha, [calls[i] for i in todo], [asks.pop(i, None) for i in todo]
+            )
             again = []
             for i, res in zip(todo, results, strict=True):
                 if isinstance(res, NoScriptError):
                     load = True
-                    again.append(i)
+                elif isinstance(res, MovedError):
+                    self._client.nodes_manager.move_slot(res)  # sent again at once
+                elif isinstance(res, AskError):
+                    asks[i] = (res.host, res.port)  # sent again at once, after ASKING
                 elif isinstance(res, BaseException):
-                    if isinstance(res, RedisClusterException):  # a call across slots: a bug
-                        raise SinkError(
-                            f"redis sink {self.name!r} ({self.where}): {res} (a viewkeeper bug: "
-                            "the batch is held; please report it)"
-                        )
                     if not _is_transient(res) and not isinstance(res, _CLUSTER_STATE):
                         replies[i] = res  # the call's own failure: its caller decides
                         continue
-                    last = res
-                    again.append(i)
+                    last, pause = res, True
+                    refresh |= not isinstance(res, TryAgainError)
                 else:
                     replies[i] = res
+                    continue
+                again.append(i)
             todo = again
             if load:
                 self._with_retry(lambda: self._client.script_load(src))
-            if todo and not load:
-                if time.monotonic() > deadline:
-                    raise SinkUnavailable(
-                        f"redis sink {self.name!r} at {self.where} is unavailable after "
-                        f"retrying for {self.retry_seconds:g}s: {type(last).__name__}: "
-                        f"{self._scrub(str(last))}"
-                    )
-                time.sleep(wait)
-                wait = min(wait * 2, 0.5)
+            if not pause:
+                continue
+            if time.monotonic() > deadline:
+                raise SinkUnavailable(
+                    f"redis sink {self.name!r} at {self.where} is unavailable after "
+                    f"retrying for {self.retry_seconds:g}s: {type(last).__name__}: "
+                    f"{self._scrub(str(last))}"
+                )
+            time.sleep(wait)
+            wait = min(wait * 2, 0.5)
+            if refresh:  # a node gone or the cluster down: ask the cluster where slots are
+                with self._seen_lock:
+                    self._found_replicated.clear()
+                try:
+                    self._client.nodes_manager.initialize()
+                except Exception as exc:
+                    log.debug("redis sink %s: topology refresh failed: %s", self.name, exc)
         return replies
 
-    def _replicated(self, commit: bool = True) -> None:
-        """Return once every master written since the last call has passed those writes to a
-        replica (its offset reached the master's): a batch is acknowledged — and its records
-        checkpointed — only then, so a master that dies and is replaced by its replica loses
-        no acknowledged write (Redis replicates asynchronously). A master with no replica in
-        the topology is not waited for; one whose replica lags past ``retry_seconds`` (cut off,
-        paused) raises SinkUnavailable: the batch is held and sent again, after a failover
-        to the new master. Where INFO is refused (some managed services) nothing is waited for
-        (logged once); the write counters still notice a rollback (README.md, "Claims").
-        apply also calls it between steps E and F (``commit`` False): an owner record is
-        written only once its entries are safe, or a failover that lost the entries would
-        leave the record saying they are there, and the batch sent again would be stale."""
-        slots, self._local.written = self._written, set()
-        if not self._no_replication_info and slots:
-            self._wait_for_replicas(slots)
-        if not commit:
-            return
+    def _send_calls(
+        self, sha: bytes, calls: list[Call], asks: list[tuple[str, int] | None]
+    ) -> list[Any]:
+        """Send ``calls`` once, each to its slot's master (or the node an ASK named), one
+        pipeline per node, the nodes at once; the replies, or the exception each call met."""
+        nodes = self._client.nodes_manager
+        out: list[Any] = [None] * len(calls)
+        groups: dict[tuple[str, bool], tuple[Any, list[int]]] = {}
+        replicated: set[str] = set()  # masters with a replica, as the client knows them now
+        with nodes._lock:
+            for owners in nodes.slots_cache.values():
+                if len(owners) > 1:
+                    replicated.add(owners[0].name)
+        with self._seen_lock:
+            replicated |= self._found_replicated
+        for j, (keys, _args) in enumerate(calls):
+            ask = asks[j]
+            try:
+                if ask is None:
+                    node = nodes.get_node_from_slot(self._slot(keys[0]))
+                else:
+                    node = nodes.get_node(*ask) or self._new_node(*ask)
+            except SlotNotCoveredError as exc:
+                out[j] = exc
+                continue
+            groups.setdefault((node.name, ask is not None), (node, []))[1].append(j)
+        jobs = [
+            (node, asking, node.name in replicated, members)
+            for (_name, asking), (node, members) in groups.items()
+        ]
+        if len(jobs) == 1:
+            done = [self._send_node(sha, calls, *jobs[0])]
+        else:
+            done = list(self._pool().map(lambda job: self._send_node(sha, calls, *job), jobs))
+        for (_node, _asking, _wait, members), replies in zip(jobs, done, strict=True):
+            for j, reply in zip(members, replies, strict=True):
+                out[j] = reply
+        return out
+
+    def _send_node(
+        self,
+        sha: bytes,
+        calls: list[Call],
+        node: Any,
+        asking: bool,
+        replicated: bool,
+        members: list[int],
+    ) -> list[Any]:
+        """One node's calls in one pipeline on one connection, then, where the node has a
+        replica, a write that always replicates (``vk:{tag}:w``, expiring) and ``WAIT 1``: the
+        connection's writes — the calls' and that one — have reached a replica, or the calls
+        answer _NotReplicated and are sent again. The write makes WAIT cover this pipeline's
+        calls even when they changed nothing (a replay): WAIT waits for the connection's own
+        last write, which would otherwise be an older one. A batch is thus acknowledged (and
+        checkpointed) only once its writes are on a replica, and a master that dies and is
+        replaced by its replica loses no acknowledged write (Redis replicates
+        asynchronously); apply's step F runs only after step E's entries are safe.
+
+        Where the client's topology lists no replica, the pipeline ends in ``CLUSTER NODES``
+        instead: the client's slot table is refreshed only on a redirection or an error, so it
+        can miss a replica that joined since (a failed master back as a replica), even one
+        cut off since; a replica the node lists (failed ones aside) makes the calls be sent
+        again, waiting for it."""
+        wait = replicated and not self._no_wait
+        probe = not replicated and not self._no_wait
+        pipe = self._client.get_redis_connection(node).pipeline(transaction=False)
+        for j in members:
+            keys, args = calls[j]
+            if asking:
+                pipe.execute_command("ASKING")
+            pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+        if wait:
+            if asking:
+                pipe.execute_command("ASKING")
+            beat = self._tagged(self._slot(calls[members[0]][0][0])) + b"w"
+            pipe.execute_command("SET", beat, b"1", "PX", 600_000)
+            pipe.execute_command("WAIT", 1, self._wait_ms)
+        if probe:
+            pipe.execute_command("CLUSTER NODES")
+        try:
+            replies: list[Any] = pipe.execute(raise_on_error=False)
+        except Exception as exc:  # the connection: the node down, a timeout
+            return [exc] * len(members)
+        if asking:
+            replies = [r for k, r in enumerate(replies) if k % 2 == 1]
+        if wait:
+            *replies, beat_reply, acked = replies
+            if isinstance(acked, redis.ResponseError) and not _is_transient(acked):
+                if "replica" not in str(acked) and not isinstance(acked, _CLUSTER_STATE):
+                    self._refuse_wait(acked)  # WAIT refused (some managed services)
+            elif isinstance(beat_reply, BaseException) or not isinstance(acked, int) or acked < 1:
+                late = _NotReplicated(
+                    f"master {node.name} has not passed these writes to a replica within "
+                    f"{self._wait_ms} ms (a failover or a lagging replica)"
+                )
+                replies = [late if not isinstance(r, BaseException) else r for r in replies]
+        if probe:
+            *replies, listed = replies
+            if _replicas_listed(listed):
+                with self._seen_lock:
+                    self._found_replicated.add(node.name)
+                unknown = _NotReplicated(
+                    f"master {node.name} has a replica the client's topology did not list"
+                )
+                replies = [unknown if not isinstance(r, BaseException) else r for r in replies]
+        return replies
+
+    def _refuse_wait(self, exc: BaseException) -> None:
+        if not self._no_wait:
+            self._no_wait = True
+            log.warning(
+                "redis sink %s (%s): WAIT refused (%s): batches are acknowledged without "
+                "waiting for a replica",
+                self.name,
+                self.where,
+                exc,
+            )
+
+    def _new_node(self, host: str, port: int) -> Any:
+        """A node the client did not know (an ASK to a node added since): known from now."""
+        node = ClusterNode(host, port, PRIMARY)  # type: ignore[no-untyped-call]
+        with self._client.nodes_manager._lock:
+            self._client.nodes_manager.nodes_cache.setdefault(node.name, node)
+            return self._client.nodes_manager.nodes_cache[node.name]
+
+    def _pool(self) -> ThreadPoolExecutor:
+        with self._seen_lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(8, thread_name_prefix="vk-cluster")
+            return self._executor
+
+    def _commit_seen(self) -> None:
+        """The batch is safe (every call waited for a replica): the write counters its calls
+        saw become the marks a later call's must not go below (README.md, "Claims")."""
         seen, self._local.seen = self._pending_seen, {}
-        with self._seen_lock:  # the batch is safe: its write counters become the marks
+        with self._seen_lock:
             for key, n in seen.items():
                 if n > self._seen.get(key, 0):
                     self._seen[key] = n
-
-    def _wait_for_replicas(self, slots: set[int]) -> None:
-        """Wait (see _replicated) for a replica of each master owning one of ``slots``."""
-        cache = self._client.nodes_manager.slots_cache
-        masters: dict[str, Any] = {}
-        for slot in slots:
-            nodes = cache.get(slot) or []
-            if len(nodes) > 1:  # a master with a replica
-                masters[nodes[0].name] = nodes[0]
-        deadline = time.monotonic() + self.retry_seconds
-        for name, node in masters.items():
-            target: int | None = None
-            while True:
-                try:
-                    info = self._client.info("replication", target_nodes=node)
-                except redis.ResponseError as exc:
-                    if _is_transient(exc):
-                        info = {}
-                    else:
-                        self._no_replication_info = True
-                        log.warning(
-                            "redis sink %s (%s): INFO replication refused (%s): batches are "
-                            "acknowledged without waiting for a replica",
-                            self.name,
-                            self.where,
-                            exc,
-                        )
-                        return
-                except _CLUSTER_STATE:
-                    info = {}
-                if target is None and "master_repl_offset" in info:
-                    target = int(info["master_repl_offset"])
-                offsets = [
-                    int(v.get("offset", -1))
-                    for k, v in info.items()
-                    if k.startswith("slave") and isinstance(v, dict) and v.get("state") == "online"
-                ]
-                if target is not None and offsets and max(offsets) >= target:
-                    break
-                if time.monotonic() > deadline:
-                    raise SinkUnavailable(
-                        f"redis sink {self.name!r} ({self.where}): master {name} has not "
-                        f"passed this batch's writes to a replica after {self.retry_seconds:g}s; "
-                        "the batch is held (a failover or a lagging replica)"
-                    )
-                time.sleep(0.002)
 
     # -- view ids and the bucket count ------------------------------------------------------
     def _view_id(self, name: str) -> bytes:

@@ -96,12 +96,12 @@ class _Maintenance(_Apply):
 
     def apply(self, changes: Sequence[Change]) -> list[Result]:
         """One Result per change, in order; raises SinkUnavailable after ``retry_seconds``."""
-        self._local.written, self._local.seen = set(), {}  # what a failed call left: not ours
+        self._local.seen = {}  # what a failed call left: not ours
         try:
             out: list[Result] = []
             for i in range(0, len(changes), self.batch_size):
                 out += self._apply(changes[i : i + self.batch_size], self._clock())
-            self._replicated()
+            self._commit_seen()
             return out
         except SinkUnavailable:
             self._ready = False
@@ -115,6 +115,9 @@ class _Maintenance(_Apply):
         self._refuse_standalone()
 
     def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
         if self._owns_client:
             self._client.close()
 
