@@ -18,12 +18,14 @@ run.
      sorted-set members; the last moves between sets on every update). Its sinks have their
      own ``key_prefix`` and ``entry_prefix`` (:data:`MULTI`), apart from the ``Value`` view.
 
-   and three contenders per view: standalone, cluster with the client the daemon builds
-   (:func:`viewkeeper.sinks.connect.redis_cluster_client`), and cluster with that client
-   plus a redis-py workaround that routes ``EVALSHA`` without asking the server
-   (:func:`_route_eval_locally`; bench-only, sharing the view's keys with the contender
-   before it). Every view is armed as the daemon arms it (``write_claim`` of a new marker,
-   then ``expect``), so each script call checks the marker and write counter of its slot.
+   and two contenders per view: standalone, and cluster with the client the daemon builds
+   (:func:`viewkeeper.sinks.connect.redis_cluster_client`). The cluster sink sends its script
+   calls itself: grouped per master, each group on that node's own plain pipeline, the
+   masters at once, each pipeline ending in ``SET vk:{TAG}:w 1 PX 600000`` + ``WAIT 1``
+   (a batch is acknowledged once a replica has its writes), so no ``COMMAND GETKEYS`` is
+   expected; its row stays as evidence. Every view is armed as the daemon arms it
+   (``write_claim`` of a new marker, then ``expect``), so each script call checks the marker
+   and write counter of its slot.
 
    Per round: wall time; this process's CPU (``time.process_time``); the servers' CPU
    (``INFO cpu`` ``used_cpu_user + used_cpu_sys``, after - before: the standalone server,
@@ -41,12 +43,15 @@ run.
    view's marker in each of the 16,384 slots' ``vk:{TAG}:c`` hashes (written by
    ``write_claim`` before any item), is measured apart and not counted per item. A second
    reading, ``MEMORY USAGE ... SAMPLES 0`` of every ``vk:`` key, splits the per-item cost
-   into owner records and claims. (The cluster's items are written through the routed
-   client: the same writes, ~10x faster.)
+   into owner records, claims and the replica-wait keys ``vk:{TAG}:w`` (one per slot a
+   pipeline's first call was in, expiring after 10 minutes: real memory while they live, but
+   not per item, so reported in their own row and left out of the per-item ``MEMORY USAGE``
+   figure; the ``used_memory`` figure includes them).
 
 Both servers are FLUSHALLed (every master of the cluster): run this only against a test bed
 of your own. ``python -m bench.cluster --profile [--quick]`` prints a cProfile of one round
-of the ``Value`` view for each contender instead of the table.
+of the ``Value`` view for each contender instead of the table (this thread only, with the
+CPU of the sink's pipeline threads beside it).
 """
 
 from __future__ import annotations
@@ -110,7 +115,7 @@ class _Servers:
     """One side (standalone or cluster): the sink's client, and a plain connection to each
     node for INFO (masters first)."""
 
-    def __init__(self, cluster: bool, local_eval_routing: bool = False) -> None:
+    def __init__(self, cluster: bool) -> None:
         import redis
 
         from viewkeeper.sinks.connect import redis_client, redis_cluster_client
@@ -118,8 +123,6 @@ class _Servers:
         self.cluster = cluster
         if cluster:
             self.client: Any = redis_cluster_client(cluster_url(), socket_timeout=60)
-            if local_eval_routing:
-                _route_eval_locally(self.client)
             nodes = sorted(
                 self.client.get_nodes(), key=lambda n: (n.server_type != "primary", n.port)
             )
@@ -166,45 +169,6 @@ class _Servers:
             node.close()
         if self.cluster:
             self.client.close()
-
-
-def _route_eval_locally(client: Any) -> None:
-    """A redis-py 8.1 workaround, in this benchmark's client only (the daemon's client is
-    built without it): the cluster pipeline resolves each command's routing policy first
-    (``ClusterPipeline._policy_resolver``, whose static table covers only the ``ft.*``
-    commands) and, finding none, asks the server for the keys of every ``EVALSHA`` with a
-    ``COMMAND GETKEYS`` round trip before it routes the call — by the keys it then reads
-    from the call itself, as ``RedisCluster.determine_slot`` always does for ``EVAL`` and
-    ``EVALSHA``. Giving each pipeline a resolver that says "keyed" for ``EVALSHA`` skips the
-    round trip; the routing, MOVED and ASK handling are unchanged."""
-    from redis.commands.policies import (
-        BasePolicyResolver,
-        CommandPolicies,
-        RequestPolicy,
-        ResponsePolicy,
-        StaticPolicyResolver,
-    )
-
-    keyed = CommandPolicies(
-        request_policy=RequestPolicy.DEFAULT_KEYED, response_policy=ResponsePolicy.DEFAULT_KEYED
-    )
-
-    class EvalKeyed(BasePolicyResolver):
-        def __init__(self) -> None:
-            super().__init__({"core": {"evalsha": keyed, "eval": keyed}}, StaticPolicyResolver())
-
-        def with_fallback(self, fallback: Any) -> Any:
-            return self
-
-    resolver = EvalKeyed()
-    plain = client.pipeline
-
-    def pipeline(transaction: Any = None, shard_hint: Any = None) -> Any:
-        pipe = plain(transaction, shard_hint)
-        pipe._policy_resolver = resolver
-        return pipe
-
-    client.pipeline = pipeline
 
 
 def _sink(servers: _Servers, **options: Any) -> Any:
@@ -312,16 +276,20 @@ def _idle_cpu(servers: _Servers, seconds: float) -> float:
 # --- memory ---------------------------------------------------------------------------------
 def _memory_usage(servers: _Servers, pattern: bytes) -> dict[str, int]:
     """``MEMORY USAGE … SAMPLES 0`` of the keys matching, by kind: ``o`` owner records,
-    ``c`` claims (with the markers), ``p`` pending lists, ``other``."""
+    ``c`` claims (with the markers), ``p`` pending lists, ``w`` the cluster sink's replica-wait
+    keys (``vk:{TAG}:w``), ``other``; ``keys`` and ``w_keys`` count them."""
     keys = list(servers.client.scan_iter(match=pattern, count=10_000))
-    out = {"o": 0, "c": 0, "p": 0, "other": 0, "keys": len(keys)}
+    out = {"o": 0, "c": 0, "p": 0, "w": 0, "other": 0, "keys": len(keys), "w_keys": 0}
     for lo in range(0, len(keys), BATCH):
         part = keys[lo : lo + BATCH]
         pipe = servers.client.pipeline(transaction=False)
         for key in part:
             pipe.memory_usage(key, samples=0)
         for key, used in zip(part, pipe.execute(), strict=True):
-            if b":o:" in key:
+            if key.endswith(b":w"):
+                kind = "w"
+                out["w_keys"] += 1
+            elif b":o:" in key:
                 kind = "o"
             elif b":p:" in key:
                 kind = "p"
@@ -335,7 +303,9 @@ def _memory_usage(servers: _Servers, pattern: bytes) -> dict[str, int]:
 
 def _bookkeeping(servers: _Servers, n: int) -> dict[str, Any]:
     """Bytes of the one-entry view's bookkeeping for ``n`` items written through the sink,
-    on a FLUSHALLed side: per item (used_memory and MEMORY USAGE) and the fixed part."""
+    on a FLUSHALLed side: per item (used_memory and MEMORY USAGE) and the fixed part. The
+    replica-wait keys (``vk:{TAG}:w``, cluster only) are in ``used_memory`` and reported
+    apart (``w_*``), out of the per-item ``MEMORY USAGE`` figure."""
     from bench.memory import _value, _view
     from viewkeeper.projection.entries import Value
     from viewkeeper.projection.versions import Version
@@ -387,7 +357,11 @@ def _bookkeeping(servers: _Servers, n: int) -> dict[str, Any]:
     kinds = ("o", "c", "p", "other")
     return {
         "fixed": u1 - u0,
-        "fixed_keys": fixed["keys"],
+        "fixed_keys": fixed["keys"] - fixed["w_keys"],
+        "fixed_w_keys": fixed["w_keys"],
+        "w_keys": grown["w_keys"],
+        "w_bytes": grown["w"],
+        "w_new": (grown["w"] - fixed["w"]) / n,
         "per_item": (u2 - u1 - plain) / n,
         "plain": plain / n,
         "owners": grown["o"] / n,
@@ -401,18 +375,13 @@ def _bookkeeping(servers: _Servers, n: int) -> dict[str, Any]:
 
 
 # --- the run --------------------------------------------------------------------------------
-# name -> (side, view, local EVALSHA routing); the workaround contenders share their view,
-# keys and bookkeeping with the daemon-client contender before them (the same view on the
-# same cluster, as two processes would): every round's records are newer than all stored.
+# name -> (side, view)
 CONTENDERS = {
-    "value standalone": ("standalone", "value", False),
-    "value cluster": ("cluster", "value", False),
-    "value cluster routed": ("cluster", "value", True),
-    "multi standalone": ("standalone", "multi", False),
-    "multi cluster": ("cluster", "multi", False),
-    "multi cluster routed": ("cluster", "multi", True),
+    "value standalone": ("standalone", "value"),
+    "value cluster": ("cluster", "value"),
+    "multi standalone": ("standalone", "multi"),
+    "multi cluster": ("cluster", "multi"),
 }
-WARMED_BY = {"value cluster": "value cluster routed", "multi cluster": "multi cluster routed"}
 
 
 def _setup(
@@ -424,11 +393,7 @@ def _setup(
     cluster_url()
     key_space = QUICK_KEY_SPACE if quick else KEY_SPACE
     base = steady_pages(QUICK_PAGES if quick else PAGES, key_space=key_space)
-    servers = {
-        "standalone": _Servers(False),
-        "cluster": _Servers(True),
-        "routed": _Servers(True, local_eval_routing=True),
-    }
+    servers = {"standalone": _Servers(False), "cluster": _Servers(True)}
     servers["standalone"].flushall()
     servers["cluster"].flushall()
     views = {"value": make_view(_card, "card"), "multi": make_view(_multi, "multi")}
@@ -438,19 +403,11 @@ def _setup(
     }
     contenders = {}
     for name in names:
-        side, view, routed = CONTENDERS[name]
-        on = servers["routed" if routed else side]
-        contenders[name] = _Contender(on, views[view], **options[view])
+        side, view = CONTENDERS[name]
+        contenders[name] = _Contender(servers[side], views[view], **options[view])
     warm = warm_pages(key_space)
-    warmed: set[int] = set()
-    for name, c in contenders.items():
-        # the daemon-client contenders share their state with the routed ones, which warm
-        # it ~10x faster (the same writes; untimed)
-        by = contenders.get(WARMED_BY.get(name, ""), c)
-        if id(by) not in warmed:
-            by.feed(warm)()
-            warmed.add(id(by))
     for c in contenders.values():
+        c.feed(warm)()  # untimed
         c.outcomes.applied = c.outcomes.stale = c.changes = 0
     return contenders, servers, base, key_space
 
@@ -460,8 +417,7 @@ def run(args: argparse.Namespace) -> list[Row]:
     nrounds = 2 if quick else 3
     contenders, servers, base, key_space = _setup(quick)
     count = len(base) * PAGE_RECORDS
-    idle = {id(s): _idle_cpu(s, 3.0) for s in servers.values() if s is not servers["routed"]}
-    idle[id(servers["routed"])] = idle[id(servers["cluster"])]  # the same nodes
+    idle = {id(s): _idle_cpu(s, 3.0) for s in servers.values()}
     best: dict[str, list[float]] = {n: [float("inf")] * 7 for n in contenders}
     step = 0
     for _ in range(nrounds):
@@ -490,11 +446,7 @@ def run(args: argparse.Namespace) -> list[Row]:
     del contenders
 
     n = QUICK_MEMORY_ITEMS if quick else MEMORY_ITEMS
-    # the routed client writes the same bytes as the daemon's, 10x faster
-    mem = {
-        "standalone": _bookkeeping(servers["standalone"], n),
-        "cluster": _bookkeeping(servers["routed"], n),
-    }
+    mem = {side: _bookkeeping(s, n) for side, s in servers.items()}
     for s in servers.values():
         s.close()
     return _rows(best, count, n, idle[id(servers["cluster"])], mem)
@@ -508,7 +460,7 @@ def _rows(
     server_us = {k: (v[2] + v[3]) / count * 1e6 for k, v in best.items()}
     rows: list[Row] = []
     for view, what in (("value", "Value view (1 entry)"), ("multi", "3-entry view")):
-        s, c, r = f"{view} standalone", f"{view} cluster", f"{view} cluster routed"
+        s, c = f"{view} standalone", f"{view} cluster"
         changes = best[c][6]
         rows += [
             Row(f"cluster: pages -> {what} -> standalone Redis (baseline)", rates[s], "rec/s"),
@@ -524,20 +476,14 @@ def _rows(
                         best[s][4] / best[s][6], None),
             Row(f"cluster: {what}, redis-py COMMAND GETKEYS round trips per change (cluster)",
                 best[c][5] / changes, "calls"),
-            Row.compare(f"cluster: {what} -> cluster, EVALSHA routed locally (bench-only "
-                        "redis-py workaround) vs standalone", rates[r], "rec/s", rates[s], None),
-            Row.compare(f"cluster: {what}, EVALSHA routed locally: client CPU per record vs "
-                        "standalone", cpu_us[r], "µs", cpu_us[s], None),
-            Row.compare(f"cluster: {what}, EVALSHA routed locally: server CPU per record vs "
-                        "standalone", server_us[r], "µs", server_us[s], None),
         ]  # fmt: skip
     rows.append(Row("cluster: the cluster's idle CPU (6 nodes, nothing sent), subtracted above",
                     idle * 1e3, "ms/s"))  # fmt: skip
     ms, mc = mem["standalone"], mem["cluster"]
     rows += [
         Row(f"cluster: bookkeeping per item, Value view, on the cluster (used_memory of the "
-            f"masters, {n:,} items, owner_buckets={mc['owner_buckets']}; target <= "
-            f"{MEMORY_TARGET:.0f} B)", mc["per_item"], "B/item",
+            f"masters, {n:,} items, owner_buckets={mc['owner_buckets']}, vk:{{TAG}}:w keys "
+            f"included; target <= {MEMORY_TARGET:.0f} B)", mc["per_item"], "B/item",
             met=mc["per_item"] <= MEMORY_TARGET),
         Row.compare(f"cluster: same, cluster vs standalone (owner_buckets={ms['owner_buckets']})",
                     mc["per_item"], "B/item", ms["per_item"], None),
@@ -545,8 +491,13 @@ def _rows(
                     f"({mc['encodings']}) + claims {mc['claims']:.1f} ({mc['claim_encodings']}) "
                     f"+ pending {mc['pending']:.1f}; standalone {ms['owners']:.1f} + "
                     f"{ms['claims']:.1f}", mc["usage"], "B/item", ms["usage"], None),
+        Row(f"cluster: of the used_memory row, the replica-wait keys vk:{{TAG}}:w the items' "
+            f"writes left (MEMORY USAGE; {mc['w_keys'] - mc['fixed_w_keys']:,} keys, "
+            f"{mc['w_bytes'] / max(mc['w_keys'], 1):.0f} B each, 10-min expiry; standalone "
+            f"{ms['w_keys']})", mc["w_new"], "B/item"),
         Row(f"cluster: fixed cost of the first view, its markers ({mc['fixed_keys']:,} vk: keys "
-            "before any item; used_memory of the masters)", mc["fixed"] / 2**20, "MiB"),
+            f"+ {mc['fixed_w_keys']} vk:{{TAG}}:w before any item; used_memory of the masters)",
+            mc["fixed"] / 2**20, "MiB"),
         Row(f"cluster: plain SET of the same keys and values, per item (standalone "
             f"{ms['plain']:.0f} B)", mc["plain"], "B/item"),
     ]  # fmt: skip
@@ -554,24 +505,30 @@ def _rows(
 
 
 def profile(quick: bool) -> None:
-    """cProfile of one round of the Value view on each side (after the warm-up)."""
+    """cProfile of one round of the Value view on each side (after the warm-up). cProfile
+    follows the calling thread only; the CPU of other threads (the cluster sink's pipelines)
+    is printed beside it."""
     import cProfile
     import pstats
 
-    names = ("value standalone", "value cluster", "value cluster routed")
+    names = ("value standalone", "value cluster")
     contenders, servers, base, _ = _setup(quick, names)
     for step, name in enumerate(names, 1):
         c = contenders[name]
         fn = c.feed(shift_sequences(base, SEQ_STEP * step))
         e0, g0 = c.servers.calls()
         prof = cProfile.Profile()
-        t0 = time.perf_counter()
+        t0, p0, m0 = time.perf_counter(), time.process_time(), time.thread_time()
         prof.runcall(fn)
         wall = time.perf_counter() - t0
+        cpu, main = time.process_time() - p0, time.thread_time() - m0
         e1, g1 = c.servers.calls()
+        # cProfile sees this thread only: the cluster sink's per-master pipelines run in its
+        # thread pool, whose CPU shows here as the difference
         print(f"\n=== {name}: {len(base) * PAGE_RECORDS} records, {c.changes} changes, "
               f"{e1 - e0} EVALSHA, {g1 - g0} COMMAND GETKEYS; {wall:.2f} s wall under the "
-              "profiler ===")  # fmt: skip
+              f"profiler; CPU {cpu:.2f} s, of which this thread {main:.2f} s, other threads "
+              f"{cpu - main:.2f} s (not in the profile) ===")  # fmt: skip
         stats = pstats.Stats(prof, stream=sys.stdout)
         stats.sort_stats("tottime").print_stats(20)
         stats.sort_stats("cumulative").print_stats(30)
