@@ -353,7 +353,7 @@ def test_without_retries_moved_and_ask_are_still_followed(
     cluster = redis_cluster_faults
     source = cluster.masters()[0]
     target = next(m for m in cluster.masters() if m.node_id != source.node_id)
-    slot = source.slots[0][0] + 13
+    slot = source.slot_inside(13)
     moved, staying, fresh = (key_for_slot(slot, n) for n in ("moved", "staying", "fresh"))
     client = redis_cluster_client(cluster.url, retries=False)
     try:

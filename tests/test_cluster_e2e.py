@@ -653,30 +653,17 @@ def kill_behind(
     bed: Bed, control: RemoteClusterControl, slot: int, during: Callable[[], None]
 ) -> tuple[Any, int]:
     """The master of ``slot`` acknowledges writes its replica never gets, then dies: the
-    replica's replication link is cut (the master drops it, CLIENT KILL TYPE replica, and a
-    wrong ``masterauth`` keeps the replica from syncing again: a replica merely paused would
-    find the stream in its socket buffer when it wakes up), ``during()`` makes the daemon
+    replica is cut off (RemoteClusterControl.replica_cut_off), ``during()`` makes the daemon
     write, the master is killed (SIGKILL) and the replica takes over without those writes.
     Returns (the old master, the bytes of its replication stream the replica never got)."""
     master = control.node_for_slot(slot)
-    replica = control.replicas_of(master)[0]
-    control.command(replica, "CONFIG", "SET", "masterauth", "not-the-masters-password")
-    try:
-        control.command(master, "CLIENT", "KILL", "TYPE", "replica")
-
-        def cut() -> list[str]:
-            status = control.info(replica, "replication").get("master_link_status")
-            return [] if status == "down" else [f"link {status}"]
-
-        control.wait_until(f"the replication link of {replica} to drop", cut, 10.0)
+    with control.replica_cut_off(master) as replica:
         bed.note(f"replication link of {replica} cut")
         during()
         lag = replication_lag(control, master, replica)
         assert lag > 0, "the master acknowledged no write once its replica was cut off"
         control.kill(master)
         bed.note(f"kill -9 of {master}, {lag} bytes of its replication stream not replicated")
-    finally:
-        control.command(replica, "CONFIG", "SET", "masterauth", "")
 
     def promoted() -> list[str]:
         owner = control.node_for_slot(slot)

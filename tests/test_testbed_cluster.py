@@ -30,15 +30,6 @@ def _topology(url: str) -> list[Node]:
         return parse_cluster_nodes(conn.execute_command("CLUSTER", "NODES").decode())
 
 
-def _slot_inside(node: Node, offset: int) -> int:
-    """A slot ``offset`` slots into the first of ``node``'s ranges that is long enough (tests
-    before may have moved single slots about: a range can be one slot long)."""
-    for first, last in node.slots:
-        if last - first >= offset:
-            return first + offset
-    raise AssertionError(f"{node} has no range of {offset + 1} slots: {node.slots}")
-
-
 def _other_master(cluster: RemoteClusterControl, node: Node) -> Node:
     return next(m for m in cluster.masters() if m.node_id != node.node_id)
 
@@ -153,7 +144,7 @@ def test_migrate_slot_moves_keys_and_client_follows_moved(
     cluster = redis_cluster_faults
     source = cluster.masters()[0]
     target = _other_master(cluster, source)
-    slot = _slot_inside(source, 7)
+    slot = source.slot_inside(7)
     keys = [key_for_slot(slot, f"m{i}") for i in range(5)]
     with cluster.cluster_client() as client:
         for key in keys:
@@ -179,7 +170,7 @@ def test_slot_mid_migration_client_follows_ask(
     cluster = redis_cluster_faults
     source = cluster.masters()[0]
     target = _other_master(cluster, source)
-    slot = _slot_inside(source, 11)
+    slot = source.slot_inside(11)
     moved, staying, fresh = (key_for_slot(slot, name) for name in ("moved", "staying", "fresh"))
     with cluster.cluster_client() as client:
         client.set(moved, b"1")
@@ -212,7 +203,7 @@ def test_heal_finishes_a_migration_a_test_left_open(
     cluster = redis_cluster_faults
     source = cluster.masters()[0]
     target = _other_master(cluster, source)
-    slot = _slot_inside(source, 13)
+    slot = source.slot_inside(13)
     keys = [key_for_slot(slot, f"h{i}") for i in range(3)]
     with cluster.cluster_client() as client:
         for key in keys:

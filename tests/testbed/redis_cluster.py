@@ -27,7 +27,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -127,6 +127,14 @@ class Node:
     @property
     def is_master(self) -> bool:
         return "master" in self.flags
+
+    def slot_inside(self, offset: int) -> int:
+        """A slot ``offset`` slots into the first of this master's ranges long enough (tests
+        before may have moved single slots about: a range can be one slot long)."""
+        for first, last in self.slots:
+            if last - first >= offset:
+                return first + offset
+        raise ServiceError(f"{self} has no range of {offset + 1} slots: {self.slots}")
 
     @property
     def is_replica(self) -> bool:
@@ -483,6 +491,27 @@ class ClusterControl:
 
         self.wait_until(f"failover to {before.port}", switched, timeout)
         return self.node(before.port)
+
+    @contextlib.contextmanager
+    def replica_cut_off(self, master: NodeRef) -> Iterator[Node]:
+        """The first replica of ``master`` cut off from it while inside: the master drops its
+        replication link (CLIENT KILL TYPE replica) and a wrong ``masterauth`` keeps the
+        replica from syncing again (a replica merely paused would find the stream in its
+        socket buffer when it wakes up), so the master acknowledges writes the replica never
+        gets. Yields the replica; its ``masterauth`` is put back on the way out."""
+        replica = self.replicas_of(master)[0]
+        self.command(replica, "CONFIG", "SET", "masterauth", "not-the-masters-password")
+        try:
+            self.command(master, "CLIENT", "KILL", "TYPE", "replica")
+
+            def cut() -> list[str]:
+                status = self.info(replica, "replication").get("master_link_status")
+                return [] if status == "down" else [f"link {status}"]
+
+            self.wait_until(f"the replication link of {replica} to drop", cut, 10.0)
+            yield replica
+        finally:
+            self.command(replica, "CONFIG", "SET", "masterauth", "")
 
     def pause(self, node: NodeRef, seconds: float) -> None:
         """SIGSTOP the node now; SIGCONT after ``seconds`` (or at ``resume()``/``heal()``).
