@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -54,7 +55,6 @@ _TRANSIENT_CODES = frozenset(
         "NOPERM",  # an ACL that refuses a command or a key: the server's configuration
     }
 )
-_INCLUDE = b"-- @include redis_sums.lua (the counters' exact sums: connection.py puts it here)\n"
 _SHEBANG = b"#!lua\n"  # the apply script's first line (see RedisSink._load_apply_script)
 # Redis' defaults, used when CONFIG GET is refused (often disabled on managed Redis): the
 # largest argument (proto-max-bulk-len) and the query buffer (client-query-buffer-limit).
@@ -66,13 +66,22 @@ def _load(name: str) -> bytes:
     return resources.files("viewkeeper.sinks.redis").joinpath(name).read_bytes()
 
 
+def with_includes(name: str, source: bytes) -> bytes:
+    """``source`` (the script ``name``) with each line ``-- @include FILE (...)`` replaced by
+    that file of this package: ``redis_sums.lua`` (counters' exact sums) and
+    ``redis_errors.lua`` (which errors are the server's state), shared by both sinks."""
+    for part in (b"redis_sums.lua", b"redis_errors.lua"):
+        line = re.search(rb"^-- @include " + re.escape(part) + rb"[^\n]*\n", source, re.M)
+        if line is None:
+            raise AssertionError(f"{name} lost its line '-- @include {part.decode()}'")
+        source = source.replace(line.group(0), _load(part.decode()), 1)
+    return source
+
+
 def apply_script() -> bytes:
-    """``redis_apply.lua`` with ``redis_sums.lua`` in its place (the cluster sink sends its
-    change-log groups too)."""
-    source = _load("redis_apply.lua")
-    if _INCLUDE not in source:
-        raise AssertionError("redis_apply.lua lost its line " + repr(_INCLUDE))
-    return source.replace(_INCLUDE, _load("redis_sums.lua"), 1)
+    """``redis_apply.lua`` with its included parts (the cluster sink sends its change-log
+    groups too)."""
+    return with_includes("redis_apply.lua", _load("redis_apply.lua"))
 
 
 def _is_transient(exc: BaseException) -> bool:

@@ -152,7 +152,7 @@ local function vanishes(k, have, retract)
   return call(card[have], k) == cnt
 end
 
--- @include redis_sums.lua (the counters' exact sums: connection.py puts it here)
+-- @include redis_sums.lua (counters' exact sums; sinks/redis/connection.py puts it here)
 
 -- What Redis would refuse in an entry's arguments (type t, b = ttl, score or amount):
 -- 'ttl', 'score', 'amount' or 'type', else nil. The client sends none of these; checked
@@ -492,23 +492,7 @@ end
 -- the call were applied completely, and sent again they answer stale.
 -- NOPERM (an ACL refusing a key) may come after this change's first write: its owner record
 -- is written last, so the client's retry writes the whole change again (apply.py).
-local TRANSIENT = { OOM = true, READONLY = true, MASTERDOWN = true, BUSY = true, LOADING = true,
-  CLUSTERDOWN = true, TRYAGAIN = true, NOREPLICAS = true, MISCONF = true, NOPERM = true }
-
-local function message(err)
-  if type(err) == 'table' then return err.err or err.message or 'error' end
-  return tostring(err)
-end
-
--- The error as "CODE text" when its code is transient: Redis 7 gives "OOM command not
--- allowed...", older ones "@user_script: 12: -OOM command not allowed...\r\n".
-local function transient(msg)
-  msg = string.gsub(string.gsub(msg, '^[^ ]*: %d+: ', '', 1), '%s+$', '')
-  msg = string.gsub(msg, '^%-', '', 1)
-  local code = string.match(msg, '^(%u+)')
-  if code and TRANSIENT[code] then return msg end
-  return nil
-end
+-- @include redis_errors.lua (the server's transient errors; put here like redis_sums.lua)
 
 -- Claims first: a namespace that lost its data (or changed hands, or went back in time)
 -- gets no write at all. A claim key that is not a hash (overwritten) is a lost claim too.

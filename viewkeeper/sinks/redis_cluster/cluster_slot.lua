@@ -50,7 +50,7 @@ local function newer(a, b)
   return #a > #b
 end
 
--- @include redis_sums.lua (the counters' exact sums: connection.py puts it here)
+-- @include redis_sums.lua (counters' exact sums; sinks/redis/connection.py puts it here)
 
 -- the packed version at the start of s (an owner record or after a claim's owner), and what follows
 local function version_at(s, p)
@@ -134,21 +134,7 @@ local function tomb_field(owner, id)
   return '-' .. L(#owner) .. owner .. id
 end
 
-local TRANSIENT = { OOM = true, READONLY = true, MASTERDOWN = true, BUSY = true, LOADING = true,
-  CLUSTERDOWN = true, TRYAGAIN = true, NOREPLICAS = true, MISCONF = true, NOPERM = true }
-
-local function message(err)
-  if type(err) == 'table' then return err.err or err.message or 'error' end
-  return tostring(err)
-end
-
-local function transient(msg)
-  msg = string.gsub(string.gsub(msg, '^[^ ]*: %d+: ', '', 1), '%s+$', '')
-  msg = string.gsub(msg, '^%-', '', 1)
-  local code = string.match(msg, '^(%u+)')
-  if code and TRANSIENT[code] then return msg end
-  return nil
-end
+-- @include redis_errors.lua (the server's transient errors; put here like redis_sums.lua)
 
 -- The views' markers in this slot, then their write counters (the call's first write).
 local k = tonumber(ARGV[3])

@@ -37,7 +37,7 @@ from redis.exceptions import (
 
 from viewkeeper.projection.api import View
 from viewkeeper.sinks.base import SinkError, SinkUnavailable
-from viewkeeper.sinks.redis.connection import _is_transient, with_retry
+from viewkeeper.sinks.redis.connection import _is_transient, with_includes, with_retry
 from viewkeeper.sinks.redis.packing import _b, _text, tag_for_slot
 
 log = logging.getLogger("viewkeeper.sinks.redis_cluster")
@@ -81,13 +81,6 @@ Call = tuple[list[bytes], list[bytes]]  # one script call: its keys (one slot), 
 
 def _load(name: str) -> bytes:
     return resources.files("viewkeeper.sinks.redis_cluster").joinpath(name).read_bytes()
-
-
-_INCLUDE = b"-- @include redis_sums.lua (the counters' exact sums: connection.py puts it here)\n"
-
-
-def _load_sums() -> bytes:
-    return resources.files("viewkeeper.sinks.redis").joinpath("redis_sums.lua").read_bytes()
 
 
 def _load_views_script() -> bytes:
@@ -145,7 +138,7 @@ class _Connection:
         self._clock = clock
         self._secret = str(kw.get("password") or "")
         self._prefix = _b(key_prefix)
-        self._src = _load("cluster_slot.lua").replace(_INCLUDE, _load_sums(), 1)
+        self._src = with_includes("cluster_slot.lua", _load("cluster_slot.lua"))
         self._sha = hashlib.sha1(self._src).hexdigest().encode()
         self._views_script = client.register_script(_load_views_script())
         self._registry = self._prefix + b"views"
@@ -280,19 +273,17 @@ class _Connection:
         nodes = self._client.nodes_manager
         out: list[Any] = [None] * len(calls)
         groups: dict[tuple[str, bool], tuple[Any, list[int]]] = {}
-        replicated: set[str] = set()  # masters with a replica, as the client knows them now
-        with nodes._lock:
-            for owners in nodes.slots_cache.values():
-                if len(owners) > 1:
-                    replicated.add(owners[0].name)
-        with self._seen_lock:
-            replicated |= self._found_replicated
+        with self._seen_lock:  # masters with a replica: found by a probe, or (below) listed
+            replicated = set(self._found_replicated)  # in the client's slot table
         for j, (keys, _args) in enumerate(calls):
             ask = asks[j]
             try:
                 if ask is None:
-                    node = nodes.get_node_from_slot(self._slot(keys[0]))
-                else:
+                    slot = self._slot(keys[0])
+                    node = nodes.get_node_from_slot(slot)
+                    if len(nodes.slots_cache.get(slot) or ()) > 1:
+                        replicated.add(node.name)
+                else:  # an importing node: probed, unless found before
                     node = nodes.get_node(*ask) or self._new_node(*ask)
             except SlotNotCoveredError as exc:
                 out[j] = exc
