@@ -73,13 +73,7 @@ class _Changelog(_Maintenance):
         if not view.changelog:
             super()._write_markers(view, marker)
             return
-        key = self._stream_claim(view)
-
-        def write() -> None:
-            self._client.hdel(key, b"lost")
-            self._client.hset(key, b"marker", marker)
-
-        self._with_retry(write)
+        self._set([([self._stream_claim(view)], [b"marker", marker])])  # 'lost' dropped too
 
     # -- append ------------------------------------------------------------------------------
     def append(self, appends: Sequence[Append]) -> list[Result]:

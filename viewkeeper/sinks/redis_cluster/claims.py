@@ -11,13 +11,14 @@ standalone, and the view is re-armed and rebuilt.
 
 from __future__ import annotations
 
+import hashlib
 from functools import partial
 from typing import Any
 
 from viewkeeper.projection.api import View
-from viewkeeper.sinks.base import Claim, NamespaceLost, Owner
+from viewkeeper.sinks.base import Claim, NamespaceLost, Owner, SinkError
 from viewkeeper.sinks.redis.packing import _b, _text
-from viewkeeper.sinks.redis_cluster.connection import SLOTS, _Connection, log
+from viewkeeper.sinks.redis_cluster.connection import SLOTS, Call, _Connection, log
 
 # Erase the marker only if it is still the one the caller expected (another process may have
 # re-armed the namespace meanwhile: then its new marker stays).
@@ -29,6 +30,15 @@ if redis.call('HGET', KEYS[1], 'marker') == ARGV[1] then
 end
 return 0
 """
+
+# The claim and its markers are written by script calls, so that _run sends them as it sends
+# the changes: each master's in one pipeline, acknowledged once a replica has them (a marker
+# lost in a failover right after arming would be taken for a loss, and the view rebuilt).
+_SET = b"""
+redis.call('HDEL', KEYS[1], 'lost')
+return redis.call('HSET', KEYS[1], unpack(ARGV))
+"""
+_SET_SHA = hashlib.sha1(_SET).hexdigest().encode()
 
 
 class _Claims(_Connection):
@@ -52,32 +62,30 @@ class _Claims(_Connection):
         had = self._with_retry(lambda: self._client.hget(key, "marker"))
         if had != marker:
             self._write_markers(view, marker)
-        fields = {
-            "source": claim.owner.source,
-            "coordination": claim.owner.coordination,
-            "deployment": claim.owner.deployment,
-            "marker": claim.marker,
-            "generation": str(claim.generation),
-        }
-
-        def write() -> None:
-            self._client.hdel(key, "lost")
-            self._client.hset(key, mapping=fields)
-
-        self._with_retry(write)
+        fields = [
+            *(b"source", _b(claim.owner.source)),
+            *(b"coordination", _b(claim.owner.coordination)),
+            *(b"deployment", _b(claim.owner.deployment)),
+            *(b"marker", marker),
+            *(b"generation", _b(str(claim.generation))),
+        ]
+        self._set([([key], fields)])
 
     def _write_markers(self, view: View, marker: bytes) -> None:
         """The marker in every slot (a change-log view: in its stream's slot alone)."""
         field = b"#" + self._view_id(view.name)
-        for first in range(0, SLOTS, 2048):
+        self._set([([self._claims_key(slot)], [field, marker]) for slot in range(SLOTS)])
 
-            def mark(first: int = first) -> None:
-                pipe = self._client.pipeline(transaction=False)
-                for slot in range(first, first + 2048):
-                    pipe.hset(self._claims_key(slot), field, marker)
-                pipe.execute()
-
-            self._with_retry(mark)
+    def _set(self, calls: list[Call]) -> None:
+        """HSETs (each call: a key, then fields and values; its field `lost` deleted),
+        acknowledged once a replica has them."""
+        for reply in self._run(calls, script=(_SET, _SET_SHA)):
+            if isinstance(reply, BaseException):
+                raise SinkError(
+                    f"redis sink {self.name!r} ({self.where}): writing the view's claim: "
+                    f"{self._scrub(str(reply))} (a key of viewkeeper's overwritten outside it? "
+                    f"delete the keys under {self.key_prefix!r} of that view and rebuild it)"
+                )
 
     def expect(self, view: View, marker: str | None) -> None:
         """From now on, each call checks ``view``'s marker in its slot, and the slot's write
