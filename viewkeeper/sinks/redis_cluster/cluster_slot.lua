@@ -3,7 +3,8 @@
 -- this package, "The protocol"). Every key it touches is declared in KEYS, all in one slot.
 --
 -- KEYS[1] the slot's bookkeeping hash vk:{TAG}:c: entry claims (field = entry identity) and,
---         per view, its marker (field '#' .. view id) and write counter ('#' .. view id .. 'n')
+--         per view, its marker (field '#' .. view id) and write counter ('#' .. view id .. 'n');
+--         '#w' counts the calls that checked no view
 -- ARGV[1] the step: O (read an owner record, note what it may write), E (entries: write or
 --         retract), F (write an owner record if it is still what was read), P (forget pending
 --         entries), K (forget old entry tombstones)
@@ -160,6 +161,9 @@ for i = 1, k do
   end
   counters[i] = n
 end
+-- Every call writes, so that WAIT on its connection covers it even when nothing else changed
+-- (connection.py, _send_node): one that checks no view counts itself in the field '#w'.
+if k == 0 then call('HINCRBY', CLAIMS, '#w', 1) end
 
 local codes, details = {}, {}
 

@@ -30,6 +30,7 @@ from redis.exceptions import (
     ClusterDownError,
     ClusterError,
     MovedError,
+    NoPermissionError,
     NoScriptError,
     SlotNotCoveredError,
     TryAgainError,
@@ -46,20 +47,36 @@ SLOTS = 16384
 
 
 class _NotReplicated(Exception):
-    """A master did not pass a pipeline's writes to a replica within the wait."""
+    """A master did not pass a pipeline's writes to its replicas within the wait."""
 
 
-def _replicas_listed(nodes: Any) -> bool:
-    """Whether a master's ``CLUSTER NODES`` (as redis-py parses it) lists a replica of its
-    own that is not failed; False where the command was refused."""
+class _MoreReplicas(Exception):
+    """A master lists more replicas than its pipeline waited for: sent again at once."""
+
+
+def _replicas_listed(nodes: Any, role: Any) -> int | None:
+    """How many replicas a master has, as it says itself: those its ``CLUSTER NODES`` (as
+    redis-py parses it) lists as its own, failed ones aside, together with those ``ROLE``
+    shows connected to it (a replica that has just joined is connected before gossip tells
+    its master; one cut off is still listed). None when CLUSTER NODES was refused."""
     if not isinstance(nodes, dict):
-        return False
+        return None
     me = next((n["node_id"] for n in nodes.values() if "myself" in n["flags"].split(",")), None)
-    return any(
-        n.get("master_id") == me
+    mine = {
+        address.split("@")[0]
+        for address, n in nodes.items()
+        if n.get("master_id") == me
         and not {"fail", "handshake", "noaddr"} & set(n["flags"].split(","))
-        for n in nodes.values()
-    )
+    }
+    if isinstance(role, list) and len(role) > 2 and isinstance(role[2], list):
+        mine |= {f"{_text(r[0])}:{_text(r[1])}" for r in role[2] if isinstance(r, list)}
+    return len(mine)
+
+
+def _refused(exc: redis.ResponseError) -> bool:
+    """Whether WAIT was refused for good (a managed service or an ACL without it), not for
+    the node's state."""
+    return isinstance(exc, NoPermissionError) or "unknown command" in str(exc).lower()
 
 
 # The cluster's state, not the call's: redirections, a slot not covered during a failover, a
@@ -156,7 +173,9 @@ class _Connection:
         self._no_wait = False
         self._wait_ms = max(1, int(min(retry_seconds, 2.0) * 1000))
         self._executor: ThreadPoolExecutor | None = None
-        self._found_replicated: set[str] = set()  # masters whose replica the topology missed
+        # each master's replicas as it listed them itself at its last pipeline (CLUSTER NODES)
+        self._replicas_of: dict[str, int] = {}
+        self._no_probe = False  # CLUSTER NODES refused: the client's slot table alone
 
     @property
     def _pending_seen(self) -> dict[tuple[str, int], int]:
@@ -219,6 +238,7 @@ class _Connection:
         asks: dict[int, tuple[str, int]] = {}  # call -> the node an ASK sent it to
         deadline = time.monotonic() + self.retry_seconds
         wait = 0.02
+        loads = 0
         last: BaseException | None = None
         while todo:
             load = refresh = pause = False
@@ -233,6 +253,8 @@ class _Connection:
                     self._client.nodes_manager.move_slot(res)  # sent again at once
                 elif isinstance(res, AskError):
                     asks[i] = (res.host, res.port)  # sent again at once, after ASKING
+                elif isinstance(res, _MoreReplicas):
+                    pass  # sent again at once, waiting for them all
                 elif isinstance(res, BaseException):
                     if not _is_transient(res) and not isinstance(res, _CLUSTER_STATE):
                         replies[i] = res  # the call's own failure: its caller decides
@@ -244,8 +266,12 @@ class _Connection:
                     continue
                 again.append(i)
             todo = again
-            if load:
+            if load:  # on every master the client knows (a promoted replica, a new node)
                 self._with_retry(lambda: self._client.script_load(src))
+                loads += 1
+                if loads > 1:  # missing again: a node the client does not know as a master
+                    pause = refresh = True
+                    last = NoScriptError("the script is missing on a node after loading it")
             if not pause:
                 continue
             if time.monotonic() > deadline:
@@ -257,8 +283,6 @@ class _Connection:
             time.sleep(wait)
             wait = min(wait * 2, 0.5)
             if refresh:  # a node gone or the cluster down: ask the cluster where slots are
-                with self._seen_lock:
-                    self._found_replicated.clear()
                 try:
                     self._client.nodes_manager.initialize()
                 except Exception as exc:
@@ -273,30 +297,35 @@ class _Connection:
         nodes = self._client.nodes_manager
         out: list[Any] = [None] * len(calls)
         groups: dict[tuple[str, bool], tuple[Any, list[int]]] = {}
-        with self._seen_lock:  # masters with a replica: found by a probe, or (below) listed
-            replicated = set(self._found_replicated)  # in the client's slot table
+        with self._seen_lock:  # each master's replicas: as it listed them last, else as the
+            known = dict(self._replicas_of)  # client's slot table lists them (below)
+        replicas: dict[str, int] = {}
         for j, (keys, _args) in enumerate(calls):
             ask = asks[j]
             try:
                 if ask is None:
                     slot = self._slot(keys[0])
                     node = nodes.get_node_from_slot(slot)
-                    if len(nodes.slots_cache.get(slot) or ()) > 1:
-                        replicated.add(node.name)
-                else:  # an importing node: probed, unless found before
+                    listed = len(nodes.slots_cache.get(slot) or ()) - 1
+                    replicas[node.name] = max(replicas.get(node.name, 0), listed)
+                else:  # an importing node: as it listed them, or none until it says
                     node = nodes.get_node(*ask) or self._new_node(*ask)
             except SlotNotCoveredError as exc:
                 out[j] = exc
                 continue
             groups.setdefault((node.name, ask is not None), (node, []))[1].append(j)
         jobs = [
-            (node, asking, node.name in replicated, members)
+            (node, asking, known.get(node.name, replicas.get(node.name, 0)), members)
             for (_name, asking), (node, members) in groups.items()
         ]
-        if len(jobs) == 1:
-            done = [self._send_node(sha, calls, *jobs[0])]
-        else:
-            done = list(self._pool().map(lambda job: self._send_node(sha, calls, *job), jobs))
+
+        def send(job: tuple[Any, bool, int, list[int]]) -> list[Any]:
+            return self._send_node(sha, calls, *job)
+
+        try:
+            done = list(self._pool().map(send, jobs)) if len(jobs) > 1 else [send(jobs[0])]
+        except RuntimeError:  # the pool shut down by close() meanwhile: one node at a time
+            done = [send(job) for job in jobs]
         for (_node, _asking, _wait, members), replies in zip(jobs, done, strict=True):
             for j, reply in zip(members, replies, strict=True):
                 out[j] = reply
@@ -308,26 +337,31 @@ class _Connection:
         calls: list[Call],
         node: Any,
         asking: bool,
-        replicated: bool,
+        replicas: int,
         members: list[int],
     ) -> list[Any]:
-        """One node's calls in one pipeline on one connection, then, where the node has a
-        replica, a write that always replicates (``vk:{tag}:w``, expiring) and ``WAIT 1``: the
-        connection's writes — the calls' and that one — have reached a replica, or the calls
-        answer _NotReplicated and are sent again. The write makes WAIT cover this pipeline's
-        calls even when they changed nothing (a replay): WAIT waits for the connection's own
-        last write, which would otherwise be an older one. A batch is thus acknowledged (and
-        checkpointed) only once its writes are on a replica, and a master that dies and is
-        replaced by its replica loses no acknowledged write (Redis replicates
-        asynchronously); apply's step F runs only after step E's entries are safe.
+        """One node's calls in one pipeline on one connection, then ``WAIT <replicas>`` where
+        the node has replicas, then ``CLUSTER NODES`` and ``ROLE``.
 
-        Where the client's topology lists no replica, the pipeline ends in ``CLUSTER NODES``
-        instead: the client's slot table is refreshed only on a redirection or an error, so it
-        can miss a replica that joined since (a failed master back as a replica), even one
-        cut off since; a replica the node lists (failed ones aside) makes the calls be sent
-        again, waiting for it."""
-        wait = replicated and not self._no_wait
-        probe = not replicated and not self._no_wait
+        WAIT: every replica of the node has the connection's writes, or the calls answer
+        _NotReplicated and are sent again. A batch is thus acknowledged (and checkpointed)
+        only once every replica that a failover could promote has its writes (Redis
+        replicates asynchronously; one replica is not enough: it may be one that is never
+        promoted), and apply's step F runs only after step E's entries are safe. WAIT waits
+        for the connection's last write: every script sent here writes at each call
+        (cluster_slot.lua counts the call in its slot's write counters, or in '#w' if it
+        checks no view; the change-log group in the view's claim, which the daemon always
+        checks; the claim script sets its fields), so that is this pipeline's, even for a
+        call that changed nothing else (a replay after another connection's writes: the
+        counter's write comes after them).
+
+        CLUSTER NODES and ROLE: the replicas the node itself lists or has connected
+        (_replicas_listed), remembered for its next pipeline. The client's slot table is
+        refreshed only on a redirection or an error, so it can miss a replica that joined
+        since (a failed master back as a replica), even one cut off since; more replicas
+        than waited for make the calls be sent again at once, waiting for them all."""
+        wait = replicas > 0 and not self._no_wait
+        probe = not self._no_probe
         pipe = self._client.get_redis_connection(node).pipeline(transaction=False)
         for j in members:
             keys, args = calls[j]
@@ -335,40 +369,54 @@ class _Connection:
                 pipe.execute_command("ASKING")
             pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
         if wait:
-            if asking:
-                pipe.execute_command("ASKING")
-            beat = self._tagged(self._slot(calls[members[0]][0][0])) + b"w"
-            pipe.execute_command("SET", beat, b"1", "PX", 600_000)
-            pipe.execute_command("WAIT", 1, self._wait_ms)
+            pipe.execute_command("WAIT", replicas, self._wait_ms)
         if probe:
             pipe.execute_command("CLUSTER NODES")
+            pipe.execute_command("ROLE")
         try:
-            replies: list[Any] = pipe.execute(raise_on_error=False)
+            raw: list[Any] = pipe.execute(raise_on_error=False)
         except Exception as exc:  # the connection: the node down, a timeout
             return [exc] * len(members)
-        if asking:
-            replies = [r for k, r in enumerate(replies) if k % 2 == 1]
+        step = 2 if asking else 1  # each call's reply after its ASKING's
+        replies, tail = raw[step - 1 : step * len(members) : step], raw[step * len(members) :]
+        problem: Exception | None = None
         if wait:
-            *replies, beat_reply, acked = replies
-            if isinstance(acked, redis.ResponseError) and not _is_transient(acked):
-                if "replica" not in str(acked) and not isinstance(acked, _CLUSTER_STATE):
-                    self._refuse_wait(acked)  # WAIT refused (some managed services)
-            elif isinstance(beat_reply, BaseException) or not isinstance(acked, int) or acked < 1:
-                late = _NotReplicated(
-                    f"master {node.name} has not passed these writes to a replica within "
-                    f"{self._wait_ms} ms (a failover or a lagging replica)"
+            acked = tail.pop(0)
+            if isinstance(acked, redis.ResponseError) and _refused(acked):
+                self._refuse_wait(acked)  # WAIT refused (some managed services)
+            elif not isinstance(acked, int) or acked < replicas:
+                # a number short (a replica cut off or lagging), or an error: UNBLOCKED when a
+                # failover made the node a replica, or WAIT sent to a replica (a stale table)
+                problem = _NotReplicated(
+                    f"master {node.name}: {acked!r} of its {replicas} replica(s) had these "
+                    f"writes after {self._wait_ms} ms (a failover or a lagging replica)"
                 )
-                replies = [late if not isinstance(r, BaseException) else r for r in replies]
         if probe:
-            *replies, listed = replies
-            if _replicas_listed(listed):
+            listed, role = tail
+            count = _replicas_listed(listed, role)
+            if count is not None:
                 with self._seen_lock:
-                    self._found_replicated.add(node.name)
-                unknown = _NotReplicated(
-                    f"master {node.name} has a replica the client's topology did not list"
-                )
-                replies = [unknown if not isinstance(r, BaseException) else r for r in replies]
+                    self._replicas_of[node.name] = count
+                if count > replicas and not self._no_wait and problem is None:
+                    problem = _MoreReplicas(
+                        f"master {node.name} lists {count} replica(s), not {replicas}"
+                    )
+            elif isinstance(listed, redis.ResponseError) and not _is_transient(listed):
+                self._refuse_probe(listed)
+        if problem is not None:
+            replies = [problem if not isinstance(r, BaseException) else r for r in replies]
         return replies
+
+    def _refuse_probe(self, exc: BaseException) -> None:
+        if not self._no_probe:
+            self._no_probe = True
+            log.warning(
+                "redis sink %s (%s): CLUSTER NODES refused (%s): a master's replicas are "
+                "those the client's slot table lists",
+                self.name,
+                self.where,
+                exc,
+            )
 
     def _refuse_wait(self, exc: BaseException) -> None:
         if not self._no_wait:
