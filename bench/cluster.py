@@ -21,11 +21,13 @@ run.
    and two contenders per view: standalone, and cluster with the client the daemon builds
    (:func:`viewkeeper.sinks.connect.redis_cluster_client`). The cluster sink sends its script
    calls itself: grouped per master, each group on that node's own plain pipeline, the
-   masters at once, each pipeline ending in ``SET vk:{TAG}:w 1 PX 600000`` + ``WAIT 1``
-   (a batch is acknowledged once a replica has its writes), so no ``COMMAND GETKEYS`` is
-   expected; its row stays as evidence. Every view is armed as the daemon arms it
-   (``write_claim`` of a new marker, then ``expect``), so each script call checks the marker
-   and write counter of its slot.
+   masters at once, each pipeline ending in ``WAIT <n>`` (n = every replica the master
+   listed itself at its previous pipeline: a batch is acknowledged once all of them have its
+   writes; every script call writes, a call that checks no view counting itself in its
+   slot's ``'#w'`` field) and then ``CLUSTER NODES`` + ``ROLE`` (its replicas, for the next
+   pipeline), so no ``COMMAND GETKEYS`` is expected; its row stays as evidence. Every view
+   is armed as the daemon arms it (``write_claim`` of a new marker, then ``expect``), so each
+   script call checks the marker and write counter of its slot.
 
    Per round: wall time; this process's CPU (``time.process_time``); the servers' CPU
    (``INFO cpu`` ``used_cpu_user + used_cpu_sys``, after - before: the standalone server,
@@ -43,15 +45,13 @@ run.
    view's marker in each of the 16,384 slots' ``vk:{TAG}:c`` hashes (written by
    ``write_claim`` before any item), is measured apart and not counted per item. A second
    reading, ``MEMORY USAGE ... SAMPLES 0`` of every ``vk:`` key, splits the per-item cost
-   into owner records, claims and the replica-wait keys ``vk:{TAG}:w`` (one per slot a
-   pipeline's first call was in, expiring after 10 minutes: real memory while they live, but
-   not per item, so reported in their own row and left out of the per-item ``MEMORY USAGE``
-   figure; the ``used_memory`` figure includes them).
+   into owner records and claims.
 
 Both servers are FLUSHALLed (every master of the cluster): run this only against a test bed
 of your own. ``python -m bench.cluster --profile [--quick]`` prints a cProfile of one round
 of the ``Value`` view for each contender instead of the table (this thread only, with the
-CPU of the sink's pipeline threads beside it).
+CPU of the sink's pipeline threads beside it, and the CPU spent parsing the ``CLUSTER NODES``
+replies that end each pipeline, in every thread).
 """
 
 from __future__ import annotations
@@ -276,20 +276,16 @@ def _idle_cpu(servers: _Servers, seconds: float) -> float:
 # --- memory ---------------------------------------------------------------------------------
 def _memory_usage(servers: _Servers, pattern: bytes) -> dict[str, int]:
     """``MEMORY USAGE … SAMPLES 0`` of the keys matching, by kind: ``o`` owner records,
-    ``c`` claims (with the markers), ``p`` pending lists, ``w`` the cluster sink's replica-wait
-    keys (``vk:{TAG}:w``), ``other``; ``keys`` and ``w_keys`` count them."""
+    ``c`` claims (with the markers), ``p`` pending lists, ``other``; ``keys`` counts them."""
     keys = list(servers.client.scan_iter(match=pattern, count=10_000))
-    out = {"o": 0, "c": 0, "p": 0, "w": 0, "other": 0, "keys": len(keys), "w_keys": 0}
+    out = {"o": 0, "c": 0, "p": 0, "other": 0, "keys": len(keys)}
     for lo in range(0, len(keys), BATCH):
         part = keys[lo : lo + BATCH]
         pipe = servers.client.pipeline(transaction=False)
         for key in part:
             pipe.memory_usage(key, samples=0)
         for key, used in zip(part, pipe.execute(), strict=True):
-            if key.endswith(b":w"):
-                kind = "w"
-                out["w_keys"] += 1
-            elif b":o:" in key:
+            if b":o:" in key:
                 kind = "o"
             elif b":p:" in key:
                 kind = "p"
@@ -303,9 +299,7 @@ def _memory_usage(servers: _Servers, pattern: bytes) -> dict[str, int]:
 
 def _bookkeeping(servers: _Servers, n: int) -> dict[str, Any]:
     """Bytes of the one-entry view's bookkeeping for ``n`` items written through the sink,
-    on a FLUSHALLed side: per item (used_memory and MEMORY USAGE) and the fixed part. The
-    replica-wait keys (``vk:{TAG}:w``, cluster only) are in ``used_memory`` and reported
-    apart (``w_*``), out of the per-item ``MEMORY USAGE`` figure."""
+    on a FLUSHALLed side: per item (used_memory and MEMORY USAGE) and the fixed part."""
     from bench.memory import _value, _view
     from viewkeeper.projection.entries import Value
     from viewkeeper.projection.versions import Version
@@ -357,11 +351,7 @@ def _bookkeeping(servers: _Servers, n: int) -> dict[str, Any]:
     kinds = ("o", "c", "p", "other")
     return {
         "fixed": u1 - u0,
-        "fixed_keys": fixed["keys"] - fixed["w_keys"],
-        "fixed_w_keys": fixed["w_keys"],
-        "w_keys": grown["w_keys"],
-        "w_bytes": grown["w"],
-        "w_new": (grown["w"] - fixed["w"]) / n,
+        "fixed_keys": fixed["keys"],
         "per_item": (u2 - u1 - plain) / n,
         "plain": plain / n,
         "owners": grown["o"] / n,
@@ -482,8 +472,8 @@ def _rows(
     ms, mc = mem["standalone"], mem["cluster"]
     rows += [
         Row(f"cluster: bookkeeping per item, Value view, on the cluster (used_memory of the "
-            f"masters, {n:,} items, owner_buckets={mc['owner_buckets']}, vk:{{TAG}}:w keys "
-            f"included; target <= {MEMORY_TARGET:.0f} B)", mc["per_item"], "B/item",
+            f"masters, {n:,} items, owner_buckets={mc['owner_buckets']}; target <= "
+            f"{MEMORY_TARGET:.0f} B)", mc["per_item"], "B/item",
             met=mc["per_item"] <= MEMORY_TARGET),
         Row.compare(f"cluster: same, cluster vs standalone (owner_buckets={ms['owner_buckets']})",
                     mc["per_item"], "B/item", ms["per_item"], None),
@@ -491,12 +481,8 @@ def _rows(
                     f"({mc['encodings']}) + claims {mc['claims']:.1f} ({mc['claim_encodings']}) "
                     f"+ pending {mc['pending']:.1f}; standalone {ms['owners']:.1f} + "
                     f"{ms['claims']:.1f}", mc["usage"], "B/item", ms["usage"], None),
-        Row(f"cluster: of the used_memory row, the replica-wait keys vk:{{TAG}}:w the items' "
-            f"writes left (MEMORY USAGE; {mc['w_keys'] - mc['fixed_w_keys']:,} keys, "
-            f"{mc['w_bytes'] / max(mc['w_keys'], 1):.0f} B each, 10-min expiry; standalone "
-            f"{ms['w_keys']})", mc["w_new"], "B/item"),
         Row(f"cluster: fixed cost of the first view, its markers ({mc['fixed_keys']:,} vk: keys "
-            f"+ {mc['fixed_w_keys']} vk:{{TAG}}:w before any item; used_memory of the masters)",
+            "before any item; used_memory of the masters)",
             mc["fixed"] / 2**20, "MiB"),
         Row(f"cluster: plain SET of the same keys and values, per item (standalone "
             f"{ms['plain']:.0f} B)", mc["plain"], "B/item"),
@@ -504,31 +490,82 @@ def _rows(
     return rows
 
 
+class _ParseTimer:
+    """Wraps the ``CLUSTER NODES`` reply callback (redis-py's ``parse_cluster_nodes``) of every
+    node the cluster client knows: calls, and the CPU of the calling thread (any thread, the
+    sink's pipeline threads included) spent in it."""
+
+    def __init__(self, client: Any) -> None:
+        import threading
+
+        self.calls = 0
+        self.cpu = 0.0
+        self._lock = threading.Lock()
+        for node in client.get_nodes():
+            callbacks = client.get_redis_connection(node).response_callbacks
+            callbacks["CLUSTER NODES"] = self._wrap(callbacks["CLUSTER NODES"])
+
+    def _wrap(self, parse: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(response: Any, **options: Any) -> Any:
+            t0 = time.thread_time()
+            try:
+                return parse(response, **options)
+            finally:
+                spent = time.thread_time() - t0
+                with self._lock:
+                    self.calls += 1
+                    self.cpu += spent
+
+        return timed
+
+
+def _cluster_nodes_stats(servers: _Servers) -> tuple[int, int]:
+    """(CLUSTER NODES calls, their usec) on the masters so far (``INFO commandstats``)."""
+    calls = usec = 0
+    for node, master in zip(servers.nodes, servers.masters, strict=True):
+        if master:
+            stat = node.info("commandstats").get("cmdstat_cluster|nodes", {})
+            calls += int(stat.get("calls", 0))
+            usec += int(stat.get("usec", 0))
+    return calls, usec
+
+
 def profile(quick: bool) -> None:
     """cProfile of one round of the Value view on each side (after the warm-up). cProfile
     follows the calling thread only; the CPU of other threads (the cluster sink's pipelines)
-    is printed beside it."""
+    is printed beside it, and so is the CPU spent parsing ``CLUSTER NODES`` replies in every
+    thread (:class:`_ParseTimer`)."""
     import cProfile
     import pstats
 
     names = ("value standalone", "value cluster")
     contenders, servers, base, _ = _setup(quick, names)
+    timer = _ParseTimer(servers["cluster"].client)
     for step, name in enumerate(names, 1):
         c = contenders[name]
         fn = c.feed(shift_sequences(base, SEQ_STEP * step))
         e0, g0 = c.servers.calls()
+        n0, u0 = _cluster_nodes_stats(c.servers) if c.servers.cluster else (0, 0)
+        k0, s0 = timer.calls, timer.cpu
         prof = cProfile.Profile()
         t0, p0, m0 = time.perf_counter(), time.process_time(), time.thread_time()
         prof.runcall(fn)
         wall = time.perf_counter() - t0
         cpu, main = time.process_time() - p0, time.thread_time() - m0
         e1, g1 = c.servers.calls()
+        n1, u1 = _cluster_nodes_stats(c.servers) if c.servers.cluster else (0, 0)
+        parsed, parse_cpu = timer.calls - k0, timer.cpu - s0
         # cProfile sees this thread only: the cluster sink's per-master pipelines run in its
         # thread pool, whose CPU shows here as the difference
         print(f"\n=== {name}: {len(base) * PAGE_RECORDS} records, {c.changes} changes, "
               f"{e1 - e0} EVALSHA, {g1 - g0} COMMAND GETKEYS; {wall:.2f} s wall under the "
               f"profiler; CPU {cpu:.2f} s, of which this thread {main:.2f} s, other threads "
               f"{cpu - main:.2f} s (not in the profile) ===")  # fmt: skip
+        if c.servers.cluster:
+            print(f"CLUSTER NODES replies parsed (parse_cluster_nodes, every thread): {parsed}, "
+                  f"{parse_cpu * 1e3:.1f} ms CPU = {parse_cpu / cpu:.2%} of the process's CPU "
+                  f"({parse_cpu / max(parsed, 1) * 1e6:.0f} µs each); on the masters "
+                  f"{n1 - n0} CLUSTER NODES calls, {(u1 - u0) / 1e3:.1f} ms")  # fmt: skip
         stats = pstats.Stats(prof, stream=sys.stdout)
         stats.sort_stats("tottime").print_stats(20)
         stats.sort_stats("cumulative").print_stats(30)
