@@ -140,7 +140,7 @@ class _Claims(_Connection):
             if not isinstance(counters, list) or len(counters) != len(views):
                 raise self._unexpected(reply)
             for view, n in zip(views, counters, strict=True):
-                key = (view, slot)
+                key = (view, slot, self._markers.get(view))  # a re-arm: not these counters
                 if n > pending.get(key, 0):
                     pending[key] = n
 

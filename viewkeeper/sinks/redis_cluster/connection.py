@@ -12,8 +12,11 @@ count (``vk:meta``), as the standalone sink keeps them.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import logging
+import socket
 import threading
 import time
 import zlib
@@ -54,23 +57,40 @@ class _MoreReplicas(Exception):
     """A master lists more replicas than its pipeline waited for: sent again at once."""
 
 
-def _replicas_listed(nodes: Any, role: Any) -> int | None:
+def _replicas_listed(nodes: Any, info: Any) -> int | None:
     """How many replicas a master has, as it says itself: those its ``CLUSTER NODES`` (as
-    redis-py parses it) lists as its own, failed ones aside, together with those ``ROLE``
-    shows connected to it (a replica that has just joined is connected before gossip tells
-    its master; one cut off is still listed). None when CLUSTER NODES was refused."""
+    redis-py parses it) lists as its own, failed ones aside, together with the cluster nodes
+    ``INFO replication`` shows attached to it in any state (a replica that has just joined,
+    still syncing, is attached before gossip tells its master; one cut off is still listed).
+    An attached client that is no cluster node (``redis-cli --replica``, a CDC tool) is never
+    promoted and never counted; addresses are compared once their host names are resolved
+    (``replica-announce-ip localhost``). None when CLUSTER NODES was refused."""
     if not isinstance(nodes, dict):
         return None
     me = next((n["node_id"] for n in nodes.values() if "myself" in n["flags"].split(",")), None)
+    ids = {_address(a.split("@")[0]): n["node_id"] for a, n in nodes.items()}
     mine = {
-        address.split("@")[0]
-        for address, n in nodes.items()
+        n["node_id"]
+        for n in nodes.values()
         if n.get("master_id") == me
         and not {"fail", "handshake", "noaddr"} & set(n["flags"].split(","))
     }
-    if isinstance(role, list) and len(role) > 2 and isinstance(role[2], list):
-        mine |= {f"{_text(r[0])}:{_text(r[1])}" for r in role[2] if isinstance(r, list)}
+    if isinstance(info, dict):
+        for key, replica in info.items():
+            if key.startswith("slave") and isinstance(replica, dict):
+                node = ids.get(_address(f"{replica.get('ip')}:{replica.get('port')}"))
+                if node is not None and node != me:
+                    mine.add(node)
     return len(mine)
+
+
+@functools.lru_cache(maxsize=1024)
+def _address(address: str) -> str:
+    """host:port with the host resolved to its address (as it was, if it does not resolve)."""
+    host, _, port = address.rpartition(":")
+    with contextlib.suppress(OSError):
+        host = socket.gethostbyname(host)
+    return f"{host}:{port}"
 
 
 def _refused(exc: redis.ResponseError) -> bool:
@@ -178,8 +198,12 @@ class _Connection:
         self._no_probe = False  # CLUSTER NODES refused: the client's slot table alone
 
     @property
-    def _pending_seen(self) -> dict[tuple[str, int], int]:
-        pending: dict[tuple[str, int], int] | None = getattr(self._local, "seen", None)
+    def _pending_seen(self) -> dict[tuple[str, int, bytes | None], int]:
+        """(view, slot, the view's marker then) -> the highest write counter this thread's
+        batch saw there."""
+        pending: dict[tuple[str, int, bytes | None], int] | None = getattr(
+            self._local, "seen", None
+        )
         if pending is None:
             pending = self._local.seen = {}
         return pending
@@ -341,7 +365,7 @@ class _Connection:
         members: list[int],
     ) -> list[Any]:
         """One node's calls in one pipeline on one connection, then ``WAIT <replicas>`` where
-        the node has replicas, then ``CLUSTER NODES`` and ``ROLE``.
+        the node has replicas, then ``CLUSTER NODES`` and ``INFO replication``.
 
         WAIT: every replica of the node has the connection's writes, or the calls answer
         _NotReplicated and are sent again. A batch is thus acknowledged (and checkpointed)
@@ -355,7 +379,7 @@ class _Connection:
         call that changed nothing else (a replay after another connection's writes: the
         counter's write comes after them).
 
-        CLUSTER NODES and ROLE: the replicas the node itself lists or has connected
+        CLUSTER NODES and INFO: the replicas the node itself lists or has attached
         (_replicas_listed), remembered for its next pipeline. The client's slot table is
         refreshed only on a redirection or an error, so it can miss a replica that joined
         since (a failed master back as a replica), even one cut off since; more replicas
@@ -372,7 +396,7 @@ class _Connection:
             pipe.execute_command("WAIT", replicas, self._wait_ms)
         if probe:
             pipe.execute_command("CLUSTER NODES")
-            pipe.execute_command("ROLE")
+            pipe.execute_command("INFO", "replication")
         try:
             raw: list[Any] = pipe.execute(raise_on_error=False)
         except Exception as exc:  # the connection: the node down, a timeout
@@ -392,8 +416,8 @@ class _Connection:
                     f"writes after {self._wait_ms} ms (a failover or a lagging replica)"
                 )
         if probe:
-            listed, role = tail
-            count = _replicas_listed(listed, role)
+            listed, info = tail
+            count = _replicas_listed(listed, info)
             if count is not None:
                 with self._seen_lock:
                     self._replicas_of[node.name] = count
@@ -447,9 +471,11 @@ class _Connection:
         saw become the marks a later call's must not go below (README.md, "Claims")."""
         seen, self._local.seen = self._pending_seen, {}
         with self._seen_lock:
-            for key, n in seen.items():
-                if n > self._seen.get(key, 0):
-                    self._seen[key] = n
+            for (view, slot, marker), n in seen.items():
+                if marker != self._markers.get(view):
+                    continue  # the view was re-armed meanwhile: its counters started again
+                if n > self._seen.get((view, slot), 0):
+                    self._seen[(view, slot)] = n
 
     # -- view ids and the bucket count ------------------------------------------------------
     def _view_id(self, name: str) -> bytes:
