@@ -24,10 +24,10 @@ run.
    masters at once, each pipeline ending in ``WAIT <n>`` (n = every replica the master
    listed itself at its previous pipeline: a batch is acknowledged once all of them have its
    writes; every script call writes, a call that checks no view counting itself in its
-   slot's ``'#w'`` field) and then ``CLUSTER NODES`` + ``ROLE`` (its replicas, for the next
-   pipeline), so no ``COMMAND GETKEYS`` is expected; its row stays as evidence. Every view
-   is armed as the daemon arms it (``write_claim`` of a new marker, then ``expect``), so each
-   script call checks the marker and write counter of its slot.
+   slot's ``'#w'`` field) and then ``CLUSTER NODES`` + ``INFO replication`` (its replicas,
+   for the next pipeline), so no ``COMMAND GETKEYS`` is expected; its row stays as
+   evidence. Every view is armed as the daemon arms it (``write_claim`` of a new marker,
+   then ``expect``), so each script call checks the marker and write counter of its slot.
 
    Per round: wall time; this process's CPU (``time.process_time``); the servers' CPU
    (``INFO cpu`` ``used_cpu_user + used_cpu_sys``, after - before: the standalone server,
