@@ -109,21 +109,12 @@ def apply_in_thread(sink: RedisClusterSink, changes: Sequence[Change]) -> Backgr
 
 def cut_off(control: Any, master: Any, replica: Any = None) -> Any:
     """The master's replica (``replica``, or its first) stops getting its replication stream
-    (kill_behind in tests/test_cluster_e2e.py); returns it. Undo with ``reattach``."""
-    replica = replica or control.replicas_of(master)[0]
-    control.command(replica, "CONFIG", "SET", "masterauth", "not-the-masters-password")
-    control.command(master, "CLIENT", "KILL", "TYPE", "replica")
-
-    def cut() -> list[str]:
-        status = control.info(replica, "replication").get("master_link_status")
-        return [] if status == "down" else [f"link {status}"]
-
-    control.wait_until(f"the replication link of {replica} to drop", cut, 10.0)
-    return replica
+    (RemoteClusterControl.cut_off_replica); returns it. Undo with ``reattach``."""
+    return control.cut_off_replica(master, replica)
 
 
 def reattach(control: Any, replica: Any) -> None:
-    control.command(replica, "CONFIG", "SET", "masterauth", "")
+    control.reattach_replica(replica)
 
 
 def blocked_in_wait(control: Any, node: Any, timeout: float = 10.0) -> None:

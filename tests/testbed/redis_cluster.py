@@ -500,18 +500,27 @@ class ClusterControl:
         socket buffer when it wakes up), so the master acknowledges writes the replica never
         gets. Yields the replica; its ``masterauth`` is put back on the way out."""
         replica = self.replicas_of(master)[0]
-        self.command(replica, "CONFIG", "SET", "masterauth", "not-the-masters-password")
         try:
-            self.command(master, "CLIENT", "KILL", "TYPE", "replica")
-
-            def cut() -> list[str]:
-                status = self.info(replica, "replication").get("master_link_status")
-                return [] if status == "down" else [f"link {status}"]
-
-            self.wait_until(f"the replication link of {replica} to drop", cut, 10.0)
-            yield replica
+            yield self.cut_off_replica(master, replica)
         finally:
-            self.command(replica, "CONFIG", "SET", "masterauth", "")
+            self.reattach_replica(replica)
+
+    def cut_off_replica(self, master: NodeRef, replica: Node | None = None) -> Node:
+        """As replica_cut_off, for a test that ends it itself (``reattach_replica``)."""
+        replica = replica or self.replicas_of(master)[0]
+        self.command(replica, "CONFIG", "SET", "masterauth", "not-the-masters-password")
+        self.command(master, "CLIENT", "KILL", "TYPE", "replica")
+
+        def cut() -> list[str]:
+            status = self.info(replica, "replication").get("master_link_status")
+            return [] if status == "down" else [f"link {status}"]
+
+        self.wait_until(f"the replication link of {replica} to drop", cut, 10.0)
+        return replica
+
+    def reattach_replica(self, replica: NodeRef) -> None:
+        """Undo cut_off_replica: the replica syncs again."""
+        self.command(replica, "CONFIG", "SET", "masterauth", "")
 
     def pause(self, node: NodeRef, seconds: float) -> None:
         """SIGSTOP the node now; SIGCONT after ``seconds`` (or at ``resume()``/``heal()``).
