@@ -63,8 +63,9 @@ def _replicas_listed(nodes: Any, info: Any) -> int | None:
     ``INFO replication`` shows attached to it in any state (a replica that has just joined,
     still syncing, is attached before gossip tells its master; one cut off is still listed).
     An attached client that is no cluster node (``redis-cli --replica``, a CDC tool) is never
-    promoted and never counted; addresses are compared once their host names are resolved
-    (``replica-announce-ip localhost``). None when CLUSTER NODES was refused."""
+    promoted and never counted, nor is an address that is a master's (a replica announced
+    behind NAT at another node's address); addresses are compared once their host names are
+    resolved (``replica-announce-ip localhost``). None when CLUSTER NODES was refused."""
     if not isinstance(nodes, dict):
         return None
     me = next((n["node_id"] for n in nodes.values() if "myself" in n["flags"].split(",")), None)
@@ -75,12 +76,13 @@ def _replicas_listed(nodes: Any, info: Any) -> int | None:
         if n.get("master_id") == me
         and not {"fail", "handshake", "noaddr"} & set(n["flags"].split(","))
     }
+    masters = {n["node_id"] for n in nodes.values() if "master" in n["flags"].split(",")}
     if isinstance(info, dict):
         for key, replica in info.items():
             if key.startswith("slave") and isinstance(replica, dict):
                 node = ids.get(_address(f"{replica.get('ip')}:{replica.get('port')}"))
-                if node is not None and node != me:
-                    mine.add(node)
+                if node is not None and node not in masters:  # a master's address: NAT, an
+                    mine.add(node)  # announce setting; the replica is listed already
     return len(mine)
 
 
