@@ -24,7 +24,6 @@ from redis.cluster import RedisCluster
 
 from tests.test_cluster_attack import assert_converged, ch
 from tests.test_cluster_attack_4 import apply_until, armed, final, pick, results_of, slot_of
-from tests.test_cluster_attack_5 import relink
 from viewkeeper import Value
 from viewkeeper.sinks.base import SinkUnavailable
 
@@ -47,6 +46,19 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def relink(control: Any, master: Any, replica: Any) -> None:
+    """The master drops its replicas' links; wait until ``replica`` is linked again and
+    INFO replication on the master shows it online (not round 5's relink: that one looks
+    for the replica's own port, which these tests announce as another)."""
+    control.command(master, "CLIENT", "KILL", "TYPE", "replica")
+
+    def up() -> list[str]:
+        repl = control.info(replica, "replication")
+        return [] if repl.get("master_link_status") == "up" else ["link not up"]
+
+    control.wait_until(f"{replica} linked again", up, 20.0)
 
 
 def info_ports(node: Any) -> list[int]:
