@@ -147,7 +147,7 @@ class _Apply(_Claims):
         self._step_o(works, stamp)
         active = [w for w in works if w.result is None]
         while active:
-            self._step_e(active, stamp)  # its replies come once a replica has the entries
+            self._step_e(active, stamp)  # replies come once its replicas have the entries
             self._step_f(active, stamp)
             active = [w for w in active if w.result is None]
         for w in works:

@@ -32,7 +32,7 @@ return 0
 """
 
 # The claim and its markers are written by script calls, so that _run sends them as it sends
-# the changes: each master's in one pipeline, acknowledged once a replica has them (a marker
+# the changes: each master's in one pipeline, acknowledged once its replicas have them (a marker
 # lost in a failover right after arming would be taken for a loss, and the view rebuilt).
 _SET = b"""
 redis.call('HDEL', KEYS[1], 'lost')
@@ -78,7 +78,7 @@ class _Claims(_Connection):
 
     def _set(self, calls: list[Call]) -> None:
         """HSETs (each call: a key, then fields and values; its field `lost` deleted),
-        acknowledged once a replica has them."""
+        acknowledged once their replicas have them."""
         for reply in self._run(calls, script=(_SET, _SET_SHA)):
             if isinstance(reply, BaseException):
                 raise SinkError(

@@ -2,7 +2,7 @@
 
 Owns ``__init__``, the key names (README.md, "Key layout"), :meth:`_Connection._run`: many
 calls of ``cluster_slot.lua``, each in one slot, sent at once (one pipeline per master, the
-masters at once, each pipeline ending in a wait for a replica), the ones that failed for the
+masters at once, each pipeline ending in a wait for its replicas), the ones that failed for the
 cluster's state (a failover, a migrating slot: MOVED, ASK, TRYAGAIN, CLUSTERDOWN, a lost
 connection, a replica not reached) sent again where the cluster now says until
 ``retry_seconds``, and the script loaded again where a node does not have it (a promoted
@@ -202,12 +202,12 @@ class _Connection:
         order (``script``: another script than ``cluster_slot.lua``, as (source, sha)). The
         calls go to their masters in one pipeline per master, the masters at once, each
         pipeline ending in a replica wait (:meth:`_send_node`): a reply is returned only once
-        a replica has what its call wrote. A call that failed for the cluster's state (MOVED,
-        ASK, TRYAGAIN, CLUSTERDOWN, a lost connection, a replica not reached) is sent again,
-        where the cluster now says (every step is idempotent: README.md, "The protocol"),
-        until ``retry_seconds``, then SinkUnavailable; a call that failed for itself (a key of
-        viewkeeper's overwritten outside) answers its error, which its caller turns into its
-        changes' errors."""
+        every replica of its master has what it wrote. A call that failed for the cluster's
+        state (MOVED, ASK, TRYAGAIN, CLUSTERDOWN, a lost connection, a replica not reached) is
+        sent again, where the cluster now says (every step is idempotent: README.md, "The
+        protocol"), until ``retry_seconds``, then SinkUnavailable; a call that failed for
+        itself (a key of viewkeeper's overwritten outside) answers its error, which its caller
+        turns into its changes' errors."""
         src, sha = script or (self._src, self._sha)
         replies: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
@@ -419,7 +419,7 @@ class _Connection:
             return self._executor
 
     def _commit_seen(self) -> None:
-        """The batch is safe (every call waited for a replica): the write counters its calls
+        """The batch is safe (every call waited for its replicas): the write counters its calls
         saw become the marks a later call's must not go below (README.md, "Claims")."""
         seen, self._local.seen = self._pending_seen, {}
         with self._seen_lock:
